@@ -1,0 +1,45 @@
+"""Shared test fixtures.
+
+Tests that talk to a real tool (promtool, prometheus, amtool, alertmanager, pushgateway, docker-compose) use
+:func:`require_tool`. On a laptop without the tool they skip; with ``DGDN_MONITOR_REQUIRE_TOOLS=1`` (set by
+``.ci/run``) a missing tool is a failure, so CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+
+# Debian installs some tools under other names.
+_ALIASES = {
+    "alertmanager": ("alertmanager", "prometheus-alertmanager"),
+    "pushgateway": ("pushgateway", "prometheus-pushgateway"),
+    "node_exporter": ("node_exporter", "prometheus-node-exporter"),
+}
+
+
+def require_tool(name: str) -> str:
+    """Return the path of the executable ``name``; skip (or fail in CI) when it is not installed."""
+    for candidate in _ALIASES.get(name, (name,)):
+        path = shutil.which(candidate)
+        if path:
+            return path
+    message = f"{name} is not installed (on Debian: apt-get install the package that ships it)"
+    if os.environ.get("DGDN_MONITOR_REQUIRE_TOOLS"):
+        pytest.fail(message + "; DGDN_MONITOR_REQUIRE_TOOLS is set, so this is a failure", pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
