@@ -1,0 +1,462 @@
+"""``MonitoringCallback``: a thin adapter from Lightning's hooks to the monitoring parts.
+
+Data flows one way: a hook takes a timestamp and the batch, the measurement (graph size, durations, logged
+values) is folded into :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics` (served to Prometheus) and, on
+sampled steps, into a :class:`~dgdn_lightning_monitor.tracing.BatchRecord` handed to the tracer. GPU figures are
+sampled by their own thread. Nothing on the step path synchronises the device or touches a Prometheus object.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Literal, Optional, Union
+
+import lightning
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from prometheus_client import CollectorRegistry
+
+from dgdn_lightning_monitor.gpu import GPUMonitor
+from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSize, GraphSizer
+from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.metrics import LearningRates, TrainingMetrics
+from dgdn_lightning_monitor.scalars import DeferredScalars
+from dgdn_lightning_monitor.server import MetricsServer
+from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def _check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def _check_key(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_callable(name: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be a callable or None, got {value!r}")
+    return value
+
+
+class MonitoringCallback(Callback):
+    r"""Export a Lightning training run to Prometheus (``/metrics``) and OpenTelemetry (spans).
+
+    Add it to any ``Trainer``; it serves metrics from ``setup`` until the run ends (also when it ends in an
+    exception). Counters keep counting across several ``fit`` calls with the same callback.
+
+    Args:
+        port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free one (see :attr:`metrics_url`). Under
+            DDP each rank serves ``port + local_rank``.
+        addr: interface to bind; the default ``0.0.0.0`` lets a Prometheus container reach the host.
+        namespace: prefix of every metric name.
+        registry: a ``prometheus_client.CollectorRegistry`` to register into; by default a private one, so two
+            Trainers in one process never clash.
+        train_loss_key, val_loss_key, train_acc_key, val_acc_key: names the LightningModule logs with
+            ``self.log``; their values feed the loss and accuracy gauges.
+        batch_size_fn: ``batch -> int`` samples in a batch, when the built-in rules (graphs of a PyG ``Batch``,
+            events of ``TemporalData``, rows of a tensor) do not fit.
+        graph_size_fn: ``batch -> (nodes, edges)``, overriding the built-in graph size rules.
+        throughput_window: training batches over which ``samples_per_second`` is computed.
+        trace_every_n_steps: trace one training step (and one evaluation batch) in this many; phase timings of
+            those steps also feed :meth:`summary`.
+        tracing: ``None`` (auto: follow the ``OTEL_*`` variables, an application-wide TracerProvider, or a
+            receiver answering on ``localhost:4318``), ``True`` (export even if nothing answers yet) or ``False``.
+        gpu_devices: ``"auto"`` (the CUDA devices this rank trains on), a list of GPU indices, or ``None``.
+        gpu_poll_interval_s: seconds between two NVML samples, from a background thread.
+        run_id: identifies the run in ``<namespace>_training_info`` and in traces; generated when omitted.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from dgdn_lightning_monitor import MonitoringCallback
+
+        trainer = Trainer(max_epochs=5, callbacks=[MonitoringCallback(port=8000)])
+        trainer.fit(model, datamodule)  # curl http://localhost:8000/metrics meanwhile
+    """
+
+    def __init__(
+        self,
+        port: int = 8000,
+        addr: str = "0.0.0.0",
+        namespace: str = "dgdn",
+        registry: Optional[CollectorRegistry] = None,
+        *,
+        train_loss_key: str = "train_loss",
+        val_loss_key: str = "val_loss",
+        train_acc_key: str = "train_acc",
+        val_acc_key: str = "val_acc",
+        batch_size_fn: Optional[Callable[[Any], int]] = None,
+        graph_size_fn: Optional[Callable[[Any], tuple[int, int]]] = None,
+        throughput_window: int = 50,
+        trace_every_n_steps: int = 50,
+        tracing: Optional[bool] = None,
+        gpu_devices: Union[Literal["auto"], Sequence[int], None] = "auto",
+        gpu_poll_interval_s: float = 5.0,
+        run_id: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.port = _check_int("port", port, 0, 65535)
+        if not isinstance(addr, str) or not addr.strip():
+            raise ValueError(f"addr must be a host name or IP address, got {addr!r}")
+        self.addr = addr
+        if not isinstance(namespace, str) or not _NAMESPACE.match(namespace) or namespace.endswith("_"):
+            raise ValueError(
+                f"namespace must be a Prometheus name prefix like 'dgdn' (letters, digits, underscores; not "
+                f"starting with a digit or ending with '_'), got {namespace!r}"
+            )
+        self.namespace = namespace
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise ValueError(f"registry must be a prometheus_client.CollectorRegistry or None, got {registry!r}")
+        self.keys = {
+            "training_loss": _check_key("train_loss_key", train_loss_key),
+            "validation_loss": _check_key("val_loss_key", val_loss_key),
+            "training_accuracy": _check_key("train_acc_key", train_acc_key),
+            "validation_accuracy": _check_key("val_acc_key", val_acc_key),
+        }
+        self._sizer = GraphSizer(_check_callable("batch_size_fn", batch_size_fn),
+                                 _check_callable("graph_size_fn", graph_size_fn))
+        self.trace_every_n_steps = _check_int("trace_every_n_steps", trace_every_n_steps, 1)
+        if tracing is not None and not isinstance(tracing, bool):
+            raise ValueError(f"tracing must be True, False or None (auto), got {tracing!r}")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise ValueError(f"run_id must be a non-empty string or None, got {run_id!r}")
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+
+        self.metrics = TrainingMetrics(namespace, _check_int("throughput_window", throughput_window, 2))
+        self.gpu = GPUMonitor(namespace, devices=gpu_devices, poll_interval_s=gpu_poll_interval_s)
+        self.tracer = TrainingTracer(enabled=tracing, service_name="dgdn-training")
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry.register(self.metrics)
+        self.registry.register(self.gpu)
+        self._server: Optional[MetricsServer] = None
+        self._scalars = DeferredScalars()
+
+        # Per-run state, reset in setup.
+        self._running = False
+        self._train_batches = 0  # training batches seen by this callback, across fits (drives trace sampling)
+        self._batch_start = 0.0
+        self._fetch_start_ns = 0
+        self._size: GraphSize = UNKNOWN
+        self._record: Optional[BatchRecord] = None
+        self._eval_start = 0.0
+        self._eval_size: GraphSize = UNKNOWN
+        self._eval_record: Optional[BatchRecord] = None
+        self._epoch_start = 0.0
+        self._nonfinite_device: Optional[torch.Tensor] = None
+        self._nonfinite_base = 0
+        self._phase_totals: dict[str, float] = {}
+        self._phase_steps = 0
+        self._sizer_failed = False
+
+    # ------------------------------------------------------------------------------------------ public API
+    @property
+    def metrics_url(self) -> Optional[str]:
+        """``http://host:port/metrics`` while the endpoint serves, else ``None``."""
+        return self._server.url if self._server is not None and self._server.running else None
+
+    def summary(self) -> dict[str, Any]:
+        """Figures for a closing report.
+
+        Returns:
+            ``steps`` and ``samples`` (training batches and samples seen), ``samples_per_second`` (recent
+            throughput) and ``phase_seconds``: mean seconds per traced training step of ``data_fetch``,
+            ``forward``, ``backward`` and ``optimizer_step``.
+        """
+        steps = max(self._phase_steps, 1)
+        return {
+            "steps": self._train_batches,
+            "samples": self.metrics.samples_total,
+            "samples_per_second": self.metrics.samples_per_second,
+            "phase_seconds": {name: total / steps for name, total in self._phase_totals.items()},
+        }
+
+    # ------------------------------------------------------------------------------------------ run lifecycle
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        labels = RankLabels.from_trainer(trainer)
+        self.metrics.labels = labels
+        self.metrics.info = self._info(pl_module, labels)
+        self.metrics.progress_source = lambda: (trainer.current_epoch, trainer.global_step)
+        self.metrics.learning_rate_source = lambda: _learning_rates(trainer)
+        self._update_model_figures(pl_module)
+        port = self.port + labels.local_rank if self.port else 0
+        self._server = MetricsServer(self.registry, self.addr, port)
+        self._server.start()  # a taken port raises here, before any training step
+        self._running = True
+        root = trainer.strategy.root_device
+        self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
+        self.tracer.start({"training.run_id": self.run_id, "training.rank": labels.rank,
+                           "training.local_rank": labels.local_rank, "training.node_rank": labels.node_rank,
+                           "training.world_size": labels.world_size})
+        log.info("Serving training metrics at %s", self.metrics_url)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._end_run(None)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._end_run(exception)
+
+    def _end_run(self, exception: Optional[BaseException]) -> None:
+        """Release everything the run started; safe to call twice (on_exception, then teardown)."""
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self._scalars.flush()
+            self._fold_nonfinite()
+            self._scalars.flush()
+        except Exception as error:  # a lost device must not turn the end of a run into a crash
+            log.warning("Could not read the last training values: %s", error)
+        self.metrics.freeze_live_values()
+        self.gpu.stop()
+        self.tracer.finish(exception)
+        if self._server is not None:
+            self._server.stop()
+
+    # ------------------------------------------------------------------------------------------ training
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._fetch_start_ns = time.perf_counter_ns()
+        self.tracer.start_epoch("train", trainer.current_epoch, {})
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._size = self._measure(batch)
+        if self._train_batches % self.trace_every_n_steps == 0:
+            record = BatchRecord("train", trainer.current_epoch, batch_idx, trainer.global_step, self._size,
+                                 cuda=pl_module.device.type == "cuda")
+            record.mark("fetch_start", self._fetch_start_ns)
+            record.mark("batch_start")
+            self._record = record
+        self._batch_start = time.perf_counter()
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self._record is not None:
+            self._record.mark("backward_start")
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._record is not None:
+            self._record.mark("backward_end")
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self._record is not None:
+            self._record.mark("optimizer_start")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        end = time.perf_counter()
+        record, self._record = self._record, None
+        trace_id = None
+        if record is not None:
+            record.mark("batch_end")
+            self._add_phases(record)
+            trace_id = self.tracer.add_batch(record)
+        self.metrics.observe_train_batch(end - self._batch_start, end, self._size, trace_id)
+        self._train_batches += 1
+        self._check_loss(outputs)
+        self._scalars.poll()
+        self.tracer.poll()
+        if trainer._logger_connector.should_update_logs:
+            # Lightning turns logged values into Python numbers at these steps anyway: read them here too.
+            self._read_logged(trainer, ("training_loss", "training_accuracy"), outputs)
+            self._fold_nonfinite()
+        self._fetch_start_ns = time.perf_counter_ns()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.metrics.epoch_duration = time.perf_counter() - self._epoch_start
+        self._read_logged(trainer, ("training_loss", "training_accuracy"), None)
+        self._fold_nonfinite()
+        self._update_model_figures(pl_module)  # lazily initialised layers have their sizes now
+        self.tracer.end_epoch("train")
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.tracer.start_epoch("validation", trainer.current_epoch, {})
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._start_eval_batch("validation", trainer, pl_module, batch, batch_idx)
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._end_eval_batch("validate")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.tracer.end_epoch("validation")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._read_logged(trainer, ("validation_loss", "validation_accuracy"), None)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.tracer.start_epoch("test", trainer.current_epoch, {})
+
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._start_eval_batch("test", trainer, pl_module, batch, batch_idx)
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._end_eval_batch("test")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.tracer.end_epoch("test")
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.tracer.start_epoch("predict", trainer.current_epoch, {})
+
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._start_eval_batch("predict", trainer, pl_module, batch, batch_idx)
+
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._end_eval_batch("predict")
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.tracer.end_epoch("predict")
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _measure(self, batch: Any) -> GraphSize:
+        try:
+            return self._sizer(batch)
+        except Exception as error:  # a faulty size function degrades the graph metrics, never the training
+            if not self._sizer_failed:
+                self._sizer_failed = True
+                log.warning("Could not size a batch (%s: %s); graph metrics are not updated.",
+                            type(error).__name__, error)
+            return UNKNOWN
+
+    def _start_eval_batch(
+        self, span_stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._eval_size = self._measure(batch)
+        self._eval_record = None
+        if batch_idx % self.trace_every_n_steps == 0:
+            record = BatchRecord(span_stage, trainer.current_epoch, batch_idx, trainer.global_step, self._eval_size,
+                                 cuda=pl_module.device.type == "cuda")
+            record.mark("batch_start")
+            self._eval_record = record
+        self._eval_start = time.perf_counter()
+
+    def _end_eval_batch(self, stage: str) -> None:
+        seconds = time.perf_counter() - self._eval_start
+        self.metrics.observe_inference(stage, seconds, self._eval_size.samples)
+        record, self._eval_record = self._eval_record, None
+        if record is not None:
+            record.mark("batch_end")
+            self.tracer.add_batch(record)
+        self.tracer.poll()
+
+    def _add_phases(self, record: BatchRecord) -> None:
+        for name, start_ns, end_ns in record.phases():
+            self._phase_totals[name] = self._phase_totals.get(name, 0.0) + (end_ns - start_ns) / 1e9
+        self._phase_steps += 1
+
+    def _check_loss(self, outputs: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        if loss.device.type == "cpu":
+            if not math.isfinite(loss.item()):
+                self.metrics.nonfinite_losses += 1
+        elif loss.device.type == "cuda":
+            # Counted on the device and read asynchronously at logging steps: no synchronisation per step.
+            flag = torch.isfinite(loss.detach()).logical_not_().to(torch.int64).reshape(())
+            if self._nonfinite_device is None:
+                self._nonfinite_device = flag
+            else:
+                self._nonfinite_device.add_(flag)
+
+    def _fold_nonfinite(self) -> None:
+        counted, self._nonfinite_device = self._nonfinite_device, None
+        if counted is not None:
+            self._scalars.submit(counted, self._add_nonfinite)
+
+    def _add_nonfinite(self, value: float) -> None:
+        self.metrics.nonfinite_losses += int(value)
+
+    def _read_logged(self, trainer: Trainer, suffixes: Sequence[str], outputs: Any) -> None:
+        logged = trainer.callback_metrics
+        for suffix in suffixes:
+            key = self.keys[suffix]
+            value = logged.get(key, logged.get(f"{key}_step"))
+            if value is None and suffix == "training_loss" and isinstance(outputs, Mapping):
+                value = outputs.get("loss")  # the module logs no loss: use what training_step returned
+            if value is not None:
+                self._scalars.submit(value, lambda v, s=suffix: self.metrics.set_logged(s, v))
+
+    def _update_model_figures(self, pl_module: LightningModule) -> None:
+        parameters = trainable = memory = 0
+        for parameter in pl_module.parameters():
+            if isinstance(parameter, torch.nn.parameter.UninitializedParameter):
+                continue
+            count = parameter.numel()
+            parameters += count
+            trainable += count if parameter.requires_grad else 0
+            memory += count * parameter.element_size()
+        for buffer in pl_module.buffers():
+            if not isinstance(buffer, torch.nn.parameter.UninitializedBuffer):
+                memory += buffer.numel() * buffer.element_size()
+        self.metrics.model_figures = (parameters, trainable, memory)
+
+    def _info(self, pl_module: LightningModule, labels: RankLabels) -> dict[str, str]:
+        try:
+            import torch_geometric
+
+            pyg_version = torch_geometric.__version__
+        except ImportError:  # pragma: no cover - a dependency, but the callback works without it
+            pyg_version = "none"
+        model = type(pl_module)
+        return {
+            "model": f"{model.__module__}.{model.__qualname__}",
+            "lightning_version": lightning.__version__,
+            "torch_version": torch.__version__,
+            "torch_geometric_version": pyg_version,
+            "run_id": self.run_id,
+        }
+
+
+def _learning_rates(trainer: Trainer) -> LearningRates:
+    """Each optimizer's param-group learning rates; read at scrape time, never per step."""
+    rates: LearningRates = []
+    optimizers = list(trainer.optimizers)
+    names = [type(optimizer).__name__ for optimizer in optimizers]
+    for index, optimizer in enumerate(optimizers):
+        name = names[index] if names.count(names[index]) == 1 else f"{names[index]}-{index}"
+        for group_index, group in enumerate(optimizer.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, torch.Tensor):
+                if lr.device.type != "cpu" or lr.numel() != 1:
+                    continue  # reading a device tensor from the scrape thread would synchronise
+                lr = lr.item()
+            if isinstance(lr, (int, float)):
+                rates.append((name, str(group_index), float(lr)))
+    return rates

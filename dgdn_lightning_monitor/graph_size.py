@@ -1,0 +1,162 @@
+"""Sizes of a training batch (samples, nodes, edges) read from host-side facts only.
+
+Everything here reads stored counts and tensor shapes. Nothing calls ``.item()``, ``max()`` or ``unique()`` on a
+tensor, so a batch that lives on a GPU is never synchronised. PyG's own ``num_nodes`` is deliberately not used:
+when it cannot find a node-level attribute it falls back to ``edge_index.max() + 1``, which synchronises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch_geometric.data import Batch, Data, HeteroData, TemporalData
+
+# Node-level attributes whose first dimension is the node count.
+_NODE_KEYS = ("x", "pos", "batch", "n_id", "node_type", "y_node")
+# Edge-level attributes whose first dimension is the edge count (edge_index is handled apart: dim 1).
+_EDGE_KEYS = ("edge_attr", "edge_weight", "edge_type", "e_id", "edge_time")
+
+
+class GraphSize(NamedTuple):
+    """How much one batch holds. ``None`` means the batch does not tell (the metric is left untouched)."""
+
+    samples: Optional[int]
+    nodes: Optional[int]
+    edges: Optional[int]
+
+
+UNKNOWN = GraphSize(None, None, None)
+
+
+def _store_nodes(store: Any) -> Optional[int]:
+    mapping = store._mapping
+    stored = mapping.get("num_nodes")
+    if isinstance(stored, int):
+        return stored
+    for key in _NODE_KEYS:
+        value = mapping.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def _store_edges(store: Any) -> Optional[int]:
+    mapping = store._mapping
+    edge_index = mapping.get("edge_index")
+    if isinstance(edge_index, torch.Tensor) and edge_index.dim() == 2:
+        return int(edge_index.shape[1])
+    adj = mapping.get("adj_t", mapping.get("adj"))
+    if isinstance(adj, torch.Tensor) and adj.is_sparse:
+        return int(adj._nnz())
+    if adj is not None and hasattr(adj, "nnz"):  # torch_sparse.SparseTensor keeps nnz on the host
+        return int(adj.nnz())
+    for key in _EDGE_KEYS:
+        value = mapping.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def _sum_known(values: list[Optional[int]]) -> Optional[int]:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _data_size(data: Data) -> GraphSize:
+    store = data._store
+    samples = store._mapping.get("batch_size")  # set by NeighborLoader / LinkNeighborLoader: the seed count
+    if not isinstance(samples, int):
+        samples = data.num_graphs if isinstance(data, Batch) else 1
+    return GraphSize(samples, _store_nodes(store), _store_edges(store))
+
+
+def _hetero_size(data: HeteroData) -> GraphSize:
+    nodes = _sum_known([_store_nodes(s) for s in data.node_stores])
+    edges = _sum_known([_store_edges(s) for s in data.edge_stores])
+    if isinstance(data, Batch):
+        samples: Optional[int] = data.num_graphs
+    else:
+        seeds = [s._mapping.get("batch_size") for s in data.node_stores]
+        seeds = [s for s in seeds if isinstance(s, int)]
+        samples = sum(seeds) if seeds else 1
+    return GraphSize(samples, nodes, edges)
+
+
+def _temporal_size(data: TemporalData) -> GraphSize:
+    mapping = data._store._mapping
+    src = mapping.get("src")
+    events = int(src.shape[0]) if isinstance(src, torch.Tensor) else None
+    n_id = mapping.get("n_id")
+    nodes: Optional[int] = None
+    if isinstance(n_id, torch.Tensor):
+        nodes = int(n_id.numel())
+    elif isinstance(mapping.get("num_nodes"), int):
+        nodes = mapping["num_nodes"]
+    return GraphSize(events, nodes, events)
+
+
+def extract_graph_size(batch: Any) -> GraphSize:
+    """Tell how many samples, nodes and edges a batch holds, without touching the device.
+
+    Samples are graphs of a PyG ``Batch``, seed nodes of a sampled ``Data`` (its ``batch_size``), events of a
+    ``TemporalData`` and rows of a tensor. ``HeteroData`` sizes are summed over node and edge types. Tuples, lists
+    and dicts are searched (one level) for the first graph, else the first tensor. Anything else is unknown.
+
+    Args:
+        batch: what the ``DataLoader`` yielded.
+
+    Example::
+
+        extract_graph_size(Batch.from_data_list([g1, g2]))  # GraphSize(samples=2, nodes=..., edges=...)
+    """
+    if isinstance(batch, HeteroData):
+        return _hetero_size(batch)
+    if isinstance(batch, TemporalData):
+        return _temporal_size(batch)
+    if isinstance(batch, Data):
+        return _data_size(batch)
+    if isinstance(batch, torch.Tensor):
+        return GraphSize(int(batch.shape[0]) if batch.dim() > 0 else 1, None, None)
+    if isinstance(batch, Mapping):
+        items = list(batch.values())
+    elif isinstance(batch, (tuple, list)):
+        items = list(batch)
+    else:
+        return UNKNOWN
+    for item in items:
+        if isinstance(item, (Data, HeteroData, TemporalData)):
+            return extract_graph_size(item)
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            return extract_graph_size(item)
+    return UNKNOWN
+
+
+class GraphSizer:
+    """Applies the user's overrides on top of :func:`extract_graph_size`.
+
+    Args:
+        batch_size_fn: ``batch -> int`` giving the number of samples.
+        graph_size_fn: ``batch -> (nodes, edges)``.
+    """
+
+    def __init__(
+        self,
+        batch_size_fn: Optional[Callable[[Any], int]] = None,
+        graph_size_fn: Optional[Callable[[Any], tuple[int, int]]] = None,
+    ) -> None:
+        self.batch_size_fn = batch_size_fn
+        self.graph_size_fn = graph_size_fn
+
+    def __call__(self, batch: Any) -> GraphSize:
+        if self.batch_size_fn is None and self.graph_size_fn is None:
+            return extract_graph_size(batch)
+        size = extract_graph_size(batch) if (self.batch_size_fn is None or self.graph_size_fn is None) else UNKNOWN
+        samples, nodes, edges = size
+        if self.batch_size_fn is not None:
+            samples = int(self.batch_size_fn(batch))
+        if self.graph_size_fn is not None:
+            nodes, edges = (int(v) for v in self.graph_size_fn(batch))
+        return GraphSize(samples, nodes, edges)

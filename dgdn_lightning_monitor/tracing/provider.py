@@ -1,0 +1,247 @@
+"""Where spans go: an OpenTelemetry TracerProvider chosen the OpenTelemetry way, made safe for training.
+
+Order of precedence:
+
+1. ``tracing=False``: off.
+2. A TracerProvider the application already installed globally: used as is (the application owns it).
+3. ``OTEL_TRACES_EXPORTER``: ``none`` (off), ``console``, or ``otlp`` (OTLP over HTTP/protobuf).
+4. ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, or ``tracing=True``: OTLP.
+5. Nothing configured: OTLP to ``localhost:4318`` if a receiver answers there, else off (one log line).
+
+An owned provider exports through a bounded queue from a background thread with a short per-request timeout;
+export failures are reported once; the final flush runs in a helper thread that is waited for at most
+``flush_timeout_s``, so a collector that is down or hangs never slows or stalls training or its end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
+
+log = logging.getLogger("dgdn_lightning_monitor.tracing")
+
+DEFAULT_SERVICE_NAME = "dgdn-training"
+LOCAL_OTLP_HOST, LOCAL_OTLP_PORT = "localhost", 4318
+INSTRUMENTATION_NAME = "dgdn_lightning_monitor"
+# The OTLP exporter logs every failed request; the wrapper below reports once instead.
+_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http", "opentelemetry.exporter.http")
+
+
+class _MuteExporterLogs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+class ReportingExporter(SpanExporter):
+    """Wraps an exporter so that failures are logged once and never raise into the SDK's worker thread.
+
+    Args:
+        exporter: the exporter that sends spans.
+        destination: where it sends them, for the warning.
+    """
+
+    def __init__(self, exporter: SpanExporter, destination: str) -> None:
+        self.exporter = exporter
+        self.destination = destination
+        self.failures = 0
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.exporter.export(spans)
+        except Exception as error:  # pragma: no cover - exporters return FAILURE, but never let one escape
+            result, reason = SpanExportResult.FAILURE, f"{type(error).__name__}: {error}"
+        else:
+            reason = "the receiver did not accept them"
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
+        else:
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("Could not export spans to %s (%s); spans are dropped, training continues.",
+                            self.destination, reason)
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
+@dataclass
+class TracingSetup:
+    """A tracer and how to finish with it.
+
+    Attributes:
+        tracer: where spans are started.
+        description: one line saying where spans go.
+        provider: the provider, or ``None`` when it belongs to the application.
+    """
+
+    tracer: trace.Tracer
+    description: str
+    provider: Optional[TracerProvider] = None
+    exporter: Optional[ReportingExporter] = None
+    _muted: list[logging.Logger] = field(default_factory=list)
+    _filter: logging.Filter = field(default_factory=_MuteExporterLogs)
+
+    def finish(self, flush_timeout_s: float = 2.0) -> bool:
+        """Flush and shut down an owned provider within ``flush_timeout_s``; flush only one we do not own.
+
+        Returns:
+            True when everything was flushed in time.
+        """
+        provider = self.provider
+        if provider is None:
+            target: Callable[[], object] = _flush_global
+        else:
+            def target() -> None:
+                provider.force_flush()
+                provider.shutdown()
+        worker = threading.Thread(target=_quietly(target), name="dgdn-trace-flush", daemon=True)
+        worker.start()
+        worker.join(flush_timeout_s)
+        finished = not worker.is_alive()
+        if not finished:
+            log.warning("Spans were not delivered within %.1f s at the end of the run; the rest are dropped.",
+                        flush_timeout_s)
+        for logger in self._muted:
+            logger.removeFilter(self._filter)
+        self._muted.clear()
+        return finished
+
+
+def _quietly(function: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            function()
+        except Exception as error:  # pragma: no cover - shutdown of a broken exporter
+            log.debug("Trace flush failed: %s", error)
+    return run
+
+
+def _flush_global() -> None:
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        flush()
+
+
+def receiver_answers(host: str = LOCAL_OTLP_HOST, port: int = LOCAL_OTLP_PORT, timeout_s: float = 0.2) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (a cheap probe for a local collector)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _application_provider() -> Optional[trace.TracerProvider]:
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return None
+    return provider
+
+
+def _resource(service_name: str, attributes: dict[str, object]) -> Resource:
+    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are merged in by Resource.create; our default service name
+    # applies only when neither names a service.
+    env_names_service = bool(os.environ.get("OTEL_SERVICE_NAME")) or "service.name=" in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    base = dict(attributes)
+    if not env_names_service:
+        base[SERVICE_NAME] = service_name
+    return Resource.create(base)
+
+
+def _otlp_exporter(endpoint: Optional[str], timeout_s: float) -> tuple[SpanExporter, str]:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    env_timeout = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    exporter = OTLPSpanExporter(endpoint=endpoint, timeout=None if env_timeout else timeout_s)
+    return exporter, str(getattr(exporter, "_endpoint", endpoint or "the OTLP endpoint"))
+
+
+def _local_endpoint() -> str:
+    return f"http://{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}/v1/traces"
+
+
+def configure_tracing(
+    enabled: Optional[bool],
+    service_name: str = DEFAULT_SERVICE_NAME,
+    resource_attributes: Optional[dict[str, object]] = None,
+    probe_timeout_s: float = 0.2,
+    export_timeout_s: float = 1.0,
+    max_queue_size: int = 2048,
+) -> Optional[TracingSetup]:
+    """Choose where spans go (see the module docstring); ``None`` means tracing is off.
+
+    Args:
+        enabled: ``None`` for auto, ``True`` to export even if no receiver answers yet, ``False`` for off.
+        service_name: ``service.name`` unless ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` name one.
+        resource_attributes: extra resource attributes (e.g. the run id).
+        probe_timeout_s: how long the auto mode waits for ``localhost:4318`` to accept a connection.
+        export_timeout_s: per-request timeout of the OTLP exporter (unless ``OTEL_EXPORTER_OTLP_*TIMEOUT``).
+        max_queue_size: spans held while the exporter is slow; more are dropped.
+    """
+    if enabled is False:
+        return None
+    application = _application_provider()
+    if application is not None:
+        return TracingSetup(application.get_tracer(INSTRUMENTATION_NAME), "the application's TracerProvider")
+
+    choice = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower().split(",")[0].strip()
+    endpoint_set = bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or
+                        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    endpoint: Optional[str] = None
+    if choice == "none" and enabled is not True:
+        log.info("Tracing is off (OTEL_TRACES_EXPORTER=none).")
+        return None
+    if choice == "console":
+        exporter: SpanExporter = ConsoleSpanExporter()
+        destination = "the console"
+    elif choice in ("otlp", "") and (choice == "otlp" or endpoint_set or enabled is True):
+        exporter, destination = _otlp_exporter(None, export_timeout_s)
+    elif choice not in ("", "otlp", "none"):
+        log.warning("OTEL_TRACES_EXPORTER=%s is not supported here (use otlp, console or none); tracing is off.",
+                    choice)
+        return None
+    else:
+        host_port = f"{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}"
+        if not receiver_answers(LOCAL_OTLP_HOST, LOCAL_OTLP_PORT, probe_timeout_s):
+            log.info("Tracing is off: no OTLP receiver answers on %s. Start the stack (make stack) or set "
+                     "OTEL_EXPORTER_OTLP_ENDPOINT to send spans to Jaeger.", host_port)
+            return None
+        endpoint = _local_endpoint()
+        exporter, destination = _otlp_exporter(endpoint, export_timeout_s)
+
+    reporting = ReportingExporter(exporter, destination)
+    provider = TracerProvider(resource=_resource(service_name, resource_attributes or {}))
+    provider.add_span_processor(BatchSpanProcessor(
+        reporting, max_queue_size=max_queue_size, schedule_delay_millis=1000,
+        export_timeout_millis=int(export_timeout_s * 1000),
+    ))
+    setup = TracingSetup(provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting)
+    for name in _EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addFilter(setup._filter)
+        setup._muted.append(logger)
+    log.info("Tracing: %s", setup.description)
+    return setup
+

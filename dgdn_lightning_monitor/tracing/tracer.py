@@ -1,0 +1,174 @@
+"""Turns epoch boundaries and :class:`BatchRecord`\\ s into a span tree.
+
+One trace per training epoch::
+
+    train_epoch
+    ├── train_batch (sampled)          data_fetch, forward, backward, optimizer_step
+    └── validation_epoch
+        └── validation_batch (sampled)
+
+Batch and phase spans are created after the batch finished, with the recorded start and end times. On CUDA a
+record waits (without blocking) until its events completed, then its spans carry ``gpu.duration_ms``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode
+
+from dgdn_lightning_monitor.tracing.provider import DEFAULT_SERVICE_NAME, TracingSetup, configure_tracing
+from dgdn_lightning_monitor.tracing.records import BatchRecord
+
+log = logging.getLogger("dgdn_lightning_monitor.tracing")
+
+
+class TrainingTracer:
+    """Builds the span tree of a run from epoch boundaries and sampled batch records.
+
+    Args:
+        enabled: ``None`` (auto), ``True`` or ``False``; see :func:`configure_tracing`.
+        service_name: default ``service.name``.
+        flush_timeout_s: the most the end of a run waits for spans to be delivered.
+
+    Example::
+
+        tracer = TrainingTracer(enabled=None)
+        tracer.start({"training.run_id": "abc"})
+        tracer.start_epoch("train", 0, {"training.epoch": 0})
+        tracer.add_batch(record)
+        tracer.end_epoch("train")
+        tracer.finish(None)
+    """
+
+    def __init__(
+        self, enabled: Optional[bool] = None, service_name: str = DEFAULT_SERVICE_NAME, flush_timeout_s: float = 2.0
+    ) -> None:
+        self.enabled = enabled
+        self.service_name = service_name
+        self.flush_timeout_s = flush_timeout_s
+        self.setup: Optional[TracingSetup] = None
+        self._attributes: dict[str, Any] = {}
+        self._epochs: dict[str, Span] = {}
+        self._pending: list[BatchRecord] = []
+        # perf_counter_ns -> unix ns; spans need wall-clock times, the step path uses the monotonic clock.
+        self._offset_ns = time.time_ns() - time.perf_counter_ns()
+
+    @property
+    def active(self) -> bool:
+        return self.setup is not None
+
+    def start(self, attributes: dict[str, Any]) -> None:
+        """Decide where spans go for this run; ``attributes`` go on every epoch span."""
+        self._attributes = dict(attributes)
+        self._offset_ns = time.time_ns() - time.perf_counter_ns()
+        if self.setup is None:
+            self.setup = configure_tracing(self.enabled, self.service_name,
+                                           {k: v for k, v in attributes.items() if k == "training.run_id"})
+
+    # ------------------------------------------------------------------ epochs
+    def start_epoch(self, stage: str, epoch: int, attributes: dict[str, Any]) -> None:
+        if self.setup is None:
+            return
+        parent = self._epochs.get("train") if stage != "train" else None
+        context = trace.set_span_in_context(parent) if parent is not None else Context()
+        span = self.setup.tracer.start_span(
+            f"{stage}_epoch", context=context,
+            attributes={**self._attributes, "training.stage": stage, "training.epoch": epoch,
+                        **{f"training.{k}": v for k, v in attributes.items() if k != "epoch"}},
+        )
+        old = self._epochs.pop(stage, None)
+        if old is not None:
+            old.end()
+        self._epochs[stage] = span
+
+    def end_epoch(self, stage: str) -> None:
+        self.poll()
+        span = self._epochs.pop(stage, None)
+        if span is not None:
+            span.end()
+
+    def trace_id(self, stage: str) -> Optional[str]:
+        span = self._epochs.get(stage)
+        if span is None:
+            return None
+        context = span.get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else None
+
+    # ------------------------------------------------------------------ batches
+    def add_batch(self, record: BatchRecord) -> Optional[str]:
+        """Queue a finished batch; returns the trace id its spans will belong to (for exemplars)."""
+        if self.setup is None:
+            return None
+        self._pending.append(record)
+        self.poll()
+        return self.trace_id(record.stage)
+
+    def poll(self) -> None:
+        """Emit the queued batches whose device work has completed; never blocks."""
+        if not self._pending:
+            return
+        waiting = []
+        for record in self._pending:
+            if record.device_ready():
+                self._emit(record)
+            else:
+                waiting.append(record)
+        self._pending = waiting
+
+    def _ns(self, perf_ns: int) -> int:
+        return perf_ns + self._offset_ns
+
+    def _emit(self, record: BatchRecord, device_times: bool = True) -> None:
+        assert self.setup is not None
+        tracer = self.setup.tracer
+        parent = self._epochs.get(record.stage)
+        context = trace.set_span_in_context(parent) if parent is not None else Context()
+        samples, nodes, edges = record.size
+        attributes: dict[str, Any] = {
+            "training.epoch": record.epoch,
+            "training.batch_index": record.batch_idx,
+            "training.global_step": record.global_step,
+        }
+        if "training.rank" in self._attributes:
+            attributes["training.rank"] = self._attributes["training.rank"]
+        for key, value in (("training.batch_size", samples), ("graph.nodes", nodes), ("graph.edges", edges)):
+            if value is not None:
+                attributes[key] = value
+        milliseconds = record.device_milliseconds() if device_times else {}
+        if "batch" in milliseconds:
+            attributes["gpu.duration_ms"] = milliseconds["batch"]
+        batch = tracer.start_span(f"{record.stage}_batch", context=context, attributes=attributes,
+                                  start_time=self._ns(record.start_ns))
+        batch_context = trace.set_span_in_context(batch)
+        for name, start_ns, end_ns in record.phases():
+            phase_attributes = {"gpu.duration_ms": milliseconds[name]} if name in milliseconds else None
+            span = tracer.start_span(name, context=batch_context, start_time=self._ns(start_ns),
+                                     attributes=phase_attributes)
+            span.end(end_time=self._ns(end_ns))
+        batch.end(end_time=self._ns(record.end_ns))
+
+    # ------------------------------------------------------------------ end of run
+    def finish(self, exception: Optional[BaseException]) -> None:
+        """End open spans (with error status after an exception) and deliver spans within the flush bound."""
+        if self.setup is None:
+            return
+        try:
+            for record in self._pending:
+                self._emit(record, device_times=False)  # not waiting on the device: CPU times only
+            self._pending = []
+            for stage in ("predict", "test", "validation", "train"):  # children first
+                span = self._epochs.pop(stage, None)
+                if span is None:
+                    continue
+                if exception is not None:
+                    span.record_exception(exception)
+                    span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
+                span.end()
+        finally:
+            setup, self.setup = self.setup, None
+            setup.finish(self.flush_timeout_s)
