@@ -24,13 +24,36 @@ from dgdn_lightning_monitor.graph_size import GraphSize
 from dgdn_lightning_monitor.histogram import BATCH_SECONDS_BUCKETS, INFERENCE_SECONDS_BUCKETS, FastHistogram
 from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
 
-#: Gauges fed from what the LightningModule logs: metric suffix -> help text.
-LOGGED_GAUGES: dict[str, str] = {
-    "training_loss": "Last logged training loss.",
-    "validation_loss": "Last logged validation loss.",
-    "training_accuracy": "Last logged training accuracy (ratio).",
-    "validation_accuracy": "Last logged validation accuracy (ratio).",
+#: Every family, by name after the namespace: (type, help). The README's metrics table follows this list.
+METRICS: dict[str, tuple[str, str]] = {
+    "training_loss": ("gauge", "Last logged training loss."),
+    "validation_loss": ("gauge", "Last logged validation loss."),
+    "training_accuracy": ("gauge", "Last logged training accuracy (ratio)."),
+    "validation_accuracy": ("gauge", "Last logged validation accuracy (ratio)."),
+    "samples_processed_total": ("counter", "Training samples processed (graphs, events or rows)."),
+    "nodes_processed_total": ("counter", "Nodes in processed training batches."),
+    "edges_processed_total": ("counter", "Edges (events) in processed training batches."),
+    "nonfinite_loss_total": ("counter", "Training losses that were NaN or infinite."),
+    "graph_nodes": ("gauge", "Nodes in the last training batch."),
+    "graph_edges": ("gauge", "Edges (events) in the last training batch."),
+    "samples_per_second": ("gauge", "Training throughput over the recent batches."),
+    "batch_processing_seconds": ("histogram", "Wall time of one training batch."),
+    "inference_time_seconds": ("histogram", "Per-sample latency of validation, test and predict batches."),
+    "epoch_duration_seconds": ("gauge", "Wall time of the last finished training epoch."),
+    "last_step_timestamp_seconds": ("gauge", "Unix time at which the last training batch finished."),
+    "model_parameters": ("gauge", "Parameters of the model."),
+    "model_trainable_parameters": ("gauge", "Parameters that require gradients."),
+    "model_memory_usage_bytes": ("gauge", "Bytes held by the model's parameters and buffers."),
+    "epoch": ("gauge", "Current training epoch (0-based)."),
+    "global_step": ("gauge", "Optimizer steps taken so far."),
+    "learning_rate": ("gauge", "Learning rate of each optimizer parameter group."),
+    "training": ("info", "Model and library versions of this training run."),
 }
+_FAMILY_TYPES = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily,
+                 "info": InfoMetricFamily}
+
+#: Gauges fed from what the LightningModule logs.
+LOGGED_GAUGES: tuple[str, ...] = ("training_loss", "validation_loss", "training_accuracy", "validation_accuracy")
 
 #: Stages whose batches count as inference, with their label value.
 INFERENCE_STAGES = ("validate", "test", "predict")
@@ -146,82 +169,79 @@ class TrainingMetrics:
 
     # ----------------------------------------------------------------- exposition (scrape thread)
     def describe(self) -> list[Metric]:
-        return []  # registering must not run collect() before the run has started
+        """Every family this collector can export, without samples: lets a registry refuse duplicates up front
+        without running :meth:`collect` before the run has started."""
+        ns = self.namespace
+        families: list[Metric] = []
+        for name, (kind, doc) in METRICS.items():
+            family_type = _FAMILY_TYPES[kind]
+            families.append(family_type(f"{ns}_{name}", doc, labels=()))
+        return families
 
     def collect(self) -> Iterator[Metric]:
         ns = self.namespace
         names = list(RANK_LABEL_NAMES)
         values = list(self.labels.values)
 
-        def gauge(name: str, doc: str, value: Optional[float], unit: str = "") -> Iterable[Metric]:
+        def gauge(name: str, value: Optional[float]) -> Iterable[Metric]:
             if value is None:
                 return ()
-            family = GaugeMetricFamily(f"{ns}_{name}", doc, labels=names, unit=unit)
+            family = GaugeMetricFamily(f"{ns}_{name}", METRICS[name][1], labels=names)
             family.add_metric(values, float(value))
             return (family,)
 
-        def counter(name: str, doc: str, value: int) -> Metric:
-            family = CounterMetricFamily(f"{ns}_{name}", doc, labels=names)
+        def counter(name: str, value: int) -> Metric:
+            family = CounterMetricFamily(f"{ns}_{name}", METRICS[name][1], labels=names)
             family.add_metric(values, value)
             return family
 
-        for suffix, doc in LOGGED_GAUGES.items():
-            yield from gauge(suffix, doc, self.logged.get(suffix))
+        for suffix in LOGGED_GAUGES:
+            yield from gauge(suffix, self.logged.get(suffix))
 
-        yield counter("samples_processed_total", "Training samples processed (graphs, events or rows).",
-                      self.samples_total)
-        yield counter("nodes_processed_total", "Nodes in processed training batches.", self.nodes_total)
-        yield counter("edges_processed_total", "Edges (events) in processed training batches.", self.edges_total)
-        yield counter("nonfinite_loss_total", "Training losses that were NaN or infinite.", self.nonfinite_losses)
-        yield from gauge("graph_nodes", "Nodes in the last training batch.", self.graph_nodes)
-        yield from gauge("graph_edges", "Edges (events) in the last training batch.", self.graph_edges)
-        yield from gauge("samples_per_second", "Training throughput over the recent batches.",
-                         self.samples_per_second)
+        yield counter("samples_processed_total", self.samples_total)
+        yield counter("nodes_processed_total", self.nodes_total)
+        yield counter("edges_processed_total", self.edges_total)
+        yield counter("nonfinite_loss_total", self.nonfinite_losses)
+        yield from gauge("graph_nodes", self.graph_nodes)
+        yield from gauge("graph_edges", self.graph_edges)
+        yield from gauge("samples_per_second", self.samples_per_second)
 
-        batch = HistogramMetricFamily(f"{ns}_batch_processing_seconds", "Wall time of one training batch.",
+        batch = HistogramMetricFamily(f"{ns}_batch_processing_seconds", METRICS["batch_processing_seconds"][1],
                                       labels=names)
         self.batch_seconds.add_to(batch, values)
         yield batch
 
         if self.inference_seconds:
-            inference = HistogramMetricFamily(
-                f"{ns}_inference_time_seconds",
-                "Per-sample latency of validation, test and predict batches.",
-                labels=names + ["stage"],
-            )
+            inference = HistogramMetricFamily(f"{ns}_inference_time_seconds", METRICS["inference_time_seconds"][1],
+                                              labels=names + ["stage"])
             for stage, histogram in sorted(self.inference_seconds.items()):
                 histogram.add_to(inference, values + [stage])
             yield inference
 
-        yield from gauge("epoch_duration_seconds", "Wall time of the last finished training epoch.",
-                         self.epoch_duration)
+        yield from gauge("epoch_duration_seconds", self.epoch_duration)
         if self.last_step_perf is not None:
-            yield from gauge("last_step_timestamp_seconds", "Unix time at which the last training batch finished.",
-                             self.last_step_perf + self._unix_offset)
+            yield from gauge("last_step_timestamp_seconds", self.last_step_perf + self._unix_offset)
 
         if self.model_figures is not None:
             parameters, trainable, memory = self.model_figures
-            yield from gauge("model_parameters", "Parameters of the model.", parameters)
-            yield from gauge("model_trainable_parameters", "Parameters that require gradients.", trainable)
-            yield from gauge("model_memory_usage_bytes", "Bytes held by the model's parameters and buffers.",
-                             memory)
+            yield from gauge("model_parameters", parameters)
+            yield from gauge("model_trainable_parameters", trainable)
+            yield from gauge("model_memory_usage_bytes", memory)
 
         progress = self._read_progress()
         if progress is not None:
-            yield from gauge("epoch", "Current training epoch (0-based).", progress[0])
-            yield from gauge("global_step", "Optimizer steps taken so far.", progress[1])
+            yield from gauge("epoch", progress[0])
+            yield from gauge("global_step", progress[1])
 
         rates = self._read_learning_rates()
         if rates:
-            lr = GaugeMetricFamily(f"{ns}_learning_rate", "Learning rate of each optimizer parameter group.",
+            lr = GaugeMetricFamily(f"{ns}_learning_rate", METRICS["learning_rate"][1],
                                    labels=names + ["optimizer", "param_group"])
             for optimizer, group, value in rates:
                 lr.add_metric(values + [optimizer, group], value)
             yield lr
 
         if self.info:
-            info = InfoMetricFamily(f"{ns}_training", "Model and library versions of this training run.",
-                                    labels=names)
+            info = InfoMetricFamily(f"{ns}_training", METRICS["training"][1], labels=names)
             info.add_metric(values, self.info)
             yield info
-
