@@ -1,0 +1,348 @@
+"""Helpers of the deploy tests: the stack's files, PromQL parsing of the dashboard, and real Prometheus,
+Alertmanager and HTTP receivers on loopback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+RULES_FILE = PROMETHEUS_DIR / "rules" / "dgdn-alerts.yml"
+RULES_TEST_FILE = PROMETHEUS_DIR / "tests" / "dgdn-alerts.test.yml"
+TARGETS_EXAMPLE = PROMETHEUS_DIR / "targets" / "ranks.json.example"
+ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
+GRAFANA_DIR = DEPLOY / "grafana"
+DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "dgdn-training.json"
+DASHBOARD_GENERATOR = GRAFANA_DIR / "generate_dashboard.py"
+
+# ------------------------------------------------------------------------------------------------ metric names
+#: What MonitoringCallback exports (with the default namespace), by type.
+CALLBACK_GAUGES = {
+    "dgdn_training_loss", "dgdn_validation_loss", "dgdn_training_accuracy", "dgdn_validation_accuracy",
+    "dgdn_graph_nodes", "dgdn_graph_edges", "dgdn_samples_per_second", "dgdn_epoch_duration_seconds",
+    "dgdn_model_parameters", "dgdn_model_trainable_parameters", "dgdn_model_memory_usage_bytes", "dgdn_epoch",
+    "dgdn_global_step", "dgdn_learning_rate", "dgdn_last_step_timestamp_seconds",
+    "dgdn_gpu_memory_allocated_bytes", "dgdn_gpu_memory_reserved_bytes", "dgdn_gpu_max_memory_allocated_bytes",
+    "dgdn_gpu_utilization_ratio", "dgdn_gpu_memory_used_bytes", "dgdn_gpu_memory_total_bytes",
+    "dgdn_gpu_temperature_celsius", "dgdn_gpu_power_watts", "dgdn_gpu_monitoring_up",
+    "dgdn_training_info",
+}
+CALLBACK_COUNTERS = {
+    "dgdn_samples_processed_total", "dgdn_nodes_processed_total", "dgdn_edges_processed_total",
+    "dgdn_nonfinite_loss_total",
+}
+CALLBACK_HISTOGRAMS = {"dgdn_batch_processing_seconds", "dgdn_inference_time_seconds"}
+CALLBACK_METRICS = (
+    CALLBACK_GAUGES | CALLBACK_COUNTERS
+    | {f"{name}{suffix}" for name in CALLBACK_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+)
+#: Callback metrics that exist only when the run trains on a GPU.
+CALLBACK_GPU_PREFIX = "dgdn_gpu_"
+
+#: Metrics of the other exporters the stack ships, as far as the dashboard uses them.
+PROMETHEUS_METRICS = {"up", "ALERTS", "ALERTS_FOR_STATE"}
+NODE_EXPORTER_METRICS = {
+    "node_cpu_seconds_total", "node_memory_MemAvailable_bytes", "node_memory_MemTotal_bytes", "node_load1",
+    "node_load5", "node_load15", "node_filesystem_avail_bytes", "node_filesystem_size_bytes",
+}
+CADVISOR_METRICS = {
+    "container_cpu_usage_seconds_total", "container_memory_working_set_bytes",
+    "container_network_receive_bytes_total", "container_network_transmit_bytes_total",
+}
+#: Fields of the DCGM exporter's default counter set.
+DCGM_METRICS = {
+    "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_POWER_USAGE",
+    "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK",
+}
+KNOWN_METRICS = CALLBACK_METRICS | PROMETHEUS_METRICS | NODE_EXPORTER_METRICS | CADVISOR_METRICS | DCGM_METRICS
+
+# ------------------------------------------------------------------------------------------------ PromQL
+_KEYWORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
+    "inf", "nan", "atan2",
+}
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_BRACES = re.compile(r"\{[^{}]*\}")
+_BRACKETS = re.compile(r"\[[^\[\]]*\]")
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+_IDENTIFIER = re.compile(r"(?<![\w.:$])([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?")
+_LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:(.*),\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*$", re.S)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Names of the metrics a PromQL expression selects (functions, keywords and label names left out)."""
+    text = _STRING.sub('""', expr)
+    text = _BRACES.sub("", text)
+    text = _BRACKETS.sub("", text)
+    text = _GROUPING.sub(" ", text)
+    names = set()
+    for match in _IDENTIFIER.finditer(text):
+        name, call = match.group(1), match.group(2)
+        if call or name.lower() in _KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def variable_expr(query: str) -> str:
+    """The PromQL part of a Grafana Prometheus variable query such as ``label_values(metric{...}, label)``."""
+    match = _LABEL_VALUES.match(query)
+    if match:
+        return match.group(1) or ""
+    for prefix in ("query_result(", "metrics("):
+        if query.startswith(prefix) and query.endswith(")"):
+            return query[len(prefix):-1]
+    return query
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Replaces Grafana variables (``$name``, ``${name}``, ``[[name]]``) by the given values."""
+    def replace(match: re.Match) -> str:
+        name = match.group(1) or match.group(2) or match.group(3)
+        if name not in values:
+            raise KeyError(f"no value for Grafana variable {name!r} in {expr!r}")
+        return values[name]
+
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]", replace, expr)
+
+
+@dataclass
+class DashboardQuery:
+    where: str  # panel title, "variable job" or "annotation ..."
+    expr: str
+    exemplar: bool = False
+
+
+def load_dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
+
+
+def iter_panels(dashboard: dict[str, Any]):
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows keep their panels inside
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[DashboardQuery]:
+    """Every PromQL expression of the dashboard: panel targets, variables and annotations."""
+    queries = []
+    for panel in iter_panels(dashboard):
+        for tgt in panel.get("targets", []):
+            if tgt.get("expr"):
+                queries.append(DashboardQuery(panel.get("title", "?"), tgt["expr"], bool(tgt.get("exemplar"))))
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable.get("type") != "query":
+            continue
+        query = variable.get("query")
+        query = query.get("query", "") if isinstance(query, dict) else (query or "")
+        queries.append(DashboardQuery(f"variable {variable['name']}", variable_expr(query)))
+    for annotation in dashboard.get("annotations", {}).get("list", []):
+        if annotation.get("expr"):
+            queries.append(DashboardQuery(f"annotation {annotation.get('name')}", annotation["expr"]))
+    return queries
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback test servers only
+        return response.read()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    """Polls ``predicate`` until it returns something truthy, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Optional[BaseException] = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as error:
+            last_error = error
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}"
+                               + (f" (last error: {last_error})" if last_error else ""))
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """A server binary on a loopback port, its output in a log file; stopped (killed if need be) by ``stop``."""
+
+    ready_path = "/-/ready"
+
+    def __init__(self, args: list[str], port: int, log_path: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.process.args[0]} exited with {self.process.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                http_get(self.url + self.ready_path, timeout=1.0)
+                return True
+            except (OSError, urllib.error.URLError):
+                return False
+
+        wait_until(ready, timeout, what=f"{self.process.args[0]} on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+class Prometheus(ServerProcess):
+    def __init__(self, binary: str, config: Path, workdir: Path, port: int) -> None:
+        super().__init__([
+            binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage", "--log.level=warn",
+        ], port, workdir / "prometheus.log")
+
+    def api(self, path: str, **params: Any) -> Any:
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        try:
+            body = http_get(f"{self.url}/api/v1/{path}?{query}", timeout=10.0)
+        except urllib.error.HTTPError as error:
+            body = error.read()
+        payload = json.loads(body)
+        if payload.get("status") != "success":
+            raise PromQLError(f"{payload.get('errorType')}: {payload.get('error')}")
+        return payload["data"]
+
+    def query(self, expr: str, at: Optional[float] = None) -> list[dict[str, Any]]:
+        return self.api("query", query=expr, time=at)["result"]
+
+    def exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+        return self.api("query_exemplars", query=expr, start=start, end=end)
+
+
+class PromQLError(Exception):
+    """Prometheus rejected a query."""
+
+
+class Alertmanager(ServerProcess):
+    def __init__(self, binary: str, config: Path, workdir: Path, port: int) -> None:
+        super().__init__([
+            binary, f"--config.file={config}", f"--storage.path={workdir / 'alertmanager-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",  # no gossip listener on other interfaces
+            "--log.level=warn",
+        ], port, workdir / "alertmanager.log")
+
+
+# ------------------------------------------------------------------------------------------------ receivers
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class HttpSink:
+    """An HTTP server on 127.0.0.1 that answers every POST with 200 and keeps what it received.
+
+    Serves as Alertmanager's webhook receiver and as an OTLP/HTTP trace receiver.
+    """
+
+    received: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sink = self
+        self._lock = threading.Lock()
+        self._event = threading.Condition(self._lock)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                with sink._event:
+                    sink.received.append(Received(self.path, dict(self.headers), body))
+                    sink._event.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Type", self.headers.get("Content-Type") or "application/json")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep test output quiet
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="http-sink", daemon=True)
+        self._thread.start()
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.received)
+
+    def wait_for(self, predicate: Callable[[list[Received]], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._event:
+            while True:
+                value = predicate(list(self.received))
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; received "
+                                       f"{[r.path for r in self.received]}")
+                self._event.wait(min(remaining, 0.5))
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def webhook_alerts(received: list[Received]) -> list[tuple[str, dict[str, Any]]]:
+    """(request path, alert) for every alert in the Alertmanager webhook payloads received so far."""
+    alerts = []
+    for item in received:
+        try:
+            payload = item.json()
+        except ValueError:
+            continue
+        for alert in payload.get("alerts", []):
+            alerts.append((item.path, alert))
+    return alerts

@@ -1,0 +1,345 @@
+"""The stack's configuration files, checked by the real tools (promtool, amtool, docker-compose) and for the
+properties the stack relies on (pinned images, loopback ports, paths that match between files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import require_tool
+
+from prom_helpers import (
+    ALERTMANAGER_CONFIG,
+    CALLBACK_METRICS,
+    COMPOSE_FILE,
+    DASHBOARD_FILE,
+    DEPLOY,
+    GRAFANA_DIR,
+    PROMETHEUS_CONFIG,
+    PROMETHEUS_DIR,
+    RULES_FILE,
+    RULES_TEST_FILE,
+    TARGETS_EXAMPLE,
+    metric_names,
+)
+
+REQUIRED_ALERTS = {
+    "DGDNHighTrainingLoss", "DGDNGPUMemoryHigh", "DGDNTrainingLossNotFinite", "DGDNTrainingStalled",
+    "DGDNTrainingStagnation", "DGDNThroughputDrop", "DGDNMetricsTargetDown", "DGDNRankStraggler",
+}
+SEVERITIES = {"critical", "warning", "info"}
+
+
+def run(args: list[str], cwd: Path = DEPLOY, env: dict[str, str] | None = None, timeout: float = 60,
+        stdout_only: bool = False) -> str:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{output}"
+    return result.stdout if stdout_only else output
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(RULES_FILE)["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+# ================================================================================================ Prometheus
+def test_promtool_check_config_accepts_the_shipped_config():
+    promtool = require_tool("promtool")
+    output = run([promtool, "check", "config", str(PROMETHEUS_CONFIG)])
+    assert "SUCCESS" in output
+    assert "1 rule files found" in output  # rules/*.yml resolves relative to the config file
+
+
+def test_file_sd_example_is_valid_once_enabled(tmp_path):
+    """Copying the documented example to targets/*.json gives a config promtool accepts, SD file included."""
+    promtool = require_tool("promtool")
+    copy = tmp_path / "prometheus"
+    shutil.copytree(PROMETHEUS_DIR, copy)
+    shutil.copy(TARGETS_EXAMPLE, copy / "targets" / "ranks.json")
+    output = run([promtool, "check", "config", str(copy / "prometheus.yml")], cwd=tmp_path)
+    assert "does not exist" not in output
+    groups = json.loads(TARGETS_EXAMPLE.read_text())
+    assert sum(len(group["targets"]) for group in groups) >= 3
+    for group in groups:
+        assert all(re.fullmatch(r"[\w.-]+:\d+", target) for target in group["targets"])
+
+
+def test_prometheus_config_scrapes_the_training_host_and_the_stack():
+    config = load_yaml(PROMETHEUS_CONFIG)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    training = jobs["dgdn-training"]
+    assert training["static_configs"][0]["targets"] == ["host.docker.internal:8000"]
+    assert training["file_sd_configs"][0]["files"] == ["targets/*.json"]
+    assert config["rule_files"] == ["rules/*.yml"]
+    # The promtool unit tests live outside rules/, so Prometheus never loads them as rules.
+    assert RULES_TEST_FILE.parent != RULES_FILE.parent
+
+    compose = load_yaml(COMPOSE_FILE)["services"]
+    # Every stack target is a compose service on the port that service listens on.
+    service_ports = {
+        "alertmanager": 9093, "pushgateway": 9091, "node-exporter": 9100, "cadvisor": 8080, "dcgm-exporter": 9400,
+    }
+    static_targets = [
+        target for job in config["scrape_configs"] for static in job.get("static_configs", [])
+        for target in static["targets"]
+    ] + [target for am in config["alerting"]["alertmanagers"] for s in am["static_configs"] for target in s["targets"]]
+    for target in static_targets:
+        host, port = target.rsplit(":", 1)
+        if host in ("localhost", "host.docker.internal"):
+            continue
+        assert host in compose, f"{target} names no compose service"
+        assert int(port) == service_ports[host], target
+    dcgm = jobs["dcgm"]["dns_sd_configs"][0]
+    assert dcgm["names"] == ["dcgm-exporter"] and dcgm["port"] == service_ports["dcgm-exporter"]
+    assert jobs["pushgateway"]["honor_labels"] is True
+
+
+def test_promtool_check_rules():
+    promtool = require_tool("promtool")
+    output = run([promtool, "check", "rules", str(RULES_FILE)])
+    assert f"SUCCESS: {len(alert_rules())} rules found" in output
+
+
+def test_promtool_rule_unit_tests_pass():
+    promtool = require_tool("promtool")
+    output = run([promtool, "test", "rules", str(RULES_TEST_FILE)])
+    assert "SUCCESS" in output and "FAILED" not in output
+
+
+def test_alert_rules_are_complete_and_labelled():
+    rules = alert_rules()
+    assert REQUIRED_ALERTS <= {rule["alert"] for rule in rules}
+    for rule in rules:
+        assert rule["labels"]["severity"] in SEVERITIES, rule["alert"]
+        assert rule["annotations"]["summary"].strip() and rule["annotations"]["description"].strip(), rule["alert"]
+        for name in metric_names(rule["expr"]):
+            assert name in CALLBACK_METRICS or name == "up", f"{rule['alert']} uses unknown metric {name}"
+    thresholds = {rule["alert"]: rule for rule in rules}
+    assert re.fullmatch(r"dgdn_training_loss > 10", thresholds["DGDNHighTrainingLoss"]["expr"].strip())
+    assert thresholds["DGDNHighTrainingLoss"]["for"] == "5m"
+    gpu = [rule for rule in rules if rule["alert"] == "DGDNGPUMemoryHigh"]
+    assert any("dgdn_gpu_memory_used_bytes / dgdn_gpu_memory_total_bytes > 0.9" in rule["expr"] for rule in gpu)
+    assert "dgdn_last_step_timestamp_seconds" in thresholds["DGDNTrainingStalled"]["expr"]
+    assert "1.5" in thresholds["DGDNRankStraggler"]["expr"]
+
+
+def test_every_alert_is_unit_tested_firing_and_silent():
+    tests = load_yaml(RULES_TEST_FILE)["tests"]
+    firing, silent = set(), set()
+    for case in tests:
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else silent).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names <= firing, f"never shown to fire: {names - firing}"
+    assert names <= silent, f"never shown to stay silent: {names - silent}"
+
+
+# ================================================================================================ Alertmanager
+def test_amtool_check_config():
+    amtool = require_tool("amtool")
+    output = run([amtool, "check-config", str(ALERTMANAGER_CONFIG)])
+    assert "SUCCESS" in output
+
+
+@pytest.mark.parametrize(("labels", "receiver"), [
+    (["severity=critical", "alertname=DGDNTrainingLossNotFinite"], "critical"),
+    (["severity=warning", "alertname=DGDNHighTrainingLoss"], "default"),
+    (["severity=info", "alertname=DGDNTrainingStagnation"], "default"),
+    (["alertname=SomethingElse"], "default"),
+])
+def test_alertmanager_routes_by_severity(labels, receiver):
+    amtool = require_tool("amtool")
+    output = run([amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}", *labels],
+                 stdout_only=True)
+    assert output.split() == [receiver]
+
+
+def test_alertmanager_config_structure():
+    config = load_yaml(ALERTMANAGER_CONFIG)
+    route = config["route"]
+    assert route["receiver"] == "default" and "alertname" in route["group_by"]
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    assert receivers[route["receiver"]]["webhook_configs"], "the default receiver is a webhook"
+    inhibit = config["inhibit_rules"][0]
+    assert inhibit["source_matchers"] == ['severity="critical"']
+    assert inhibit["target_matchers"] == ['severity="warning"']
+    assert set(inhibit["equal"]) == {"alertname", "instance"}
+    text = ALERTMANAGER_CONFIG.read_text()
+    assert "localhost:587" not in text and "127.0.0.1:587" not in text
+    assert "# email_configs:" in text and "# slack_configs:" in text
+
+
+def _uncomment_examples(text: str) -> str:
+    """Uncomments the indented, lower-case comment lines: the YAML of the email and Slack examples."""
+    lines = []
+    for line in text.splitlines():
+        match = re.match(r"^(\s+)#( ?)(.*)$", line)
+        if match and (not match.group(3) or match.group(3)[0] in " -" or match.group(3)[0].islower()):
+            line = match.group(1) + match.group(3)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def test_commented_receiver_examples_are_valid(tmp_path):
+    amtool = require_tool("amtool")
+    uncommented = tmp_path / "alertmanager.yml"
+    uncommented.write_text(_uncomment_examples(ALERTMANAGER_CONFIG.read_text()))
+    config = yaml.safe_load(uncommented.read_text())
+    critical = next(r for r in config["receivers"] if r["name"] == "critical")
+    assert critical["email_configs"] and critical["slack_configs"]
+    assert config["global"]["smtp_smarthost"]
+    run([amtool, "check-config", str(uncommented)], cwd=tmp_path)
+
+
+# ================================================================================================ compose
+def compose_config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    docker_compose = require_tool("docker-compose")
+    base = [docker_compose, "-f", str(COMPOSE_FILE), *args]
+    run([*base, "config", "-q"], env=env)
+    return yaml.safe_load(run([*base, "config"], env=env, stdout_only=True))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return compose_config()
+
+
+EXPECTED_IMAGES = {
+    "prometheus": r"prom/prometheus:v3\.\d+\.\d+",
+    "grafana": r"grafana/grafana:12\.\d+\.\d+",
+    "alertmanager": r"prom/alertmanager:v0\.\d+\.\d+",
+    "node-exporter": r"prom/node-exporter:v1\.\d+\.\d+",
+    "cadvisor": r"ghcr\.io/google/cadvisor:v0\.\d+\.\d+",
+    "pushgateway": r"prom/pushgateway:v1\.\d+\.\d+",
+    "jaeger": r"jaegertracing/jaeger:2\.\d+\.\d+",
+    "dcgm-exporter": r"nvcr\.io/nvidia/k8s/dcgm-exporter:\d+\.\d+\.\d+-\d+\.\d+\.\d+-ubuntu\d+\.\d+",
+}
+
+
+def test_compose_images_are_pinned(compose):
+    services = compose["services"]
+    assert set(services) == set(EXPECTED_IMAGES)
+    for name, pattern in EXPECTED_IMAGES.items():
+        assert re.fullmatch(pattern, services[name]["image"]), f"{name}: {services[name]['image']}"
+    assert "latest" not in COMPOSE_FILE.read_text().replace("# ", "")
+
+
+def _port_strings(service: dict[str, Any]) -> list[str]:
+    ports = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):  # long syntax
+            ports.append(f"{port.get('host_ip', '')}:{port.get('published')}:{port.get('target')}")
+        else:
+            ports.append(str(port))
+    return ports
+
+
+def test_compose_services_are_healthchecked_restarted_and_loopback_only(compose):
+    published = {}
+    for name, service in compose["services"].items():
+        assert service.get("restart") == "unless-stopped", name
+        test = service.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+        assert service.get("network_mode") != "host", f"{name} must not share the host network"
+        for port in _port_strings(service):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+            published[int(port.split(":")[1])] = name
+    assert published == {3000: "grafana", 9090: "prometheus", 9093: "alertmanager", 9091: "pushgateway",
+                         16686: "jaeger", 4317: "jaeger", 4318: "jaeger"}
+
+
+def test_compose_volumes_and_mounts_match_the_configs(compose):
+    services = compose["services"]
+    assert {"prometheus-data", "grafana-data", "alertmanager-data", "pushgateway-data"} <= set(compose["volumes"])
+
+    def mounts(name: str) -> dict[str, str]:
+        result = {}
+        for volume in services[name]["volumes"]:
+            if isinstance(volume, dict):
+                result[volume["target"]] = volume["source"]
+            else:
+                parts = volume.split(":")
+                result[parts[1]] = parts[0]
+        return result
+
+    prometheus = mounts("prometheus")
+    assert Path(prometheus["/etc/prometheus"]) == PROMETHEUS_DIR
+    assert prometheus["/prometheus"] == "prometheus-data"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
+    assert "host.docker.internal:host-gateway" in services["prometheus"]["extra_hosts"]
+    assert Path(mounts("alertmanager")["/etc/alertmanager"]) == ALERTMANAGER_CONFIG.parent
+
+    grafana = mounts("grafana")
+    assert Path(grafana["/etc/grafana/provisioning"]) == GRAFANA_DIR / "provisioning"
+    dashboards_target = next(t for t, s in grafana.items() if Path(s) == DASHBOARD_FILE.parent)
+    provider = load_yaml(GRAFANA_DIR / "provisioning" / "dashboards" / "dashboards.yml")["providers"][0]
+    assert provider["options"]["path"] == dashboards_target
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards_target}/{DASHBOARD_FILE.name}"
+
+
+def test_grafana_credentials_come_from_the_environment():
+    compose = compose_config(env={"GF_ADMIN_PASSWORD": "s3cret-from-env"})
+    environment = compose["services"]["grafana"]["environment"]
+    assert environment["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret-from-env"
+    assert environment["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert environment["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "${GF_ADMIN_PASSWORD:-" in COMPOSE_FILE.read_text()
+
+
+def test_jaeger_is_v2_with_otlp_ports(compose):
+    jaeger = compose["services"]["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/jaeger:2.")
+    assert {"127.0.0.1:4317:4317", "127.0.0.1:4318:4318", "127.0.0.1:16686:16686"} <= {
+        p.removesuffix("/tcp") for p in _port_strings(jaeger)}
+
+
+@pytest.mark.parametrize("how", ["--profile", "COMPOSE_PROFILES"])
+def test_gpu_profile_adds_dcgm_with_a_gpu_reservation(how):
+    compose = compose_config("--profile", "gpu") if how == "--profile" else \
+        compose_config(env={"COMPOSE_PROFILES": "gpu"})
+    dcgm = compose["services"]["dcgm-exporter"]
+    assert dcgm["profiles"] == ["gpu"]
+    devices = dcgm["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_only_the_gpu_exporter_needs_the_gpu_profile(compose):
+    """Without a profile every service but dcgm-exporter starts, so hosts without a GPU run the stack."""
+    for name, service in compose["services"].items():
+        if name == "dcgm-exporter":
+            assert service["profiles"] == ["gpu"]
+        else:
+            assert not service.get("profiles"), name
+            assert "deploy" not in service, f"{name} must not reserve devices"
+
+
+# ================================================================================================ Grafana provisioning
+def test_grafana_datasources_have_fixed_uids_and_exemplar_links():
+    config = load_yaml(GRAFANA_DIR / "provisioning" / "datasources" / "datasources.yml")
+    sources = {source["uid"]: source for source in config["datasources"]}
+    prometheus, jaeger = sources["prometheus"], sources["jaeger"]
+    assert prometheus["type"] == "prometheus" and prometheus["url"] == "http://prometheus:9090"
+    assert prometheus["isDefault"] is True
+    assert prometheus["jsonData"]["exemplarTraceIdDestinations"] == [{"name": "trace_id", "datasourceUid": "jaeger"}]
+    assert jaeger["type"] == "jaeger" and jaeger["url"] == "http://jaeger:16686"
+
+
+def test_grafana_dashboard_provider_loads_the_dashboard_folder():
+    config = load_yaml(GRAFANA_DIR / "provisioning" / "dashboards" / "dashboards.yml")
+    provider = config["providers"][0]
+    assert provider["type"] == "file"
+    assert DASHBOARD_FILE.exists() and DASHBOARD_FILE.suffix == ".json"
