@@ -214,6 +214,10 @@ class FakeNVML(types.ModuleType):
         self._failures: dict[str, list[_Failure]] = {}
         self._delays: dict[str, float] = {}
         self._lock = threading.RLock()
+        # Like a real module, list the API in the instance dict (so dir() and vars() show it).
+        for name in dir(type(self)):
+            if name.startswith(("nvml", "NVML")):
+                setattr(self, name, getattr(self, name))
 
     # ----------------------------------------------------------------------------- test controls
     def set_values(self, index: int, **figures: Any) -> None:

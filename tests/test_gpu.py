@@ -738,3 +738,11 @@ def test_bad_start_arguments(cuda_devices: Any, labels: Any, argument: str) -> N
     with pytest.raises(ValueError, match=argument):
         monitor.start(cuda_devices=cuda_devices, labels=labels)
     assert nvml.calls == [] and not monitor.running
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    for module in (gpu_module, fake_pynvml):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
