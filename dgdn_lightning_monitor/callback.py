@@ -8,8 +8,10 @@ sampled by their own thread. Nothing on the step path synchronises the device or
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
 import re
 import time
 import uuid
@@ -17,10 +19,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
 import lightning
+import prometheus_client
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSize, GraphSizer
 from dgdn_lightning_monitor.labels import RankLabels
@@ -61,7 +66,7 @@ class MonitoringCallback(Callback):
 
     Args:
         port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free one (see :attr:`metrics_url`). Under
-            DDP each rank serves ``port + local_rank``.
+            DDP each rank serves ``port + local_rank`` (see ``port_per_local_rank``).
         addr: interface to bind; the default ``0.0.0.0`` lets a Prometheus container reach the host.
         namespace: prefix of every metric name.
         registry: a ``prometheus_client.CollectorRegistry`` to register into; by default a private one, so two
@@ -79,6 +84,21 @@ class MonitoringCallback(Callback):
         gpu_devices: ``"auto"`` (the CUDA devices this rank trains on), a list of GPU indices, or ``None``.
         gpu_poll_interval_s: seconds between two NVML samples, from a background thread.
         run_id: identifies the run in ``<namespace>_training_info`` and in traces; generated when omitted.
+        tracer_provider: an OpenTelemetry ``TracerProvider`` to send spans to (it stays yours: flushed at the
+            end of a run, never shut down); by default one is chosen as described for ``tracing``.
+        port_per_local_rank: under DDP, offset the port by the local rank so the ranks of one machine do not
+            clash; ``False`` when every rank has its own network namespace (one container per rank).
+        targets_dir: directory of Prometheus file-SD files (e.g. ``deploy/prometheus/targets``): the local
+            rank 0 of every node writes one listing its ranks' endpoints while the run lasts.
+        targets_host: host name written into those files; by default the machine's host name (or ``addr``
+            when it is a specific address). ``"host.docker.internal"`` suits a Prometheus container.
+        pushgateway_url: a Pushgateway (``http://host:9091``) to which every rank pushes its final figures
+            when the run ends, grouped by ``job``, ``run_id`` and ``rank``; a failed push only warns.
+        job: Prometheus job name used in discovery files and pushes.
+
+    Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints at set-up, and, when rank 0
+    traces, rank 0 shares its ``train_epoch`` span once per epoch so that every rank's spans of that epoch
+    join one trace: no collective is added to the training step.
 
     Example::
 
@@ -108,6 +128,12 @@ class MonitoringCallback(Callback):
         gpu_devices: Union[Literal["auto"], Sequence[int], None] = "auto",
         gpu_poll_interval_s: float = 5.0,
         run_id: Optional[str] = None,
+        tracer_provider: Optional[TracerProvider] = None,
+        port_per_local_rank: bool = True,
+        targets_dir: Optional[Union[str, os.PathLike]] = None,
+        targets_host: Optional[str] = None,
+        pushgateway_url: Optional[str] = None,
+        job: str = DEFAULT_JOB,
     ) -> None:
         super().__init__()
         self.port = _check_int("port", port, 0, 65535)
@@ -136,10 +162,17 @@ class MonitoringCallback(Callback):
         if run_id is not None and (not isinstance(run_id, str) or not run_id):
             raise ValueError(f"run_id must be a non-empty string or None, got {run_id!r}")
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        if not isinstance(port_per_local_rank, bool):
+            raise ValueError(f"port_per_local_rank must be True or False, got {port_per_local_rank!r}")
+        self.port_per_local_rank = port_per_local_rank
+        self._dist = DistributedRun(job=job, targets_dir=targets_dir, targets_host=targets_host,
+                                    pushgateway_url=pushgateway_url)
 
         self.metrics = TrainingMetrics(namespace, _check_int("throughput_window", throughput_window, 2))
         self.gpu = GPUMonitor(namespace, devices=gpu_devices, poll_interval_s=gpu_poll_interval_s)
-        self.tracer = TrainingTracer(enabled=tracing, service_name="dgdn-training")
+        if tracer_provider is not None and not isinstance(tracer_provider, TracerProvider):
+            raise ValueError(f"tracer_provider must be an opentelemetry TracerProvider or None, got {tracer_provider!r}")
+        self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry.register(self.metrics)
         self.registry.register(self.gpu)
@@ -185,23 +218,86 @@ class MonitoringCallback(Callback):
             "phase_seconds": {name: total / steps for name, total in self._phase_totals.items()},
         }
 
+    # ------------------------------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings and counters, for ``strategy="ddp_spawn"`` (it pickles the callbacks into every worker).
+
+        Locks, threads, the HTTP server and a tracer provider cannot cross a process boundary: they are left
+        out and :meth:`__setstate__` builds new ones. A worker registers into its own
+        ``prometheus_client.REGISTRY`` when the callback was given the global one, else into a private registry.
+        """
+        state = self.__dict__.copy()
+        state["registry"] = "global" if self.registry is prometheus_client.REGISTRY else None
+        state["gpu"] = (self.gpu.devices, self.gpu.poll_interval_s)
+        if getattr(self.tracer, "tracer_provider", None) is not None:
+            log.warning("The tracer_provider cannot be sent to spawned processes; they choose where spans go "
+                        "from the OTEL_* variables instead.")
+        state["tracer"] = (self.tracer.enabled, self.tracer.service_name, self.tracer.flush_timeout_s)
+        metrics = copy.copy(self.metrics)
+        metrics.progress_source = metrics.learning_rate_source = None  # bound to a Trainer of this process
+        state["metrics"] = metrics
+        state.update(_server=None, _running=False, _scalars=None, _record=None, _eval_record=None,
+                     _nonfinite_device=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild what :meth:`__getstate__` left out."""
+        state = dict(state)
+        registry = state.pop("registry")
+        devices, poll_interval_s = state.pop("gpu")
+        enabled, service_name, flush_timeout_s = state.pop("tracer")
+        self.__dict__.update(state)
+        self.gpu = GPUMonitor(self.namespace, devices=devices, poll_interval_s=poll_interval_s)
+        self.tracer = TrainingTracer(enabled=enabled, service_name=service_name, flush_timeout_s=flush_timeout_s)
+        self.registry = CollectorRegistry(auto_describe=True)
+        if registry == "global":
+            self.registry = prometheus_client.REGISTRY
+            registered = []
+            try:
+                for collector in (self.metrics, self.gpu):
+                    self.registry.register(collector)
+                    registered.append(collector)
+            except ValueError:  # a copy inside the process that already registered the original: stay private
+                for collector in registered:
+                    self.registry.unregister(collector)
+                self.registry = CollectorRegistry(auto_describe=True)
+        if self.registry is not prometheus_client.REGISTRY:
+            self.registry.register(self.metrics)
+            self.registry.register(self.gpu)
+        self._scalars = DeferredScalars()
+
     # ------------------------------------------------------------------------------------------ run lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         labels = RankLabels.from_trainer(trainer)
+        self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
         self.metrics.info = self._info(pl_module, labels)
         self.metrics.progress_source = lambda: (trainer.current_epoch, trainer.global_step)
         self.metrics.learning_rate_source = lambda: _learning_rates(trainer)
         self._update_model_figures(pl_module)
-        port = self.port + labels.local_rank if self.port else 0
+        port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
         self._server = MetricsServer(self.registry, self.addr, port)
-        self._server.start()  # a taken port raises here, before any training step
+        failure: Optional[Exception] = None
+        try:
+            if port > 65535:
+                raise ValueError(f"port {self.port} + local_rank {labels.local_rank} is above 65535; pass a lower "
+                                 f"port, port=0 or port_per_local_rank=False")
+            self._server.start()  # a taken port fails here, before any training step
+        except (OSError, OverflowError, ValueError) as error:
+            failure = error
+        else:
+            self.tracer.start({"training.run_id": self.run_id, "training.rank": labels.rank,
+                               "training.local_rank": labels.local_rank, "training.node_rank": labels.node_rank,
+                               "training.world_size": labels.world_size})
+        # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever.
+        self._dist.exchange(labels, self.addr, self._server.bound_port if failure is None else None,
+                            self.tracer.active)
+        if failure is not None:
+            raise failure
         self._running = True
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
-        self.tracer.start({"training.run_id": self.run_id, "training.rank": labels.rank,
-                           "training.local_rank": labels.local_rank, "training.node_rank": labels.node_rank,
-                           "training.world_size": labels.world_size})
+        self._dist.publish(labels, self.run_id)
         log.info("Serving training metrics at %s", self.metrics_url)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -223,6 +319,7 @@ class MonitoringCallback(Callback):
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
         self.gpu.stop()
+        self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
         self.tracer.finish(exception)
         if self._server is not None:
             self._server.stop()
@@ -230,8 +327,13 @@ class MonitoringCallback(Callback):
     # ------------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start = time.perf_counter()
+        if self._dist.rank == 0:
+            self.tracer.start_epoch("train", trainer.current_epoch, {})
+            self._dist.share_span_context(self.tracer.span_context("train"))  # no-op unless DDP and rank 0 traces
+        else:
+            parent = self._dist.share_span_context(None)
+            self.tracer.start_epoch("train", trainer.current_epoch, {}, remote_parent=parent)
         self._fetch_start_ns = time.perf_counter_ns()
-        self.tracer.start_epoch("train", trainer.current_epoch, {})
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._size = self._measure(batch)

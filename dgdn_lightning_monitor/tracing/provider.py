@@ -38,8 +38,13 @@ log = logging.getLogger("dgdn_lightning_monitor.tracing")
 DEFAULT_SERVICE_NAME = "dgdn-training"
 LOCAL_OTLP_HOST, LOCAL_OTLP_PORT = "localhost", 4318
 INSTRUMENTATION_NAME = "dgdn_lightning_monitor"
-# The OTLP exporter logs every failed request; the wrapper below reports once instead.
-_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http", "opentelemetry.exporter.http")
+# The OTLP exporter logs every failed request and retry; the wrapper below reports once instead. (A logger's
+# filter only sees records created on that very logger, so each module's logger is named.)
+_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.common.http",
+)
 
 
 class _MuteExporterLogs(logging.Filter):
@@ -91,13 +96,16 @@ class TracingSetup:
     Attributes:
         tracer: where spans are started.
         description: one line saying where spans go.
-        provider: the provider, or ``None`` when it belongs to the application.
+        provider: the provider this setup made and shuts down, or ``None``.
+        exporter: the exporter of that provider.
+        borrowed: a provider that belongs to the application (flushed at the end, never shut down).
     """
 
     tracer: trace.Tracer
     description: str
     provider: Optional[TracerProvider] = None
     exporter: Optional[ReportingExporter] = None
+    borrowed: Optional[trace.TracerProvider] = None
     _muted: list[logging.Logger] = field(default_factory=list)
     _filter: logging.Filter = field(default_factory=_MuteExporterLogs)
 
@@ -107,18 +115,20 @@ class TracingSetup:
         Returns:
             True when everything was flushed in time.
         """
-        provider = self.provider
-        if provider is None:
-            target: Callable[[], object] = _flush_global
-        else:
-            def target() -> None:
+        provider, borrowed = self.provider, self.borrowed
+
+        def target() -> None:
+            if provider is not None:
                 provider.force_flush()
                 provider.shutdown()
+            elif borrowed is not None and hasattr(borrowed, "force_flush"):
+                borrowed.force_flush()
         worker = threading.Thread(target=_quietly(target), name="dgdn-trace-flush", daemon=True)
         worker.start()
         worker.join(flush_timeout_s)
         finished = not worker.is_alive()
-        if not finished:
+        already_reported = self.exporter is not None and self.exporter.failures > 0
+        if not finished and not already_reported:  # one line about a broken collector is enough
             log.warning("Spans were not delivered within %.1f s at the end of the run; the rest are dropped.",
                         flush_timeout_s)
         for logger in self._muted:
@@ -134,12 +144,6 @@ def _quietly(function: Callable[[], object]) -> Callable[[], None]:
         except Exception as error:  # pragma: no cover - shutdown of a broken exporter
             log.debug("Trace flush failed: %s", error)
     return run
-
-
-def _flush_global() -> None:
-    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
-    if flush is not None:
-        flush()
 
 
 def receiver_answers(host: str = LOCAL_OTLP_HOST, port: int = LOCAL_OTLP_PORT, timeout_s: float = 0.2) -> bool:
@@ -189,6 +193,7 @@ def configure_tracing(
     probe_timeout_s: float = 0.2,
     export_timeout_s: float = 1.0,
     max_queue_size: int = 2048,
+    tracer_provider: Optional[trace.TracerProvider] = None,
 ) -> Optional[TracingSetup]:
     """Choose where spans go (see the module docstring); ``None`` means tracing is off.
 
@@ -199,12 +204,14 @@ def configure_tracing(
         probe_timeout_s: how long the auto mode waits for ``localhost:4318`` to accept a connection.
         export_timeout_s: per-request timeout of the OTLP exporter (unless ``OTEL_EXPORTER_OTLP_*TIMEOUT``).
         max_queue_size: spans held while the exporter is slow; more are dropped.
+        tracer_provider: use this provider (it stays the caller's: flushed at the end, never shut down).
     """
     if enabled is False:
         return None
-    application = _application_provider()
-    if application is not None:
-        return TracingSetup(application.get_tracer(INSTRUMENTATION_NAME), "the application's TracerProvider")
+    given = tracer_provider or _application_provider()
+    if given is not None:
+        return TracingSetup(given.get_tracer(INSTRUMENTATION_NAME), "the application's TracerProvider",
+                            borrowed=given)
 
     choice = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower().split(",")[0].strip()
     endpoint_set = bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
 
 from dgdn_lightning_monitor.tracing.provider import DEFAULT_SERVICE_NAME, TracingSetup, configure_tracing
 from dgdn_lightning_monitor.tracing.records import BatchRecord
@@ -34,6 +34,7 @@ class TrainingTracer:
         enabled: ``None`` (auto), ``True`` or ``False``; see :func:`configure_tracing`.
         service_name: default ``service.name``.
         flush_timeout_s: the most the end of a run waits for spans to be delivered.
+        tracer_provider: a provider to use instead of choosing one (it stays the caller's).
 
     Example::
 
@@ -46,9 +47,14 @@ class TrainingTracer:
     """
 
     def __init__(
-        self, enabled: Optional[bool] = None, service_name: str = DEFAULT_SERVICE_NAME, flush_timeout_s: float = 2.0
+        self,
+        enabled: Optional[bool] = None,
+        service_name: str = DEFAULT_SERVICE_NAME,
+        flush_timeout_s: float = 2.0,
+        tracer_provider: Optional[trace.TracerProvider] = None,
     ) -> None:
         self.enabled = enabled
+        self.tracer_provider = tracer_provider
         self.service_name = service_name
         self.flush_timeout_s = flush_timeout_s
         self.setup: Optional[TracingSetup] = None
@@ -68,22 +74,30 @@ class TrainingTracer:
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
         if self.setup is None:
             self.setup = configure_tracing(self.enabled, self.service_name,
-                                           {k: v for k, v in attributes.items() if k == "training.run_id"})
+                                           {k: v for k, v in attributes.items() if k == "training.run_id"},
+                                           tracer_provider=self.tracer_provider)
 
     # ------------------------------------------------------------------ epochs
-    def start_epoch(self, stage: str, epoch: int, attributes: dict[str, Any]) -> None:
+    def start_epoch(
+        self, stage: str, epoch: int, attributes: dict[str, Any], remote_parent: Optional[SpanContext] = None
+    ) -> None:
+        """Open the ``stage`` epoch span; ``remote_parent`` (rank 0's ``train_epoch`` under DDP) becomes the
+        parent of a span that has no local parent, so all ranks' spans of an epoch share one trace."""
         if self.setup is None:
             return
         parent = self._epochs.get("train") if stage != "train" else None
+        if parent is None and remote_parent is not None and remote_parent.is_valid:
+            parent = NonRecordingSpan(remote_parent)
         context = trace.set_span_in_context(parent) if parent is not None else Context()
         span = self.setup.tracer.start_span(
             f"{stage}_epoch", context=context,
             attributes={**self._attributes, "training.stage": stage, "training.epoch": epoch,
                         **{f"training.{k}": v for k, v in attributes.items() if k != "epoch"}},
+            start_time=self._ns(time.perf_counter_ns()),  # the clock batch spans use, so children nest exactly
         )
         old = self._epochs.pop(stage, None)
         if old is not None:
-            old.end()
+            old.end(end_time=self._ns(time.perf_counter_ns()))
         self._epochs[stage] = span
 
     def end_epoch(self, stage: str) -> None:
@@ -91,6 +105,11 @@ class TrainingTracer:
         span = self._epochs.pop(stage, None)
         if span is not None:
             span.end()
+
+    def span_context(self, stage: str) -> Optional[SpanContext]:
+        """The context of the open ``stage`` epoch span (to share with other ranks), or ``None``."""
+        span = self._epochs.get(stage)
+        return span.get_span_context() if span is not None else None
 
     def trace_id(self, stage: str) -> Optional[str]:
         span = self._epochs.get(stage)
@@ -168,7 +187,7 @@ class TrainingTracer:
                 if exception is not None:
                     span.record_exception(exception)
                     span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
-                span.end()
+                span.end(end_time=self._ns(time.perf_counter_ns()))
         finally:
             setup, self.setup = self.setup, None
             setup.finish(self.flush_timeout_s)
