@@ -1,0 +1,434 @@
+"""The multi-process side of a monitored run: discovery files, a final Pushgateway push, one trace per epoch.
+
+Under Lightning's DDP every rank runs its own :class:`~dgdn_lightning_monitor.MonitoringCallback` and serves its
+own ``/metrics`` endpoint. :class:`DistributedRun` adds what needs the other ranks or the outside world:
+
+* **Two small collectives at set-up** (none per step): the ranks adopt rank 0's run id, then exchange where
+  their endpoints listen and whether rank 0 traces.
+* **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing the endpoints of its
+  node's ranks (written atomically, removed when the run ends, also after an exception).
+* **Pushgateway**: at the end of a run every rank pushes its final figures, grouped by job, run id and rank,
+  within a bounded time.
+* **Joined traces**: when rank 0 traces, it shares the span context of its ``train_epoch`` span with one
+  broadcast per epoch; the other ranks open their own ``train_epoch`` span as its child, so one trace per
+  epoch holds the batch spans of every rank.
+
+Monitoring never stops training: a failed write, push or collective is reported once and the feature is dropped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+from urllib.parse import urlparse
+
+from opentelemetry.trace import SpanContext, TraceFlags
+from prometheus_client import CollectorRegistry, push_to_gateway
+
+from dgdn_lightning_monitor.labels import RankLabels
+
+log = logging.getLogger(__name__)
+
+#: Job name the deploy stack's Prometheus scrapes file-SD targets under (``deploy/prometheus/prometheus.yml``).
+DEFAULT_JOB = "dgdn-training"
+#: The most a Pushgateway push may take at the end of a run.
+PUSH_TIMEOUT_S = 2.0
+
+_JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
+_HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
+_FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
+_WILDCARD_ADDRS = ("0.0.0.0", "", "::")
+
+PathArg = Union[str, "os.PathLike[str]"]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def check_job(value: Any) -> str:
+    """Validate the ``job`` argument: the Prometheus job name used in discovery files and pushes."""
+    if not isinstance(value, str) or not _JOB.match(value):
+        raise ValueError(f"job must be a non-empty name of letters, digits, '_', '.', ':' or '-', got {value!r}")
+    return value
+
+
+def check_targets_dir(value: Any) -> Optional[Path]:
+    """Validate ``targets_dir``: ``None`` or a path that is a directory or does not exist yet."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"targets_dir must be a directory path or None, got {value!r}")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"targets_dir must be a directory, but {str(path)!r} is not one")
+    return path
+
+
+def check_targets_host(value: Any) -> Optional[str]:
+    """Validate ``targets_host``: ``None`` or a bare host name or IP address (no scheme, port or path)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _HOST.match(value) or "/" in value:
+        raise ValueError(f"targets_host must be a host name or IP address such as 'node-3' or "
+                         f"'host.docker.internal', got {value!r}")
+    return value
+
+
+def check_pushgateway_url(value: Any) -> Optional[str]:
+    """Validate ``pushgateway_url``: ``None``, ``host:port`` or an ``http(s)://`` URL."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+        raise ValueError(f"pushgateway_url must be a URL such as 'http://pushgateway:9091' or None, got {value!r}")
+    parsed = urlparse(value if "://" in value else f"http://{value}")
+    try:
+        parsed.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parsed = None  # type: ignore[assignment]
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"pushgateway_url must be a URL such as 'http://pushgateway:9091' or None, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- endpoints
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one rank serves its metrics, and whether it traces.
+
+    Args:
+        rank, local_rank, node_rank: the rank's place in the run.
+        host: the host name Prometheus should use to reach it.
+        port: the bound port, or ``None`` when its server did not start.
+        tracing: whether the rank exports spans.
+    """
+
+    rank: int
+    local_rank: int
+    node_rank: int
+    host: str
+    port: Optional[int]
+    tracing: bool = False
+
+    @property
+    def target(self) -> Optional[str]:
+        """``host:port`` as Prometheus writes a target (IPv6 literals in brackets)."""
+        if self.port is None:
+            return None
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+
+def advertised_host(addr: str, override: Optional[str] = None) -> str:
+    """The host name written into discovery files.
+
+    Args:
+        addr: the interface the metrics server binds.
+        override: ``targets_host``, when given.
+
+    Returns:
+        ``override``; else the machine's host name when ``addr`` binds every interface; else ``addr``.
+
+    Example::
+
+        advertised_host("0.0.0.0")                           # "gpu-node-3"
+        advertised_host("0.0.0.0", "host.docker.internal")   # "host.docker.internal"
+    """
+    if override:
+        return override
+    if addr in _WILDCARD_ADDRS:
+        return socket.gethostname()
+    return addr
+
+
+# ---------------------------------------------------------------------------------------------- file SD
+class FileSDTargets:
+    """One Prometheus file-SD file: the ``/metrics`` endpoints of one node of a run.
+
+    The file is named ``<job>-<hostname>-node<node_rank>-<run_id>.json``, so nodes and concurrent runs sharing
+    a directory never overwrite each other, and Prometheus' ``targets/*.json`` pattern picks it up. It is
+    written to a hidden temporary file first and renamed into place, so Prometheus never reads half a file.
+
+    Args:
+        directory: where Prometheus looks for ``*.json`` files; created when missing.
+        job: the job name, first part of the file name.
+        node_rank: the node's index in the run.
+        run_id: the run's id.
+        hostname: the machine's name for the file name; ``socket.gethostname()`` by default.
+
+    Example::
+
+        sd = FileSDTargets(Path("deploy/prometheus/targets"), "dgdn-training", 0, "4f1c2a")
+        sd.write(["node-0:8000", "node-0:8001"], {"job": "dgdn-training", "run_id": "4f1c2a"})
+        ...
+        sd.remove()
+    """
+
+    def __init__(
+        self, directory: Path, job: str, node_rank: int, run_id: str, hostname: Optional[str] = None
+    ) -> None:
+        self.directory = Path(directory)
+        parts = (job, hostname or socket.gethostname(), f"node{int(node_rank)}", run_id)
+        name = "-".join(_FILE_PART.sub("_", part).strip("_") or "_" for part in parts)
+        self.path = self.directory / f"{name}.json"
+        self._written = False
+
+    def write(self, targets: Sequence[str], labels: Mapping[str, str]) -> Path:
+        """Replace the file with one target group; raises ``OSError`` when the directory is not writable."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        content = json.dumps([{"targets": list(targets), "labels": dict(labels)}], indent=2) + "\n"
+        temporary = self.directory / f".{self.path.stem}.{os.getpid()}.tmp"  # not *.json: never read half-written
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        if not self._written:
+            self._written = True
+            atexit.register(self.remove)  # a process that exits without Lightning's teardown still cleans up
+        return self.path
+
+    def remove(self) -> bool:
+        """Delete the file if this object wrote it; returns whether a file was removed. Never raises."""
+        if not self._written:
+            return False
+        self._written = False
+        atexit.unregister(self.remove)
+        try:
+            self.path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            log.warning("Could not remove the discovery file %s: %s", self.path, error)
+            return False
+
+
+# ---------------------------------------------------------------------------------------------- pushgateway
+def push_final_metrics(
+    url: str, job: str, registry: CollectorRegistry, grouping_key: Mapping[str, str],
+    timeout_s: float = PUSH_TIMEOUT_S,
+) -> Optional[str]:
+    """Push ``registry`` to a Pushgateway (replacing the group), waiting at most about ``timeout_s``.
+
+    Args:
+        url: the Pushgateway, ``host:port`` or ``http(s)://host:port``.
+        job: the ``job`` of the group.
+        registry: what to push.
+        grouping_key: the other labels of the group, e.g. ``{"run_id": "4f1c2a", "rank": "0"}``.
+        timeout_s: per-request timeout; the push runs in a helper thread that is waited for this long.
+
+    Returns:
+        ``None`` when the push succeeded, else a short reason.
+
+    Example::
+
+        reason = push_final_metrics("http://localhost:9091", "dgdn-training", registry, {"rank": "0"})
+    """
+    outcome: dict[str, str] = {}
+
+    def push() -> None:
+        try:
+            push_to_gateway(url, job=job, registry=registry, grouping_key=dict(grouping_key), timeout=timeout_s)
+        except Exception as error:  # the reason is reported by the caller
+            outcome["error"] = f"{type(error).__name__}: {error}"
+        else:
+            outcome["ok"] = "yes"
+
+    worker = threading.Thread(target=push, name="dgdn-pushgateway", daemon=True)
+    worker.start()
+    worker.join(timeout_s + 0.5)  # bounds name resolution too, which the socket timeout does not cover
+    if worker.is_alive():
+        return f"no answer within {timeout_s:.1f} s"
+    return outcome.get("error")
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+def process_group_size() -> int:
+    """World size of the initialised default ``torch.distributed`` process group, else 1."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch always ships it on Linux
+        return 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size())
+
+
+def pack_span_context(context: Optional[SpanContext]) -> Optional[tuple[int, int, int]]:
+    """``(trace_id, span_id, trace_flags)`` of a valid context, else ``None``; small enough for a broadcast."""
+    if context is None or not context.is_valid:
+        return None
+    return (context.trace_id, context.span_id, int(context.trace_flags))
+
+
+def unpack_span_context(packed: Any) -> Optional[SpanContext]:
+    """The remote :class:`SpanContext` packed by :func:`pack_span_context`, or ``None``."""
+    if not isinstance(packed, tuple) or len(packed) != 3:
+        return None
+    trace_id, span_id, flags = packed
+    context = SpanContext(trace_id=int(trace_id), span_id=int(span_id), is_remote=True,
+                          trace_flags=TraceFlags(int(flags)))
+    return context if context.is_valid else None
+
+
+class DistributedRun:
+    """Discovery file, final push and trace-context sharing for one :class:`MonitoringCallback`.
+
+    Outside ``torch.distributed`` (or with one process) no collective runs and every method still works.
+
+    Args:
+        job: Prometheus job name for discovery files and pushes (``dgdn-training``, what the deploy stack
+            scrapes).
+        targets_dir: directory for file-SD files, or ``None`` for none.
+        targets_host: host name written into them; see :func:`advertised_host`.
+        pushgateway_url: Pushgateway to push final figures to, or ``None``.
+        push_timeout_s: the most a push may take.
+
+    Example::
+
+        run = DistributedRun(targets_dir="deploy/prometheus/targets")
+        run_id = run.agree_run_id("4f1c2a")           # every rank, at set-up
+        run.exchange(labels, "0.0.0.0", 8000, tracing=True)
+        run.publish(labels, run_id)
+        parent = run.share_span_context(my_epoch_context)   # every rank, once per epoch
+        run.finish(registry, labels, run_id)
+    """
+
+    def __init__(
+        self,
+        job: str = DEFAULT_JOB,
+        targets_dir: Optional[PathArg] = None,
+        targets_host: Optional[str] = None,
+        pushgateway_url: Optional[str] = None,
+        push_timeout_s: float = PUSH_TIMEOUT_S,
+    ) -> None:
+        self.job = check_job(job)
+        self.targets_dir = check_targets_dir(targets_dir)
+        self.targets_host = check_targets_host(targets_host)
+        self.pushgateway_url = check_pushgateway_url(pushgateway_url)
+        self.push_timeout_s = push_timeout_s
+        self.peers: list[Endpoint] = []
+        self.share_traces = False
+        self.rank = 0
+        self._collective = False
+        self._sd: Optional[FileSDTargets] = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ set-up (every rank, same order)
+    def agree_run_id(self, run_id: str) -> str:
+        """Every rank adopts rank 0's run id (one broadcast under DDP), so all ranks label the same run."""
+        size = process_group_size()
+        self._collective = size > 1
+        if not self._collective:
+            self.rank = 0
+            return run_id
+        import torch.distributed as dist
+
+        self.rank = int(dist.get_rank())
+        payload: list[Any] = [run_id]
+        if not self._collect("run id", lambda: dist.broadcast_object_list(payload, src=0)):
+            return run_id
+        return payload[0] if isinstance(payload[0], str) and payload[0] else run_id
+
+    def exchange(self, labels: RankLabels, addr: str, port: Optional[int], tracing: bool) -> None:
+        """Learn every rank's endpoint (one all-gather under DDP) and whether rank 0's traces are shared.
+
+        Args:
+            labels: this rank's labels.
+            addr: the interface its server binds (for the advertised host).
+            port: the port it serves on, or ``None`` when its server did not start.
+            tracing: whether it exports spans.
+        """
+        mine = Endpoint(labels.rank, labels.local_rank, labels.node_rank,
+                        advertised_host(addr, self.targets_host), port, bool(tracing))
+        peers = [mine]
+        if self._collective:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * process_group_size()
+            if self._collect("endpoints", lambda: dist.all_gather_object(gathered, mine)):
+                peers = [peer for peer in gathered if isinstance(peer, Endpoint)]
+        self.peers = sorted(peers, key=lambda peer: peer.rank)
+        leader = next((peer for peer in self.peers if peer.rank == 0), None)
+        # Every rank sees the same list, so every rank takes the same decision: broadcast each epoch or not.
+        self.share_traces = self._collective and leader is not None and leader.tracing
+
+    def publish(self, labels: RankLabels, run_id: str) -> None:
+        """On a node's local rank 0, write the node's discovery file (when ``targets_dir`` is set)."""
+        if self.targets_dir is None or labels.local_rank != 0:
+            return
+        node = [peer for peer in self.peers if peer.node_rank == labels.node_rank and peer.target is not None]
+        targets = [peer.target for peer in sorted(node, key=lambda peer: peer.local_rank)]
+        wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id)
+        if self._sd is None or self._sd.path != wanted.path:
+            if self._sd is not None:
+                self._sd.remove()
+            self._sd = wanted
+        try:
+            self._sd.write([target for target in targets if target], {"job": self.job, "run_id": run_id})
+        except OSError as error:
+            self._warn_once("file-sd", "Could not write the Prometheus discovery file %s (%s); this node's "
+                            "endpoints must be configured by hand.", self._sd.path, error)
+
+    # ------------------------------------------------------------------ per epoch (every rank, same order)
+    def share_span_context(self, local: Optional[SpanContext]) -> Optional[SpanContext]:
+        """Rank 0 passes its ``train_epoch`` context, the others receive it (one broadcast per epoch).
+
+        Runs a collective only when rank 0 traces (decided identically on every rank at set-up), so a rank
+        whose own tracing is off still takes part.
+
+        Returns:
+            Rank 0's epoch context on the other ranks; ``None`` on rank 0 and when nothing is shared.
+        """
+        if not self.share_traces:
+            return None
+        import torch.distributed as dist
+
+        payload: list[Any] = [pack_span_context(local) if self.rank == 0 else None]
+        if not self._collect("trace context", lambda: dist.broadcast_object_list(payload, src=0)):
+            self.share_traces = False
+            return None
+        return None if self.rank == 0 else unpack_span_context(payload[0])
+
+    # ------------------------------------------------------------------ end of run (never raises)
+    def finish(self, registry: CollectorRegistry, labels: RankLabels, run_id: str) -> None:
+        """Remove this node's discovery file and push the final figures; failures are reported once."""
+        if self._sd is not None:
+            self._sd.remove()
+        if self.pushgateway_url is None:
+            return
+        grouping = {"run_id": run_id, "rank": str(labels.rank)}
+        try:
+            reason = push_final_metrics(self.pushgateway_url, self.job, registry, grouping, self.push_timeout_s)
+        except Exception as error:  # pragma: no cover - a thread that cannot start
+            reason = f"{type(error).__name__}: {error}"
+        if reason is not None:
+            self._warn_once("push", "Could not push the final metrics to the Pushgateway at %s (%s); "
+                            "they are only on this rank's /metrics endpoint.", self.pushgateway_url, reason)
+
+    # ------------------------------------------------------------------ helpers
+    def _collect(self, what: str, call: Any) -> bool:
+        try:
+            call()
+            return True
+        except Exception as error:  # a broken process group: monitoring goes on without this exchange
+            self._warn_once(f"collective-{what}", "Could not exchange the %s with the other ranks (%s: %s); "
+                            "continuing without it.", what, type(error).__name__, error)
+            return False
+
+    def _warn_once(self, kind: str, message: str, *args: Any) -> None:
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        log.warning(message, *args)

@@ -1,0 +1,124 @@
+"""A small multi-process CPU training run (gloo) with MonitoringCallback, driven by tests/test_distributed_ddp.py.
+
+Every rank trains a two-layer GCN on PyG's FakeDataset. At ``on_train_end`` each rank writes
+``<out>/ready-rank<R>.json`` (its metrics URL, run id and sample count) and, with ``--hold``, waits until
+``<out>/release`` exists, so the test can scrape the live endpoints and read the discovery files.
+
+Example::
+
+    python tests/ddp_train.py --out /tmp/run --strategy ddp --devices 2 --port 9400 --hold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch_geometric.datasets import FakeDataset
+from torch_geometric.loader import DataLoader
+from torch_geometric.nn import GCNConv, global_mean_pool
+
+from dgdn_lightning_monitor import MonitoringCallback
+
+HOLD_TIMEOUT_S = 90.0
+
+
+class TinyGCN(pl.LightningModule):
+    """Two GCN layers and a linear head over mean-pooled node features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = GCNConv(8, 16)
+        self.conv2 = GCNConv(16, 16)
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        h = self.conv1(batch.x, batch.edge_index).relu()
+        h = self.conv2(h, batch.edge_index).relu()
+        return self.head(global_mean_pool(h, batch.batch))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch), batch.y)
+        self.log("train_loss", loss, batch_size=batch.num_graphs)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch), batch.y), batch_size=batch.num_graphs, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class ReportAndHold(pl.Callback):
+    """Write what this rank saw at ``on_train_end``; optionally wait for the test's release file."""
+
+    def __init__(self, out: str, hold: bool) -> None:
+        self.out = out
+        self.hold = hold
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        monitor = next(cb for cb in trainer.callbacks if isinstance(cb, MonitoringCallback))
+        report = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "url": monitor.metrics_url,
+                  "run_id": monitor.run_id, "samples": monitor.metrics.samples_total, "pid": os.getpid()}
+        out = Path(self.out)
+        temporary = out / f".ready-rank{trainer.global_rank}.tmp"
+        temporary.write_text(json.dumps(report))
+        os.replace(temporary, out / f"ready-rank{trainer.global_rank}.json")
+        deadline = time.monotonic() + HOLD_TIMEOUT_S
+        while self.hold and not (out / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--graphs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--targets-dir")
+    parser.add_argument("--targets-host")
+    parser.add_argument("--pushgateway")
+    parser.add_argument("--trace-ranks", default="all", help="'all', 'none' or comma-separated global ranks")
+    parser.add_argument("--hold", action="store_true")
+    args = parser.parse_args()
+
+    # Global rank as Lightning will assign it (its launcher sets these variables for the processes it starts;
+    # under ddp_spawn the callback is built once, before the workers exist, so every rank gets rank 0's setting).
+    rank = int(os.environ.get("NODE_RANK", "0")) * args.devices + int(os.environ.get("LOCAL_RANK", "0"))
+    if args.trace_ranks == "all":
+        tracing = None  # auto: follows OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set by the test
+    elif args.trace_ranks == "none":
+        tracing = False
+    else:
+        tracing = None if rank in {int(r) for r in args.trace_ranks.split(",")} else False
+
+    torch.manual_seed(0)
+    dataset = FakeDataset(num_graphs=args.graphs, avg_num_nodes=12, avg_degree=3, num_channels=8, num_classes=2)
+    train = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
+    val = DataLoader(dataset[: args.batch_size * 2], batch_size=args.batch_size)
+    monitor = MonitoringCallback(
+        port=args.port, addr="127.0.0.1", trace_every_n_steps=1, tracing=tracing, gpu_devices=None,
+        targets_dir=args.targets_dir, targets_host=args.targets_host, pushgateway_url=args.pushgateway,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+        max_epochs=args.epochs, callbacks=[monitor, ReportAndHold(args.out, args.hold)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(TinyGCN(), train, val)
+
+
+if __name__ == "__main__":
+    main()
