@@ -299,11 +299,13 @@ def test_ddp_spawn_pickles_the_callback_and_pushes_final_figures(tmp_path: Path)
         assert reports[1]["run_id"] == run_id
         found = scrape(f"http://127.0.0.1:{port}/metrics")
         for rank in (0, 1):
-            labels, value = only(found["dgdn_samples_processed_total"], job="dgdn-training", rank=str(rank))
-            assert labels["run_id"] == run_id and labels["world_size"] == "2"
+            labels, value = only(found["dgdn_samples_processed_total"], job="dgdn-training", rank=str(rank),
+                                 run_id=run_id)
+            assert labels["world_size"] == "2" and labels["local_rank"] == str(rank)
             assert value == GRAPHS // 2 * EPOCHS
             only(found["push_time_seconds"], job="dgdn-training", rank=str(rank), run_id=run_id)
-            only(found["dgdn_batch_processing_seconds_count"], rank=str(rank))
+            _, batches = only(found["dgdn_batch_processing_seconds_count"], rank=str(rank), run_id=run_id)
+            assert batches == GRAPHS // 2 // BATCH * EPOCHS
     finally:
         gateway.terminate()
         try:
