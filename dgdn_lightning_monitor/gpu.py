@@ -11,29 +11,41 @@
   (``pynvml``). One daemon thread, named :data:`THREAD_NAME`, does every NVML call: ``nvmlInit``,
   the device look-ups (cached after the first success), one sample of each watched GPU every
   ``poll_interval_s`` seconds, and ``nvmlShutdown``. :meth:`GPUMonitor.collect` only reads the last
-  sample, so a scrape never waits for NVML and the training thread never calls it.
+  sample, so a scrape never waits for NVML and the training thread never calls it. nvidia-ml-py calls
+  the library through ctypes, which releases the GIL, so a slow NVML answer does not hold up training.
+
+Run lifecycle
+    :meth:`GPUMonitor.start` starts the thread and waits at most :attr:`GPUMonitor.FIRST_SAMPLE_TIMEOUT_S`
+    for the first sample (at setup, not during training), so the first scrape already has figures; the
+    ``up`` gauge is absent until that first sample ends. :meth:`GPUMonitor.stop` wakes the thread at
+    once, joins it (it calls ``nvmlShutdown`` on its way out) and drops every GPU series: figures from a
+    run that ended would be stale.
 
 Which GPU is which
-    The ``gpu`` label is the CUDA device index as the training code sees it (``cuda:N``). NVML numbers
-    devices in PCI order and ignores ``CUDA_VISIBLE_DEVICES``, so its index can name another GPU. A CUDA
-    index is therefore mapped to an NVML handle by the device UUID that PyTorch reports
-    (``torch.cuda.get_device_properties(i).uuid``, tried as ``GPU-<uuid>`` and ``MIG-<uuid>``), then by
-    its PCI bus id. PyTorch is asked only when CUDA is already initialised in this process or when
-    ``devices="auto"`` (the rank trains on those devices, so nothing new is initialised). Otherwise
-    ``CUDA_VISIBLE_DEVICES`` is read: an integer entry at position ``i`` is taken as NVML index, a full
-    ``GPU-``/``MIG-`` UUID entry as UUID. With none of these, the index is used as the NVML index.
-    When PyTorch gave a UUID or bus id and NVML knows neither, the GPU counts as not found (rather than
-    guessing by index and reporting another GPU's figures).
+    The ``gpu`` label is the CUDA device index as the training code sees it (``cuda:N``); an explicit
+    ``devices`` list holds such indices too. NVML numbers devices in PCI order and ignores
+    ``CUDA_VISIBLE_DEVICES``, so its index can name another GPU. A CUDA index is therefore mapped to an
+    NVML handle by the device UUID that PyTorch reports (``torch.cuda.get_device_properties(i).uuid``,
+    tried as ``GPU-<uuid>`` and ``MIG-<uuid>``), then by its PCI bus id (for a MIG instance whose UUID
+    NVML does not take, that finds the parent GPU). PyTorch is asked only when CUDA is already
+    initialised in this process or when ``devices="auto"`` (the rank trains on those devices, so
+    nothing new is initialised); a process that trains on CPU never initialises CUDA because of this
+    module. Otherwise ``CUDA_VISIBLE_DEVICES`` is read: an integer entry at position ``i`` is taken as
+    NVML index (right when ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or all GPUs are alike), a full
+    ``GPU-``/``MIG-`` UUID entry as UUID. With none of these, the index is used as the NVML index (the
+    ``nvidia-smi`` numbering). When PyTorch gave a UUID or bus id and NVML knows neither, the GPU counts
+    as not found, rather than guessing by index and reporting another GPU's figures.
 
 Failures
     Nothing here raises into training. A missing ``pynvml`` package, a missing NVML library
-    (``NVMLError_LibraryNotFound``), a failing ``nvmlInit``, a GPU NVML cannot find, an NVML error
-    while sampling (e.g. GPU lost) or a failing allocator read each log ONE warning per monitor on the
-    logger ``dgdn_lightning_monitor.gpu``. ``<ns>_gpu_monitoring_up`` is then 0; the NVML series of a
+    (``NVMLError_LibraryNotFound``), a failing ``nvmlInit``, a GPU NVML cannot find, or an NVML error
+    while sampling (e.g. GPU lost) each log ONE warning per monitor (per kind, across runs) on the
+    logger ``dgdn_lightning_monitor.gpu``, and ``<ns>_gpu_monitoring_up`` says 0. The NVML series of a
     GPU whose sample failed disappear until a later sample succeeds (sampling goes on every interval,
-    and ``up`` returns to 1 when every watched GPU is sampled again). A figure a GPU does not support
-    (``NVMLError_NotSupported``, e.g. power on some boards) is left out for that GPU without a warning
-    and is not asked for again.
+    and ``up`` returns to 1 when every watched GPU is sampled again); other GPUs keep updating. A
+    figure a GPU does not support (``NVMLError_NotSupported``, e.g. power on some boards) is left out
+    for that GPU without a warning and is not asked for again. A failing allocator read also logs one
+    warning; that GPU's allocator series are left out of the scrape (``up`` is about NVML only).
 
 Example:
     >>> from prometheus_client import CollectorRegistry
@@ -76,19 +88,39 @@ _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _FULL_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 _GPU_LABELS = ("gpu", "uuid", "name")
 
-# (suffix, help) of every family, in exposition order.
-_UP = ("gpu_monitoring_up", "1 while NVML sampling of the GPUs this rank watches works, 0 when it failed or NVML is unavailable.")
+# Families in exposition order: (suffix, HELP) of the up gauge, (figure or allocator key, suffix, HELP) of the rest.
+_UP = (
+    "gpu_monitoring_up",
+    "1 while NVML sampling of the GPUs this rank watches works, 0 when it failed or NVML is unavailable.",
+)
 _NVML_FIGURES = (
-    ("utilization", "gpu_utilization_ratio", "Fraction of the last NVML sample period during which a kernel ran on the GPU (0 to 1)."),
+    (
+        "utilization",
+        "gpu_utilization_ratio",
+        "Fraction of the last NVML sample period during which a kernel ran on the GPU (0 to 1).",
+    ),
     ("memory_used", "gpu_memory_used_bytes", "GPU memory in use by all processes on the device, as reported by NVML."),
     ("memory_total", "gpu_memory_total_bytes", "Total GPU memory of the device, as reported by NVML."),
     ("temperature", "gpu_temperature_celsius", "GPU core temperature, as reported by NVML."),
     ("power", "gpu_power_watts", "GPU power draw, as reported by NVML."),
 )
 _ALLOCATOR_FIGURES = (
-    ("allocated_bytes.all.current", "gpu_memory_allocated_bytes", "Memory held by tensors in this process's PyTorch CUDA caching allocator."),
-    ("reserved_bytes.all.current", "gpu_memory_reserved_bytes", "Memory reserved by this process's PyTorch CUDA caching allocator (held by tensors plus cached)."),
-    ("allocated_bytes.all.peak", "gpu_max_memory_allocated_bytes", "Peak memory held by tensors in this process's PyTorch CUDA caching allocator since start or the last peak reset."),
+    (
+        "allocated_bytes.all.current",
+        "gpu_memory_allocated_bytes",
+        "Memory held by tensors in this process's PyTorch CUDA caching allocator.",
+    ),
+    (
+        "reserved_bytes.all.current",
+        "gpu_memory_reserved_bytes",
+        "Memory reserved by this process's PyTorch CUDA caching allocator (held by tensors plus cached).",
+    ),
+    (
+        "allocated_bytes.all.peak",
+        "gpu_max_memory_allocated_bytes",
+        "Peak memory held by tensors in this process's PyTorch CUDA caching allocator since start or the last "
+        "peak reset.",
+    ),
 )
 
 
@@ -255,7 +287,9 @@ class _Sampler:
                         _describe(exc),
                     )
                 else:
-                    self._monitor._warn_once("init_failed", "GPU monitoring is off: nvmlInit failed: %s", _describe(exc))
+                    self._monitor._warn_once(
+                        "init_failed", "GPU monitoring is off: nvmlInit failed: %s", _describe(exc)
+                    )
                 self.snapshot = _Snapshot(up=0)
                 return
             try:
@@ -442,6 +476,20 @@ class GPUMonitor:
         self._run: _Run | None = None
         self._warned: set[str] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration only (for ``ddp_spawn`` and friends): a copy starts without a run or past warnings.
+
+        A monitor built with ``nvml=None`` pickles; a module given as ``nvml`` does not.
+        """
+        state = self.__dict__.copy()
+        state.update(_lock=None, _run=None, _warned=set())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the configuration with a fresh lock and no run."""
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @property
     def devices(self) -> Literal["auto"] | tuple[int, ...] | None:
         """The watched devices as configured: ``"auto"``, a tuple of indices, or ``None`` (off)."""
@@ -511,7 +559,11 @@ class GPUMonitor:
             try:
                 nvml = importlib.import_module("pynvml")
             except Exception as exc:
-                self._warn_once("nvml_missing", "GPU monitoring is off: nvidia-ml-py (pynvml) cannot be imported: %s", _describe(exc))
+                self._warn_once(
+                    "nvml_missing",
+                    "GPU monitoring is off: nvidia-ml-py (pynvml) cannot be imported: %s",
+                    _describe(exc),
+                )
                 with self._lock:
                     self._run = _Run(names, values, cuda, None, failed_snapshot=_Snapshot(up=0))
                 return
@@ -543,7 +595,9 @@ class GPUMonitor:
         if run.sampler.thread.ident is not None:
             run.sampler.thread.join(self.STOP_TIMEOUT_S)
             if run.sampler.thread.is_alive():
-                logger.warning("the GPU sampling thread did not finish within %.0f s (an NVML call hangs)", self.STOP_TIMEOUT_S)
+                logger.warning(
+                    "the GPU sampling thread did not finish within %.0f s (an NVML call hangs)", self.STOP_TIMEOUT_S
+                )
 
     def describe(self) -> list:
         """Nothing, so that registering the collector does not call :meth:`collect`.
@@ -591,14 +645,21 @@ class GPUMonitor:
             return []
         ns = self._namespace
         label_names = list(run.label_names) + ["gpu"]
-        families = [GaugeMetricFamily(f"{ns}_{suffix}", text, labels=label_names) for _, suffix, text in _ALLOCATOR_FIGURES]
+        families = [
+            GaugeMetricFamily(f"{ns}_{suffix}", text, labels=label_names) for _, suffix, text in _ALLOCATOR_FIGURES
+        ]
         for index in run.cuda_devices:
             try:
                 stats = torch.cuda.memory_stats(index)
             except Exception as exc:
-                self._warn_once("allocator_failed", "reading the PyTorch CUDA allocator statistics of GPU %d failed: %s", index, _describe(exc))
+                self._warn_once(
+                    "allocator_failed",
+                    "reading the PyTorch CUDA allocator statistics of GPU %d failed: %s",
+                    index,
+                    _describe(exc),
+                )
                 continue
-            for (key, _, _), family in zip(_ALLOCATOR_FIGURES, families):
+            for (key, _, _), family in zip(_ALLOCATOR_FIGURES, families, strict=True):
                 if key in stats:
                     family.add_metric([*run.label_values, str(index)], float(stats[key]))
         return [family for family in families if family.samples]

@@ -88,7 +88,9 @@ def gpu_figures(exposition: str) -> dict[str, list[tuple[dict[str, str], float]]
     return figures
 
 
-def _one(figures: dict[str, list[tuple[dict[str, str], float]]], suffix: str, gpu: str | None) -> tuple[dict[str, str], float] | None:
+def _one(
+    figures: dict[str, list[tuple[dict[str, str], float]]], suffix: str, gpu: str | None
+) -> tuple[dict[str, str], float] | None:
     for labels, value in figures.get(suffix, []):
         if gpu is None or labels.get("gpu") == gpu:
             return labels, value
@@ -158,7 +160,9 @@ def evaluate_figures(
             expected = torch_uuid.lower().removeprefix("gpu-").removeprefix("mig-")
             got = (labels_seen.get("uuid") or "").lower().removeprefix("gpu-").removeprefix("mig-")
             if got != expected:
-                failures.append(f"uuid label {labels_seen.get('uuid')!r} is not PyTorch's {torch_uuid!r} for cuda:{gpu}")
+                failures.append(
+                    f"uuid label {labels_seen.get('uuid')!r} is not PyTorch's {torch_uuid!r} for cuda:{gpu}"
+                )
 
     for suffix in ALLOCATOR_SUFFIXES:
         found = _one(figures, suffix, gpu)
@@ -195,7 +199,14 @@ def sync_verdict(baselines: Sequence[int], with_callback: int) -> tuple[int, lis
         1
     """
     added = with_callback - max(baselines)
-    failures = [f"the callback added {added} device synchronisation(s) (baselines {list(baselines)}, with callback {with_callback})"] if added > 0 else []
+    failures = (
+        [
+            f"the callback added {added} device synchronisation(s) "
+            f"(baselines {list(baselines)}, with callback {with_callback})"
+        ]
+        if added > 0
+        else []
+    )
     return added, failures
 
 
@@ -229,20 +240,22 @@ def _require() -> dict[str, Any]:
             from dgdn_lightning_monitor import MonitoringCallback
         except ImportError as exc:
             raise CannotRun(f"dgdn_lightning_monitor cannot be imported: {exc}") from exc
-    modules.update(pl=pl, pynvml=pynvml, Data=Data, DataLoader=DataLoader, GCNConv=GCNConv, MonitoringCallback=MonitoringCallback)
+    modules.update(
+        pl=pl, pynvml=pynvml, Data=Data, DataLoader=DataLoader, GCNConv=GCNConv, MonitoringCallback=MonitoringCallback
+    )
     return modules
 
 
 def _make_model_class(m: dict[str, Any]) -> type:
-    torch, pl, GCNConv = m["torch"], m["pl"], m["GCNConv"]
+    torch, pl, gcn_conv = m["torch"], m["pl"], m["GCNConv"]
 
     class GCN(pl.LightningModule):
         """Two GCN layers for node classification."""
 
         def __init__(self, features: int, hidden: int, classes: int) -> None:
             super().__init__()
-            self.conv1 = GCNConv(features, hidden)
-            self.conv2 = GCNConv(hidden, classes)
+            self.conv1 = gcn_conv(features, hidden)
+            self.conv2 = gcn_conv(hidden, classes)
 
         def forward(self, x: Any, edge_index: Any) -> Any:
             return self.conv2(torch.relu(self.conv1(x, edge_index)), edge_index)
@@ -259,13 +272,13 @@ def _make_model_class(m: dict[str, Any]) -> type:
 
 
 def _make_graphs(m: dict[str, Any], args: argparse.Namespace) -> list[Any]:
-    torch, Data = m["torch"], m["Data"]
+    torch, data_class = m["torch"], m["Data"]
     generator = torch.Generator().manual_seed(0)
     graphs = []
     for _ in range(args.graphs):
         n = args.nodes
         graphs.append(
-            Data(
+            data_class(
                 x=torch.randn(n, args.features, generator=generator),
                 edge_index=torch.randint(0, n, (2, n * args.degree), generator=generator),
                 y=torch.randint(0, args.classes, (n,), generator=generator),
@@ -335,7 +348,9 @@ class _NVMLCallLog:
             setattr(self._module, name, function)
 
 
-def _fit(m: dict[str, Any], args: argparse.Namespace, graphs: list[Any], callbacks: list[Any], count_syncs: bool) -> dict[str, Any]:
+def _fit(
+    m: dict[str, Any], args: argparse.Namespace, graphs: list[Any], callbacks: list[Any], count_syncs: bool
+) -> dict[str, Any]:
     """One epoch on cuda:0; returns wall time and the sync warnings by location."""
     torch, pl = m["torch"], m["pl"]
     torch.manual_seed(0)
@@ -384,7 +399,9 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     _fit(m, args, graphs, [], count_syncs=False)
     baseline = _fit(m, args, graphs, [], count_syncs=True)
 
-    callback = m["MonitoringCallback"](port=0, addr="127.0.0.1", gpu_devices="auto", gpu_poll_interval_s=args.poll_interval)
+    callback = m["MonitoringCallback"](
+        port=0, addr="127.0.0.1", gpu_devices="auto", gpu_poll_interval_s=args.poll_interval
+    )
     probe: dict[str, Any] = {}
 
     class Probe(pl.Callback):
@@ -410,7 +427,9 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
 
     # Figures seen in the middle of the epoch.
     if "text" in probe:
-        seen, figure_failures = evaluate_figures(gpu_figures(probe["text"]), gpu="0", total_memory=props.total_memory, torch_uuid=torch_uuid)
+        seen, figure_failures = evaluate_figures(
+            gpu_figures(probe["text"]), gpu="0", total_memory=props.total_memory, torch_uuid=torch_uuid
+        )
         summary["figures"] = seen
         failures += figure_failures
     else:
@@ -448,7 +467,11 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         "baseline_stable": baseline["syncs"] == baseline_again["syncs"],
         "extra_locations": dict(extra.most_common(10)),
     }
-    summary["epoch_wall_s"] = {"baseline": baseline["wall_s"], "with_callback": with_callback["wall_s"], "baseline_again": baseline_again["wall_s"]}
+    summary["epoch_wall_s"] = {
+        "baseline": baseline["wall_s"],
+        "with_callback": with_callback["wall_s"],
+        "baseline_again": baseline_again["wall_s"],
+    }
     return summary, failures
 
 
@@ -479,7 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"gpu_check: cannot run: {exc}", file=sys.stderr)
             summary, failures, status = {"status": "cannot_run", "reason": str(exc)}, [str(exc)], EXIT_CANNOT_RUN
         except Exception as exc:
-            summary, failures, status = {"status": "error", "traceback": traceback.format_exc()}, [repr(exc)], EXIT_FAILED
+            summary, failures, status = (
+                {"status": "error", "traceback": traceback.format_exc()},
+                [repr(exc)],
+                EXIT_FAILED,
+            )
         else:
             status = EXIT_FAILED if failures else EXIT_OK
             summary["status"] = "failed" if failures else "ok"

@@ -25,7 +25,7 @@ import threading
 import time
 import types
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 NVML_SUCCESS = 0
@@ -233,8 +233,27 @@ class FakeNVML(types.ModuleType):
         """Make every query of device ``index`` raise ``NVMLError_GpuIsLost`` (or undo it)."""
         self.set_values(index, lost=lost)
 
-    def fail(self, function: str, error: NVMLError | None = None, *, device: int | None = None, times: int | None = None) -> None:
-        """Make ``function`` raise ``error`` (default ``NVMLError_Unknown``), for one device or all, ``times`` times or always."""
+    def fail(
+        self, function: str, error: NVMLError | None = None, *, device: int | None = None, times: int | None = None
+    ) -> None:
+        """Make ``function`` raise ``error`` (default ``NVMLError_Unknown``).
+
+        Args:
+            function: NVML function name, e.g. ``"nvmlDeviceGetPowerUsage"``.
+            error: The error to raise.
+            device: Only for this device index (``None``: every device, and calls without a device).
+            times: Only the next ``times`` calls (``None``: until :meth:`clear_failures`).
+
+        Example:
+            >>> nvml = FakeNVML(1)
+            >>> nvml.fail("nvmlInit", NVMLError_DriverNotLoaded(), times=1)
+            >>> try:
+            ...     nvml.nvmlInit()
+            ... except NVMLError_DriverNotLoaded:
+            ...     print("failed once")
+            failed once
+            >>> nvml.nvmlInit()
+        """
         if not hasattr(self, function):
             raise AttributeError(f"no NVML function {function!r} in the stand-in")
         with self._lock:

@@ -164,12 +164,21 @@ def test_nvml_values_are_exported_exactly(make_monitor: Callable[..., GPUMonitor
     assert by_gpu(families["dgdn_gpu_temperature_celsius"]) == {"0": 51.0, "1": 30.0}
     assert by_gpu(families["dgdn_gpu_power_watts"]) == {"0": 123.456, "1": 60.0}
     first = families["dgdn_gpu_power_watts"][0].labels
-    assert first == {**LABELS, "gpu": "0", "uuid": "GPU-11111111-2222-3333-4444-555555555555", "name": "NVIDIA H100 80GB HBM3"}
+    assert first == {
+        **LABELS,
+        "gpu": "0",
+        "uuid": "GPU-11111111-2222-3333-4444-555555555555",
+        "name": "NVIDIA H100 80GB HBM3",
+    }
     assert not any(name in families for name in ALLOCATOR_FAMILIES)  # CUDA is not initialised here
 
 
 def test_label_names_keep_a_stable_order(make_monitor: Callable[..., GPUMonitor], fake_allocator: dict) -> None:
-    fake_allocator[0] = {"allocated_bytes.all.current": 1, "reserved_bytes.all.current": 2, "allocated_bytes.all.peak": 3}
+    fake_allocator[0] = {
+        "allocated_bytes.all.current": 1,
+        "reserved_bytes.all.current": 2,
+        "allocated_bytes.all.peak": 3,
+    }
     labels = {"world_size": "2", "rank": "1", "node_rank": "0", "local_rank": "1"}  # not alphabetical on purpose
     monitor = make_monitor(devices="auto", nvml=FakeNVML(1))
     monitor.start(cuda_devices=[0], labels=labels)
@@ -191,7 +200,9 @@ def test_values_follow_the_device_at_the_next_poll(make_monitor: Callable[..., G
     assert by_gpu(scrape(monitor)["dgdn_gpu_temperature_celsius"]) == {"0": 88.0}
 
 
-def test_unsupported_figure_is_left_out_quietly(make_monitor: Callable[..., GPUMonitor], gpu_warnings: Callable) -> None:
+def test_unsupported_figure_is_left_out_quietly(
+    make_monitor: Callable[..., GPUMonitor], gpu_warnings: Callable
+) -> None:
     nvml = FakeNVML([FakeDevice(power_mw=None), FakeDevice(power_mw=5_000)])
     monitor = make_monitor(devices=[0, 1], nvml=nvml)
     monitor.start(cuda_devices=[], labels=LABELS)
@@ -227,8 +238,16 @@ def test_register_and_describe_do_not_sample(make_monitor: Callable[..., GPUMoni
 
 def test_promtool_accepts_the_exposition(make_monitor: Callable[..., GPUMonitor], fake_allocator: dict) -> None:
     promtool = require_tool("promtool")
-    fake_allocator[0] = {"allocated_bytes.all.current": 10, "reserved_bytes.all.current": 20, "allocated_bytes.all.peak": 15}
-    fake_allocator[1] = {"allocated_bytes.all.current": 0, "reserved_bytes.all.current": 0, "allocated_bytes.all.peak": 0}
+    fake_allocator[0] = {
+        "allocated_bytes.all.current": 10,
+        "reserved_bytes.all.current": 20,
+        "allocated_bytes.all.peak": 15,
+    }
+    fake_allocator[1] = {
+        "allocated_bytes.all.current": 0,
+        "reserved_bytes.all.current": 0,
+        "allocated_bytes.all.peak": 0,
+    }
     nvml = two_gpus()
     nvml.set_values(1, power_mw=None)
     monitor = make_monitor(devices="auto", nvml=nvml)
@@ -398,7 +417,9 @@ def test_injected_error_in_one_query(make_monitor: Callable[..., GPUMonitor], gp
     assert len(gpu_warnings()) == 1  # one warning per failure kind
 
 
-def test_unexpected_exception_in_the_sampler_is_contained(make_monitor: Callable[..., GPUMonitor], gpu_warnings: Callable) -> None:
+def test_unexpected_exception_in_the_sampler_is_contained(
+    make_monitor: Callable[..., GPUMonitor], gpu_warnings: Callable
+) -> None:
     nvml = two_gpus()
     monitor = make_monitor(devices=[0], nvml=nvml)
     monitor.start(cuda_devices=[], labels=LABELS)
@@ -492,7 +513,9 @@ def test_auto_on_cpu_does_nothing(make_monitor: Callable[..., GPUMonitor]) -> No
 
 
 @pytest.mark.parametrize("devices", [None, []])
-def test_disabled_monitoring_does_nothing(make_monitor: Callable[..., GPUMonitor], fake_allocator: dict, devices: Any) -> None:
+def test_disabled_monitoring_does_nothing(
+    make_monitor: Callable[..., GPUMonitor], fake_allocator: dict, devices: Any
+) -> None:
     fake_allocator[0] = {"allocated_bytes.all.current": 1}
     nvml = FakeNVML(2)
     monitor = make_monitor(devices=devices, nvml=nvml)
@@ -539,7 +562,9 @@ def _cuda_with(monkeypatch: pytest.MonkeyPatch, properties: dict[int, Any]) -> N
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties[device])
 
 
-def test_cuda_index_is_mapped_to_nvml_by_uuid(make_monitor: Callable[..., GPUMonitor], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_index_is_mapped_to_nvml_by_uuid(
+    make_monitor: Callable[..., GPUMonitor], monkeypatch: pytest.MonkeyPatch
+) -> None:
     nvml = two_gpus()
     # CUDA device 0 is NVML device 1 (as with CUDA_VISIBLE_DEVICES=1,0) and vice versa.
     _cuda_with(
@@ -604,7 +629,11 @@ def test_known_identity_is_not_replaced_by_an_index_guess(
     ],
 )
 def test_cuda_visible_devices_when_torch_cannot_tell(
-    make_monitor: Callable[..., GPUMonitor], monkeypatch: pytest.MonkeyPatch, visible: str, cuda_index: int, nvml_index: int
+    make_monitor: Callable[..., GPUMonitor],
+    monkeypatch: pytest.MonkeyPatch,
+    visible: str,
+    cuda_index: int,
+    nvml_index: int,
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     nvml = two_gpus()
@@ -615,9 +644,19 @@ def test_cuda_visible_devices_when_torch_cannot_tell(
 
 
 # ----------------------------------------------------------------------------------------- allocator
-def test_allocator_figures_are_read_at_scrape_time(make_monitor: Callable[..., GPUMonitor], fake_allocator: dict) -> None:
-    fake_allocator[0] = {"allocated_bytes.all.current": 1000, "reserved_bytes.all.current": 4096, "allocated_bytes.all.peak": 3000}
-    fake_allocator[1] = {"allocated_bytes.all.current": 7, "reserved_bytes.all.current": 8, "allocated_bytes.all.peak": 9}
+def test_allocator_figures_are_read_at_scrape_time(
+    make_monitor: Callable[..., GPUMonitor], fake_allocator: dict
+) -> None:
+    fake_allocator[0] = {
+        "allocated_bytes.all.current": 1000,
+        "reserved_bytes.all.current": 4096,
+        "allocated_bytes.all.peak": 3000,
+    }
+    fake_allocator[1] = {
+        "allocated_bytes.all.current": 7,
+        "reserved_bytes.all.current": 8,
+        "allocated_bytes.all.peak": 9,
+    }
     nvml = two_gpus()
     monitor = make_monitor(nvml=nvml, poll_interval_s=60)
     monitor.start(cuda_devices=[0, 1], labels=LABELS)
@@ -633,7 +672,11 @@ def test_allocator_figures_are_read_at_scrape_time(make_monitor: Callable[..., G
 def test_allocator_figures_do_not_need_nvml(
     make_monitor: Callable[..., GPUMonitor], fake_allocator: dict, gpu_warnings: Callable
 ) -> None:
-    fake_allocator[0] = {"allocated_bytes.all.current": 1, "reserved_bytes.all.current": 2, "allocated_bytes.all.peak": 3}
+    fake_allocator[0] = {
+        "allocated_bytes.all.current": 1,
+        "reserved_bytes.all.current": 2,
+        "allocated_bytes.all.peak": 3,
+    }
     monitor = make_monitor(nvml=FakeNVML(1, library_missing=True))
     monitor.start(cuda_devices=[0], labels=LABELS)
     families = scrape(monitor)
@@ -652,7 +695,10 @@ def test_no_allocator_series_without_cuda(make_monitor: Callable[..., GPUMonitor
 
 
 def test_allocator_error_is_contained(
-    make_monitor: Callable[..., GPUMonitor], fake_allocator: dict, gpu_warnings: Callable, monkeypatch: pytest.MonkeyPatch
+    make_monitor: Callable[..., GPUMonitor],
+    fake_allocator: dict,
+    gpu_warnings: Callable,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def broken(device: int) -> dict:
         raise RuntimeError("allocator statistics unavailable")
@@ -746,3 +792,16 @@ def test_docstring_examples() -> None:
     for module in (gpu_module, fake_pynvml):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_pickled_monitor_keeps_its_configuration_only(make_monitor: Callable[..., GPUMonitor]) -> None:
+    import pickle
+
+    monitor = make_monitor(namespace="x", devices=[1, 0], poll_interval_s=0.5)
+    copy = pickle.loads(pickle.dumps(monitor))
+    assert (copy.devices, copy.poll_interval_s, copy.running) == ((1, 0), 0.5, False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "pynvml", None)
+        copy.start(cuda_devices=[], labels={})  # works on its own lock and run
+        assert [family.name for family in copy.collect()] == ["x_gpu_monitoring_up"]
+        copy.stop()

@@ -58,7 +58,11 @@ def test_script_doctests(gpu_check: ModuleType) -> None:
 
 def _exposition(monkeypatch: pytest.MonkeyPatch, nvml: FakeNVML, allocated: int = 5000) -> str:
     """What the callback would serve mid-epoch: GPU figures from the monitor with the NVML stand-in."""
-    stats = {"allocated_bytes.all.current": allocated, "reserved_bytes.all.current": 8192, "allocated_bytes.all.peak": 6000}
+    stats = {
+        "allocated_bytes.all.current": allocated,
+        "reserved_bytes.all.current": 8192,
+        "allocated_bytes.all.peak": 6000,
+    }
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: stats)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"uuid": UUID})())
@@ -87,7 +91,9 @@ def _device(**overrides: Any) -> FakeDevice:
 
 def test_plausible_figures_pass(gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     text = _exposition(monkeypatch, FakeNVML([_device()]))
-    seen, failures = gpu_check.evaluate_figures(gpu_check.gpu_figures(text), gpu="0", total_memory=int(TOTAL * 0.99), torch_uuid=UUID)
+    seen, failures = gpu_check.evaluate_figures(
+        gpu_check.gpu_figures(text), gpu="0", total_memory=int(TOTAL * 0.99), torch_uuid=UUID
+    )
     assert failures == []
     assert seen["up"] == 1.0 and seen["gpu_power_watts"] == 250.0 and seen["gpu_memory_allocated_bytes"] == 5000.0
 
