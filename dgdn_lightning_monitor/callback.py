@@ -195,6 +195,7 @@ class MonitoringCallback(Callback):
         self._phase_totals: dict[str, float] = {}
         self._phase_steps = 0
         self._sizer_failed = False
+        self._degraded = False
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -336,13 +337,16 @@ class MonitoringCallback(Callback):
         self._fetch_start_ns = time.perf_counter_ns()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._size = self._measure(batch)
-        if self._train_batches % self.trace_every_n_steps == 0:
-            record = BatchRecord("train", trainer.current_epoch, batch_idx, trainer.global_step, self._size,
-                                 cuda=pl_module.device.type == "cuda")
-            record.mark("fetch_start", self._fetch_start_ns)
-            record.mark("batch_start")
-            self._record = record
+        try:
+            self._size = self._measure(batch)
+            if self._train_batches % self.trace_every_n_steps == 0:
+                record = BatchRecord("train", trainer.current_epoch, batch_idx, trainer.global_step, self._size,
+                                     cuda=pl_module.device.type == "cuda")
+                record.mark("fetch_start", self._fetch_start_ns)
+                record.mark("batch_start")
+                self._record = record
+        except Exception as error:
+            self._degrade(error)
         self._batch_start = time.perf_counter()
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -361,21 +365,26 @@ class MonitoringCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         end = time.perf_counter()
-        record, self._record = self._record, None
-        trace_id = None
-        if record is not None:
-            record.mark("batch_end")
-            self._add_phases(record)
-            trace_id = self.tracer.add_batch(record)
-        self.metrics.observe_train_batch(end - self._batch_start, end, self._size, trace_id)
-        self._train_batches += 1
-        self._check_loss(outputs)
-        self._scalars.poll()
-        self.tracer.poll()
-        if trainer._logger_connector.should_update_logs:
-            # Lightning turns logged values into Python numbers at these steps anyway: read them here too.
-            self._read_logged(trainer, ("training_loss", "training_accuracy"), outputs)
-            self._fold_nonfinite()
+        try:
+            record, self._record = self._record, None
+            trace_id = None
+            if record is not None:
+                record.mark("batch_end")
+                trace_id = self.tracer.trace_id("train")
+            self.metrics.observe_train_batch(end - self._batch_start, end, self._size, trace_id)
+            self._train_batches += 1
+            if record is not None:
+                self._add_phases(record)
+                self.tracer.add_batch(record)
+            self._check_loss(outputs)
+            self._scalars.poll()
+            self.tracer.poll()
+            if _is_logging_step(trainer):
+                # Lightning turns logged values into Python numbers at these steps anyway: read them here too.
+                self._read_logged(trainer, ("training_loss", "training_accuracy"), outputs)
+                self._fold_nonfinite()
+        except Exception as error:
+            self._degrade(error)
         self._fetch_start_ns = time.perf_counter_ns()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -446,6 +455,13 @@ class MonitoringCallback(Callback):
         self.tracer.end_epoch("predict")
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _degrade(self, error: Exception) -> None:
+        """A monitoring fault never stops training: say so once, keep going."""
+        if not self._degraded:
+            self._degraded = True
+            log.warning("Monitoring hit an error and skips what it could not measure; training continues (%s: %s)",
+                        type(error).__name__, error, exc_info=error)
+
     def _measure(self, batch: Any) -> GraphSize:
         try:
             return self._sizer(batch)
@@ -544,6 +560,15 @@ class MonitoringCallback(Callback):
             "torch_geometric_version": pyg_version,
             "run_id": self.run_id,
         }
+
+
+def _is_logging_step(trainer: Trainer) -> bool:
+    """Whether Lightning sends logged values to its loggers after this training batch."""
+    try:
+        return bool(trainer._logger_connector.should_update_logs)
+    except AttributeError:  # a Lightning without this private property: same rule, on the step count
+        every = trainer.log_every_n_steps or 0
+        return every > 0 and trainer.global_step % every == 0
 
 
 def _learning_rates(trainer: Trainer) -> LearningRates:

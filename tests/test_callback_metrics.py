@@ -317,3 +317,17 @@ def test_exception_in_training_stops_the_server_and_keeps_figures():
 def test_bad_arguments_raise_at_construction_naming_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         MonitoringCallback(**kwargs)
+
+
+def test_a_fault_inside_monitoring_never_stops_training(caplog):
+    callback = MonitoringCallback(port=0, trace_every_n_steps=1)
+
+    def broken(record):
+        raise RuntimeError("exporter exploded")
+
+    callback.tracer.add_batch = broken
+    with caplog.at_level("WARNING", logger="dgdn_lightning_monitor"):
+        trainer, *_ = fit(callback, epochs=2)
+    assert trainer.global_step == 10
+    assert sum("training continues" in r.getMessage() for r in caplog.records) == 1
+    assert value(exposition(callback.registry), "dgdn_samples_processed_total") == 72
