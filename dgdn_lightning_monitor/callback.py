@@ -475,23 +475,29 @@ class MonitoringCallback(Callback):
     def _start_eval_batch(
         self, span_stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._eval_size = self._measure(batch)
         self._eval_record = None
-        if batch_idx % self.trace_every_n_steps == 0:
-            record = BatchRecord(span_stage, trainer.current_epoch, batch_idx, trainer.global_step, self._eval_size,
-                                 cuda=pl_module.device.type == "cuda")
-            record.mark("batch_start")
-            self._eval_record = record
+        try:
+            self._eval_size = self._measure(batch)
+            if batch_idx % self.trace_every_n_steps == 0:
+                record = BatchRecord(span_stage, trainer.current_epoch, batch_idx, trainer.global_step,
+                                     self._eval_size, cuda=pl_module.device.type == "cuda")
+                record.mark("batch_start")
+                self._eval_record = record
+        except Exception as error:
+            self._degrade(error)
         self._eval_start = time.perf_counter()
 
     def _end_eval_batch(self, stage: str) -> None:
         seconds = time.perf_counter() - self._eval_start
-        self.metrics.observe_inference(stage, seconds, self._eval_size.samples)
-        record, self._eval_record = self._eval_record, None
-        if record is not None:
-            record.mark("batch_end")
-            self.tracer.add_batch(record)
-        self.tracer.poll()
+        try:
+            self.metrics.observe_inference(stage, seconds, self._eval_size.samples)
+            record, self._eval_record = self._eval_record, None
+            if record is not None:
+                record.mark("batch_end")
+                self.tracer.add_batch(record)
+            self.tracer.poll()
+        except Exception as error:
+            self._degrade(error)
 
     def _add_phases(self, record: BatchRecord) -> None:
         for name, start_ns, end_ns in record.phases():
