@@ -190,8 +190,8 @@ class MonitoringCallback(Callback):
         self._eval_size: GraphSize = UNKNOWN
         self._eval_record: Optional[BatchRecord] = None
         self._epoch_start = 0.0
-        self._nonfinite_device: Optional[torch.Tensor] = None
-        self._nonfinite_base = 0
+        self._finite_on_device: Optional[torch.Tensor] = None  # finite training losses counted on the GPU
+        self._losses_on_device = 0
         self._phase_totals: dict[str, float] = {}
         self._phase_steps = 0
         self._sizer_failed = False
@@ -238,7 +238,7 @@ class MonitoringCallback(Callback):
         metrics.progress_source = metrics.learning_rate_source = None  # bound to a Trainer of this process
         state["metrics"] = metrics
         state.update(_server=None, _running=False, _scalars=None, _record=None, _eval_record=None,
-                     _nonfinite_device=None)
+                     _finite_on_device=None, _losses_on_device=0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -512,20 +512,23 @@ class MonitoringCallback(Callback):
             if not math.isfinite(loss.item()):
                 self.metrics.nonfinite_losses += 1
         elif loss.device.type == "cuda":
-            # Counted on the device and read asynchronously at logging steps: no synchronisation per step.
-            flag = torch.isfinite(loss.detach()).logical_not_().to(torch.int64).reshape(())
-            if self._nonfinite_device is None:
-                self._nonfinite_device = flag
+            # Finite losses are counted on the device (two small kernels, no synchronisation) and the count is
+            # read asynchronously at logging steps.
+            finite = torch.isfinite(loss.detach()).reshape(())
+            if self._finite_on_device is None:
+                self._finite_on_device = finite.to(torch.int64)
             else:
-                self._nonfinite_device.add_(flag)
+                self._finite_on_device.add_(finite)
+            self._losses_on_device += 1
 
     def _fold_nonfinite(self) -> None:
-        counted, self._nonfinite_device = self._nonfinite_device, None
-        if counted is not None:
-            self._scalars.submit(counted, self._add_nonfinite)
+        finite, losses = self._finite_on_device, self._losses_on_device
+        self._finite_on_device, self._losses_on_device = None, 0
+        if finite is not None:
+            self._scalars.submit(finite, lambda value: self._add_nonfinite(losses - int(value)))
 
-    def _add_nonfinite(self, value: float) -> None:
-        self.metrics.nonfinite_losses += int(value)
+    def _add_nonfinite(self, count: int) -> None:
+        self.metrics.nonfinite_losses += count
 
     def _read_logged(self, trainer: Trainer, suffixes: Sequence[str], outputs: Any) -> None:
         logged = trainer.callback_metrics
