@@ -89,10 +89,10 @@ def check_pushgateway_url(value: Any) -> Optional[str]:
         raise ValueError(f"pushgateway_url must be a URL such as 'http://pushgateway:9091' or None, got {value!r}")
     parsed = urlparse(value if "://" in value else f"http://{value}")
     try:
-        parsed.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        parsed = None  # type: ignore[assignment]
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        valid = parsed.scheme in ("http", "https") and bool(parsed.hostname) and parsed.port != 0
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
         raise ValueError(f"pushgateway_url must be a URL such as 'http://pushgateway:9091' or None, got {value!r}")
     return value
 
