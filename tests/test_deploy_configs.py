@@ -343,3 +343,13 @@ def test_grafana_dashboard_provider_loads_the_dashboard_folder():
     provider = config["providers"][0]
     assert provider["type"] == "file"
     assert DASHBOARD_FILE.exists() and DASHBOARD_FILE.suffix == ".json"
+
+
+def test_env_example_names_only_variables_the_compose_file_reads():
+    text = COMPOSE_FILE.read_text()
+    keys = [line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert "GF_ADMIN_PASSWORD" in keys
+    for key in keys:
+        assert "${" + key + ":-" in text, f"{key} is not used by docker-compose.yml"
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()

@@ -71,7 +71,7 @@ def scraped_run(tmp_path_factory) -> Any:
             # One more scrape after the last step, so Prometheus holds the run's final figures.
             wait_until(lambda: prometheus.query(f"dgdn_global_step == {trainer.global_step}"), 15,
                        what="a scrape after the last step")
-            values = {"job": dt.JOB, "instance": state["target"], "rank": "0", "__rate_interval": "15s",
+            values = {"job": dt.JOB, "instance": state["target"], "rank": "0", "__rate_interval": "1m",
                       "__interval": "1s", "__range": "5m"}
             now = time.time()
             for query in dashboard_queries(dashboard):
