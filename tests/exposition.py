@@ -28,13 +28,13 @@ def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return found
 
 
-def value(text: str, name: str, **labels: str) -> Optional[float]:
-    """The value of the one sample called ``name`` whose labels include ``labels``; None when absent."""
-    matches = [v for sample_labels, v in samples(text).get(name, [])
+def value(text: str, metric: str, /, **labels: str) -> Optional[float]:
+    """The value of the one sample called ``metric`` whose labels include ``labels``; None when absent."""
+    matches = [v for sample_labels, v in samples(text).get(metric, [])
                if all(sample_labels.get(k) == want for k, want in labels.items())]
     if not matches:
         return None
-    assert len(matches) == 1, f"{name}{labels} matches {len(matches)} samples"
+    assert len(matches) == 1, f"{metric}{labels} matches {len(matches)} samples"
     return matches[0]
 
 
