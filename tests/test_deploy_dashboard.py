@@ -122,6 +122,8 @@ def test_callback_queries_filter_on_job_instance_and_rank(dashboard):
             labels = selector.group(2) or ""
             for name in ("job", "instance", "rank"):
                 assert f'{name}=~"${name}"' in labels, f"{query.where}: {selector.group(0)}"
+            # Pushed final figures of finished runs have no instance; "All" (.*) would match them.
+            assert 'instance!=""' in labels, f"{query.where}: {selector.group(0)}"
 
 
 def test_rows_and_their_panels(dashboard):

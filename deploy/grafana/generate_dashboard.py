@@ -20,8 +20,11 @@ OUTPUT = Path(__file__).resolve().parent / "dashboards" / "dgdn-training.json"
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
-#: Label filter of every query on the callback's metrics.
-SEL = 'job=~"$job", instance=~"$instance", rank=~"$rank"'
+#: Label filter of every query on the callback's metrics. ``instance!=""`` leaves out the final figures each rank
+#: pushes to the Pushgateway at the end of a run: they arrive without an instance and never go stale, so with
+#: "All" instances (``.*`` also matches a missing label) they would add finished runs to sums, maxima and the
+#: time since the last step for ever.
+SEL = 'job=~"$job", instance=~"$instance", instance!="", rank=~"$rank"'
 
 #: Mean training batch time of each rank, the basis of the straggler panels (and of DGDNRankStraggler).
 PER_RANK_BATCH = (
@@ -439,8 +442,8 @@ def build() -> dict[str, Any]:
             },
             query_variable("job", "Job", "label_values(dgdn_training_info, job)", 1),
             query_variable("instance", "Instance", 'label_values(dgdn_training_info{job=~"$job"}, instance)', 1),
-            query_variable("rank", "Rank",
-                           'label_values(dgdn_training_info{job=~"$job", instance=~"$instance"}, rank)', 3),
+            query_variable("rank", "Rank", 'label_values(dgdn_training_info{job=~"$job", instance=~"$instance", '
+                           'instance!=""}, rank)', 3),
         ]},
         "panels": d.panels,
     }
