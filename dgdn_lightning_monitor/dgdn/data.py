@@ -211,7 +211,9 @@ class SyntheticTemporalGraph(TemporalGraph):
 
         # Sessions: a start time, a length, short gaps between their events.
         horizon = 1_000_000.0
-        mean_gap = horizon / num_events * 150.0  # a session spans a few hundred other events
+        # Gaps inside a session, counted in events of the whole graph: about 150 (so a session spans several
+        # batches) but well below a node's typical gap between sessions (about num_nodes * mean_burst events).
+        mean_gap = horizon / num_events * min(150.0, num_nodes * mean_burst / 20.0)
         src_list, dst_list, t_list = [], [], []
         produced = 0
         while produced < num_events:
@@ -254,7 +256,7 @@ class SyntheticTemporalGraph(TemporalGraph):
         for i in range(num_events):
             since[i] = t[i] - last_seen[src[i]]
             last_seen[src[i]] = t[i]
-        y = (since <= 3.0 * mean_gap).astype(np.int64)
+        y = (since <= 2.0 * mean_gap).astype(np.int64)
 
         # Node features: noisy community one-hot, then a random signature.
         x = rng.normal(0.0, 0.3, size=(num_nodes, node_dim))

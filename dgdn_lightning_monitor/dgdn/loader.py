@@ -246,15 +246,21 @@ class TemporalEventLoader(TemporalDataLoader):
 
         Pairs are ``[(src, dst), (src, neg_dst)...]`` in the order of the candidates. ``pair_count`` holds
         how often the candidate is among the source's recent neighbours, the source among the candidate's,
-        and how many recent neighbours they share; ``pair_dt`` the time since their latest interaction
+        and how many distinct recent neighbours they share; ``pair_dt`` the time since their latest interaction
         (``0`` when ``pair_seen`` is false).
         """
         count = batch.src.numel()
         rounds = neighbors.size(0) // count - 1  # candidates per source: the destination and the negatives
         valid = e_id >= 0
+        size = neighbors.size(1)
+        # Count each distinct neighbour of the source once: drop slots repeating an earlier slot.
+        repeats = (neighbors[:count].unsqueeze(2) == neighbors[:count].unsqueeze(1)) & valid[:count].unsqueeze(1)
+        earlier = torch.ones(size, size, dtype=torch.bool).tril(-1)
+        src_first = valid[:count] & ~(repeats & earlier).any(dim=2)
         src_nbr = neighbors[:count].repeat(rounds, 1)
         src_e = e_id[:count].repeat(rounds, 1)
         src_valid = valid[:count].repeat(rounds, 1)
+        src_first = src_first.repeat(rounds, 1)
         cand_nbr, cand_e, cand_valid = neighbors[count:], e_id[count:], valid[count:]
         source = batch.src.repeat(rounds)
         candidate = torch.cat([batch.dst, batch.neg_dst])
@@ -262,7 +268,7 @@ class TemporalEventLoader(TemporalDataLoader):
         cand_in_src = (src_nbr == candidate.view(-1, 1)) & src_valid
         src_in_cand = (cand_nbr == source.view(-1, 1)) & cand_valid
         same = (src_nbr.unsqueeze(2) == cand_nbr.unsqueeze(1)) & src_valid.unsqueeze(2) & cand_valid.unsqueeze(1)
-        shared = same.any(dim=2).sum(dim=1)
+        shared = (same.any(dim=2) & src_first).sum(dim=1)
         last = torch.maximum(
             torch.where(cand_in_src, src_e, torch.full_like(src_e, -1)).max(dim=1).values,
             torch.where(src_in_cand, cand_e, torch.full_like(cand_e, -1)).max(dim=1).values,
