@@ -1,0 +1,175 @@
+"""Where MonitoringCallback's per-step time goes: each part of its hooks timed on its own, in a live fit.
+
+A probe callback placed after MonitoringCallback waits until step 30 of a real fit of the tiny model, then calls
+the parts of the callback's step path (and a few reference operations) in tight loops with that fit's Trainer,
+module, batch and outputs. Each figure is the median over 7 loops of the mean time per call; a loop's mean
+excludes nothing, so figures include interpreter overhead, which is what the step pays too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+from lightning.pytorch import Callback
+
+from benchmarks.common import Receiver, make_trainer, monitoring_callback, otlp_env
+from benchmarks.models import TinyModule, tiny_loader
+
+
+def per_call_us(function: Callable[[], Any], calls: int, loops: int = 7) -> float:
+    """Median over ``loops`` of the mean µs per call of ``function`` over ``calls`` calls."""
+    means = []
+    clock = time.perf_counter_ns
+    for _ in range(loops):
+        start = clock()
+        for _ in range(calls):
+            function()
+        means.append((clock() - start) / calls / 1e3)
+    return statistics.median(means)
+
+
+def _dgdn() -> tuple[Optional[Any], Optional[Any]]:
+    """A DGDN training batch and module (as in the end-to-end benchmark), or Nones when unavailable."""
+    try:
+        from dgdn_lightning_monitor.dgdn.data import SyntheticTemporalGraph
+        from dgdn_lightning_monitor.dgdn.module import DGDNLinkPredictor, TemporalGraphDataModule
+    except ImportError:
+        return None, None
+    graph = SyntheticTemporalGraph(num_nodes=500, num_events=2000, seed=0)
+    batch = next(iter(TemporalGraphDataModule(graph, batch_size=200).train_dataloader()))
+    return batch, DGDNLinkPredictor.from_graph(graph, hidden_dim=64)
+
+
+def spaced_us(function: Callable[[], Any], calls: int, pause_s: float = 0.002) -> float:
+    """Median µs of single calls of ``function``, with a pause before each."""
+    times = []
+    for _ in range(calls):
+        time.sleep(pause_s)
+        start = time.perf_counter_ns()
+        function()
+        times.append((time.perf_counter_ns() - start) / 1e3)
+    return statistics.median(times)
+
+
+def export_cost_per_span(endpoint: str, spans: int = 512, loops: int = 5) -> dict[str, float]:
+    """What the exporter thread spends per span (protobuf encoding and the HTTP request), timed here in the
+    calling thread with the SDK's OTLP/HTTP exporter against the live receiver, in batches of ``spans``."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("benchmarks")
+    for i in range(spans):
+        span = tracer.start_span("forward", attributes={"training.epoch": 0, "training.batch_index": i,
+                                                        "training.global_step": i, "graph.nodes": 700})
+        span.end()
+    finished = list(memory.get_finished_spans())
+    exporter = OTLPSpanExporter(endpoint=endpoint, timeout=5)
+    encode, export = [], []
+    for _ in range(loops):
+        start = time.perf_counter_ns()
+        encode_spans(finished).SerializeToString()
+        encode.append((time.perf_counter_ns() - start) / 1e3 / spans)
+        start = time.perf_counter_ns()
+        exporter.export(finished)
+        export.append((time.perf_counter_ns() - start) / 1e3 / spans)
+    exporter.shutdown()
+    provider.shutdown()
+    return {"exporter thread: encode one span (protobuf), batch of 512": statistics.median(encode),
+            "exporter thread: export one span (encode + HTTP POST), batch of 512": statistics.median(export)}
+
+
+class _Probe(Callback):
+    def __init__(self, callback: Any, calls: int, endpoint: str) -> None:
+        self.callback = callback
+        self.calls = calls
+        self.endpoint = endpoint
+        self.figures: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step != 30:
+            return
+        from benchmarks.driver import graph_batches
+        from dgdn_lightning_monitor.tracing import BatchRecord
+
+        cb, n = self.callback, self.calls
+        graph = graph_batches(1)[0]
+        temporal, dgdn_module = _dgdn()
+        size = cb._measure(batch)
+        now = time.perf_counter()
+        f = self.figures
+        f["reference: time.perf_counter()"] = per_call_us(time.perf_counter, n)
+        f["reference: isinstance(outputs, Mapping) (ABC check)"] = per_call_us(lambda: isinstance(outputs, Mapping), n)
+        f["reference: loss.item()"] = per_call_us(outputs["loss"].item, n)
+        f["Lightning: trainer._logger_connector.should_update_logs"] = per_call_us(
+            lambda: trainer._logger_connector.should_update_logs, n)
+        f["_measure(batch) [x, y] tensors"] = per_call_us(lambda: cb._measure(batch), n)
+        f["_measure(batch) PyG Batch of 32 graphs"] = per_call_us(lambda: cb._measure(graph), n)
+        if temporal is not None:
+            f["_measure(batch) DGDN TemporalData"] = per_call_us(lambda: cb._measure(temporal), n)
+        f["_check_loss(outputs)"] = per_call_us(lambda: cb._check_loss(outputs), n)
+        f["metrics.observe_train_batch(...)"] = per_call_us(
+            lambda: cb.metrics.observe_train_batch(0.001, now, size, None), n)
+        f["_scalars.poll() + tracer.poll()"] = per_call_us(lambda: (cb._scalars.poll(), cb.tracer.poll()), n)
+        f["_update_model_figures (per epoch end), tiny model"] = per_call_us(
+            lambda: cb._update_model_figures(pl_module), max(n // 10, 50))
+        if dgdn_module is not None:
+            f["_update_model_figures (per epoch end), DGDN module"] = per_call_us(
+                lambda: cb._update_model_figures(dgdn_module), max(n // 10, 50))
+            cb._update_model_figures(pl_module)
+
+        def step(trace_every: int) -> Callable[[], None]:
+            def run() -> None:
+                cb.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+                cb.on_before_backward(trainer, pl_module, outputs["loss"])
+                cb.on_after_backward(trainer, pl_module)
+                cb.on_before_optimizer_step(trainer, pl_module, None)
+                cb.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return run
+
+        saved = cb.trace_every_n_steps
+        cb.trace_every_n_steps = 10**9
+        cb._train_batches = 1  # never a multiple of the interval: an untraced step
+        f["untraced step, all hooks"] = per_call_us(step(0), n)
+        cb.trace_every_n_steps = 1
+        # Spans are timed one call at a time with pauses in between, so the exporter thread drains the queue
+        # between calls instead of competing for the GIL with every call (the hook_time benchmark shows that).
+        f["traced step, all hooks (5 spans), spaced calls"] = spaced_us(step(1), 200)
+
+        def record_only() -> None:
+            record = BatchRecord("train", 0, 0, 0, size)
+            for mark in ("fetch_start", "batch_start", "backward_start", "backward_end", "optimizer_start",
+                         "batch_end"):
+                record.mark(mark)
+
+        f["BatchRecord + 6 marks"] = per_call_us(record_only, n)
+        record = BatchRecord("train", 0, 0, 0, size)
+        for mark in ("fetch_start", "batch_start", "backward_start", "backward_end", "optimizer_start", "batch_end"):
+            record.mark(mark)
+        f["tracer._emit(record) (5 spans), spaced calls"] = spaced_us(lambda: cb.tracer._emit(record), 200)
+        f["tracer._emit(record) (5 spans), back to back"] = per_call_us(lambda: cb.tracer._emit(record), 100, 5)
+        cb.trace_every_n_steps = saved
+        f.update(export_cost_per_span(self.endpoint))
+
+
+def run(quick: bool = False, calls: Optional[int] = None) -> dict[str, Any]:
+    calls = calls if calls is not None else (500 if quick else 3000)
+    with Receiver("live") as receiver, otlp_env(receiver.endpoint):
+        callback = monitoring_callback(trace_every_n_steps=10, tracing=True)
+        probe = _Probe(callback, calls, receiver.endpoint)
+        trainer = make_trainer([callback, probe], max_epochs=1)
+        trainer.fit(TinyModule(), train_dataloaders=tiny_loader(40))
+    return {
+        "name": "breakdown",
+        "what": "µs per call of the parts of MonitoringCallback's step path, timed in a live fit",
+        "config": {"calls_per_loop": calls, "loops": 7, "statistic": "median of loop means"},
+        "us_per_call": probe.figures,
+    }
