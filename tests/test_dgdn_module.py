@@ -117,3 +117,31 @@ def test_module_argument_checks(small_graph):
         TemporalGraphDataModule(small_graph, batch_size=0)
     module = DGDNLinkPredictor(small_graph.num_nodes, 0, small_graph.edge_dim)  # embeddings only
     assert module.model.node_emb is not None
+
+
+def test_monitoring_counts_events_and_nodes(small_graph):
+    from prometheus_client import generate_latest
+
+    from dgdn_lightning_monitor import MonitoringCallback
+
+    pl.seed_everything(0, verbose=False)
+    dm = TemporalGraphDataModule(small_graph, batch_size=100, seed=0)
+    module = DGDNLinkPredictor.from_graph(small_graph, **SMALL_MODEL)
+    monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False, gpu_devices=None, trace_every_n_steps=5)
+    recorder = _Recorder()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, recorder])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=dm)
+
+    summary = monitor.summary()
+    assert summary["steps"] == 21 and summary["samples"] == dm.num_train_events
+    assert set(summary["phase_seconds"]) >= {"data_fetch", "forward", "backward", "optimizer_step"}
+    text = generate_latest(monitor.registry).decode()
+    assert "dgdn_training_loss" in text and "dgdn_validation_loss" in text
+    edges = [line for line in text.splitlines() if line.startswith("dgdn_graph_edges{")]
+    nodes = [line for line in text.splitlines() if line.startswith("dgdn_graph_nodes{")]
+    assert edges and nodes
+    assert float(edges[0].rsplit(" ", 1)[1]) in (100.0, 1400.0 % 100 or 100.0)  # events of the last batch
+    assert 0 < float(nodes[0].rsplit(" ", 1)[1]) <= small_graph.num_nodes
