@@ -155,7 +155,7 @@ class MonitoringCallback(Callback):
             "validation_accuracy": _check_key("val_acc_key", val_acc_key),
         }
         self._sizer = GraphSizer(_check_callable("batch_size_fn", batch_size_fn),
-                                 _check_callable("graph_size_fn", graph_size_fn))
+                                 _check_callable("graph_size_fn", graph_size_fn)).resolve()
         self.trace_every_n_steps = _check_int("trace_every_n_steps", trace_every_n_steps, 1)
         if tracing is not None and not isinstance(tracing, bool):
             raise ValueError(f"tracing must be True, False or None (auto), got {tracing!r}")
@@ -196,6 +196,7 @@ class MonitoringCallback(Callback):
         self._phase_steps = 0
         self._sizer_failed = False
         self._degraded = False
+        self._logging_step: Callable[[], bool] = _never  # replaced at each training epoch start
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -238,7 +239,7 @@ class MonitoringCallback(Callback):
         metrics.progress_source = metrics.learning_rate_source = None  # bound to a Trainer of this process
         state["metrics"] = metrics
         state.update(_server=None, _running=False, _scalars=None, _record=None, _eval_record=None,
-                     _finite_on_device=None, _losses_on_device=0)
+                     _finite_on_device=None, _losses_on_device=0, _logging_step=_never)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -328,6 +329,7 @@ class MonitoringCallback(Callback):
     # ------------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start = time.perf_counter()
+        self._logging_step = _logging_step_rule(trainer)
         if self._dist.rank == 0:
             self.tracer.start_epoch("train", trainer.current_epoch, {})
             self._dist.share_span_context(self.tracer.span_context("train"))  # no-op unless DDP and rank 0 traces
@@ -378,8 +380,7 @@ class MonitoringCallback(Callback):
                 self.tracer.add_batch(record)
             self._check_loss(outputs)
             self._scalars.poll()
-            self.tracer.poll()
-            if _is_logging_step(trainer):
+            if self._logging_step():
                 # Lightning turns logged values into Python numbers at these steps anyway: read them here too.
                 self._read_logged(trainer, ("training_loss", "training_accuracy"), outputs)
                 self._fold_nonfinite()
@@ -495,7 +496,6 @@ class MonitoringCallback(Callback):
             if record is not None:
                 record.mark("batch_end")
                 self.tracer.add_batch(record)
-            self.tracer.poll()
         except Exception as error:
             self._degrade(error)
 
@@ -505,13 +505,15 @@ class MonitoringCallback(Callback):
         self._phase_steps += 1
 
     def _check_loss(self, outputs: Any) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if type(outputs) is dict:  # what automatic optimization hands over; skips the slower ABC check
+            loss = outputs.get("loss")
+        elif isinstance(outputs, torch.Tensor):
+            loss = outputs
+        else:
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
-        if loss.device.type == "cpu":
-            if not math.isfinite(loss.item()):
-                self.metrics.nonfinite_losses += 1
-        elif loss.device.type == "cuda":
+        if loss.is_cuda:
             # Finite losses are counted on the device (two small kernels, no synchronisation) and the count is
             # read asynchronously at logging steps.
             finite = torch.isfinite(loss.detach()).reshape(())
@@ -520,6 +522,8 @@ class MonitoringCallback(Callback):
             else:
                 self._finite_on_device.add_(finite)
             self._losses_on_device += 1
+        elif loss.is_cpu and not math.isfinite(loss.item()):
+            self.metrics.nonfinite_losses += 1
 
     def _fold_nonfinite(self) -> None:
         finite, losses = self._finite_on_device, self._losses_on_device
@@ -571,6 +575,10 @@ class MonitoringCallback(Callback):
         }
 
 
+def _never() -> bool:
+    return False
+
+
 def _is_logging_step(trainer: Trainer) -> bool:
     """Whether Lightning sends logged values to its loggers after this training batch."""
     try:
@@ -578,6 +586,19 @@ def _is_logging_step(trainer: Trainer) -> bool:
     except AttributeError:  # a Lightning without this private property: same rule, on the step count
         every = trainer.log_every_n_steps or 0
         return every > 0 and trainer.global_step % every == 0
+
+
+def _logging_step_rule(trainer: Trainer) -> Callable[[], bool]:
+    """A cheap stand-in for :func:`_is_logging_step` during one training epoch.
+
+    Lightning's own test walks several properties on every call; the loop object and the interval do not change
+    within an epoch, so they are looked up once here.
+    """
+    every = trainer.log_every_n_steps
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    if not every or loop is None or not hasattr(loop, "_batches_that_stepped"):
+        return lambda: _is_logging_step(trainer)
+    return lambda: (loop._batches_that_stepped + 1) % every == 0 or trainer.should_stop
 
 
 def _learning_rates(trainer: Trainer) -> LearningRates:

@@ -97,6 +97,56 @@ def _temporal_size(data: TemporalData) -> GraphSize:
     return GraphSize(events, nodes, events)
 
 
+def _tensor_size(tensor: torch.Tensor) -> GraphSize:
+    return GraphSize(int(tensor.shape[0]) if tensor.dim() > 0 else 1, None, None)
+
+
+def _unknown_size(batch: Any) -> GraphSize:
+    return UNKNOWN
+
+
+def _sequence_size(items: Any) -> GraphSize:
+    first_tensor = None
+    for item in items:
+        handler = _handler(type(item))
+        if handler in _GRAPH_HANDLERS:
+            return handler(item)
+        if first_tensor is None and handler is _tensor_size:
+            first_tensor = item
+    return _tensor_size(first_tensor) if first_tensor is not None else UNKNOWN
+
+
+def _mapping_size(mapping: Mapping) -> GraphSize:
+    return _sequence_size(mapping.values())
+
+
+_GRAPH_HANDLERS = (_hetero_size, _temporal_size, _data_size)
+# Batch type -> handler, filled on first sight: the step path then pays one dict lookup, not a chain of
+# isinstance checks against abstract classes.
+_HANDLERS: dict[type, Callable[[Any], GraphSize]] = {}
+
+
+def _handler(kind: type) -> Callable[[Any], GraphSize]:
+    handler = _HANDLERS.get(kind)
+    if handler is None:
+        if issubclass(kind, HeteroData):
+            handler = _hetero_size
+        elif issubclass(kind, TemporalData):
+            handler = _temporal_size
+        elif issubclass(kind, Data):
+            handler = _data_size
+        elif issubclass(kind, torch.Tensor):
+            handler = _tensor_size
+        elif issubclass(kind, Mapping):
+            handler = _mapping_size
+        elif issubclass(kind, (tuple, list)):
+            handler = _sequence_size
+        else:
+            handler = _unknown_size
+        _HANDLERS[kind] = handler
+    return handler
+
+
 def extract_graph_size(batch: Any) -> GraphSize:
     """Tell how many samples, nodes and edges a batch holds, without touching the device.
 
@@ -111,27 +161,7 @@ def extract_graph_size(batch: Any) -> GraphSize:
 
         extract_graph_size(Batch.from_data_list([g1, g2]))  # GraphSize(samples=2, nodes=..., edges=...)
     """
-    if isinstance(batch, HeteroData):
-        return _hetero_size(batch)
-    if isinstance(batch, TemporalData):
-        return _temporal_size(batch)
-    if isinstance(batch, Data):
-        return _data_size(batch)
-    if isinstance(batch, torch.Tensor):
-        return GraphSize(int(batch.shape[0]) if batch.dim() > 0 else 1, None, None)
-    if isinstance(batch, Mapping):
-        items = list(batch.values())
-    elif isinstance(batch, (tuple, list)):
-        items = list(batch)
-    else:
-        return UNKNOWN
-    for item in items:
-        if isinstance(item, (Data, HeteroData, TemporalData)):
-            return extract_graph_size(item)
-    for item in items:
-        if isinstance(item, torch.Tensor):
-            return extract_graph_size(item)
-    return UNKNOWN
+    return _handler(type(batch))(batch)
 
 
 class GraphSizer:
@@ -149,6 +179,10 @@ class GraphSizer:
     ) -> None:
         self.batch_size_fn = batch_size_fn
         self.graph_size_fn = graph_size_fn
+
+    def resolve(self) -> Callable[[Any], GraphSize]:
+        """The cheapest callable that applies these overrides (the plain extractor when there are none)."""
+        return extract_graph_size if self.batch_size_fn is None and self.graph_size_fn is None else self
 
     def __call__(self, batch: Any) -> GraphSize:
         if self.batch_size_fn is None and self.graph_size_fn is None:

@@ -5,10 +5,25 @@ from __future__ import annotations
 import errno
 import socket
 import threading
-from typing import Optional
+from typing import Any, Optional
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+# How often the serving loop checks for shutdown; stopping waits up to this long (the library's default is
+# 0.5 s, which would be most of the run-end budget).
+_POLL_INTERVAL_S = 0.05
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+        pass  # one line per scrape on stderr would drown the training output
+
+
+def _address_family(addr: str, port: int) -> socket.AddressFamily:
+    infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][0]
 
 
 class PortInUseError(OSError):
@@ -57,8 +72,12 @@ class MetricsServer:
     def start(self) -> None:
         if self._httpd is not None:
             return
+        class Server(ThreadingWSGIServer):
+            address_family = _address_family(self.addr, self.port)
+
         try:
-            httpd, thread = start_http_server(self.port, addr=self.addr, registry=self.registry)
+            httpd = make_server(self.addr, self.port, make_wsgi_app(self.registry), Server,
+                                handler_class=_QuietHandler)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise PortInUseError(
@@ -67,6 +86,9 @@ class MetricsServer:
                     f"Pass another port, or port=0 to pick a free one.",
                 ) from error
             raise
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": _POLL_INTERVAL_S},
+                                  name="dgdn-metrics-server", daemon=True)
+        thread.start()
         self._httpd, self._thread = httpd, thread
         self.bound_port = int(httpd.server_address[1])
 
@@ -75,7 +97,7 @@ class MetricsServer:
         self._httpd = self._thread = None
         if httpd is None:
             return
-        httpd.shutdown()  # returns once serve_forever has left its loop (it polls every 0.5 s at most)
+        httpd.shutdown()  # returns once serve_forever has left its loop (within one poll interval)
         httpd.server_close()
         if thread is not None:
             thread.join(timeout=2.0)
