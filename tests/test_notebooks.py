@@ -1,0 +1,87 @@
+"""Every notebook runs top to bottom, headless, in the project's Python, with a free metrics port."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+TIME_LIMIT_S = 180
+
+
+@pytest.fixture
+def kernel_env(tmp_path, monkeypatch):
+    """A ``python3`` kernelspec that starts this interpreter (not whatever ``python`` is on PATH)."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (test)",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("DGDN_MONITOR_PORT", "0")  # the notebooks read it: any free port
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # A collector the machine may run must not change what is tested.
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+
+
+def test_notebooks_are_found():
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_quickstart.ipynb", "02_dgdn_link_prediction.ipynb", "03_tracing.ipynb",
+    ]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has stored outputs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, kernel_env):
+    notebook = nbformat.read(path, as_version=4)
+    probe = nbformat.v4.new_code_cell("import sys; print(sys.executable)")
+    notebook.cells.insert(0, probe)
+    client = nbclient.NotebookClient(
+        notebook, kernel_name="python3", timeout=TIME_LIMIT_S,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    started = time.monotonic()
+    client.execute()
+    elapsed = time.monotonic() - started
+    assert elapsed < TIME_LIMIT_S, f"{path.name} took {elapsed:.0f} s"
+
+    printed = "".join(out.get("text", "") for out in notebook.cells[0].outputs)
+    assert os.path.realpath(printed.strip()) == os.path.realpath(sys.executable)
+
+    text = "\n".join(
+        out.get("text", "") + json.dumps(out.get("data", {}).get("text/plain", ""))
+        for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
+    )
+    images = sum(1 for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
+                 if "image/png" in out.get("data", {}))
+    if path.stem.startswith("01"):
+        assert "dgdn_training_loss" in text and "dgdn_graph_nodes" in text
+    elif path.stem.startswith("02"):
+        assert "validation: AP=" in text and images >= 1
+        ap = float(text.split("validation: AP=")[1].split()[0])
+        assert ap > 0.85
+    else:
+        assert "forward" in text and "optimizer_step" in text and images >= 1
