@@ -8,6 +8,10 @@ diffusion steps in which the instance repeatedly re-attends over the same neighb
 dropout (:class:`DGDNLayer`). A variational head turns the result into a Gaussian latent; its KL divergence to
 a standard normal prior regularises training.
 
+For link prediction, :class:`EdgePredictor` also reads features of the (source, candidate) pair's shared
+recent history (:meth:`DGDN.encode_pairs`): how often each end appears among the other's recent events, how
+many recent neighbours they share and how long ago they last interacted.
+
 Instances never exchange information with one another: the embedding of a node at a time depends only on the
 node, that time and events strictly before the batch, never on which other nodes happen to be queried in the
 same batch. That keeps link prediction free of leakage from the batch composition.
