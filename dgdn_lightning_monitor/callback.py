@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
-from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSize, GraphSizer
+from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import LearningRates, TrainingMetrics
 from dgdn_lightning_monitor.scalars import DeferredScalars
@@ -184,19 +184,19 @@ class MonitoringCallback(Callback):
         self._train_batches = 0  # training batches seen by this callback, across fits (drives trace sampling)
         self._batch_start = 0.0
         self._fetch_start_ns = 0
-        self._size: GraphSize = UNKNOWN
         self._record: Optional[BatchRecord] = None
         self._eval_start = 0.0
-        self._eval_size: GraphSize = UNKNOWN
         self._eval_record: Optional[BatchRecord] = None
         self._epoch_start = 0.0
         self._finite_on_device: Optional[torch.Tensor] = None  # finite training losses counted on the GPU
         self._losses_on_device = 0
         self._phase_totals: dict[str, float] = {}
         self._phase_steps = 0
-        self._sizer_failed = False
         self._degraded = False
-        self._logging_step: Callable[[], bool] = _never  # replaced at each training epoch start
+        # Where Lightning counts the batches that stepped, and its logging interval: looked up once per epoch
+        # so that the logging-step test on every batch is one attribute read and a modulo.
+        self._epoch_loop: Any = None
+        self._log_every = 1
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -239,7 +239,7 @@ class MonitoringCallback(Callback):
         metrics.progress_source = metrics.learning_rate_source = None  # bound to a Trainer of this process
         state["metrics"] = metrics
         state.update(_server=None, _running=False, _scalars=None, _record=None, _eval_record=None,
-                     _finite_on_device=None, _losses_on_device=0, _logging_step=_never)
+                     _finite_on_device=None, _losses_on_device=0, _epoch_loop=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -329,7 +329,7 @@ class MonitoringCallback(Callback):
     # ------------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start = time.perf_counter()
-        self._logging_step = _logging_step_rule(trainer)
+        self._epoch_loop, self._log_every = _logging_step_source(trainer)
         if self._dist.rank == 0:
             self.tracer.start_epoch("train", trainer.current_epoch, {})
             self._dist.share_span_context(self.tracer.span_context("train"))  # no-op unless DDP and rank 0 traces
@@ -339,16 +339,15 @@ class MonitoringCallback(Callback):
         self._fetch_start_ns = time.perf_counter_ns()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        try:
-            self._size = self._measure(batch)
-            if self._train_batches % self.trace_every_n_steps == 0:
-                record = BatchRecord("train", trainer.current_epoch, batch_idx, trainer.global_step, self._size,
+        if self._train_batches % self.trace_every_n_steps == 0:
+            try:
+                record = BatchRecord("train", trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN,
                                      cuda=pl_module.device.type == "cuda")
                 record.mark("fetch_start", self._fetch_start_ns)
                 record.mark("batch_start")
                 self._record = record
-        except Exception as error:
-            self._degrade(error)
+            except Exception as error:
+                self._degrade(error)
         self._batch_start = time.perf_counter()
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -368,19 +367,27 @@ class MonitoringCallback(Callback):
     ) -> None:
         end = time.perf_counter()
         try:
+            size = self._sizer(batch)  # the same batch object on_train_batch_start saw
             record, self._record = self._record, None
             trace_id = None
             if record is not None:
                 record.mark("batch_end")
+                record.size = size
                 trace_id = self.tracer.trace_id("train")
-            self.metrics.observe_train_batch(end - self._batch_start, end, self._size, trace_id)
+            self.metrics.observe_train_batch(end - self._batch_start, end, size, trace_id)
             self._train_batches += 1
             if record is not None:
                 self._add_phases(record)
                 self.tracer.add_batch(record)
             self._check_loss(outputs)
-            self._scalars.poll()
-            if self._logging_step():
+            if self._scalars.pending:
+                self._scalars.poll()
+            loop = self._epoch_loop
+            if (
+                (loop._batches_that_stepped + 1) % self._log_every == 0 or trainer.should_stop
+                if loop is not None
+                else _is_logging_step(trainer)
+            ):
                 # Lightning turns logged values into Python numbers at these steps anyway: read them here too.
                 self._read_logged(trainer, ("training_loss", "training_accuracy"), outputs)
                 self._fold_nonfinite()
@@ -411,7 +418,7 @@ class MonitoringCallback(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if not trainer.sanity_checking:
-            self._end_eval_batch("validate")
+            self._end_eval_batch("validate", batch)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -433,7 +440,7 @@ class MonitoringCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._end_eval_batch("test")
+        self._end_eval_batch("test", batch)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracer.end_epoch("test")
@@ -450,7 +457,7 @@ class MonitoringCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._end_eval_batch("predict")
+        self._end_eval_batch("predict", batch)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracer.end_epoch("predict")
@@ -463,38 +470,29 @@ class MonitoringCallback(Callback):
             log.warning("Monitoring hit an error and skips what it could not measure; training continues (%s: %s)",
                         type(error).__name__, error, exc_info=error)
 
-    def _measure(self, batch: Any) -> GraphSize:
-        try:
-            return self._sizer(batch)
-        except Exception as error:  # a faulty size function degrades the graph metrics, never the training
-            if not self._sizer_failed:
-                self._sizer_failed = True
-                log.warning("Could not size a batch (%s: %s); graph metrics are not updated.",
-                            type(error).__name__, error)
-            return UNKNOWN
-
     def _start_eval_batch(
         self, span_stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._eval_record = None
-        try:
-            self._eval_size = self._measure(batch)
-            if batch_idx % self.trace_every_n_steps == 0:
-                record = BatchRecord(span_stage, trainer.current_epoch, batch_idx, trainer.global_step,
-                                     self._eval_size, cuda=pl_module.device.type == "cuda")
+        if batch_idx % self.trace_every_n_steps == 0:
+            try:
+                record = BatchRecord(span_stage, trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN,
+                                     cuda=pl_module.device.type == "cuda")
                 record.mark("batch_start")
                 self._eval_record = record
-        except Exception as error:
-            self._degrade(error)
+            except Exception as error:
+                self._degrade(error)
         self._eval_start = time.perf_counter()
 
-    def _end_eval_batch(self, stage: str) -> None:
+    def _end_eval_batch(self, stage: str, batch: Any) -> None:
         seconds = time.perf_counter() - self._eval_start
         try:
-            self.metrics.observe_inference(stage, seconds, self._eval_size.samples)
+            size = self._sizer(batch)
+            self.metrics.observe_inference(stage, seconds, size.samples)
             record, self._eval_record = self._eval_record, None
             if record is not None:
                 record.mark("batch_end")
+                record.size = size
                 self.tracer.add_batch(record)
         except Exception as error:
             self._degrade(error)
@@ -575,10 +573,6 @@ class MonitoringCallback(Callback):
         }
 
 
-def _never() -> bool:
-    return False
-
-
 def _is_logging_step(trainer: Trainer) -> bool:
     """Whether Lightning sends logged values to its loggers after this training batch."""
     try:
@@ -588,17 +582,14 @@ def _is_logging_step(trainer: Trainer) -> bool:
         return every > 0 and trainer.global_step % every == 0
 
 
-def _logging_step_rule(trainer: Trainer) -> Callable[[], bool]:
-    """A cheap stand-in for :func:`_is_logging_step` during one training epoch.
-
-    Lightning's own test walks several properties on every call; the loop object and the interval do not change
-    within an epoch, so they are looked up once here.
-    """
+def _logging_step_source(trainer: Trainer) -> tuple[Any, int]:
+    """Lightning's loop object holding ``_batches_that_stepped``, and ``log_every_n_steps``; ``(None, 1)`` when
+    this Lightning keeps them elsewhere (then :func:`_is_logging_step` is asked on every batch)."""
     every = trainer.log_every_n_steps
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    if not every or loop is None or not hasattr(loop, "_batches_that_stepped"):
-        return lambda: _is_logging_step(trainer)
-    return lambda: (loop._batches_that_stepped + 1) % every == 0 or trainer.should_stop
+    if not every or not hasattr(loop, "_batches_that_stepped"):
+        return None, 1
+    return loop, int(every)
 
 
 def _learning_rates(trainer: Trainer) -> LearningRates:

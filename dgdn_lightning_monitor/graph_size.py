@@ -7,11 +7,14 @@ when it cannot find a node-level attribute it falls back to ``edge_index.max() +
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch_geometric.data import Batch, Data, HeteroData, TemporalData
+
+log = logging.getLogger(__name__)
 
 # Node-level attributes whose first dimension is the node count.
 _NODE_KEYS = ("x", "pos", "batch", "n_id", "node_type", "y_node")
@@ -167,9 +170,17 @@ def extract_graph_size(batch: Any) -> GraphSize:
 class GraphSizer:
     """Applies the user's overrides on top of :func:`extract_graph_size`.
 
+    A failing override is reported once and the batch counts as unknown: a monitoring fault never stops
+    training.
+
     Args:
         batch_size_fn: ``batch -> int`` giving the number of samples.
         graph_size_fn: ``batch -> (nodes, edges)``.
+
+    Example::
+
+        size_of = GraphSizer(batch_size_fn=lambda batch: batch["ids"].shape[0]).resolve()
+        size_of(batch)
     """
 
     def __init__(
@@ -179,18 +190,25 @@ class GraphSizer:
     ) -> None:
         self.batch_size_fn = batch_size_fn
         self.graph_size_fn = graph_size_fn
+        self._failed = False
 
     def resolve(self) -> Callable[[Any], GraphSize]:
         """The cheapest callable that applies these overrides (the plain extractor when there are none)."""
         return extract_graph_size if self.batch_size_fn is None and self.graph_size_fn is None else self
 
     def __call__(self, batch: Any) -> GraphSize:
-        if self.batch_size_fn is None and self.graph_size_fn is None:
-            return extract_graph_size(batch)
-        size = extract_graph_size(batch) if (self.batch_size_fn is None or self.graph_size_fn is None) else UNKNOWN
-        samples, nodes, edges = size
-        if self.batch_size_fn is not None:
-            samples = int(self.batch_size_fn(batch))
-        if self.graph_size_fn is not None:
-            nodes, edges = (int(v) for v in self.graph_size_fn(batch))
-        return GraphSize(samples, nodes, edges)
+        try:
+            size = extract_graph_size(batch) if (self.batch_size_fn is None or self.graph_size_fn is None) \
+                else UNKNOWN
+            samples, nodes, edges = size
+            if self.batch_size_fn is not None:
+                samples = int(self.batch_size_fn(batch))
+            if self.graph_size_fn is not None:
+                nodes, edges = (int(v) for v in self.graph_size_fn(batch))
+            return GraphSize(samples, nodes, edges)
+        except Exception as error:
+            if not self._failed:
+                self._failed = True
+                log.warning("Could not size a batch (%s: %s); graph metrics are not updated.",
+                            type(error).__name__, error)
+            return UNKNOWN

@@ -25,7 +25,8 @@ class DeferredScalars:
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[torch.Tensor, Any, Apply]] = []
+        # Reads still waiting for their copy; a plain attribute so the step path can test it without a call.
+        self.pending: list[tuple[torch.Tensor, Any, Apply]] = []
 
     def submit(self, value: Any, apply: Apply) -> None:
         """Deliver ``float(value)`` to ``apply``, now when that costs no synchronisation, else when ready."""
@@ -46,26 +47,26 @@ class DeferredScalars:
         host.copy_(value.detach().reshape(()), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending.append((host, event, apply))
+        self.pending.append((host, event, apply))
 
     def poll(self) -> None:
         """Deliver the values whose copies have finished; never blocks."""
-        if not self._pending:
+        if not self.pending:
             return
         waiting = []
-        for host, event, apply in self._pending:
+        for host, event, apply in self.pending:
             if event.query():
                 apply(float(host.item()))
             else:
                 waiting.append((host, event, apply))
-        self._pending = waiting
+        self.pending = waiting
 
     def flush(self) -> None:
         """Deliver everything still pending, waiting for the copies. Only for the end of a run."""
-        pending, self._pending = self._pending, []
+        pending, self.pending = self.pending, []
         for host, event, apply in pending:
             event.synchronize()
             apply(float(host.item()))
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self.pending)
