@@ -15,6 +15,7 @@ import os
 import re
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -29,12 +30,16 @@ from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
 from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.logged import LoggedValues, pick
 from dgdn_lightning_monitor.metrics import LearningRates, TrainingMetrics
 from dgdn_lightning_monitor.scalars import DeferredScalars
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 
 log = logging.getLogger(__name__)
+
+# On a GPU, the device-side count of finite losses is read (asynchronously) every this many steps.
+_FOLD_EVERY = 50
 
 _NAMESPACE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -197,6 +202,8 @@ class MonitoringCallback(Callback):
         # so that the logging-step test on every batch is one attribute read and a modulo.
         self._epoch_loop: Any = None
         self._log_every = 1
+        self._logged_values: Optional[LoggedValues] = None  # attached to the Trainer's loggers during a run
+        self._trainer_ref: Optional[weakref.ref] = None
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -239,7 +246,8 @@ class MonitoringCallback(Callback):
         metrics.progress_source = metrics.learning_rate_source = None  # bound to a Trainer of this process
         state["metrics"] = metrics
         state.update(_server=None, _running=False, _scalars=None, _record=None, _eval_record=None,
-                     _finite_on_device=None, _losses_on_device=0, _epoch_loop=None)
+                     _finite_on_device=None, _losses_on_device=0, _epoch_loop=None, _logged_values=None,
+                     _trainer_ref=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -271,6 +279,13 @@ class MonitoringCallback(Callback):
     # ------------------------------------------------------------------------------------------ run lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         labels = RankLabels.from_trainer(trainer)
+        # Logged values come from Lightning's own logging when it has loggers (it makes the numbers anyway);
+        # otherwise the callback reads them itself at the same points.
+        self._logged_values = None
+        self._trainer_ref = weakref.ref(trainer)
+        if trainer.loggers:
+            self._logged_values = LoggedValues(self._take_logged)
+            trainer.loggers = [*trainer.loggers, self._logged_values]
         self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
         self.metrics.info = self._info(pl_module, labels)
@@ -278,7 +293,7 @@ class MonitoringCallback(Callback):
         self.metrics.learning_rate_source = lambda: _learning_rates(trainer)
         self._update_model_figures(pl_module)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
-        self._server = MetricsServer(self.registry, self.addr, port)
+        self._server = MetricsServer(self.registry, self.addr, port, direct=(self.metrics,))
         failure: Optional[Exception] = None
         try:
             if port > 65535:
@@ -320,6 +335,7 @@ class MonitoringCallback(Callback):
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
+        self._detach_logger()
         self.gpu.stop()
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
         self.tracer.finish(exception)
@@ -382,22 +398,24 @@ class MonitoringCallback(Callback):
             self._check_loss(outputs)
             if self._scalars.pending:
                 self._scalars.poll()
-            loop = self._epoch_loop
-            if (
-                (loop._batches_that_stepped + 1) % self._log_every == 0 or trainer.should_stop
-                if loop is not None
-                else _is_logging_step(trainer)
-            ):
-                # Lightning turns logged values into Python numbers at these steps anyway: read them here too.
-                self._read_logged(trainer, ("training_loss", "training_accuracy"), outputs)
+            if self._losses_on_device >= _FOLD_EVERY:
                 self._fold_nonfinite()
+            if self._logged_values is None:
+                loop = self._epoch_loop
+                if (
+                    (loop._batches_that_stepped + 1) % self._log_every == 0 or trainer.should_stop
+                    if loop is not None
+                    else _is_logging_step(trainer)
+                ):
+                    # No logger: Lightning makes no numbers, so read the logged tensors at its logging steps.
+                    self._read_logged(trainer, ("training_loss", "training_accuracy"))
         except Exception as error:
             self._degrade(error)
         self._fetch_start_ns = time.perf_counter_ns()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.metrics.epoch_duration = time.perf_counter() - self._epoch_start
-        self._read_logged(trainer, ("training_loss", "training_accuracy"), None)
+        self._read_logged(trainer, ("training_loss", "training_accuracy"))
         self._fold_nonfinite()
         self._update_model_figures(pl_module)  # lazily initialised layers have their sizes now
         self.tracer.end_epoch("train")
@@ -426,7 +444,7 @@ class MonitoringCallback(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._read_logged(trainer, ("validation_loss", "validation_accuracy"), None)
+            self._read_logged(trainer, ("validation_loss", "validation_accuracy"))
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracer.start_epoch("test", trainer.current_epoch, {})
@@ -532,15 +550,27 @@ class MonitoringCallback(Callback):
     def _add_nonfinite(self, count: int) -> None:
         self.metrics.nonfinite_losses += count
 
-    def _read_logged(self, trainer: Trainer, suffixes: Sequence[str], outputs: Any) -> None:
+    def _read_logged(self, trainer: Trainer, suffixes: Sequence[str]) -> None:
+        """Read logged values where Lightning has just computed them (a logging step without a logger, an epoch
+        end, the end of validation); on a GPU the value is copied asynchronously."""
         logged = trainer.callback_metrics
         for suffix in suffixes:
-            key = self.keys[suffix]
-            value = logged.get(key, logged.get(f"{key}_step"))
-            if value is None and suffix == "training_loss" and isinstance(outputs, Mapping):
-                value = outputs.get("loss")  # the module logs no loss: use what training_step returned
+            value = pick(logged, self.keys[suffix])
             if value is not None:
                 self._scalars.submit(value, lambda v, s=suffix: self.metrics.set_logged(s, v))
+
+    def _take_logged(self, logged: Mapping[str, float]) -> None:
+        """What Lightning hands its loggers, already Python numbers."""
+        for suffix, key in self.keys.items():
+            value = pick(logged, key)
+            if value is not None:
+                self.metrics.set_logged(suffix, float(value))
+
+    def _detach_logger(self) -> None:
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        if self._logged_values is not None and trainer is not None:
+            trainer.loggers = [lg for lg in trainer.loggers if lg is not self._logged_values]
+        self._logged_values = None
 
     def _update_model_figures(self, pl_module: LightningModule) -> None:
         parameters = trainable = memory = 0
