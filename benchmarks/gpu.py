@@ -90,7 +90,8 @@ def run(quick: bool = False, reps: Optional[int] = None) -> dict[str, Any]:
         hooks = hook_synchronisations()
         whole = {"without": whole_fit_synchronisations(False), "with": whole_fit_synchronisations(True)}
         workload = dataclasses.replace(gcn_workload(quick), accelerator="cuda")
-        timing = run_workload(workload, reps if reps is not None else (3 if quick else 10), trace_every=10)
+        timing = run_workload(workload, reps if reps is not None else (3 if quick else 10), trace_every=10,
+                              cases=("without", "with"))
     return {
         "name": "gpu",
         "skipped": False,

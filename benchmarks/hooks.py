@@ -28,6 +28,7 @@ TARGET_RATIO = 0.25
 LIGHTNING = "lightning_monitors"
 CASES: dict[str, str] = {
     "monitoring_trace10": "MonitoringCallback, all features on, tracing every 10th step to a live OTLP receiver",
+    "monitoring_trace50": "MonitoringCallback, defaults (tracing every 50th step) to a live OTLP receiver",
     "monitoring_trace1": "MonitoringCallback, tracing every step to a live OTLP receiver",
     "monitoring_notrace": "MonitoringCallback, tracing off",
     LIGHTNING: "ThroughputMonitor + DeviceStatsMonitor + LearningRateMonitor",
@@ -37,6 +38,8 @@ CASES: dict[str, str] = {
 def make_callbacks(case: str) -> list[Any]:
     if case == "monitoring_trace10":
         return [monitoring_callback(trace_every_n_steps=10, tracing=True)]
+    if case == "monitoring_trace50":
+        return [monitoring_callback(tracing=True)]
     if case == "monitoring_trace1":
         return [monitoring_callback(trace_every_n_steps=1, tracing=True)]
     if case == "monitoring_notrace":
@@ -141,7 +144,7 @@ def _profile(cases: Sequence[str], samples: dict[str, list[dict[str, Any]]], flo
     if LIGHTNING not in samples:
         return {}
     base = summarize([run["hook_ns"] / run["steps"] for run in samples[LIGHTNING]])["median"]
-    chosen = [case for case in cases if case != LIGHTNING and
+    chosen = [case for case in cases if case not in (LIGHTNING, "monitoring_trace50") and
               (case == "monitoring_trace10" or
                summarize([run["hook_ns"] / run["steps"] for run in samples[case]])["median"] > TARGET_RATIO * base)]
     out = {}

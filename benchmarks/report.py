@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 OK, MISS, NONE = "✅", "❌", "—"
@@ -18,6 +19,10 @@ def _spread(summary: dict[str, Any], fmt: str = "{:.1f}") -> str:
     if summary.get("n", 0) > 1:
         text += f" (IQR {fmt.format(summary['q1'])}–{fmt.format(summary['q3'])})"
     return text
+
+
+def _ci(interval: Optional[Sequence[float]]) -> str:
+    return f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "n/a"
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -40,12 +45,22 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     e2e = results.get("end_to_end")
     if e2e:
         for name, data in e2e.get("workloads", {}).items():
+            ci = data.get("paired_ratio_ci95")
+            alt = data.get("alternating")
+            threads = data.get("threads", {}).get("cpu_seconds_per_training_second", {})
+            background = sum(v for k, v in threads.items() if k != "MainThread")
+            value = ""
+            if alt:
+                a = alt["with"]
+                value += (f"**{a['ratio']:.3f}×** in-loop (epochs alternating in one fit, 95% CI "
+                          f"{_ci(a['ratio_ci95'])}; tracing off {alt['with_tracing_off']['ratio']:.3f}×); ")
+            value += (f"fit-level {data['ratio']:.3f}× (95% CI {_ci(ci)}); {data['step_ms_without']['median']:.1f} → "
+                      f"{data['step_ms_with']['median']:.1f} ms / step; hooks "
+                      f"{data['callback_hook_share_of_step']['median']:.2%} of the step; background threads "
+                      f"{background:.1%} of a core")
             rows.append({
                 "benchmark": "End-to-end step time", "figure": f"{name}: with / without callback",
-                "value": f"**{data['ratio']:.3f}×** (paired IQR {data['paired_ratio']['q1']:.3f}–"
-                         f"{data['paired_ratio']['q3']:.3f}); {data['step_ms_without']['median']:.1f} → "
-                         f"{data['step_ms_with']['median']:.1f} ms; hooks {data['callback_hook_share_of_step']['median']:.2%}"
-                         " of the step",
+                "value": value,
                 "target": f"≤ {data['target']}×" if data.get("target") else "(no target)", "met": data.get("met"),
             })
         for note in e2e.get("notes", []):
@@ -165,31 +180,56 @@ def _details(results: dict[str, Any]) -> list[str]:
                 "Parts of the step path called in tight loops inside a live fit (median of 7 loop means).", "",
                 "| Part | µs / call |", "|---|---|"]
         for name, value in breakdown["us_per_call"].items():
-            out.append(f"| {name} | {value:.2f} |")
+            out.append(f"| {name} | {value:.2f} |" if value is not None else f"| {name} | n/a |")
         out.append("")
     e2e = results.get("end_to_end")
     if e2e:
         out += ["## End-to-end step time", "", e2e["what"] + ". " + e2e["config"]["timed"] + ".", "",
-                "| Workload | steps timed / fit | ms / step without | ms / step with | paired ratio | "
-                "callback hooks µs / step |", "|---|---|---|---|---|---|"]
+                "| Workload | case | steps timed / fit | ms / step | paired ratio to without | 95% CI | "
+                "callback hooks µs / step | per hook µs / step |", "|---|---|---|---|---|---|---|---|"]
         for name, data in e2e["workloads"].items():
-            out.append(f"| {name}: {data['description']} | {data['timed_steps_per_fit']} | "
-                       f"{_spread(data['step_ms_without'], '{:.2f}')} | {_spread(data['step_ms_with'], '{:.2f}')} | "
-                       f"{_spread(data['paired_ratio'], '{:.3f}')} (n={data['paired_ratio']['n']}) | "
-                       f"{_spread(data['callback_hook_us_per_step'])} |")
+            out.append(f"| {name}: {data['description']} | without | {data['timed_steps_per_fit']} | "
+                       f"{_spread(data['step_ms_without'], '{:.2f}')} | — | — | — | — |")
+            variants = [("with, all features on", data, data["step_ms_with"])]
+            if "tracing_off" in data:
+                variants.append(("with, tracing off", data["tracing_off"], data["tracing_off"]["step_ms"]))
+            for label, case, step_ms in variants:
+                ci = case.get("paired_ratio_ci95")
+                per_hook = ", ".join(f"{k.replace('on_', '')}: {v:.1f}" for k, v in case["per_hook_us_per_step"].items())
+                out.append(f"| {name} | {label} | {data['timed_steps_per_fit']} | {_spread(step_ms, '{:.2f}')} | "
+                           f"{_spread(case['paired_ratio'], '{:.3f}')} (n={case['paired_ratio']['n']}) | "
+                           f"{(format(ci[0], '.3f') + '–' + format(ci[1], '.3f')) if ci else '—'} | "
+                           f"{_spread(case['callback_hook_us_per_step'])} | {per_hook} |")
+        out += ["", "Epochs alternating inside one fit (pattern without, with, tracing off, tracing off, with, "
+                "without per block; ratio per block):", "",
+                "| Workload | blocks × steps per epoch | ms / step without | with: ratio (95% CI) | "
+                "tracing off: ratio (95% CI) | hooks µs / step with / tracing off | background threads, CPU s per s |",
+                "|---|---|---|---|---|---|---|"]
+        for name, data in e2e["workloads"].items():
+            alt = data.get("alternating")
+            if not alt:
+                continue
+            a, b = alt["with"], alt["with_tracing_off"]
+            threads = ", ".join(f"{k}: {v:.4f}" for k, v in data.get("threads", {})
+                                .get("cpu_seconds_per_training_second", {}).items())
+            out.append(f"| {name} | {alt['blocks']} × {alt['steps_per_epoch']} | "
+                       f"{_spread(alt['step_ms_without'], '{:.2f}')} | {a['ratio']:.3f} ({_ci(a['ratio_ci95'])}) | "
+                       f"{b['ratio']:.3f} ({_ci(b['ratio_ci95'])}) | {a['hook_us_per_step']:.1f} / "
+                       f"{b['hook_us_per_step']:.1f} | {threads} |")
         out.append("")
     scrape = results.get("scrape")
     if scrape:
         out += ["## Scrape latency", "", scrape["what"] + f", {scrape['config']['requests_per_case']} requests per "
                 "case, interleaved. In-process exposition time is the registry's own share, without HTTP.", "",
-                "| Case | median ms | IQR | p99 ms | max ms | body bytes | exposition ms (in-process) |",
-                "|---|---|---|---|---|---|---|"]
+                "| Case | median ms | IQR | p99 ms | max ms | body bytes | exposition ms (in-process) | "
+                "of which collect() ms |", "|---|---|---|---|---|---|---|---|"]
         for name, data in scrape["cases"].items():
             ms = data["ms"]
             exposition = data.get("exposition_ms")
             in_process = f"{exposition['median']:.2f}" if exposition else "n/a"
+            collect = f"{data['collect_ms']['median']:.2f}" if data.get("collect_ms") else "n/a"
             out.append(f"| {name} | {ms['median']:.2f} | {ms['q1']:.2f}–{ms['q3']:.2f} | {data['p99_ms']:.2f} | "
-                       f"{ms['max']:.2f} | {data['body_bytes']} | {in_process} |")
+                       f"{ms['max']:.2f} | {data['body_bytes']} | {in_process} | {collect} |")
         out.append("")
     memory = results.get("memory")
     if memory:

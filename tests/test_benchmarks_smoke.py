@@ -22,7 +22,7 @@ def test_memory_benchmark_quick_structure() -> None:
     for key in ("direct", "direct_baseline"):
         run = result[key]
         assert run["steps"] == 300
-        assert run["warmup_steps"] == 100
+        assert run["warmup_steps"] == 150
         assert {"rss_start_mib", "rss_end_mib", "growth_mib_per_100k", "slope_mib_per_100k", "us_per_step",
                 "samples"} <= set(run)
         assert run["samples"][0][0] == 0 and run["samples"][-1][0] == 300
