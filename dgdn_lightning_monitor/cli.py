@@ -9,7 +9,6 @@ to look in Grafana, Jaeger and Prometheus.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 import warnings
@@ -149,7 +148,7 @@ def format_summary(result: dict[str, Any]) -> str:
     metrics = result["metrics"]
     lines = ["", "=== DGDN run summary ==="]
     lines.append(f"dataset: {result['dataset']}  ({result['num_events']} events, {result['num_nodes']} nodes, "
-                 f"{result['epochs']} epochs)")
+                 f"{result['epochs']} epoch{'' if result['epochs'] == 1 else 's'})")
     scores = []
     for key in ("train_loss", "val_loss", "val_ap", "val_auc", "val_acc"):
         value = _metric(metrics, key)
@@ -263,10 +262,11 @@ def run(args: argparse.Namespace, out: Any = None, prepared: Optional[tuple[Any,
         use_distributed_sampler=False,
     )
     print(f"Training DGDN on {graph.name}: {graph.num_events} events, {graph.num_nodes} nodes, "
-          f"{args.epochs} epochs", file=out, flush=True)
+          f"{args.epochs} epoch{'' if args.epochs == 1 else 's'}", file=out, flush=True)
     with warnings.catch_warnings():
         # The event loader keeps neighbour history in this process, so it deliberately has no workers.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")  # Lightning internals
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         fit_seconds = time.perf_counter() - fit_start
