@@ -203,7 +203,7 @@ class MonitoringCallback(Callback):
         self._epoch_loop: Any = None
         self._log_every = 1
         self._logged_values: Optional[LoggedValues] = None  # attached to the Trainer's loggers during a run
-        self._trainer_ref: Optional[weakref.ref] = None
+        self._trainer_ref: Optional[Callable[[], Any]] = None
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -282,8 +282,11 @@ class MonitoringCallback(Callback):
         # Logged values come from Lightning's own logging when it has loggers (it makes the numbers anyway);
         # otherwise the callback reads them itself at the same points.
         self._logged_values = None
-        self._trainer_ref = weakref.ref(trainer)
-        if trainer.loggers:
+        try:
+            self._trainer_ref = weakref.ref(trainer)  # no cycle: the Trainer already holds this callback
+        except TypeError:  # an object that cannot be weakly referenced (a stand-in Trainer)
+            self._trainer_ref = lambda: trainer
+        if getattr(trainer, "loggers", None):
             self._logged_values = LoggedValues(self._take_logged)
             trainer.loggers = [*trainer.loggers, self._logged_values]
         self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
