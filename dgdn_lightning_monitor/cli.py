@@ -258,6 +258,7 @@ def run(args: argparse.Namespace, out: Any = None, prepared: Optional[tuple[Any,
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        log_every_n_steps=10,  # how often the training loss reaches the progress bar and the metrics
         # Events must stay in time order: no distributed sampler reshuffling them.
         use_distributed_sampler=False,
     )
