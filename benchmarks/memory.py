@@ -149,16 +149,19 @@ def run(quick: bool = False, steps: Optional[int] = None, trainer_steps: Optiona
     warmup = min(10_000, max(steps // 2, 100))
     trainer_steps = trainer_steps if trainer_steps is not None else (0 if quick else 15_000)
     call = _isolated if isolated else (lambda name, **kw: globals()[name](**kw))
+    samples = 4 if quick else 10
     result: dict[str, Any] = {
         "name": "memory",
         "what": "RSS growth over training steps (hooks driven directly; a real Trainer as cross-check)",
         "config": {"trace_every_n_steps": 10, "tracing": "live OTLP receiver", "steps_per_epoch": 1000,
                    "batch": "PyG Batch of 32 graphs", "rss": "VmRSS after gc.collect() and malloc_trim(0)"},
-        "direct": call("direct", steps=steps, warmup=warmup, drain_s=drain_s),
-        "direct_baseline": call("direct", steps=steps, warmup=warmup, monitored=False, drain_s=drain_s),
+        "direct": call("direct", steps=steps, warmup=warmup, samples=samples, drain_s=drain_s),
+        "direct_baseline": call("direct", steps=steps, warmup=warmup, samples=samples, monitored=False,
+                                drain_s=drain_s),
     }
     if not quick:
-        result["direct_notrace"] = call("direct", steps=steps, warmup=warmup, trace_every=0, drain_s=drain_s)
+        result["direct_notrace"] = call("direct", steps=steps, warmup=warmup, samples=samples, trace_every=0,
+                                        drain_s=drain_s)
     if trainer_steps:
         warm = min(5_000, trainer_steps // 3)
         result["trainer"] = call("trainer_run", steps=trainer_steps, warmup=warm, drain_s=drain_s)

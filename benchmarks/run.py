@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where to write results.json and results.md")
     parser.add_argument("--in-process", action="store_true", help="run every benchmark in this process")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rebuild results.md (and the summary in results.json) from an existing results.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--raw", type=Path, default=RAW, help=argparse.SUPPRESS)
@@ -95,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(BENCHMARKS)
     partial = args.quick or args.only is not None
     out_dir = args.out or (RAW if partial else RESULTS)
+    if args.render_only:
+        report = json.loads((out_dir / "results.json").read_text())
+        report["summary"] = summary_rows({k: v for k, v in report["results"].items() if "error" not in v})
+        (out_dir / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        (out_dir / "results.md").write_text(markdown(report))
+        print(f"[benchmarks] rebuilt {out_dir / 'results.md'}")
+        return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     args.raw.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
