@@ -221,16 +221,19 @@ def _details(results: dict[str, Any]) -> list[str]:
     scrape = results.get("scrape")
     if scrape:
         out += ["## Scrape latency", "", scrape["what"] + f", {scrape['config']['requests_per_case']} requests per "
-                "case, interleaved. In-process exposition time is the registry's own share, without HTTP.", "",
-                "| Case | median ms | IQR | p99 ms | max ms | body bytes | exposition ms (in-process) | "
-                "of which collect() ms |", "|---|---|---|---|---|---|---|---|"]
+                "case, interleaved. In-process columns, without HTTP: what the served path costs (the metrics "
+                "writing their exposition directly), and, for comparison, prometheus_client's generic rendering "
+                "of the same registry and its collect() share.", "",
+                "| Case | median ms | IQR | p99 ms | max ms | body bytes | served path ms (in-process) | "
+                "library rendering ms | of which collect() ms |", "|---|---|---|---|---|---|---|---|---|"]
         for name, data in scrape["cases"].items():
             ms = data["ms"]
             exposition = data.get("exposition_ms")
             in_process = f"{exposition['median']:.2f}" if exposition else "n/a"
             collect = f"{data['collect_ms']['median']:.2f}" if data.get("collect_ms") else "n/a"
+            direct = f"{data['direct_render_ms']['median']:.2f}" if data.get("direct_render_ms") else "n/a"
             out.append(f"| {name} | {ms['median']:.2f} | {ms['q1']:.2f}–{ms['q3']:.2f} | {data['p99_ms']:.2f} | "
-                       f"{ms['max']:.2f} | {data['body_bytes']} | {in_process} | {collect} |")
+                       f"{ms['max']:.2f} | {data['body_bytes']} | {direct} | {in_process} | {collect} |")
         out.append("")
     memory = results.get("memory")
     if memory:

@@ -197,6 +197,7 @@ class MonitoringCallback(Callback):
         self._losses_on_device = 0
         self._phase_totals: dict[str, float] = {}
         self._phase_steps = 0
+        self._model_figures_final = False
         self._degraded = False
         # Where Lightning counts the batches that stepped, and its logging interval: looked up once per epoch
         # so that the logging-step test on every batch is one attribute read and a modulo.
@@ -420,7 +421,8 @@ class MonitoringCallback(Callback):
         self.metrics.epoch_duration = time.perf_counter() - self._epoch_start
         self._read_logged(trainer, ("training_loss", "training_accuracy"))
         self._fold_nonfinite()
-        self._update_model_figures(pl_module)  # lazily initialised layers have their sizes now
+        if not self._model_figures_final:
+            self._update_model_figures(pl_module)  # lazily initialised layers have their sizes now
         self.tracer.end_epoch("train")
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -576,18 +578,24 @@ class MonitoringCallback(Callback):
         self._logged_values = None
 
     def _update_model_figures(self, pl_module: LightningModule) -> None:
+        """Count parameters and bytes; repeated at epoch ends only while lazy layers are still uninitialised."""
         parameters = trainable = memory = 0
+        lazy = False
         for parameter in pl_module.parameters():
             if isinstance(parameter, torch.nn.parameter.UninitializedParameter):
+                lazy = True
                 continue
             count = parameter.numel()
             parameters += count
             trainable += count if parameter.requires_grad else 0
             memory += count * parameter.element_size()
         for buffer in pl_module.buffers():
-            if not isinstance(buffer, torch.nn.parameter.UninitializedBuffer):
+            if isinstance(buffer, torch.nn.parameter.UninitializedBuffer):
+                lazy = True
+            else:
                 memory += buffer.numel() * buffer.element_size()
         self.metrics.model_figures = (parameters, trainable, memory)
+        self._model_figures_final = not lazy
 
     def _info(self, pl_module: LightningModule, labels: RankLabels) -> dict[str, str]:
         try:

@@ -101,32 +101,45 @@ def _temporal_size(data: TemporalData) -> GraphSize:
 
 
 def _tensor_size(tensor: torch.Tensor) -> GraphSize:
-    return GraphSize(int(tensor.shape[0]) if tensor.dim() > 0 else 1, None, None)
+    shape = tensor.shape
+    return GraphSize(int(shape[0]) if shape else 1, None, None)
 
 
 def _unknown_size(batch: Any) -> GraphSize:
     return UNKNOWN
 
 
-def _sequence_size(items: Any) -> GraphSize:
-    first_tensor = None
-    for item in items:
-        handler = _handler(type(item))
+def _plan(kinds: tuple[type, ...]) -> tuple[int, Callable[[Any], GraphSize]]:
+    """Which element of a tuple/list/dict batch to size: the first graph, else the first tensor."""
+    handlers = [_handler(kind) for kind in kinds]
+    for index, handler in enumerate(handlers):
         if handler in _GRAPH_HANDLERS:
-            return handler(item)
-        if first_tensor is None and handler is _tensor_size:
-            first_tensor = item
-    return _tensor_size(first_tensor) if first_tensor is not None else UNKNOWN
+            return index, handler
+    for index, handler in enumerate(handlers):
+        if handler is _tensor_size:
+            return index, handler
+    return -1, _unknown_size
+
+
+def _sequence_size(items: Any) -> GraphSize:
+    kinds = tuple(map(type, items))
+    plan = _PLANS.get(kinds)
+    if plan is None:
+        plan = _PLANS[kinds] = _plan(kinds)
+    index, handler = plan
+    return handler(items[index]) if index >= 0 else UNKNOWN
 
 
 def _mapping_size(mapping: Mapping) -> GraphSize:
-    return _sequence_size(mapping.values())
+    return _sequence_size(tuple(mapping.values()))
 
 
 _GRAPH_HANDLERS = (_hetero_size, _temporal_size, _data_size)
-# Batch type -> handler, filled on first sight: the step path then pays one dict lookup, not a chain of
-# isinstance checks against abstract classes.
+# Batch type -> handler, and element types of a tuple/list/dict batch -> (element index, handler): filled on
+# first sight, so the step path pays a dict lookup instead of a chain of isinstance checks against abstract
+# classes. Both stay as small as the number of batch layouts a program uses.
 _HANDLERS: dict[type, Callable[[Any], GraphSize]] = {}
+_PLANS: dict[tuple[type, ...], tuple[int, Callable[[Any], GraphSize]]] = {}
 
 
 def _handler(kind: type) -> Callable[[Any], GraphSize]:
@@ -164,7 +177,8 @@ def extract_graph_size(batch: Any) -> GraphSize:
 
         extract_graph_size(Batch.from_data_list([g1, g2]))  # GraphSize(samples=2, nodes=..., edges=...)
     """
-    return _handler(type(batch))(batch)
+    kind = type(batch)
+    return (_HANDLERS.get(kind) or _handler(kind))(batch)
 
 
 class GraphSizer:

@@ -361,3 +361,16 @@ def test_a_fault_inside_monitoring_never_stops_training(caplog):
     assert trainer.global_step == 10
     assert sum("training continues" in r.getMessage() for r in caplog.records) == 1
     assert value(exposition(callback.registry), "dgdn_samples_processed_total") == 72
+
+
+def test_lazy_layers_are_counted_once_initialised():
+    class LazyRegressor(TensorRegressor):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.LazyLinear(1)
+
+    callback = MonitoringCallback(port=0)
+    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(LazyRegressor(), tensor_loader(rows=16, batch_size=8))
+    text = exposition(callback.registry)
+    assert value(text, "dgdn_model_parameters") == 4 + 1
+    assert value(text, "dgdn_model_memory_usage_bytes") == 5 * 4
