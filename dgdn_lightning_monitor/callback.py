@@ -280,16 +280,6 @@ class MonitoringCallback(Callback):
     # ------------------------------------------------------------------------------------------ run lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         labels = RankLabels.from_trainer(trainer)
-        # Logged values come from Lightning's own logging when it has loggers (it makes the numbers anyway);
-        # otherwise the callback reads them itself at the same points.
-        self._logged_values = None
-        try:
-            self._trainer_ref = weakref.ref(trainer)  # no cycle: the Trainer already holds this callback
-        except TypeError:  # an object that cannot be weakly referenced (a stand-in Trainer)
-            self._trainer_ref = lambda: trainer
-        if getattr(trainer, "loggers", None):
-            self._logged_values = LoggedValues(self._take_logged)
-            trainer.loggers = [*trainer.loggers, self._logged_values]
         self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
         self.metrics.info = self._info(pl_module, labels)
@@ -316,6 +306,16 @@ class MonitoringCallback(Callback):
         if failure is not None:
             raise failure
         self._running = True
+        # Logged values come from Lightning's own logging when it has loggers (it makes the numbers anyway);
+        # otherwise the callback reads them itself at the same points. Detached again when the run ends.
+        self._logged_values = None
+        try:
+            self._trainer_ref = weakref.ref(trainer)  # no cycle: the Trainer already holds this callback
+        except TypeError:  # an object that cannot be weakly referenced (a stand-in Trainer)
+            self._trainer_ref = lambda: trainer
+        if getattr(trainer, "loggers", None):
+            self._logged_values = LoggedValues(self._take_logged)
+            trainer.loggers = [*trainer.loggers, self._logged_values]
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
         self._dist.publish(labels, self.run_id)
@@ -415,7 +415,8 @@ class MonitoringCallback(Callback):
                     self._read_logged(trainer, ("training_loss", "training_accuracy"))
         except Exception as error:
             self._degrade(error)
-        self._fetch_start_ns = time.perf_counter_ns()
+        if self._train_batches % self.trace_every_n_steps == 0:  # the next batch is traced: time its fetch
+            self._fetch_start_ns = time.perf_counter_ns()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.metrics.epoch_duration = time.perf_counter() - self._epoch_start

@@ -100,9 +100,13 @@ def _temporal_size(data: TemporalData) -> GraphSize:
     return GraphSize(events, nodes, events)
 
 
+# tuple.__new__ builds a GraphSize without the Python-level constructor a NamedTuple call goes through.
+_new = tuple.__new__
+
+
 def _tensor_size(tensor: torch.Tensor) -> GraphSize:
     shape = tensor.shape
-    return GraphSize(int(shape[0]) if shape else 1, None, None)
+    return _new(GraphSize, (int(shape[0]) if shape else 1, None, None))
 
 
 def _unknown_size(batch: Any) -> GraphSize:
@@ -127,6 +131,9 @@ def _sequence_size(items: Any) -> GraphSize:
     if plan is None:
         plan = _PLANS[kinds] = _plan(kinds)
     index, handler = plan
+    if handler is _tensor_size:  # the common (inputs, targets) batch, sized here without another call
+        shape = items[index].shape
+        return _new(GraphSize, (int(shape[0]) if shape else 1, None, None))
     return handler(items[index]) if index >= 0 else UNKNOWN
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -248,8 +249,14 @@ class TrainingMetrics:
     def observe_train_batch(
         self, seconds: float, end_perf: float, size: GraphSize, trace_id: Optional[str] = None
     ) -> None:
-        """Fold one finished training batch in."""
-        self.batch_seconds.observe(seconds, trace_id)
+        """Fold one finished training batch in (runs on every step: kept to plain attribute updates)."""
+        histogram = self.batch_seconds
+        if trace_id is None:
+            # FastHistogram.observe without the call: first bound >= value, Prometheus buckets are "less or equal".
+            histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+            histogram.sum += seconds
+        else:
+            histogram.observe(seconds, trace_id)
         samples, nodes, edges = size
         if samples is not None:
             self.samples_total += samples

@@ -290,10 +290,14 @@ def test_port_in_use_fails_before_training_and_names_the_port():
         port = taken.getsockname()[1]
         callback = MonitoringCallback(port=port, addr="127.0.0.1")
         model = GraphClassifier()
+        logger = pl.loggers.CSVLogger(save_dir=str(pytest.importorskip("tempfile").mkdtemp()))
+        train, val, *_ = graph_loaders()
+        trainer = quiet_trainer(max_epochs=1, callbacks=[callback], logger=logger)
         with pytest.raises(PortInUseError) as error:
-            fit(callback, model=model, epochs=1)
+            trainer.fit(model, train, val)
     assert str(port) in str(error.value) and "port=0" in str(error.value)
     assert model.steps == 0
+    assert trainer.loggers == [logger]
 
 
 def test_fixed_port_serves_there():

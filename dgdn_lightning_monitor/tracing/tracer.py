@@ -122,6 +122,7 @@ class TrainingTracer:
         self.setup: Optional[TracingSetup] = None
         self._attributes: dict[str, Any] = {}
         self._epochs: dict[str, Span] = {}
+        self._trace_ids: dict[str, tuple[Span, str]] = {}
         self._builder = SpanBuilder(self._emit)
         # perf_counter_ns -> unix ns; spans need wall-clock times, the step path uses the monotonic clock.
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
@@ -173,11 +174,15 @@ class TrainingTracer:
         return span.get_span_context() if span is not None else None
 
     def trace_id(self, stage: str) -> Optional[str]:
+        """The trace id of the open ``stage`` epoch span, as 32 hex digits (for exemplars), or ``None``."""
         span = self._epochs.get(stage)
         if span is None:
             return None
-        context = span.get_span_context()
-        return format(context.trace_id, "032x") if context.is_valid else None
+        known = self._trace_ids.get(stage)
+        if known is None or known[0] is not span:  # formatted once per epoch span, not per traced step
+            context = span.get_span_context()
+            known = self._trace_ids[stage] = (span, format(context.trace_id, "032x") if context.is_valid else "")
+        return known[1] or None
 
     # ------------------------------------------------------------------ batches
     def add_batch(self, record: BatchRecord) -> None:
