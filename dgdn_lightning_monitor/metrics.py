@@ -182,10 +182,7 @@ class _Layout:
         key = tuple(info.items())
         cached = self._info
         if cached is None or cached[0] != key:
-            labels = dict(self.rank_labels, **info)
-            text = ",".join(f'{escape_label_name(name, self.escaping)}="{escape_label_value(value)}"'
-                            for name, value in sorted(labels.items()))
-            cached = self._info = (key, f"{self.sample_name['training']}{{{text}}} 1.0\n")
+            cached = self._info = (key, f"{self.sample_name['training']}{{{self.label_string(info)}}} 1.0\n")
         return cached[1]
 
 

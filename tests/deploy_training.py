@@ -9,64 +9,28 @@ from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 import yaml
 from torch_geometric.datasets import FakeDataset
 from torch_geometric.loader import DataLoader
-from torch_geometric.nn import GCNConv, global_mean_pool
 
+from lit_models import GraphClassifier
 from prom_helpers import Prometheus, wait_until
 
 JOB = "dgdn-training"
 
 
-class LiveGCN(pl.LightningModule):
-    """A two-layer GCN graph classifier that logs train/val loss and accuracy every step.
+class LiveGCN(GraphClassifier):
+    """The tests' GCN graph classifier, sleeping in every step so that a run spans several scrapes.
 
     Args:
-        loss_offset: added to the training loss (a constant does not change the gradients), to drive the
-            loss above an alert threshold.
+        loss_offset: added to the training loss, to drive it above an alert threshold.
         nan_after_step: from this training step on (0-based) the loss is NaN.
-        step_sleep_s: sleep in every training step, so that a run spans several scrapes.
+        step_sleep_s: sleep in every training step.
     """
 
     def __init__(self, loss_offset: float = 0.0, nan_after_step: Optional[int] = None,
                  step_sleep_s: float = 0.02) -> None:
-        super().__init__()
-        self.conv1 = GCNConv(8, 16)
-        self.conv2 = GCNConv(16, 16)
-        self.head = torch.nn.Linear(16, 2)
-        self.loss_offset = loss_offset
-        self.nan_after_step = nan_after_step
-        self.step_sleep_s = step_sleep_s
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        h = self.conv1(batch.x, batch.edge_index).relu()
-        h = self.conv2(h, batch.edge_index).relu()
-        return self.head(global_mean_pool(h, batch.batch))
-
-    def _loss_acc(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self(batch)
-        return F.cross_entropy(out, batch.y), (out.argmax(-1) == batch.y).float().mean()
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, acc = self._loss_acc(batch)
-        loss = loss + self.loss_offset
-        if self.nan_after_step is not None and self.global_step >= self.nan_after_step:
-            loss = loss * float("nan")
-        if self.step_sleep_s:
-            time.sleep(self.step_sleep_s)
-        self.log("train_loss", loss, on_step=True, batch_size=batch.num_graphs)
-        self.log("train_acc", acc, on_step=True, batch_size=batch.num_graphs)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, acc = self._loss_acc(batch)
-        self.log("val_loss", loss, batch_size=batch.num_graphs)
-        self.log("val_acc", acc, batch_size=batch.num_graphs)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=0.01)
+        super().__init__(nan_after=nan_after_step, step_sleep_s=step_sleep_s, loss_offset=loss_offset)
 
 
 def loaders(train_graphs: int = 32, val_graphs: int = 8) -> tuple[DataLoader, DataLoader]:

@@ -20,10 +20,17 @@ def fake_graphs(num_graphs: int = 48, seed: int = 0) -> FakeDataset:
 
 
 class GraphClassifier(pl.LightningModule):
-    """A two-layer GCN that logs train/val loss and accuracy, and remembers what it logged last."""
+    """A two-layer GCN that logs train/val loss and accuracy, and remembers what it logged last.
+
+    Args:
+        nan_after: the training loss is NaN from this many training steps on.
+        step_sleep_s: sleep in every training step, so that a run spans several scrapes.
+        loss_offset: added to the training loss (a constant leaves the gradients alone), to push it past a
+            threshold.
+    """
 
     def __init__(self, in_channels: int = 8, hidden: int = 16, lr: float = 0.01, nan_after: Optional[int] = None,
-                 step_sleep_s: float = 0.0) -> None:
+                 step_sleep_s: float = 0.0, loss_offset: float = 0.0) -> None:
         super().__init__()
         self.conv1 = GCNConv(in_channels, hidden)
         self.conv2 = GCNConv(hidden, hidden)
@@ -31,6 +38,7 @@ class GraphClassifier(pl.LightningModule):
         self.lr = lr
         self.nan_after = nan_after
         self.step_sleep_s = step_sleep_s
+        self.loss_offset = loss_offset
         self.last_logged: dict[str, float] = {}
         self.steps = 0
 
@@ -47,6 +55,7 @@ class GraphClassifier(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, acc = self._loss_acc(batch)
+        loss = loss + self.loss_offset
         self.steps += 1
         if self.nan_after is not None and self.steps > self.nan_after:
             loss = loss * float("nan")
