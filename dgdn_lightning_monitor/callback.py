@@ -38,7 +38,7 @@ from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 
 log = logging.getLogger(__name__)
 
-# On a GPU, the device-side count of finite losses is read (asynchronously) every this many steps.
+# Training losses are checked for NaN/inf together, every this many steps (and at epoch and run ends).
 _FOLD_EVERY = 50
 
 _NAMESPACE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -193,8 +193,7 @@ class MonitoringCallback(Callback):
         self._eval_start = 0.0
         self._eval_record: Optional[BatchRecord] = None
         self._epoch_start = 0.0
-        self._finite_on_device: Optional[torch.Tensor] = None  # finite training losses counted on the GPU
-        self._losses_on_device = 0
+        self._losses: list[torch.Tensor] = []  # training losses since the last non-finite count
         self._phase_totals: dict[str, float] = {}
         self._phase_steps = 0
         self._model_figures_final = False
@@ -247,7 +246,7 @@ class MonitoringCallback(Callback):
         metrics.progress_source = metrics.learning_rate_source = None  # bound to a Trainer of this process
         state["metrics"] = metrics
         state.update(_server=None, _running=False, _scalars=None, _record=None, _eval_record=None,
-                     _finite_on_device=None, _losses_on_device=0, _epoch_loop=None, _logged_values=None,
+                     _losses=[], _epoch_loop=None, _logged_values=None,
                      _trainer_ref=None)
         return state
 
@@ -399,11 +398,11 @@ class MonitoringCallback(Callback):
             if record is not None:
                 self._add_phases(record)
                 self.tracer.add_batch(record)
-            self._check_loss(outputs)
+            self._keep_loss(outputs)
+            if len(self._losses) >= _FOLD_EVERY:
+                self._fold_nonfinite()
             if self._scalars.pending:
                 self._scalars.poll()
-            if self._losses_on_device >= _FOLD_EVERY:
-                self._fold_nonfinite()
             if self._logged_values is None:
                 loop = self._epoch_loop
                 if (
@@ -526,32 +525,32 @@ class MonitoringCallback(Callback):
             self._phase_totals[name] = self._phase_totals.get(name, 0.0) + (end_ns - start_ns) / 1e9
         self._phase_steps += 1
 
-    def _check_loss(self, outputs: Any) -> None:
+    def _keep_loss(self, outputs: Any) -> None:
+        """Keep this step's loss for the non-finite count, which is taken every few steps in one go: no read,
+        no kernel and no synchronisation per step."""
         if type(outputs) is dict:  # what automatic optimization hands over; skips the slower ABC check
             loss = outputs.get("loss")
         elif isinstance(outputs, torch.Tensor):
             loss = outputs
         else:
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            return
-        if loss.is_cuda:
-            # Finite losses are counted on the device (two small kernels, no synchronisation) and the count is
-            # read asynchronously at logging steps.
-            finite = torch.isfinite(loss.detach()).reshape(())
-            if self._finite_on_device is None:
-                self._finite_on_device = finite.to(torch.int64)
-            else:
-                self._finite_on_device.add_(finite)
-            self._losses_on_device += 1
-        elif loss.is_cpu and not math.isfinite(loss.item()):
-            self.metrics.nonfinite_losses += 1
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # A loss that still carries its graph (manual optimization) must not keep the graph alive.
+            self._losses.append(loss.detach() if loss.requires_grad else loss)
 
     def _fold_nonfinite(self) -> None:
-        finite, losses = self._finite_on_device, self._losses_on_device
-        self._finite_on_device, self._losses_on_device = None, 0
-        if finite is not None:
-            self._scalars.submit(finite, lambda value: self._add_nonfinite(losses - int(value)))
+        """Count the non-finite losses kept since the last fold: on the CPU at once, on a GPU with a few kernels
+        whose result is read asynchronously."""
+        losses, self._losses = self._losses, []
+        if not losses:
+            return
+        if not losses[0].is_cuda:  # host values: read in one tight loop, cheaper than a read per step
+            self._add_nonfinite(sum(1 for loss in losses if not math.isfinite(loss.item())))
+            return
+        if any(loss.dim() for loss in losses):
+            losses = [loss.reshape(()) for loss in losses]
+        nonfinite = torch.isfinite(torch.stack(losses)).logical_not_().sum()
+        self._scalars.submit(nonfinite, lambda value: self._add_nonfinite(int(value)))
 
     def _add_nonfinite(self, count: int) -> None:
         self.metrics.nonfinite_losses += count

@@ -211,6 +211,15 @@ def test_nonfinite_losses_are_counted_and_shown_as_nan():
     assert math.isnan(value(text, "dgdn_training_loss"))
 
 
+def test_nonfinite_count_is_exact_across_several_folds():
+    callback = MonitoringCallback(port=0)
+    train, val, train_set, _ = graph_loaders(batch_size=1)  # 36 steps per epoch: folds every 50 steps and per epoch
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback], log_every_n_steps=1)
+    trainer.fit(GraphClassifier(nan_after=40), train, val)
+    assert trainer.global_step == 3 * len(train_set)
+    assert value(exposition(callback.registry), "dgdn_nonfinite_loss_total") == 3 * len(train_set) - 40
+
+
 def test_tensor_batches_count_rows_and_leave_graph_metrics_alone():
     callback = MonitoringCallback(port=0)
     quiet_trainer(max_epochs=1, callbacks=[callback]).fit(TensorRegressor(), tensor_loader(rows=40, batch_size=8))
