@@ -40,10 +40,13 @@ class SpanBuilder:
     Args:
         emit: ``(record, parent epoch span, with device times)`` -> None; runs on the builder thread.
         interval_s: how often the thread looks at the queue (spans are exported in batches anyway).
+        max_queued: records waiting to be built, beyond which new ones are dropped (with one warning).
     """
 
-    def __init__(self, emit: Emit, interval_s: float = 0.2) -> None:
+    def __init__(self, emit: Emit, interval_s: float = 0.2, max_queued: int = 2048) -> None:
         self._emit = emit
+        self.max_queued = max_queued
+        self.dropped = 0
         self._interval_s = interval_s
         self._queue: deque[tuple[BatchRecord, Optional[Span]]] = deque()  # append/popleft are thread-safe
         self._waiting: list[tuple[BatchRecord, Optional[Span]]] = []  # records whose CUDA work is still running
@@ -52,6 +55,14 @@ class SpanBuilder:
         self._failed = False
 
     def submit(self, record: BatchRecord, parent: Optional[Span]) -> None:
+        if len(self._queue) >= self.max_queued:
+            # Records come faster than spans can be built (tracing every step of a very fast loop): drop them
+            # rather than let the queue, and the process, grow.
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("Traced batches arrive faster than their spans can be built; some are dropped. "
+                            "Raise trace_every_n_steps to trace fewer steps.")
+            return
         self._queue.append((record, parent))
         if self._thread is None:
             self._stop = threading.Event()
