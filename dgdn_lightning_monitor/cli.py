@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 GRAFANA_URL = "http://localhost:3000"
 JAEGER_URL = "http://localhost:16686"
@@ -21,34 +21,24 @@ PROMETHEUS_URL = "http://localhost:9090"
 _PHASES = ("data_fetch", "forward", "backward", "optimizer_step")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that converts the text and checks the value, with one message for both failures."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port (0-65535, 0 = any free port), got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port (0-65535, 0 = any free port), got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _checked(int, lambda value: value > 0, "a positive integer")
+_port = _checked(int, lambda value: 0 <= value <= 65535, "a TCP port (0-65535, 0 = any free port)")
+_positive_float = _checked(float, lambda value: value > 0, "a positive number")
 
 
 def _devices(text: str) -> Any:

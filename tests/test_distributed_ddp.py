@@ -190,12 +190,17 @@ def prometheus(targets_dir: Path, workdir: Path) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate a server started by a test; kill it if it does not go within 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
 
 
 def query(base: str, promql: str) -> list[dict[str, Any]]:
@@ -307,12 +312,7 @@ def test_ddp_spawn_pickles_the_callback_and_pushes_final_figures(tmp_path: Path)
             _, batches = only(found["dgdn_batch_processing_seconds_count"], rank=str(rank), run_id=run_id)
             assert batches == GRAPHS // 2 // BATCH * EPOCHS
     finally:
-        gateway.terminate()
-        try:
-            gateway.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait(timeout=5)
+        stop(gateway)
 
 
 def test_two_nodes_on_one_machine_have_distinct_node_ranks(tmp_path: Path) -> None:
