@@ -28,11 +28,47 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.run
 
+# The monitoring stack. Docker Desktop: make stack STACK_FILES="deploy/docker-compose.yml deploy/docker-compose.docker-desktop.yml"
+STACK_FILES ?= deploy/docker-compose.yml
+STACK_COMPOSE = docker compose $(addprefix -f ,$(STACK_FILES))
+STACK_CHECK = command -v docker >/dev/null 2>&1 || { echo "make stack: Docker is not installed (needs Docker with the Compose v2 plugin, 'docker compose')" >&2; exit 1; }; \
+	docker compose version >/dev/null 2>&1 || { echo "make stack: the Docker Compose v2 plugin is missing ('docker compose version' fails; docker-compose v1 is not enough): install docker-compose-plugin" >&2; exit 1; }
+
 stack:
-	docker compose -f deploy/docker-compose.yml up -d
+	@$(STACK_CHECK)
+	$(STACK_COMPOSE) up -d
 
 stack-down:
-	docker compose -f deploy/docker-compose.yml down
+	@$(STACK_CHECK)
+	$(STACK_COMPOSE) down
+
+# A local CA and certificates in deploy/secure/certs for the secured stack (deploy/docker-compose.secure.yml).
+.PHONY: certs
+certs:
+	scripts/make-certs.sh deploy/secure/certs
+
+# Jupyter Lab on the notebooks (installed by the notebooks extra, like `make demo`).
+.PHONY: notebooks notebooks-execute
+notebooks: $(VENV)/.installed-notebooks
+	$(BIN)/jupyter lab notebooks/
+
+# Re-runs every notebook in place and stores its outputs (text and PNG plots) in the file.
+notebooks-execute: $(VENV)/.installed-notebooks
+	$(BIN)/python scripts/execute_notebooks.py
+
+# Prometheus, Alertmanager and Pushgateway without Docker: binaries from PATH, the shipped configs, data in
+# .stack/. Runs until Ctrl-C; `make stack-native-down` stops it from another terminal.
+.PHONY: stack-native stack-native-down
+stack-native: $(VENV)/.installed-notebooks
+	$(BIN)/python scripts/native_stack.py up
+
+stack-native-down:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/native_stack.py down
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check dgdn_lightning_monitor/
+	$(BIN)/ruff check dgdn_lightning_monitor/
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs
