@@ -221,9 +221,8 @@ def _details(results: dict[str, Any]) -> list[str]:
     scrape = results.get("scrape")
     if scrape:
         out += ["## Scrape latency", "", scrape["what"] + f", {scrape['config']['requests_per_case']} requests per "
-                "case, interleaved. In-process columns, without HTTP: what the served path costs (the metrics "
-                "writing their exposition directly), and, for comparison, prometheus_client's generic rendering "
-                "of the same registry and its collect() share.", "",
+                "case, interleaved. In-process columns, without HTTP: prometheus_client's rendering "
+                "of the served registry and its collect() share.", "",
                 "| Case | median ms | IQR | p99 ms | max ms | body bytes | served path ms (in-process) | "
                 "library rendering ms | of which collect() ms |", "|---|---|---|---|---|---|---|---|---|"]
         for name, data in scrape["cases"].items():

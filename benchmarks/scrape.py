@@ -3,10 +3,10 @@
 Each rank is a :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics` with its own
 :class:`~dgdn_lightning_monitor.labels.RankLabels`, filled as after a long run (10k training batches, some with
 exemplars, validation and test latencies, logged values, model figures, two learning rates, progress). They are
-served together by one :class:`~dgdn_lightning_monitor.server.MetricsServer`, which writes them directly
-(``direct=``, the path the callback uses); a registry refuses two collectors with the same metric names, so for
-the library's in-process figures the eight are wrapped in one collector that collects each rank and merges the
-samples of a metric into one family (one ``# HELP``/``# TYPE`` per metric, as Prometheus requires). In a real DDP
+served by one :class:`~dgdn_lightning_monitor.server.MetricsServer` (``prometheus_client``'s WSGI app, the path
+the callback uses); a registry refuses two collectors with the same metric names, so the eight are wrapped in one
+collector that collects each rank and merges the samples of a metric into one family (one ``# HELP``/``# TYPE``
+per metric, as Prometheus requires). In a real DDP
 run each rank serves its own port; one endpoint with eight label sets is the heavier case. Requests use urllib
 over loopback, a new connection each, in the Prometheus text format and in OpenMetrics (with exemplars, which
 Prometheus asks for first); the four cases are interleaved request by request.
@@ -79,13 +79,13 @@ class MergedRanks:
 
 
 def _server(ranks: int) -> Any:
-    """A MetricsServer writing ``ranks`` TrainingMetrics directly; its registry holds them for the library path."""
+    """A MetricsServer serving ``ranks`` TrainingMetrics."""
     from dgdn_lightning_monitor.server import MetricsServer
 
     collectors = [filled_metrics(rank, ranks) for rank in range(ranks)]
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collectors[0] if ranks == 1 else MergedRanks(collectors))
-    return MetricsServer(registry, "127.0.0.1", 0, direct=collectors)
+    return MetricsServer(registry, "127.0.0.1", 0)
 
 
 def _get(url: str, accept: Optional[str]) -> tuple[float, int]:
@@ -122,7 +122,6 @@ def run(quick: bool = False, requests: Optional[int] = None) -> dict[str, Any]:
         for server in servers.values():
             server.stop()
     exposition = {case: _exposition_ms(servers[case[0]].registry, case[1], 50 if quick else 200) for case in cases}
-    direct = {case: _direct_ms(servers[case[0]].direct, case[1], 50 if quick else 200) for case in cases}
     collect = {ranks: _collect_ms(servers[ranks].registry, 50 if quick else 200) for ranks in servers}
     results = {}
     for ranks, fmt in cases:
@@ -132,7 +131,6 @@ def run(quick: bool = False, requests: Optional[int] = None) -> dict[str, Any]:
             "ranks": ranks, "format": fmt, "requests": len(values), "ms": summarize(values),
             "p99_ms": p99, "body_bytes": sizes[(ranks, fmt)], "samples": series[ranks],
             "exposition_ms": exposition[(ranks, fmt)],
-            "direct_render_ms": direct[(ranks, fmt)],
             "collect_ms": collect[ranks],
             "target_ms": TARGET_MS, "met": p99 <= TARGET_MS,
         }
@@ -155,17 +153,6 @@ def _exposition_ms(registry: CollectorRegistry, fmt: str, times: int) -> dict[st
     for _ in range(times):
         start = time.perf_counter()
         render(registry)
-        values.append((time.perf_counter() - start) * 1e3)
-    return summarize(values)
-
-
-def _direct_ms(collectors: Any, fmt: str, times: int) -> dict[str, Any]:
-    """What the served path costs without HTTP: the collectors writing their own exposition."""
-    values = []
-    for _ in range(times):
-        start = time.perf_counter()
-        for collector in collectors:
-            collector.render(fmt == "openmetrics")
         values.append((time.perf_counter() - start) * 1e3)
     return summarize(values)
 

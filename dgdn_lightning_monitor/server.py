@@ -1,106 +1,35 @@
-"""The HTTP endpoint that serves ``/metrics`` from a registry, with a clear error when the port is taken.
-
-Collectors passed as ``direct`` (the callback's :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics`) write
-their own exposition text, which is many times cheaper than ``prometheus_client`` building and formatting their
-samples; the rest of the registry is written by ``prometheus_client`` as usual.
-"""
+"""The HTTP endpoint that serves ``/metrics`` from a registry with ``prometheus_client``'s own WSGI app (text and
+OpenMetrics negotiation, gzip, exemplars), adding what a training process needs: a clear error when the port is
+taken, a deep listen backlog, an optional TLS / basic-auth web configuration, and a fast stop."""
 
 from __future__ import annotations
 
 import errno
-import gzip
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Optional, Protocol
-from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from dgdn_lightning_monitor.guards import forget_threads_after_fork
 
 # How often the serving loop checks for shutdown; stopping waits up to this long (the library's default is
 # 0.5 s, which would be most of the run-end budget).
 _POLL_INTERVAL_S = 0.05
-
-# Compression level of gzip responses. Level 1 compresses eight ranks' exposition (~90 kB) in ~0.1 ms to ~7.5 kB;
-# the library's level 9 takes over 1 ms for ~6 kB, on the scrape's latency and in the training process.
-_GZIP_LEVEL = 1
-_OPENMETRICS = "application/openmetrics-text"
-_UNDERSCORES = "underscores"  # the name escaping of a scrape that asks for none
-_ESCAPING_PARAMETER = "; escaping="
-
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+# Connections the kernel queues while every handler is busy: several Prometheus servers, federation and a user's
+# curl loop at once must not be refused (the socketserver default is 5).
+LISTEN_BACKLOG = 128
 
 
-class DirectCollector(Protocol):
-    """A collector that writes its own exposition text, e.g. a
-    :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics`."""
+class WebConfig(Protocol):
+    """What the server needs of a web configuration (see ``dgdn_lightning_monitor.web_config``)."""
 
-    def render_families(self, openmetrics: bool, escaping: str) -> Sequence[tuple[str, str]]:
-        """``(header, samples)`` per family: the ``# HELP``/``# TYPE`` lines and the sample lines, exactly as
-        ``prometheus_client`` writes them (OpenMetrics without ``# EOF``)."""
+    scheme: str
+    ssl_context: Any
 
-    def exported_directly(self) -> AbstractContextManager[None]:
-        """A context in which the collector's ``collect()`` yields nothing, in the calling thread only."""
-
-
-def render_direct(collectors: Sequence[DirectCollector], openmetrics: bool, escaping: str = _UNDERSCORES) -> str:
-    """The exposition text of ``collectors``, each family once: families of the same name from several collectors
-    (several ranks' metrics under one namespace) are merged, their samples in the order of ``collectors``."""
-    if len(collectors) == 1:
-        return "".join(header + samples for header, samples in collectors[0].render_families(openmetrics, escaping))
-    merged: dict[str, list[str]] = {}
-    for collector in collectors:
-        for header, samples in collector.render_families(openmetrics, escaping):
-            parts = merged.get(header)
-            if parts is None:
-                merged[header] = [header, samples]
-            else:
-                parts.append(samples)
-    return "".join("".join(parts) for parts in merged.values())
-
-
-def make_metrics_app(registry: CollectorRegistry, direct: Sequence[DirectCollector] = ()) -> WSGIApp:
-    """A WSGI app serving ``registry`` like ``prometheus_client.make_wsgi_app``, with ``direct`` written by
-    themselves.
-
-    ``GET`` of any path but ``/favicon.ico`` returns the exposition: OpenMetrics or the Prometheus text format as
-    the ``Accept`` header asks (the library's negotiation, with its ``Content-Type``), gzip-compressed when
-    ``Accept-Encoding`` lists gzip. The body is the direct collectors' text followed by what the library writes for
-    the rest of the registry, during which the direct collectors' ``collect()`` yields nothing in the serving thread
-    (so a direct collector that is also registered is written once). Requests filtering by ``name[]``, other
-    methods and ``/favicon.ico`` are answered by the library's app.
-    """
-    library_app = make_wsgi_app(registry)
-    if not direct:
-        return library_app
-    collectors = tuple(direct)
-
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        query = environ.get("QUERY_STRING")
-        if (environ.get("REQUEST_METHOD") != "GET" or environ.get("PATH_INFO") == "/favicon.ico"
-                or (query and "name[]" in parse_qs(query))):
-            return library_app(environ, start_response)
-        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
-        openmetrics = content_type.startswith(_OPENMETRICS)
-        _, found, escaping = content_type.partition(_ESCAPING_PARAMETER)
-        text = render_direct(collectors, openmetrics, escaping if found else _UNDERSCORES)
-        with ExitStack() as stack:
-            for collector in collectors:
-                stack.enter_context(collector.exported_directly())
-            rest = encoder(registry)  # OpenMetrics: ends with the one "# EOF" line, also when nothing is left
-        output = text.encode("utf-8") + rest
-        headers = [("Content-Type", content_type)]
-        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")):
-            output = gzip.compress(output, compresslevel=_GZIP_LEVEL)
-            headers.append(("Content-Encoding", "gzip"))
-        start_response("200 OK", headers)
-        return [output]
-
-    return app
+    def wrap(self, app: Any) -> Any: ...
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -108,40 +37,39 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # one line per scrape on stderr would drown the training output
 
 
-def _address_family(addr: str, port: int) -> socket.AddressFamily:
-    infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    return infos[0][0]
-
-
 class PortInUseError(OSError):
     """The metrics port is already taken by another process (or another Trainer in this one)."""
 
 
 class MetricsServer:
-    """Serves a registry on ``http://addr:port/metrics`` from a daemon thread.
+    """Serves a registry on ``http(s)://addr:port/metrics`` from a daemon thread.
 
     Args:
         registry: what to serve.
         addr: interface to bind; ``0.0.0.0`` for all (so a Prometheus container can reach it).
         port: TCP port; ``0`` picks a free one.
-        direct: collectors that write their own exposition text (see :func:`make_metrics_app`); they are served
-            whether or not they are registered in ``registry``.
+        web_config: TLS and basic auth to apply, or ``None`` for plain HTTP.
 
     Example::
 
-        server = MetricsServer(registry, "127.0.0.1", 0, direct=(metrics,))
+        server = MetricsServer(registry, "127.0.0.1", 0)
         server.start()
         print(server.url)  # http://127.0.0.1:43121/metrics
         server.stop()
     """
 
-    def __init__(self, registry: CollectorRegistry, addr: str = "0.0.0.0", port: int = 8000,
-                 direct: Sequence[DirectCollector] = ()) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        addr: str = "0.0.0.0",
+        port: int = 8000,
+        web_config: Optional[WebConfig] = None,
+    ) -> None:
         self.registry = registry
         self.addr = addr
         self.port = port
-        self.direct = tuple(direct)
-        self._httpd = None
+        self.web_config = web_config
+        self._httpd: Optional[ThreadingWSGIServer] = None
         self._thread: Optional[threading.Thread] = None
         self.bound_port: Optional[int] = None
 
@@ -158,17 +86,25 @@ class MetricsServer:
             host = socket.gethostname() if host == "" else ("localhost" if host == "0.0.0.0" else "[::1]")
         elif ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.bound_port}/metrics"
+        scheme = self.web_config.scheme if self.web_config is not None else "http"
+        return f"{scheme}://{host}:{self.bound_port}/metrics"
 
     def start(self) -> None:
         if self._httpd is not None:
             return
-        class Server(ThreadingWSGIServer):
-            address_family = _address_family(self.addr, self.port)
+        family = socket.getaddrinfo(self.addr or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][
+            0
+        ]
 
+        class Server(ThreadingWSGIServer):
+            address_family = family
+            request_queue_size = LISTEN_BACKLOG
+
+        app = make_wsgi_app(self.registry)
+        if self.web_config is not None:
+            app = self.web_config.wrap(app)
         try:
-            httpd = make_server(self.addr, self.port, make_metrics_app(self.registry, self.direct), Server,
-                                handler_class=_QuietHandler)
+            httpd = make_server(self.addr, self.port, app, Server, handler_class=_QuietHandler)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise PortInUseError(
@@ -177,11 +113,19 @@ class MetricsServer:
                     f"Pass another port, or port=0 to pick a free one.",
                 ) from error
             raise
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": _POLL_INTERVAL_S},
-                                  name="dgdn-metrics-server", daemon=True)
+        context = self.web_config.ssl_context if self.web_config is not None else None
+        if context is not None:
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": _POLL_INTERVAL_S},
+            name="dgdn-metrics-server",
+            daemon=True,
+        )
         thread.start()
         self._httpd, self._thread = httpd, thread
         self.bound_port = int(httpd.server_address[1])
+        forget_threads_after_fork(self)
 
     def stop(self) -> None:
         httpd, thread = self._httpd, self._thread
@@ -192,3 +136,9 @@ class MetricsServer:
         httpd.server_close()
         if thread is not None:
             thread.join(timeout=2.0)
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child the serving thread does not exist and the socket belongs to the parent: forget both
+        (without closing the parent's socket) so that the child can start its own server."""
+        self._httpd = self._thread = None
+        self.bound_port = None
