@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from lightning.pytorch import Callback
 
 from benchmarks.common import Receiver, make_trainer, monitoring_callback, otlp_env
-from benchmarks.models import TinyModule, tiny_loader
+from dgdn_testing.models import TensorRegressor, tiny_loader
 
 
 def per_call_us(function: Callable[[], Any], calls: int, loops: int = 7) -> float:
@@ -128,15 +128,15 @@ class _Probe(Callback):
         part("batch size: _sizer(batch), PyG Batch of 32 graphs", lambda: per_call_us(lambda: cb._sizer(graph), n))
         if temporal is not None:
             part("batch size: _sizer(batch), DGDN TemporalData", lambda: per_call_us(lambda: cb._sizer(temporal), n))
-        part("_check_loss(outputs)", lambda: per_call_us(lambda: cb._check_loss(outputs), n))
+        part("_keep_loss(run, outputs)", lambda: per_call_us(lambda: cb._keep_loss(cb._run, outputs), n))
         part("metrics.observe_train_batch(...)",
              lambda: per_call_us(lambda: cb.metrics.observe_train_batch(0.001, now, size, None), n))
         part("_update_model_figures (each epoch end), tiny model",
-             lambda: per_call_us(lambda: cb._update_model_figures(pl_module), max(n // 10, 50)))
+             lambda: per_call_us(lambda: cb._count_model(pl_module), max(n // 10, 50)))
         if dgdn_module is not None:
             part("_update_model_figures (each epoch end), DGDN module",
-                 lambda: per_call_us(lambda: cb._update_model_figures(dgdn_module), max(n // 10, 50)))
-            cb._update_model_figures(pl_module)
+                 lambda: per_call_us(lambda: cb._count_model(dgdn_module), max(n // 10, 50)))
+            cb._count_model(pl_module)
 
         def step() -> None:
             cb.on_train_batch_start(trainer, pl_module, batch, batch_idx)
@@ -183,7 +183,7 @@ def run(quick: bool = False, calls: Optional[int] = None) -> dict[str, Any]:
         callback = monitoring_callback(trace_every_n_steps=10, tracing=True)
         probe = _Probe(callback, calls, receiver.endpoint)
         trainer = make_trainer([callback, probe], max_epochs=1)
-        trainer.fit(TinyModule(), train_dataloaders=tiny_loader(40))
+        trainer.fit(TensorRegressor(features=8, lr=0.01), train_dataloaders=tiny_loader(40))
     return {
         "name": "breakdown",
         "what": "µs per call of the parts of MonitoringCallback's step path, timed in a live fit",

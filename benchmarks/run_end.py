@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 from lightning.pytorch import Callback
 
 from benchmarks.common import Receiver, make_trainer, monitoring_callback, otlp_env, rotations, summarize
-from benchmarks.models import TinyModule, tiny_loader
+from dgdn_testing.models import TensorRegressor, tiny_loader
 
 TARGET_S = 2.0
 CASES = ("no_callback", "live", "closed", "hang")
@@ -60,8 +60,9 @@ class _WrapTeardownParts(Callback):
         cb.teardown = _timed(self.parts, "teardown_total", cb.teardown)
         cb.tracer.finish = _timed(self.parts, "tracer_finish", cb.tracer.finish)
         cb.gpu.stop = _timed(self.parts, "gpu_stop", cb.gpu.stop)
-        if getattr(cb, "_server", None) is not None:
-            cb._server.stop = _timed(self.parts, "metrics_server_stop", cb._server.stop)
+        run = getattr(cb, "_run", None)
+        if run is not None:
+            run.server.stop = _timed(self.parts, "metrics_server_stop", run.server.stop)
         dist = getattr(cb, "_dist", None)
         if dist is not None and hasattr(dist, "finish"):
             dist.finish = _timed(self.parts, "distributed_finish", dist.finish)
@@ -76,7 +77,7 @@ def fit_once(case: str, endpoint: Optional[str], steps: int, trace_every: int) -
         callbacks = [_WrapTeardownParts(callback, parts), callback]
     with otlp_env(endpoint):
         trainer = make_trainer(callbacks + [last], max_epochs=1)
-        trainer.fit(TinyModule(), train_dataloaders=tiny_loader(steps))
+        trainer.fit(TensorRegressor(features=8, lr=0.01), train_dataloaders=tiny_loader(steps))
         returned = time.perf_counter()
     return {"seconds": returned - last.at, "parts": dict(parts)}
 

@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, push_to_gateway
 
+from dgdn_lightning_monitor.guards import WarnOnce
 from dgdn_lightning_monitor.labels import RankLabels
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ def check_targets_host(value: Any) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str) or not _HOST.match(value) or "/" in value:
-        raise ValueError(f"targets_host must be a host name or IP address such as 'node-3' or "
-                         f"'host.docker.internal', got {value!r}")
+        raise ValueError(
+            f"targets_host must be a host name or IP address such as 'node-3' or 'host.docker.internal', got {value!r}"
+        )
     return value
 
 
@@ -170,9 +172,7 @@ class FileSDTargets:
         sd.remove()
     """
 
-    def __init__(
-        self, directory: Path, job: str, node_rank: int, run_id: str, hostname: Optional[str] = None
-    ) -> None:
+    def __init__(self, directory: Path, job: str, node_rank: int, run_id: str, hostname: Optional[str] = None) -> None:
         self.directory = Path(directory)
         parts = (job, hostname or socket.gethostname(), f"node{int(node_rank)}", run_id)
         name = "-".join(_FILE_PART.sub("_", part).strip("_") or "_" for part in parts)
@@ -216,7 +216,10 @@ class FileSDTargets:
 
 # ---------------------------------------------------------------------------------------------- pushgateway
 def push_final_metrics(
-    url: str, job: str, registry: CollectorRegistry, grouping_key: Mapping[str, str],
+    url: str,
+    job: str,
+    registry: CollectorRegistry,
+    grouping_key: Mapping[str, str],
     timeout_s: float = PUSH_TIMEOUT_S,
 ) -> Optional[str]:
     """Push ``registry`` to a Pushgateway (replacing the group), waiting at most about ``timeout_s``.
@@ -277,8 +280,9 @@ def unpack_span_context(packed: Any) -> Optional[SpanContext]:
     if not isinstance(packed, tuple) or len(packed) != 3:
         return None
     trace_id, span_id, flags = packed
-    context = SpanContext(trace_id=int(trace_id), span_id=int(span_id), is_remote=True,
-                          trace_flags=TraceFlags(int(flags)))
+    context = SpanContext(
+        trace_id=int(trace_id), span_id=int(span_id), is_remote=True, trace_flags=TraceFlags(int(flags))
+    )
     return context if context.is_valid else None
 
 
@@ -323,7 +327,7 @@ class DistributedRun:
         self.rank = 0
         self._collective = False
         self._sd: Optional[FileSDTargets] = None
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce(log)
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def agree_run_id(self, run_id: str) -> str:
@@ -350,8 +354,14 @@ class DistributedRun:
             port: the port it serves on, or ``None`` when its server did not start.
             tracing: whether it exports spans.
         """
-        mine = Endpoint(labels.rank, labels.local_rank, labels.node_rank,
-                        advertised_host(addr, self.targets_host), port, bool(tracing))
+        mine = Endpoint(
+            labels.rank,
+            labels.local_rank,
+            labels.node_rank,
+            advertised_host(addr, self.targets_host),
+            port,
+            bool(tracing),
+        )
         peers = [mine]
         if self._collective:
             import torch.distributed as dist
@@ -378,8 +388,13 @@ class DistributedRun:
         try:
             self._sd.write([target for target in targets if target], {"job": self.job, "run_id": run_id})
         except OSError as error:
-            self._warn_once("file-sd", "Could not write the Prometheus discovery file %s (%s); this node's "
-                            "endpoints must be configured by hand.", self._sd.path, error)
+            self._warn_once(
+                "file-sd",
+                "Could not write the Prometheus discovery file %s (%s); this node's "
+                "endpoints must be configured by hand.",
+                self._sd.path,
+                error,
+            )
 
     # ------------------------------------------------------------------ per epoch (every rank, same order)
     def share_span_context(self, local: Optional[SpanContext]) -> Optional[SpanContext]:
@@ -414,8 +429,13 @@ class DistributedRun:
         except Exception as error:  # pragma: no cover - a thread that cannot start
             reason = f"{type(error).__name__}: {error}"
         if reason is not None:
-            self._warn_once("push", "Could not push the final metrics to the Pushgateway at %s (%s); "
-                            "they are only on this rank's /metrics endpoint.", self.pushgateway_url, reason)
+            self._warn_once(
+                "push",
+                "Could not push the final metrics to the Pushgateway at %s (%s); "
+                "they are only on this rank's /metrics endpoint.",
+                self.pushgateway_url,
+                reason,
+            )
 
     # ------------------------------------------------------------------ helpers
     def _collect(self, what: str, call: Any) -> bool:
@@ -423,12 +443,11 @@ class DistributedRun:
             call()
             return True
         except Exception as error:  # a broken process group: monitoring goes on without this exchange
-            self._warn_once(f"collective-{what}", "Could not exchange the %s with the other ranks (%s: %s); "
-                            "continuing without it.", what, type(error).__name__, error)
+            self._warn_once(
+                f"collective-{what}",
+                "Could not exchange the %s with the other ranks (%s: %s); continuing without it.",
+                what,
+                type(error).__name__,
+                error,
+            )
             return False
-
-    def _warn_once(self, kind: str, message: str, *args: Any) -> None:
-        if kind in self._warned:
-            return
-        self._warned.add(kind)
-        log.warning(message, *args)

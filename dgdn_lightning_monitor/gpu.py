@@ -75,6 +75,8 @@ from typing import Any, Literal
 import torch
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from dgdn_lightning_monitor.guards import NAMESPACE, WarnOnce, check_namespace, forget_threads_after_fork
+
 __all__ = ["GPUMonitor", "THREAD_NAME", "LOGGER_NAME"]
 
 #: Name of the sampling thread (one per running monitor).
@@ -84,7 +86,6 @@ LOGGER_NAME = "dgdn_lightning_monitor.gpu"
 
 logger = logging.getLogger(LOGGER_NAME)
 
-_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _FULL_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 _GPU_LABELS = ("gpu", "uuid", "name")
 
@@ -437,6 +438,12 @@ class GPUMonitor:
         >>> monitor.stop()
     """
 
+    _lock: threading.Lock
+    _warn_once: WarnOnce
+    _interval: float
+    _namespace: str
+    _nvml_module: ModuleType | None
+
     #: Longest time start() waits for the first sample, so the first scrape already has figures.
     FIRST_SAMPLE_TIMEOUT_S = 2.0
     #: Longest time stop() waits for the sampling thread; it only waits this long if an NVML call hangs.
@@ -449,8 +456,7 @@ class GPUMonitor:
         poll_interval_s: float = 5.0,
         nvml: ModuleType | None = None,
     ) -> None:
-        if not isinstance(namespace, str) or not _NAME_RE.match(namespace):
-            raise ValueError(f"namespace must match [a-zA-Z_][a-zA-Z0-9_]*, got {namespace!r}")
+        check_namespace(namespace)
         self._devices: Literal["auto"] | tuple[int, ...] | None
         if devices is None or (isinstance(devices, str) and devices == "auto"):
             self._devices = devices
@@ -474,7 +480,8 @@ class GPUMonitor:
         self._nvml_module = nvml
         self._lock = threading.Lock()
         self._run: _Run | None = None
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce(logger)
+        forget_threads_after_fork(self)
 
     def __getstate__(self) -> dict[str, Any]:
         """Configuration only (for ``ddp_spawn`` and friends): a copy starts without a run or past warnings.
@@ -482,13 +489,21 @@ class GPUMonitor:
         A monitor built with ``nvml=None`` pickles; a module given as ``nvml`` does not.
         """
         state = self.__dict__.copy()
-        state.update(_lock=None, _run=None, _warned=set())
+        state.update(_lock=None, _run=None, _warn_once=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore the configuration with a fresh lock and no run."""
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._warn_once = WarnOnce(logger)
+        forget_threads_after_fork(self)
+
+    def after_fork_in_child(self) -> None:
+        """The sampling thread does not exist in a forked child: drop the run (its series would never update);
+        the child starts its own with :meth:`start`."""
+        self._lock = threading.Lock()
+        self._run = None
 
     @property
     def devices(self) -> Literal["auto"] | tuple[int, ...] | None:
@@ -504,14 +519,6 @@ class GPUMonitor:
     def running(self) -> bool:
         """Whether a run is active (between :meth:`start` and :meth:`stop`)."""
         return self._run is not None
-
-    def _warn_once(self, kind: str, message: str, *args: Any) -> None:
-        """Log ``message`` as a warning unless this monitor already warned about ``kind``."""
-        with self._lock:
-            if kind in self._warned:
-                return
-            self._warned.add(kind)
-        logger.warning(message, *args)
 
     def start(self, cuda_devices: Sequence[int], labels: Mapping[str, str]) -> None:
         """Begin a run: start the sampling thread for the watched GPUs (no NVML call happens here).
@@ -541,7 +548,7 @@ class GPUMonitor:
             raise ValueError(f"labels must be a mapping of label names to values, got {labels!r}")
         names = tuple(labels)
         for name in names:
-            if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith("__"):
+            if not isinstance(name, str) or not NAMESPACE.match(name + "x") or name.startswith("__"):
                 raise ValueError(f"labels: {name!r} is not a valid Prometheus label name")
             if name in _GPU_LABELS:
                 raise ValueError(f"labels: {name!r} is reserved for the GPU series")

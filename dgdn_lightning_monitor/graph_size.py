@@ -8,11 +8,13 @@ when it cannot find a node-level attribute it falls back to ``edge_index.max() +
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch_geometric.data import Batch, Data, HeteroData, TemporalData
+
+from dgdn_lightning_monitor.guards import WarnOnce
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +213,7 @@ class GraphSizer:
     ) -> None:
         self.batch_size_fn = batch_size_fn
         self.graph_size_fn = graph_size_fn
-        self._failed = False
+        self._warn = WarnOnce(log)
 
     def resolve(self) -> Callable[[Any], GraphSize]:
         """The cheapest callable that applies these overrides (the plain extractor when there are none)."""
@@ -219,8 +221,7 @@ class GraphSizer:
 
     def __call__(self, batch: Any) -> GraphSize:
         try:
-            size = extract_graph_size(batch) if (self.batch_size_fn is None or self.graph_size_fn is None) \
-                else UNKNOWN
+            size = extract_graph_size(batch) if (self.batch_size_fn is None or self.graph_size_fn is None) else UNKNOWN
             samples, nodes, edges = size
             if self.batch_size_fn is not None:
                 samples = int(self.batch_size_fn(batch))
@@ -228,8 +229,7 @@ class GraphSizer:
                 nodes, edges = (int(v) for v in self.graph_size_fn(batch))
             return GraphSize(samples, nodes, edges)
         except Exception as error:
-            if not self._failed:
-                self._failed = True
-                log.warning("Could not size a batch (%s: %s); graph metrics are not updated.",
-                            type(error).__name__, error)
+            self._warn(
+                "size", "Could not size a batch (%s: %s); graph metrics are not updated.", type(error).__name__, error
+            )
             return UNKNOWN

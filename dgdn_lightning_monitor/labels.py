@@ -38,7 +38,7 @@ class RankLabels:
     world_size: int = 1
 
     @classmethod
-    def from_env(cls) -> "RankLabels":
+    def from_env(cls) -> RankLabels:
         """Read the variables set by torchrun, SLURM and Lightning's launchers; a single process gets rank 0 of 1."""
         return cls(
             rank=_env_int("RANK", "SLURM_PROCID", default=0),
@@ -48,7 +48,7 @@ class RankLabels:
         )
 
     @classmethod
-    def from_trainer(cls, trainer: Any) -> "RankLabels":
+    def from_trainer(cls, trainer: Any) -> RankLabels:
         """Take the ranks Lightning assigned; they are known from the Trainer's ``setup`` on."""
         return cls(
             rank=int(getattr(trainer, "global_rank", 0)),

@@ -8,7 +8,8 @@ A CPU tensor is read at once. A CUDA tensor is copied into pinned host memory on
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -306,8 +306,8 @@ def test_pickling_does_not_carry_a_running_server_or_thread() -> None:
     class Probe(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             copy = pickle.loads(pickle.dumps(callback))  # mid-run
-            assert copy.metrics_url is None and not copy._running
-            assert copy.metrics.progress_source is None
+            assert copy.metrics_url is None and copy._run is None
+            assert copy.metrics._trainer is None
             started.set()
 
     trainer(callback, Probe(), epochs=1).fit(Regressor(), loader())

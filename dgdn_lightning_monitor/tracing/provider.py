@@ -21,7 +21,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Optional
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -32,6 +32,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+
+from dgdn_lightning_monitor.guards import WarnOnce, quietly
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
@@ -65,6 +67,7 @@ class ReportingExporter(SpanExporter):
         self.destination = destination
         self.failures = 0
         self.exported = 0
+        self._warn = WarnOnce(log)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -77,9 +80,12 @@ class ReportingExporter(SpanExporter):
             self.exported += len(spans)
         else:
             self.failures += 1
-            if self.failures == 1:
-                log.warning("Could not export spans to %s (%s); spans are dropped, training continues.",
-                            self.destination, reason)
+            self._warn(
+                "export",
+                "Could not export spans to %s (%s); spans are dropped, training continues.",
+                self.destination,
+                reason,
+            )
         return result
 
     def shutdown(self) -> None:
@@ -123,27 +129,20 @@ class TracingSetup:
                 provider.shutdown()
             elif borrowed is not None and hasattr(borrowed, "force_flush"):
                 borrowed.force_flush()
-        worker = threading.Thread(target=_quietly(target), name="dgdn-trace-flush", daemon=True)
+
+        worker = threading.Thread(target=quietly(target, log, "Trace flush"), name="dgdn-trace-flush", daemon=True)
         worker.start()
         worker.join(flush_timeout_s)
         finished = not worker.is_alive()
         already_reported = self.exporter is not None and self.exporter.failures > 0
         if not finished and not already_reported:  # one line about a broken collector is enough
-            log.warning("Spans were not delivered within %.1f s at the end of the run; the rest are dropped.",
-                        flush_timeout_s)
+            log.warning(
+                "Spans were not delivered within %.1f s at the end of the run; the rest are dropped.", flush_timeout_s
+            )
         for logger in self._muted:
             logger.removeFilter(self._filter)
         self._muted.clear()
         return finished
-
-
-def _quietly(function: Callable[[], object]) -> Callable[[], None]:
-    def run() -> None:
-        try:
-            function()
-        except Exception as error:  # pragma: no cover - shutdown of a broken exporter
-            log.debug("Trace flush failed: %s", error)
-    return run
 
 
 def receiver_answers(host: str = LOCAL_OTLP_HOST, port: int = LOCAL_OTLP_PORT, timeout_s: float = 0.2) -> bool:
@@ -168,7 +167,7 @@ def _resource(service_name: str, attributes: dict[str, object]) -> Resource:
     env_names_service = bool(os.environ.get("OTEL_SERVICE_NAME")) or "service.name=" in os.environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", ""
     )
-    base = dict(attributes)
+    base: dict[str, Any] = dict(attributes)
     if not env_names_service:
         base[SERVICE_NAME] = service_name
     return Resource.create(base)
@@ -210,12 +209,12 @@ def configure_tracing(
         return None
     given = tracer_provider or _application_provider()
     if given is not None:
-        return TracingSetup(given.get_tracer(INSTRUMENTATION_NAME), "the application's TracerProvider",
-                            borrowed=given)
+        return TracingSetup(given.get_tracer(INSTRUMENTATION_NAME), "the application's TracerProvider", borrowed=given)
 
     choice = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower().split(",")[0].strip()
-    endpoint_set = bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or
-                        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    endpoint_set = bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
     endpoint: Optional[str] = None
     if choice == "none" and enabled is not True:
         log.info("Tracing is off (OTEL_TRACES_EXPORTER=none).")
@@ -226,24 +225,32 @@ def configure_tracing(
     elif choice in ("otlp", "") and (choice == "otlp" or endpoint_set or enabled is True):
         exporter, destination = _otlp_exporter(None, export_timeout_s)
     elif choice not in ("", "otlp", "none"):
-        log.warning("OTEL_TRACES_EXPORTER=%s is not supported here (use otlp, console or none); tracing is off.",
-                    choice)
+        log.warning(
+            "OTEL_TRACES_EXPORTER=%s is not supported here (use otlp, console or none); tracing is off.", choice
+        )
         return None
     else:
         host_port = f"{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}"
         if not receiver_answers(LOCAL_OTLP_HOST, LOCAL_OTLP_PORT, probe_timeout_s):
-            log.info("Tracing is off: no OTLP receiver answers on %s. Start the stack (make stack) or set "
-                     "OTEL_EXPORTER_OTLP_ENDPOINT to send spans to Jaeger.", host_port)
+            log.info(
+                "Tracing is off: no OTLP receiver answers on %s. Start the stack (make stack) or set "
+                "OTEL_EXPORTER_OTLP_ENDPOINT to send spans to Jaeger.",
+                host_port,
+            )
             return None
         endpoint = _local_endpoint()
         exporter, destination = _otlp_exporter(endpoint, export_timeout_s)
 
     reporting = ReportingExporter(exporter, destination)
     provider = TracerProvider(resource=_resource(service_name, resource_attributes or {}))
-    provider.add_span_processor(BatchSpanProcessor(
-        reporting, max_queue_size=max_queue_size, schedule_delay_millis=1000,
-        export_timeout_millis=int(export_timeout_s * 1000),
-    ))
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            reporting,
+            max_queue_size=max_queue_size,
+            schedule_delay_millis=1000,
+            export_timeout_millis=int(export_timeout_s * 1000),
+        )
+    )
     setup = TracingSetup(provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting)
     for name in _EXPORTER_LOGGERS:
         logger = logging.getLogger(name)
@@ -251,4 +258,3 @@ def configure_tracing(
         setup._muted.append(logger)
     log.info("Tracing: %s", setup.description)
     return setup
-

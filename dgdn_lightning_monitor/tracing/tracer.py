@@ -19,12 +19,14 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
 
+from dgdn_lightning_monitor.guards import WarnOnce, forget_threads_after_fork
 from dgdn_lightning_monitor.tracing.provider import DEFAULT_SERVICE_NAME, TracingSetup, configure_tracing
 from dgdn_lightning_monitor.tracing.records import BatchRecord
 
@@ -52,16 +54,25 @@ class SpanBuilder:
         self._waiting: list[tuple[BatchRecord, Optional[Span]]] = []  # records whose CUDA work is still running
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._failed = False
+        self._warn = WarnOnce(log)
+        forget_threads_after_fork(self)
+
+    def after_fork_in_child(self) -> None:
+        """The builder thread does not exist in a forked child: start afresh there, with an empty queue."""
+        self._thread = None
+        self._queue.clear()
+        self._waiting = []
 
     def submit(self, record: BatchRecord, parent: Optional[Span]) -> None:
         if len(self._queue) >= self.max_queued:
             # Records come faster than spans can be built (tracing every step of a very fast loop): drop them
             # rather than let the queue, and the process, grow.
             self.dropped += 1
-            if self.dropped == 1:
-                log.warning("Traced batches arrive faster than their spans can be built; some are dropped. "
-                            "Raise trace_every_n_steps to trace fewer steps.")
+            self._warn(
+                "dropped",
+                "Traced batches arrive faster than their spans can be built; some are dropped. "
+                "Raise trace_every_n_steps to trace fewer steps.",
+            )
             return
         self._queue.append((record, parent))
         if self._thread is None:
@@ -85,9 +96,7 @@ class SpanBuilder:
             try:
                 self._emit(record, parent, ready)  # at the end, records still on the device get CPU times only
             except Exception as error:  # a span that cannot be built is dropped, never a crash
-                if not self._failed:
-                    self._failed = True
-                    log.warning("Could not build spans for a traced batch (%s); they are dropped.", error)
+                self._warn("emit", "Could not build spans for a traced batch (%s); they are dropped.", error)
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Stop the thread and build what is left on the calling thread."""
@@ -138,6 +147,18 @@ class TrainingTracer:
         # perf_counter_ns -> unix ns; spans need wall-clock times, the step path uses the monotonic clock.
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration only: a copy in another process (``ddp_spawn``) chooses where its spans go itself."""
+        if self.tracer_provider is not None:
+            log.warning(
+                "The tracer_provider cannot be sent to spawned processes; they choose where spans go "
+                "from the OTEL_* variables instead."
+            )
+        return {"enabled": self.enabled, "service_name": self.service_name, "flush_timeout_s": self.flush_timeout_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
     @property
     def active(self) -> bool:
         return self.setup is not None
@@ -147,9 +168,12 @@ class TrainingTracer:
         self._attributes = dict(attributes)
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
         if self.setup is None:
-            self.setup = configure_tracing(self.enabled, self.service_name,
-                                           {k: v for k, v in attributes.items() if k == "training.run_id"},
-                                           tracer_provider=self.tracer_provider)
+            self.setup = configure_tracing(
+                self.enabled,
+                self.service_name,
+                {k: v for k, v in attributes.items() if k == "training.run_id"},
+                tracer_provider=self.tracer_provider,
+            )
 
     # ------------------------------------------------------------------ epochs
     def start_epoch(
@@ -164,9 +188,14 @@ class TrainingTracer:
             parent = NonRecordingSpan(remote_parent)
         context = trace.set_span_in_context(parent) if parent is not None else Context()
         span = self.setup.tracer.start_span(
-            f"{stage}_epoch", context=context,
-            attributes={**self._attributes, "training.stage": stage, "training.epoch": epoch,
-                        **{f"training.{k}": v for k, v in attributes.items() if k != "epoch"}},
+            f"{stage}_epoch",
+            context=context,
+            attributes={
+                **self._attributes,
+                "training.stage": stage,
+                "training.epoch": epoch,
+                **{f"training.{k}": v for k, v in attributes.items() if k != "epoch"},
+            },
             start_time=self._ns(time.perf_counter_ns()),  # the clock batch spans use, so children nest exactly
         )
         old = self._epochs.pop(stage, None)
@@ -224,13 +253,15 @@ class TrainingTracer:
         milliseconds = record.device_milliseconds() if device_times else {}
         if "batch" in milliseconds:
             attributes["gpu.duration_ms"] = milliseconds["batch"]
-        batch = tracer.start_span(f"{record.stage}_batch", context=context, attributes=attributes,
-                                  start_time=self._ns(record.start_ns))
+        batch = tracer.start_span(
+            f"{record.stage}_batch", context=context, attributes=attributes, start_time=self._ns(record.start_ns)
+        )
         batch_context = trace.set_span_in_context(batch)
         for name, start_ns, end_ns in record.phases():
             phase_attributes = {"gpu.duration_ms": milliseconds[name]} if name in milliseconds else None
-            span = tracer.start_span(name, context=batch_context, start_time=self._ns(start_ns),
-                                     attributes=phase_attributes)
+            span = tracer.start_span(
+                name, context=batch_context, start_time=self._ns(start_ns), attributes=phase_attributes
+            )
             span.end(end_time=self._ns(end_ns))
         batch.end(end_time=self._ns(record.end_ns))
 

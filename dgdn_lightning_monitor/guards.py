@@ -1,0 +1,119 @@
+"""Small guards every part uses: argument checks, warnings said once, and thread handling across ``fork``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Optional, Protocol, TypeVar
+
+T = TypeVar("T")
+
+#: A Prometheus metric name prefix: letters, digits, underscores, not starting with a digit or ending with '_'.
+NAMESPACE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*(?<!_)$")
+
+
+def check(name: str, value: T, valid: bool, expected: str) -> T:
+    """Return ``value``, or raise ``ValueError("<name> must be <expected>, got <value>")``.
+
+    Example::
+
+        port = check("port", port, isinstance(port, int) and 0 <= port <= 65535, "an integer between 0 and 65535")
+    """
+    if not valid:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    """An ``int`` (not a ``bool``) in ``[low, high]``."""
+    valid = type(value) is int and value >= low and (high is None or value <= high)
+    return check(
+        name, value, valid, f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
+    )
+
+
+def check_namespace(value: Any, name: str = "namespace") -> str:
+    return check(
+        name,
+        value,
+        isinstance(value, str) and bool(NAMESPACE.match(value)),
+        "a Prometheus name prefix like 'dgdn' (letters, digits, underscores; not starting with a digit "
+        "or ending with '_')",
+    )
+
+
+class WarnOnce:
+    """Log each kind of warning once per owner: a failing part says so, then keeps quiet and keeps going.
+
+    Args:
+        logger: where the warnings go.
+
+    Example::
+
+        warn = WarnOnce(logging.getLogger(__name__))
+        warn("push", "Could not push (%s)", reason)  # logged
+        warn("push", "Could not push (%s)", reason)  # not again
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.said: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, message: str, *args: Any, **kwargs: Any) -> bool:
+        with self._lock:
+            if kind in self.said:
+                return False
+            self.said.add(kind)
+        self.logger.warning(message, *args, **kwargs)
+        return True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"logger": self.logger.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(logging.getLogger(state["logger"]))  # type: ignore[misc]
+
+
+class ForkAware(Protocol):
+    def after_fork_in_child(self) -> None: ...
+
+
+_FORK_AWARE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for owner in list(_FORK_AWARE):
+        try:
+            owner.after_fork_in_child()
+        except Exception:  # pragma: no cover - a child must never fail because of monitoring
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forget_threads_after_fork(owner: ForkAware) -> None:
+    """Have ``owner.after_fork_in_child()`` called in a forked child, where the owner's threads do not exist
+    (only the forking thread survives ``fork``), so that it marks them dead and starts afresh when used again.
+
+    The owner is held weakly: registering costs nothing once it is gone.
+    """
+    _FORK_AWARE.add(owner)
+
+
+def quietly(function: Callable[[], object], logger: logging.Logger, what: str) -> Callable[[], None]:
+    """``function`` with any exception logged at debug level (for helper threads that must never raise)."""
+
+    def run() -> None:
+        try:
+            function()
+        except Exception as error:  # pragma: no cover - shutdown of a broken exporter or server
+            logger.debug("%s failed: %s", what, error)
+
+    return run
