@@ -327,7 +327,7 @@ class Receiver:
             self.port = free_port()
             return self
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.otlp_receiver", self.mode], cwd=ROOT,
+            [sys.executable, "-m", "dgdn_testing.otlp_receiver", "ok" if self.mode == "live" else self.mode], cwd=ROOT,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         assert self._process.stdout is not None

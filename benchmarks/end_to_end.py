@@ -83,7 +83,7 @@ class Workload:
 
 
 def gcn_workload(quick: bool) -> Workload:
-    from benchmarks.models import GCNModule, gcn_loader
+    from dgdn_testing.models import GCNModule, gcn_loader
 
     loader = gcn_loader(num_graphs=512 if quick else 1024)
     return Workload(

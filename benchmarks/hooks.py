@@ -22,7 +22,7 @@ from benchmarks.common import (
     summarize,
     timer_floor_ns,
 )
-from benchmarks.models import TinyModule, tiny_batch_size, tiny_loader
+from dgdn_testing.models import TensorRegressor, tiny_batch_size, tiny_loader
 
 TARGET_RATIO = 0.25
 LIGHTNING = "lightning_monitors"
@@ -59,7 +59,7 @@ def fit_once(case: str, steps_per_epoch: int, epochs: int, instrument: Any = Non
         clock.attach(callback, prefix=f"{type(callback).__name__}." if len(callbacks) > 1 else "")
     markers = [clock.marker()] if isinstance(clock, HookClock) else []
     trainer = make_trainer(callbacks + markers, max_epochs=epochs)
-    trainer.fit(TinyModule(), train_dataloaders=tiny_loader(steps_per_epoch))
+    trainer.fit(TensorRegressor(features=8, lr=0.01), train_dataloaders=tiny_loader(steps_per_epoch))
     steps = int(trainer.global_step)
     if not isinstance(clock, HookClock):
         return {"steps": steps}

@@ -37,9 +37,9 @@ def direct(steps: int = 100_000, warmup: int = 10_000, samples: int = 10, monito
     from lightning.pytorch import Callback
 
     from benchmarks.driver import FakeTrainer, drive, graph_batches
-    from benchmarks.models import TinyModule
+    from dgdn_testing.models import TensorRegressor
 
-    module = TinyModule()
+    module = TensorRegressor(features=8, lr=0.01)
     trainer = FakeTrainer(module)
     batches = graph_batches()
     with Receiver("live") as receiver, otlp_env(receiver.endpoint):
@@ -94,7 +94,7 @@ def trainer_run(steps: int = 20_000, warmup: int = 2_000, monitored: bool = True
     from lightning.pytorch import Callback
 
     from benchmarks.common import make_trainer
-    from benchmarks.models import TinyModule, tiny_loader
+    from dgdn_testing.models import TensorRegressor, tiny_loader
 
     points: list[tuple[int, int]] = []
     every = max((steps - warmup) // 10, 1)
@@ -113,7 +113,7 @@ def trainer_run(steps: int = 20_000, warmup: int = 2_000, monitored: bool = True
         steps_per_epoch = 1000
         trainer = make_trainer(callbacks + [Probe()], max_epochs=-1, max_steps=steps)
         started = time.perf_counter()
-        trainer.fit(TinyModule(), train_dataloaders=tiny_loader(steps_per_epoch))
+        trainer.fit(TensorRegressor(features=8, lr=0.01), train_dataloaders=tiny_loader(steps_per_epoch))
         seconds = time.perf_counter() - started
     growth = points[-1][1] - points[0][1]
     measured = points[-1][0] - points[0][0]

@@ -10,8 +10,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
+from pathlib import Path
 
 import pytest
+
+# The shared test-support package (dgdn_testing) lives at the repository root: importable here and in the
+# processes tests start (DDP workers, scripts run in a child).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 # Debian installs some tools under other names.
 _ALIASES = {
