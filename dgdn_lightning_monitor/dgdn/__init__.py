@@ -12,7 +12,6 @@ from dgdn_lightning_monitor.dgdn.data import (
     load_jodie,
 )
 from dgdn_lightning_monitor.dgdn.loader import RecentNeighborLoader, TemporalEventLoader
-from dgdn_lightning_monitor.dgdn.module import DGDNLinkPredictor, DGDNNodeClassifier, TemporalGraphDataModule
 from dgdn_lightning_monitor.dgdn.model import (
     DGDN,
     DGDNLayer,
@@ -22,6 +21,7 @@ from dgdn_lightning_monitor.dgdn.model import (
     NodeClassifier,
     VariationalHead,
 )
+from dgdn_lightning_monitor.dgdn.module import DGDNLinkPredictor, DGDNNodeClassifier, TemporalGraphDataModule
 
 __all__ = [
     "DATASETS",

@@ -283,8 +283,7 @@ class SyntheticTemporalGraph(TemporalGraph):
 
 
 class _JODIE(JODIEDataset):
-    """PyG's JODIE dataset with a download error that says where to put the file, and a parser that works
-    without pandas (same column layout: user, item, timestamp, state label, features...)."""
+    """PyG's JODIE dataset with a download error that says where to put the file."""
 
     def download(self) -> None:
         try:
@@ -295,32 +294,6 @@ class _JODIE(JODIEDataset):
                 f"could not download the JODIE dataset {self.name!r} ({error}). Fetch "
                 f"{self.url.format(self.name)} by other means and place it at {target}, then run again."
             ) from error
-
-    def process(self) -> None:
-        try:
-            import pandas  # noqa: F401
-        except ImportError:
-            data = _read_jodie_csv(self.raw_paths[0])
-            if self.pre_transform is not None:
-                data = self.pre_transform(data)
-            self.save([data], self.processed_paths[0])
-        else:
-            super().process()
-
-
-def _read_jodie_csv(path: str) -> TemporalData:
-    """Parse a JODIE CSV (one header line) the way PyG does: items are shifted after the users."""
-    table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    if table.shape[1] < 4:
-        raise ValueError(f"{path}: expected at least 4 columns (user, item, timestamp, state_label), got "
-                         f"{table.shape[1]}")
-    src = torch.from_numpy(table[:, 0].astype(np.int64))
-    dst = torch.from_numpy(table[:, 1].astype(np.int64))
-    dst += int(src.max()) + 1
-    t = torch.from_numpy(table[:, 2].astype(np.int64))
-    y = torch.from_numpy(table[:, 3].astype(np.int64))
-    msg = torch.from_numpy(table[:, 4:]).to(torch.float)
-    return TemporalData(src=src, dst=dst, t=t, msg=msg, y=y)
 
 
 def load_jodie(name: str, root: str = "data") -> TemporalGraph:

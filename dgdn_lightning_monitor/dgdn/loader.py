@@ -11,7 +11,8 @@ device and the batch carries host-side facts such as ``n_id`` (the distinct node
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

@@ -198,7 +198,7 @@ class DGDNLinkPredictor(_DGDNModule):
         self.test_acc, self.test_ap, self.test_auc = BinaryAccuracy(), BinaryAveragePrecision(), BinaryAUROC()
 
     @classmethod
-    def from_graph(cls, graph: TemporalGraph, **kwargs: Any) -> "DGDNLinkPredictor":
+    def from_graph(cls, graph: TemporalGraph, **kwargs: Any) -> DGDNLinkPredictor:
         """Build a module sized for ``graph`` (node features, message size, number of nodes)."""
         return cls(graph.num_nodes, graph.node_dim, graph.edge_dim, node_features=graph.x, **kwargs)
 
@@ -299,7 +299,7 @@ class DGDNNodeClassifier(_DGDNModule):
         self.test_acc, self.test_auc = metrics()
 
     @classmethod
-    def from_graph(cls, graph: TemporalGraph, **kwargs: Any) -> "DGDNNodeClassifier":
+    def from_graph(cls, graph: TemporalGraph, **kwargs: Any) -> DGDNNodeClassifier:
         """Build a module sized for ``graph``; needs event labels (``graph.num_classes``)."""
         if graph.num_classes is None:
             raise ValueError(f"graph {graph.name!r} has no event labels (num_classes is None)")
