@@ -1,125 +1,303 @@
-"""``dgdn-monitor``: train DGDN under :class:`~dgdn_lightning_monitor.MonitoringCallback`.
+"""``dgdn-monitor``: train DGDN under :class:`~dgdn_lightning_monitor.MonitoringCallback`, on Lightning's CLI.
 
-``dgdn-monitor demo`` trains on a synthetic temporal graph (no download), ``dgdn-monitor train --dataset
-wikipedia`` on a JODIE benchmark. Both serve Prometheus metrics while training, send traces to an OTLP receiver
-when one runs, and end with a summary: final losses and scores, throughput, time per training phase and where
-to look in Grafana, Jaeger and Prometheus.
+``dgdn-monitor demo`` trains on a synthetic temporal graph (no download, no argument needed); ``dgdn-monitor
+train`` takes every option of the Trainer (``--trainer.*``), the model (``--model.*``), the data (``--data.*``)
+and the callback (``--monitor.*``), YAML files with ``--config`` and prints its configuration with
+``--print_config``, as :class:`~lightning.pytorch.cli.LightningCLI` does. Both serve Prometheus metrics while
+training, send traces to an OTLP receiver when one runs, and end with a summary: final losses and scores,
+throughput, time per training phase and what to open next.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
+import re
+import socket
 import sys
 import time
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn, Optional
 
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from dgdn_lightning_monitor import MonitoringCallback, PortInUseError
+from dgdn_lightning_monitor.dgdn import (
+    DATASETS,
+    DGDNLinkPredictor,
+    TemporalGraph,
+    TemporalGraphDataModule,
+    load_dataset,
+)
+
+PROG = "dgdn-monitor"
 GRAFANA_URL = "http://localhost:3000"
 JAEGER_URL = "http://localhost:16686"
 PROMETHEUS_URL = "http://localhost:9090"
 
 _PHASES = ("data_fetch", "forward", "backward", "optimizer_step")
+_COMMANDS = {
+    "demo": "train on a synthetic temporal graph (no download); the same options as train",
+    "train": "train on a dataset (the JODIE benchmarks are downloaded into --data.root)",
+}
 
 
-def _checked(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
-    """An argparse ``type=`` that converts the text and checks the value, with one message for both failures."""
+class DGDNData(TemporalGraphDataModule):
+    """The temporal graph, loaded by name, split in time into event-batch loaders.
 
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+    Args:
+        dataset: ``synthetic`` or a JODIE benchmark (``wikipedia``, ``reddit``, ``mooc``, ``lastfm``).
+        root: data folder of the JODIE benchmarks (downloaded there on first use).
+        num_nodes: synthetic graph only: nodes.
+        num_events: synthetic graph only: events.
+        batch_size: events per batch.
+        num_neighbors: most recent events kept per node.
+        seed: seed of the synthetic graph and of the fixed evaluation negatives.
 
-    return parse
+    Example::
+
+        dgdn-monitor train --data.dataset wikipedia --data.batch_size 500
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        root: str = "data",
+        num_nodes: int = 1000,
+        num_events: int = 20_000,
+        batch_size: int = 200,
+        num_neighbors: int = 20,
+        seed: int = 0,
+    ) -> None:
+        if dataset.lower() == "synthetic":
+            graph = load_dataset("synthetic", num_nodes=num_nodes, num_events=num_events, seed=seed)
+        elif dataset.lower() not in DATASETS:
+            raise ValueError(f"dataset: unknown {dataset!r}; choose one of: {', '.join(DATASETS)}")
+        else:
+            print(f"Loading {dataset} from {root} (downloaded on first use) ...", flush=True)
+            graph = load_dataset(dataset, root=root)
+        super().__init__(graph, batch_size=batch_size, num_neighbors=num_neighbors, seed=seed)
 
 
-_positive_int = _checked(int, lambda value: value > 0, "a positive integer")
-_port = _checked(int, lambda value: 0 <= value <= 65535, "a TCP port (0-65535, 0 = any free port)")
-_positive_float = _checked(float, lambda value: value > 0, "a positive number")
+class DGDNModel(DGDNLinkPredictor):
+    """DGDN for temporal link prediction, sized for the data module's graph (linked by the CLI).
+
+    Args:
+        graph: the graph (set from ``data.graph``; not an option).
+        hidden_dim: state size (divisible by ``num_heads``).
+        num_layers: DGDN layers.
+        num_heads: attention heads.
+        diffusion_steps: residual diffusion steps per layer.
+        dropout: dropout probability.
+        beta_kl: weight of the KL term of the variational head.
+        time_dim: size of the Fourier time features.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+
+    Example::
+
+        dgdn-monitor train --model.hidden_dim 128 --model.lr 1e-3
+    """
+
+    def __init__(
+        self,
+        graph: Optional[TemporalGraph] = None,
+        hidden_dim: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        diffusion_steps: int = 3,
+        dropout: float = 0.1,
+        beta_kl: float = 1e-3,
+        time_dim: int = 32,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if graph is None:
+            raise ValueError("graph: DGDNModel is sized from a graph; the CLI links it from data.graph")
+        super().__init__(
+            graph.num_nodes, graph.node_dim, graph.edge_dim, node_features=graph.x, lr=lr, weight_decay=weight_decay,
+            hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, diffusion_steps=diffusion_steps,
+            dropout=dropout, beta_kl=beta_kl, time_dim=time_dim,
+        )  # fmt: skip
 
 
-def _devices(text: str) -> Any:
-    """``auto``, a count (``2``) or a list of indices (``0,1``), as Lightning takes them."""
-    if text == "auto":
-        return text
+def _compact(message: str) -> str:
+    """jsonargparse's multi-line message about one option, as one line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or ["invalid options"]
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0])
+    if not match:
+        return lines[0]
+    key, detail = match.group(1), match.group(2) or (lines[1] if len(lines) > 1 else "")
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    expected = [name for name in re.findall(r"Expected a <class '(\w+)'>", message) if name != "NoneType"]
+    if given is not None and expected:
+        return f"--{key}: expected {' or '.join(expected)}, got {given!r}"
+    return f"--{key}: {detail}"
+
+
+class _Parser(LightningArgumentParser):
+    """Reports a rejected option in one line (the full usage lists hundreds of options)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:  # type: ignore[override]
+        print(f"{self.prog}: error: {_compact(message)} (options: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class DGDNMonitorCLI(LightningCLI):
+    """LightningCLI with the monitoring callback as ``--monitor.*`` and the model sized from the data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(MonitoringCallback, "monitor")
+        parser.link_arguments("data.graph", "model.graph", apply_on="instantiate")
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """What ``dgdn-monitor`` changes from Lightning's Trainer defaults (each one can be overridden)."""
+    return {
+        "max_epochs": 5,
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": sys.stdout.isatty() or sys.stderr.isatty(),
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 10,  # how often the training loss reaches the progress bar and the metrics
+        # Events must stay in time order: no distributed sampler reshuffling them.
+        "use_distributed_sampler": False,
+    }
+
+
+class _Notices(logging.Handler):
+    """The package's one-line notices (where metrics are served, whether tracing is on), to ``out``, kept."""
+
+    def __init__(self, out: Any) -> None:
+        super().__init__(logging.INFO)
+        self.out = out
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        self.lines.append(line)
+        print(line, file=self.out, flush=True)
+
+
+class _LightningTips(logging.Filter):
+    """Drops Lightning's advertising tips; its other notices pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def _monitor_of(trainer: pl.Trainer) -> Optional[MonitoringCallback]:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, MonitoringCallback)), None)
+
+
+def build_cli(argv: Sequence[str], run: bool = False, command: str = "train") -> DGDNMonitorCLI:
+    """Parse ``train``/``demo`` options (without the command word) and build the Trainer, model and data.
+
+    Args:
+        argv: options such as ``["--trainer.max_epochs", "1", "--monitor.port", "0"]``.
+        run: passed to :class:`LightningCLI`; ``False`` builds the objects without running a subcommand.
+        command: the command word shown in messages (``train`` or ``demo``).
+
+    Example::
+
+        cli = build_cli(["--trainer.max_epochs", "1", "--monitor.port", "0"])
+        result = run_training(cli)
+    """
+    with warnings.catch_warnings():
+        # The options are passed explicitly, so Lightning's reminder that sys.argv differs does not apply.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        return _make_cli(argv, run, command)
+
+
+def _make_cli(argv: Sequence[str], run: bool, command: str) -> DGDNMonitorCLI:
+    return DGDNMonitorCLI(
+        DGDNModel,
+        DGDNData,
+        trainer_defaults=trainer_defaults(),
+        seed_everything_default=0,
+        save_config_callback=None,  # no config.yaml written into the working directory
+        parser_class=_Parser,
+        parser_kwargs={"prog": f"{PROG} {command}", "description": _COMMANDS[command]},
+        args=list(argv),
+        run=run,
+    )
+
+
+def run_training(cli: DGDNMonitorCLI, out: Any = None) -> dict[str, Any]:
+    """Fit as the CLI was configured and return the figures of the summary (see :func:`format_summary`).
+
+    Args:
+        cli: what :func:`build_cli` returned.
+        out: stream for the start-up lines (default: ``sys.stdout``).
+    """
+    out = sys.stdout if out is None else out
+    started = time.perf_counter()
+    trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
+    monitor = _monitor_of(trainer)
+    graph = datamodule.graph
+    epochs = trainer.max_epochs
+    print(
+        f"Training DGDN on {graph.name}: {graph.num_events} events, {graph.num_nodes} nodes, "
+        f"{epochs} epoch{'' if epochs == 1 else 's'}",
+        file=out,
+        flush=True,
+    )
+
+    package_logger = logging.getLogger("dgdn_lightning_monitor")
+    notices = _Notices(out)
+    saved = (package_logger.handlers[:], package_logger.propagate, package_logger.level)
+    package_logger.handlers = [notices]  # once, on `out`, instead of on stderr too
+    package_logger.propagate = False
+    package_logger.setLevel(logging.INFO)
+    tips = _LightningTips()
+    lightning_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lightning_logger.addFilter(tips)
+    url: dict[str, Optional[str]] = {"metrics": None}
+
+    class _Remember(pl.Callback):
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            url["metrics"] = monitor.metrics_url if monitor is not None else None
+
+    trainer.callbacks.append(_Remember())
     try:
-        if "," in text:
-            indices = [int(part) for part in text.split(",") if part.strip()]
-            if not indices or min(indices) < 0:
-                raise ValueError
-            return indices
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected 'auto', a device count or a comma-separated list of indices, got {text!r}") from None
-    if value <= 0 and value != -1:
-        raise argparse.ArgumentTypeError(f"expected a positive device count (or -1 for all), got {text!r}")
-    return value
+        with warnings.catch_warnings():
+            # The event loader keeps neighbour history in this process, so it deliberately has no workers.
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")  # Lightning internals
+            fit_start = time.perf_counter()
+            trainer.fit(module, datamodule=datamodule)
+            fit_seconds = time.perf_counter() - fit_start
+    finally:
+        package_logger.handlers, package_logger.propagate, level = saved
+        package_logger.setLevel(level)
+        lightning_logger.removeFilter(tips)
+
+    return {
+        "dataset": graph.name,
+        "num_events": graph.num_events,
+        "num_nodes": graph.num_nodes,
+        "train_events": datamodule.num_train_events * trainer.current_epoch,
+        "epochs": trainer.current_epoch,
+        "metrics": {key: float(value) for key, value in trainer.callback_metrics.items()},
+        "monitor": monitor.summary() if monitor is not None else {},
+        "metrics_url": url["metrics"],
+        "tracing": _tracing_notice(notices.lines)
+        or (
+            "Tracing is off (--monitor.tracing false)."
+            if cli.config.get("monitor", {}).get("tracing") is False
+            else None
+        ),
+        "prepare_seconds": 0.0,
+        "fit_seconds": fit_seconds,
+        "total_seconds": time.perf_counter() - started,
+    }
 
 
-def _add_common(parser: argparse.ArgumentParser, epochs: int) -> None:
-    run = parser.add_argument_group("training")
-    run.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=0, help="random seed of data and model (default: %(default)s)")
-    run.add_argument("--batch-size", type=_positive_int, default=200, help="events per batch (default: %(default)s)")
-    run.add_argument("--num-neighbors", type=_positive_int, default=20,
-                     help="recent events kept per node (default: %(default)s)")
-    run.add_argument("--hidden-dim", type=_positive_int, default=64, help="DGDN state size (default: %(default)s)")
-    run.add_argument("--num-layers", type=_positive_int, default=2, help="DGDN layers (default: %(default)s)")
-    run.add_argument("--lr", type=_positive_float, default=3e-3, help="learning rate (default: %(default)s)")
-    run.add_argument("--accelerator", default="auto",
-                     help="Lightning accelerator: auto, cpu, gpu, cuda, mps (default: %(default)s)")
-    run.add_argument("--devices", type=_devices, default=1,
-                     help="Lightning devices: a count, indices like 0,1, or auto (default: %(default)s)")
-    run.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=None,
-                     help="show Lightning's progress bar (default: when the output is a terminal)")
-
-    monitoring = parser.add_argument_group("monitoring")
-    monitoring.add_argument("--port", type=_port, default=8000,
-                            help="port of the /metrics endpoint, 0 for any free port (default: %(default)s)")
-    monitoring.add_argument("--trace-every", type=_positive_int, default=50,
-                            help="trace one training step in this many (default: %(default)s)")
-    monitoring.add_argument("--tracing", choices=("auto", "on", "off"), default="auto",
-                            help="auto: send spans when OTEL_* variables are set or a receiver answers on "
-                                 "localhost:4318 (default: %(default)s)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``dgdn-monitor`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="dgdn-monitor",
-        description="Train the DGDN temporal graph network with Prometheus metrics and OpenTelemetry traces.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    demo = commands.add_parser(
-        "demo", help="train on a synthetic temporal graph (no download)",
-        description="Train DGDN for temporal link prediction on a synthetic graph with planted communities, "
-                    "recurring partners and bursts, under MonitoringCallback.",
-    )
-    graph = demo.add_argument_group("synthetic graph")
-    graph.add_argument("--num-nodes", type=_positive_int, default=1000, help="nodes (default: %(default)s)")
-    graph.add_argument("--num-events", type=_positive_int, default=20_000, help="events (default: %(default)s)")
-    _add_common(demo, epochs=5)
-
-    from dgdn_lightning_monitor.dgdn.data import DATASETS
-
-    train = commands.add_parser(
-        "train", help="train on a benchmark (JODIE datasets are downloaded into --root)",
-        description="Train DGDN for temporal link prediction on a dataset under MonitoringCallback.",
-    )
-    data = train.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="synthetic", help="dataset (default: %(default)s)")
-    data.add_argument("--root", default="data", help="data folder for the JODIE datasets (default: %(default)s)")
-    data.add_argument("--num-nodes", type=_positive_int, default=1000,
-                      help="synthetic dataset only: nodes (default: %(default)s)")
-    data.add_argument("--num-events", type=_positive_int, default=20_000,
-                      help="synthetic dataset only: events (default: %(default)s)")
-    _add_common(train, epochs=5)
-    return parser
+def _tracing_notice(lines: list[str]) -> Optional[str]:
+    return next((line for line in lines if line.startswith("Tracing")), None)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -128,33 +306,49 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def _metric(metrics: dict[str, Any], key: str) -> Optional[float]:
-    value = metrics.get(key)
-    return None if value is None else float(value)
+def _answers(url: str, timeout: float = 0.2) -> bool:
+    """Whether something listens at the URL's host and port (a connect, nothing sent)."""
+    host, _, port = url.split("//", 1)[1].split("/", 1)[0].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
-def format_summary(result: dict[str, Any]) -> str:
-    """The closing report of a run (see :func:`run`)."""
+def format_summary(result: dict[str, Any], probe: Any = _answers) -> str:
+    """The closing report of a run (see :func:`run_training`).
+
+    Args:
+        result: what :func:`run_training` returned.
+        probe: ``url -> bool``, whether a service answers; only live URLs are shown as places to open.
+    """
     metrics = result["metrics"]
     lines = ["", "=== DGDN run summary ==="]
-    lines.append(f"dataset: {result['dataset']}  ({result['num_events']} events, {result['num_nodes']} nodes, "
-                 f"{result['epochs']} epoch{'' if result['epochs'] == 1 else 's'})")
+    epochs = result["epochs"]
+    lines.append(
+        f"dataset: {result['dataset']}  ({result['num_events']} events, {result['num_nodes']} nodes, "
+        f"{epochs} epoch{'' if epochs == 1 else 's'})"
+    )
     scores = []
     for key in ("train_loss", "val_loss", "val_ap", "val_auc", "val_acc"):
-        value = _metric(metrics, key)
-        scores.append(f"{key}={value:.4f}" if value is not None else f"{key}=n/a")
+        value = metrics.get(key)
+        scores.append(f"{key}={float(value):.4f}" if value is not None else f"{key}=n/a")
     lines.append("final:   " + "  ".join(scores))
 
     monitor = result["monitor"]
     rate = monitor.get("samples_per_second")
     overall = result["train_events"] / result["fit_seconds"] if result["fit_seconds"] > 0 else 0.0
     recent = f"{rate:,.0f} events/s recently, " if rate else ""
-    lines.append(f"throughput: {recent}{overall:,.0f} events/s over the whole fit "
-                 f"({monitor.get('steps', 0)} training steps, {monitor.get('samples', 0)} events)")
-
-    lines.append(f"time: preparation {_format_seconds(result['prepare_seconds'])}, "
-                 f"fit (training + validation) {_format_seconds(result['fit_seconds'])}, "
-                 f"total {_format_seconds(result['total_seconds'])}")
+    lines.append(
+        f"throughput: {recent}{overall:,.0f} events/s over the whole fit "
+        f"({monitor.get('steps', 0)} training steps, {monitor.get('samples', 0)} events)"
+    )
+    lines.append(
+        f"time: preparation {_format_seconds(result['prepare_seconds'])}, "
+        f"fit (training + validation) {_format_seconds(result['fit_seconds'])}, "
+        f"total {_format_seconds(result['total_seconds'])}"
+    )
     phases = monitor.get("phase_seconds") or {}
     known = [(name, phases[name]) for name in _PHASES if name in phases]
     known += [(name, value) for name, value in phases.items() if name not in _PHASES]
@@ -164,138 +358,96 @@ def format_summary(result: dict[str, Any]) -> str:
         for name, value in known:
             lines.append(f"  {name:<15} {_format_seconds(value):>10}  {100.0 * value / step_total:5.1f}%")
     else:
-        lines.append("per training step: no step was traced (fewer steps than --trace-every)")
+        lines.append("per training step: no step was traced (fewer steps than --monitor.trace_every_n_steps)")
 
     lines.append("")
-    lines.append(f"metrics: {result['metrics_url'] or 'not served'}")
-    lines.append("with the monitoring stack running (make stack):")
-    lines.append(f"  Grafana     {GRAFANA_URL}  (dashboard 'DGDN training')")
-    lines.append(f"  Jaeger      {JAEGER_URL}  (service 'dgdn-training')")
-    lines.append(f"  Prometheus  {PROMETHEUS_URL}  (e.g. query dgdn_training_loss)")
+    if result.get("metrics_url"):  # the endpoint closed with the run: its port, not a link that no longer answers
+        port = result["metrics_url"].split("//", 1)[1].split("/", 1)[0].rpartition(":")[2]
+        lines.append(f"metrics: were served on port {port} while the run trained (the endpoint closed with it)")
+    tracing = result.get("tracing") or ""
+    if tracing.startswith("Tracing is off (--monitor.tracing false)"):
+        lines.append("tracing: was off (--monitor.tracing false); drop that option to send spans to Jaeger")
+    elif tracing.startswith("Tracing is off"):
+        lines.append("tracing: was off; to turn it on, start Jaeger (make stack) or set OTEL_EXPORTER_OTLP_ENDPOINT")
+    elif tracing:
+        lines.append(f"tracing: {tracing.removeprefix('Tracing: ')}")
+
+    live = [
+        (name, url, hint) for name, url, hint in (
+            ("Grafana", GRAFANA_URL, "dashboard 'DGDN training', login admin / $GF_ADMIN_PASSWORD"),
+            ("Prometheus", PROMETHEUS_URL, "e.g. query dgdn_training_loss"),
+            ("Jaeger", JAEGER_URL, "service 'dgdn-training'"),
+        ) if probe(url)
+    ]  # fmt: skip
+    lines.append("next:")
+    for name, url, hint in live:
+        lines.append(f"  {name:<11} {url}  ({hint})")
+    if not live:
+        lines.append(
+            "  a monitoring stack keeps the figures after the run: make stack (Docker: Grafana, Prometheus, "
+            "Jaeger) or make stack-native (Prometheus and Alertmanager from PATH), then train again"
+        )
+    lines.append("  notebooks: make notebooks (plots of the exported figures, traces per phase)")
     return "\n".join(lines)
 
 
-def prepare(args: argparse.Namespace, out: Any = None) -> tuple[Any, Any, Any]:
-    """Build ``(graph, datamodule, module)`` from ``args``; bad combinations raise ``ValueError``.
-
-    Args:
-        args: parsed ``dgdn-monitor`` arguments.
-        out: stream for progress messages (default: ``sys.stdout``).
-    """
-    out = sys.stdout if out is None else out
-    import lightning.pytorch as pl
-
-    from dgdn_lightning_monitor.dgdn import DGDNLinkPredictor, TemporalGraphDataModule, load_dataset
-
-    pl.seed_everything(args.seed, verbose=False)
-    dataset = getattr(args, "dataset", "synthetic")
-    if dataset == "synthetic":
-        graph = load_dataset("synthetic", num_nodes=args.num_nodes, num_events=args.num_events, seed=args.seed)
-    else:
-        print(f"Loading {dataset} from {args.root} (downloaded on first use) ...", file=out, flush=True)
-        graph = load_dataset(dataset, root=args.root)
-    datamodule = TemporalGraphDataModule(graph, batch_size=args.batch_size, num_neighbors=args.num_neighbors,
-                                         seed=args.seed)
-    module = DGDNLinkPredictor.from_graph(graph, hidden_dim=args.hidden_dim, num_layers=args.num_layers, lr=args.lr)
-    return graph, datamodule, module
-
-
-def run(args: argparse.Namespace, out: Any = None, prepared: Optional[tuple[Any, Any, Any]] = None,
-        ) -> dict[str, Any]:
-    """Train as ``args`` say and return the figures of the summary (see :func:`format_summary`).
-
-    Args:
-        args: parsed ``dgdn-monitor`` arguments.
-        out: stream for messages (default: ``sys.stdout``).
-        prepared: what :func:`prepare` returned; built here when ``None``.
-
-    Example::
-
-        result = run(build_parser().parse_args(["demo", "--epochs", "1", "--port", "0"]))
-        print(format_summary(result))
-    """
-    out = sys.stdout if out is None else out
-    started = time.perf_counter()
-    import lightning.pytorch as pl
-
-    from dgdn_lightning_monitor import MonitoringCallback
-
-    graph, datamodule, module = prepare(args, out) if prepared is None else prepared
-    prepare_seconds = time.perf_counter() - started
-
-    tracing = {"auto": None, "on": True, "off": False}[args.tracing]
-    monitor = MonitoringCallback(port=args.port, trace_every_n_steps=args.trace_every, tracing=tracing)
-
-    class _Announce(pl.Callback):
-        url: Optional[str] = None
-
-        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-            self.url = monitor.metrics_url
-            if trainer.is_global_zero:
-                print(f"Prometheus metrics: {self.url}", file=out, flush=True)
-
-    announce = _Announce()
-    progress = args.progress_bar
-    if progress is None:
-        progress = sys.stdout.isatty() or sys.stderr.isatty()
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        callbacks=[monitor, announce],  # in this order: the endpoint is up when the URL is announced
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=10,  # how often the training loss reaches the progress bar and the metrics
-        # Events must stay in time order: no distributed sampler reshuffling them.
-        use_distributed_sampler=False,
+def _usage() -> str:
+    commands = "\n".join(f"  {name:<7} {text}" for name, text in _COMMANDS.items())
+    return (
+        f"usage: {PROG} COMMAND [options]\n\nTrain the DGDN temporal graph network with Prometheus metrics and "
+        f"OpenTelemetry traces.\n\ncommands:\n{commands}\n\n"
+        f"'{PROG} train --help' lists every option (--trainer.*, --model.*, --data.*, --monitor.*);\n"
+        f"'{PROG} train --print_config > run.yaml' writes a config that '{PROG} train --config run.yaml' reads."
     )
-    print(f"Training DGDN on {graph.name}: {graph.num_events} events, {graph.num_nodes} nodes, "
-          f"{args.epochs} epoch{'' if args.epochs == 1 else 's'}", file=out, flush=True)
-    with warnings.catch_warnings():
-        # The event loader keeps neighbour history in this process, so it deliberately has no workers.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")  # Lightning internals
-        fit_start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
-        fit_seconds = time.perf_counter() - fit_start
 
-    return {
-        "dataset": graph.name,
-        "num_events": graph.num_events,
-        "num_nodes": graph.num_nodes,
-        "train_events": datamodule.num_train_events * trainer.current_epoch,
-        "epochs": trainer.current_epoch,
-        "metrics": {key: float(value) for key, value in trainer.callback_metrics.items()},
-        "monitor": monitor.summary(),
-        "metrics_url": announce.url,
-        "prepare_seconds": prepare_seconds,
-        "fit_seconds": fit_seconds,
-        "total_seconds": time.perf_counter() - started,
-    }
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dgdn-monitor`` console script (also ``python -m dgdn_lightning_monitor``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, options = argv[0], argv[1:]
+    if command not in _COMMANDS:
+        print(f"{PROG}: error: unknown COMMAND {command!r}; choose from {', '.join(_COMMANDS)}", file=sys.stderr)
+        return 2
+
     started = time.perf_counter()
+    lightning_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips = _LightningTips()
+    lightning_logger.addFilter(tips)
     try:
-        prepared = prepare(args)
-    except ValueError as error:  # a combination of options the data or the model cannot take
-        parser.error(str(error))
-    except RuntimeError as error:  # e.g. a JODIE download that failed: the message says where to put the file
-        print(f"dgdn-monitor: error: {error}", file=sys.stderr)
-        return 1
+        return _main(command, options, started)
+    finally:
+        lightning_logger.removeFilter(tips)
 
-    from dgdn_lightning_monitor import PortInUseError
+
+def _main(command: str, options: list[str], started: float) -> int:
+    try:
+        cli = build_cli(options, command=command)
+    except SystemExit as done:  # --help, --print_config, or an option the parser rejected (it said why)
+        return int(done.code or 0) if not isinstance(done.code, str) else 2
+    except (ValueError, TypeError) as error:  # a value the data, model, callback or Trainer cannot take
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - e.g. no GPU for --trainer.accelerator gpu, a failed download
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2 if type(error).__name__ == "MisconfigurationException" else 1
 
     try:
-        result = run(args, prepared=prepared)
-    except PortInUseError as error:
-        print(f"dgdn-monitor: error: {error}. Pass --port 0 for any free port.", file=sys.stderr)
+        result = run_training(cli)
+    except PortInUseError:
+        monitor = _monitor_of(cli.trainer)
+        port = monitor.port if monitor is not None else "?"
+        print(
+            f"{PROG}: error: port {port} is already in use (another run?); pass --monitor.port 0 for any free port",
+            file=sys.stderr,
+        )
         return 1
     result["total_seconds"] = time.perf_counter() - started
     result["prepare_seconds"] = result["total_seconds"] - result["fit_seconds"]

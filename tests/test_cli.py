@@ -1,4 +1,4 @@
-"""The ``dgdn-monitor`` command: demo and train runs, the summary, argument errors."""
+"""The ``dgdn-monitor`` command on LightningCLI: runs, the summary, configs, one-line errors."""
 
 from __future__ import annotations
 
@@ -11,52 +11,94 @@ import sys
 import urllib.request
 
 import pytest
+import torch
 
 from dgdn_lightning_monitor import cli
 
-TINY = ["--num-nodes", "150", "--num-events", "2000", "--batch-size", "100", "--hidden-dim", "32",
-        "--num-layers", "1", "--port", "0", "--no-progress-bar", "--tracing", "off", "--trace-every", "2"]
+TINY = ["--data.num_nodes", "150", "--data.num_events", "2000", "--data.batch_size", "100", "--model.hidden_dim",
+        "32", "--model.num_layers", "1", "--monitor.port", "0", "--trainer.enable_progress_bar", "false",
+        "--monitor.tracing", "false", "--monitor.trace_every_n_steps", "2"]  # fmt: skip
+TRAIN_EVENTS = 1400  # the first 70% of 2000 events
 
 
 class _ScrapeOnAnnounce(io.StringIO):
-    """Collects the messages; when the metrics URL is announced, reads the endpoint right away."""
+    """Collects the start-up lines; when the metrics URL is announced, reads the endpoint right away."""
 
     def __init__(self) -> None:
         super().__init__()
         self.scraped = ""
 
     def write(self, text: str) -> int:
-        match = re.search(r"Prometheus metrics: (http://\S+)", text)
+        match = re.search(r"metrics at (http://\S+)", text)
         if match:
             with urllib.request.urlopen(match.group(1), timeout=10) as response:
                 self.scraped = response.read().decode()
         return super().write(text)
 
 
-def test_demo_trains_serves_metrics_and_summarises(capsys):
-    args = cli.build_parser().parse_args(["demo", "--epochs", "2", *TINY])
+def test_demo_trains_serves_metrics_and_summarises():
     out = _ScrapeOnAnnounce()
-    result = cli.run(args, out=out)
+    result = cli.run_training(cli.build_cli(["--trainer.max_epochs", "2", *TINY], command="demo"), out=out)
 
     messages = out.getvalue()
-    assert re.search(r"Prometheus metrics: http://localhost:\d+/metrics", messages)
+    assert re.search(r"Serving training metrics at http://localhost:\d+/metrics", messages)
     assert "dgdn_samples_processed_total" in out.scraped  # served from setup on
     assert result["epochs"] == 2 and result["metrics"]["val_ap"] > 0.6
-    assert result["monitor"]["samples"] == 2 * 1400
+    assert result["monitor"]["samples"] == 2 * TRAIN_EVENTS
+    assert result["monitor"]["steps"] == 2 * 14
 
-    summary = cli.format_summary(result)
+    quiet = cli.format_summary(result, probe=lambda url: False)
     for needle in ("train_loss=", "val_loss=", "val_ap=", "val_auc=", "events/s", "data_fetch", "forward",
-                   "backward", "optimizer_step", "http://localhost:3000", "http://localhost:16686",
-                   "http://localhost:9090", result["metrics_url"]):
-        assert needle in summary, needle
+                   "backward", "optimizer_step", "make stack", "make stack-native", "make notebooks",
+                   "tracing: was off (--monitor.tracing false)"):  # fmt: skip
+        assert needle in quiet, needle
+    assert "http://" not in quiet  # nothing answers: no URL is offered, and the closed endpoint is not a link
+    port = result["metrics_url"].rsplit(":", 1)[1].split("/")[0]
+    assert f"served on port {port}" in quiet
+
+    live = cli.format_summary(result, probe=lambda url: True)
+    for needle in ("http://localhost:3000", "login admin", "http://localhost:16686", "http://localhost:9090"):
+        assert needle in live, needle
+    assert result["metrics_url"] not in live
 
 
-def test_main_prints_the_summary(capsys):
-    assert cli.main(["demo", "--epochs", "1", *TINY]) == 0
-    printed = capsys.readouterr().out
-    assert "Prometheus metrics: http://" in printed
+def test_summary_says_how_to_turn_tracing_on():
+    result = {"dataset": "synthetic", "num_events": 10, "num_nodes": 5, "epochs": 1, "metrics": {},
+              "monitor": {}, "train_events": 7, "fit_seconds": 1.0, "prepare_seconds": 0.1, "total_seconds": 1.1,
+              "metrics_url": None,
+              "tracing": "Tracing is off: no OTLP receiver answers on localhost:4318. Start the stack ..."}  # fmt: skip
+    summary = cli.format_summary(result, probe=lambda url: False)
+    assert "tracing: was off; to turn it on" in summary and "OTEL_EXPORTER_OTLP_ENDPOINT" in summary
+    assert "metrics: were served" not in summary
+
+
+def test_main_prints_each_fact_once(capsys):
+    assert cli.main(["demo", "--trainer.max_epochs", "1", *TINY]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    url = re.search(r"Serving training metrics at (http://\S+)", printed).group(1)
+    assert printed.count(url) == 1 and url not in captured.err
     assert re.search(r"val_ap=0\.\d{4}", printed) and re.search(r"val_auc=0\.\d{4}", printed)
-    assert "Grafana" in printed and "Jaeger" in printed and "Prometheus " in printed
+    assert printed.count("Training DGDN on synthetic: 2000 events, 150 nodes, 1 epoch\n") == 1
+    assert "Tip:" not in printed + captured.err
+    assert "args parameter" not in captured.err
+
+
+def test_print_config_is_accepted_by_config(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.build_cli(["--trainer.max_epochs", "1", *TINY, "--print_config"])
+    assert info.value.code in (0, None)
+    config = capsys.readouterr().out
+    for needle in ("trainer:", "max_epochs: 1", "model:", "hidden_dim: 32", "data:", "num_events: 2000",
+                   "monitor:", "trace_every_n_steps: 2"):  # fmt: skip
+        assert needle in config, needle
+    path = tmp_path / "run.yaml"
+    path.write_text(config)
+
+    assert cli.main(["train", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "dataset: synthetic  (2000 events, 150 nodes, 1 epoch)" in printed
+    assert f"{TRAIN_EVENTS} events)" in printed
 
 
 def _write_jodie_csv(path, users=30, items=20, events=900):
@@ -71,9 +113,9 @@ def _write_jodie_csv(path, users=30, items=20, events=900):
 
 def test_train_on_a_jodie_file_placed_offline(tmp_path, capsys):
     _write_jodie_csv(str(tmp_path / "lastfm" / "raw" / "lastfm.csv"))
-    code = cli.main(["train", "--dataset", "lastfm", "--root", str(tmp_path), "--epochs", "1", "--batch-size", "100",
-                     "--hidden-dim", "16", "--num-layers", "1", "--port", "0", "--no-progress-bar",
-                     "--tracing", "off"])
+    code = cli.main(["train", "--data.dataset", "lastfm", "--data.root", str(tmp_path), "--trainer.max_epochs", "1",
+                     "--data.batch_size", "100", "--model.hidden_dim", "16", "--model.num_layers", "1",
+                     "--monitor.port", "0", "--monitor.tracing", "false"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "dataset: lastfm" in printed and "val_ap=" in printed
@@ -86,49 +128,70 @@ def test_failed_download_exits_with_where_to_put_the_file(tmp_path, capsys, monk
         raise OSError("no route to host")
 
     monkeypatch.setattr(jodie, "download_url", offline)
-    code = cli.main(["train", "--dataset", "reddit", "--root", str(tmp_path), "--port", "0", "--tracing", "off"])
+    code = cli.main(["train", "--data.dataset", "reddit", "--data.root", str(tmp_path), "--monitor.port", "0"])
     assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and os.path.join(str(tmp_path), "reddit", "raw", "reddit.csv") in err[0]
+
+
+ERRORS = [
+    (["train", "--trainer.max_epochs", "zero"], "--trainer.max_epochs"),
+    (["train", "--monitor.port", "70000"], "port"),
+    (["train", "--monitor.tracing", "maybe"], "--monitor.tracing"),
+    (["demo", "--data.num_events", "many"], "--data.num_events"),
+    (["train", "--trainer.accelerator", "quantum"], "accelerator"),
+    (["train", "--trainer.devices", "x"], "devices"),
+    (["train", "--model.lr", "-1"], "lr"),
+    (["train", "--data.dataset", "cora"], "cora"),
+    (["demo", "--data.num_nodes", "1"], "num_nodes"),
+    (["demo", "--model.hidden_dim", "30"], "hidden_dim"),
+    (["train", "--no-such-option", "1"], "--no-such-option"),
+    (["fit"], "COMMAND"),
+]
+if not torch.cuda.is_available():
+    ERRORS.append((["train", "--trainer.accelerator", "gpu"], "gpu"))
+
+
+@pytest.mark.parametrize(("argv", "needle"), ERRORS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_impossible_options_exit_with_one_line(argv, needle, capsys):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1, captured.err
+    assert err[0].startswith("dgdn-monitor") and "error:" in err[0] and needle in err[0]
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_no_command_prints_the_usage(capsys):
+    assert cli.main([]) == 2
     err = capsys.readouterr().err
-    assert os.path.join(str(tmp_path), "reddit", "raw", "reddit.csv") in err
+    assert "demo" in err and "train" in err and "--print_config" in err
 
 
-@pytest.mark.parametrize(
-    ("argv", "needle"),
-    [
-        (["demo", "--epochs", "0"], "--epochs"),
-        (["demo", "--port", "70000"], "--port"),
-        (["demo", "--num-events", "many"], "--num-events"),
-        (["demo", "--devices", "x"], "--devices"),
-        (["demo", "--lr", "-1"], "--lr"),
-        (["train", "--dataset", "cora"], "invalid choice"),
-        (["demo", "--num-nodes", "1"], "num_nodes"),
-        (["demo", "--hidden-dim", "30"], "hidden_dim"),
-        ([], "COMMAND"),
-    ],
-)
-def test_argument_errors_exit_with_a_message(argv, needle, capsys):
-    with pytest.raises(SystemExit) as info:
-        cli.main(argv)
-    assert info.value.code == 2
-    assert needle in capsys.readouterr().err
-
-
-def test_taken_port_is_reported(capsys):
+def test_taken_port_is_reported_once(capsys):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("0.0.0.0", 0))
         sock.listen(1)
         port = sock.getsockname()[1]
-        argv = ["demo", "--epochs", "1", *TINY]
-        argv[argv.index("--port") + 1] = str(port)
+        argv = ["demo", "--trainer.max_epochs", "1", *TINY]
+        argv[argv.index("--monitor.port") + 1] = str(port)
         assert cli.main(argv) == 1
-    assert "--port 0" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"port {port} is already in use" in err[0] and "--monitor.port 0" in err[0]
+    assert ".." not in err[0]
 
 
 def test_module_and_console_script_entry_points():
-    done = subprocess.run([sys.executable, "-m", "dgdn_lightning_monitor", "--help"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "dgdn_lightning_monitor", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0 and "demo" in done.stdout and "train" in done.stdout
     script = os.path.join(os.path.dirname(sys.executable), "dgdn-monitor")
     if os.path.exists(script):
-        done = subprocess.run([script, "demo", "--epochs", "0"], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and "--epochs" in done.stderr
+        done = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0
+        for needle in ("--trainer.max_epochs", "--model.hidden_dim", "--data.dataset", "--monitor.port", "--config",
+                       "--print_config"):  # fmt: skip
+            assert needle in done.stdout, needle
+        done = subprocess.run([script, "demo", "--trainer.max_epochs", "-5"], capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 2 and "max_epochs" in done.stderr, done.stderr
