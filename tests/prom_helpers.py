@@ -25,8 +25,14 @@ PROMETHEUS_DIR = DEPLOY / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RULES_FILE = PROMETHEUS_DIR / "rules" / "dgdn-alerts.yml"
 RULES_TEST_FILE = PROMETHEUS_DIR / "tests" / "dgdn-alerts.test.yml"
+STACK_RULES_FILE = PROMETHEUS_DIR / "rules" / "dgdn-stack.yml"
+STACK_RULES_TEST_FILE = PROMETHEUS_DIR / "tests" / "dgdn-stack.test.yml"
+ALL_RULES_FILES = (RULES_FILE, STACK_RULES_FILE)
+ALL_RULES_TEST_FILES = (RULES_TEST_FILE, STACK_RULES_TEST_FILE)
 TARGETS_EXAMPLE = PROMETHEUS_DIR / "targets" / "ranks.json.example"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
+ALERTMANAGER_EXAMPLES = {name: DEPLOY / "alertmanager" / "examples" / f"{name}.yml" for name in ("webhook", "slack", "email")}
+DOCKER_DESKTOP_OVERRIDE = DEPLOY / "docker-compose.docker-desktop.yml"
 GRAFANA_DIR = DEPLOY / "grafana"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "dgdn-training.json"
 DASHBOARD_GENERATOR = GRAFANA_DIR / "generate_dashboard.py"
@@ -47,7 +53,7 @@ CALLBACK_COUNTERS = {
     "dgdn_samples_processed_total", "dgdn_nodes_processed_total", "dgdn_edges_processed_total",
     "dgdn_nonfinite_loss_total",
 }
-CALLBACK_HISTOGRAMS = {"dgdn_batch_processing_seconds", "dgdn_inference_time_seconds"}
+CALLBACK_HISTOGRAMS = {"dgdn_batch_processing_seconds", "dgdn_inference_time_seconds", "dgdn_step_phase_seconds"}
 CALLBACK_METRICS = (
     CALLBACK_GAUGES | CALLBACK_COUNTERS
     | {f"{name}{suffix}" for name in CALLBACK_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
@@ -57,6 +63,13 @@ CALLBACK_GPU_PREFIX = "dgdn_gpu_"
 
 #: Metrics of the other exporters the stack ships, as far as the dashboard uses them.
 PROMETHEUS_METRICS = {"up", "ALERTS", "ALERTS_FOR_STATE"}
+#: What the stack's own components export, as far as the rules on the stack use it.
+STACK_METRICS = {
+    "prometheus_rule_evaluation_failures_total", "prometheus_notifications_errors_total",
+    "prometheus_notifications_dropped_total", "prometheus_notifications_alertmanagers_discovered",
+    "prometheus_config_last_reload_successful", "alertmanager_notifications_failed_total",
+    "alertmanager_config_last_reload_successful",
+}
 NODE_EXPORTER_METRICS = {
     "node_cpu_seconds_total", "node_memory_MemAvailable_bytes", "node_memory_MemTotal_bytes", "node_load1",
     "node_load5", "node_load15", "node_filesystem_avail_bytes", "node_filesystem_size_bytes",
@@ -68,9 +81,12 @@ CADVISOR_METRICS = {
 #: Fields of the DCGM exporter's default counter set.
 DCGM_METRICS = {
     "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_POWER_USAGE",
-    "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK",
+    "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_XID_ERRORS",
 }
-KNOWN_METRICS = CALLBACK_METRICS | PROMETHEUS_METRICS | NODE_EXPORTER_METRICS | CADVISOR_METRICS | DCGM_METRICS
+#: Series the recording rules of rules/dgdn-alerts.yml write.
+RECORDED_METRICS = {"dgdn_rank:step_own_work_seconds:mean5m", "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m"}
+KNOWN_METRICS = (CALLBACK_METRICS | PROMETHEUS_METRICS | STACK_METRICS | NODE_EXPORTER_METRICS | CADVISOR_METRICS
+                 | DCGM_METRICS | RECORDED_METRICS)
 
 # ------------------------------------------------------------------------------------------------ PromQL
 _KEYWORDS = {
