@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, push_to_gateway
 
 from dgdn_lightning_monitor.guards import WarnOnce
 from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.web_config import push_handler_from_env
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,9 @@ def push_final_metrics(
         grouping_key: the other labels of the group, e.g. ``{"run_id": "4f1c2a", "rank": "0"}``.
         timeout_s: per-request timeout; the push runs in a helper thread that is waited for this long.
 
+    TLS and basic-auth settings come from the ``DGDN_MONITOR_PUSHGATEWAY_*`` environment variables (see
+    :func:`~dgdn_lightning_monitor.web_config.push_handler_from_env`); a bad setting is reported like a failed push.
+
     Returns:
         ``None`` when the push succeeded, else a short reason.
 
@@ -242,7 +246,10 @@ def push_final_metrics(
 
     def push() -> None:
         try:
-            push_to_gateway(url, job=job, registry=registry, grouping_key=dict(grouping_key), timeout=timeout_s)
+            handler = push_handler_from_env()  # TLS and basic auth of a secured Pushgateway, when configured
+            extra: dict[str, Any] = {"handler": handler} if handler is not None else {}
+            push_to_gateway(url, job=job, registry=registry, grouping_key=dict(grouping_key), timeout=timeout_s,
+                            **extra)
         except Exception as error:  # the reason is reported by the caller
             outcome["error"] = f"{type(error).__name__}: {error}"
         else:
