@@ -22,6 +22,7 @@ from prom_helpers import DEPLOY, ROOT, wait_until
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, push_to_gateway
 from tls_helpers import SecuredServer, basic, bcrypt_hash, client_context, fetch, write_web_config
 
+from dgdn_lightning_monitor.distributed import push_final_metrics
 from dgdn_lightning_monitor.web_config import load_web_config, push_handler_from_env
 
 pytestmark = pytest.mark.slow
@@ -396,7 +397,7 @@ def test_stack_with_the_shipped_web_config(tmp_path, secure_dir, trusted):
         basic_endpoint.close()
 
 
-def test_basic_auth_in_front_of_the_stack(tmp_path, secure_dir):
+def test_basic_auth_in_front_of_the_stack(tmp_path, secure_dir, monkeypatch):
     """The shipped file with basic_auth_users added (its documented variant): 401 without or with a wrong password."""
     pushgateway_bin = require_tool("pushgateway")
     certs = secure_dir / "certs"
@@ -447,6 +448,19 @@ def test_basic_auth_in_front_of_the_stack(tmp_path, secure_dir):
         assert refused.value.code == 401
         body = pushgateway.get("/metrics", authorization=basic("trainer", "s3cret pass"))[2].decode()
         assert 'dgdn_final_loss{instance="",job="dgdn-training"} 2.5' in body
+
+        # The package's end-of-run push takes the same settings from the environment.
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert push_final_metrics(f"https://127.0.0.1:{port}", "dgdn-training", pushed, {"rank": "3"}, 10.0) is None
+        body = pushgateway.get("/metrics", authorization=basic("trainer", "s3cret pass"))[2].decode()
+        assert 'dgdn_final_loss{instance="",job="dgdn-training",rank="3"} 2.5' in body
+        monkeypatch.setenv("DGDN_MONITOR_PUSHGATEWAY_PASSWORD", "wrong")
+        reason = push_final_metrics(f"https://127.0.0.1:{port}", "dgdn-training", pushed, {"rank": "4"}, 10.0)
+        assert reason is not None and "401" in reason
+        monkeypatch.delenv("DGDN_MONITOR_PUSHGATEWAY_PASSWORD")
+        reason = push_final_metrics(f"https://127.0.0.1:{port}", "dgdn-training", pushed, {"rank": "5"}, 10.0)
+        assert reason is not None and "DGDN_MONITOR_PUSHGATEWAY_PASSWORD" in reason
     finally:
         pushgateway.stop()
 
