@@ -94,3 +94,58 @@ def wait_for_target_up(prometheus: Prometheus, timeout: float = 30.0) -> None:
 def successful_scrapes(prometheus: Prometheus) -> int:
     result = prometheus.query(f'sum_over_time(up{{job="{JOB}"}}[10m])')
     return int(float(result[0]["value"][1])) if result else 0
+
+
+def shipped_training_config(path: Path, static_target: str, targets_dir: Path, *, rule_files: list[Path] = (),
+                            alertmanager: Optional[str] = None) -> Path:
+    """The shipped ``dgdn-training`` scrape job (static quick-start target, file SD, the relabelling that merges
+    both) with the quick-start address replaced by ``static_target`` and 1 s intervals."""
+    from prom_helpers import PROMETHEUS_CONFIG
+
+    shipped = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    job = next(job for job in shipped["scrape_configs"] if job["job_name"] == JOB)
+    assert job["static_configs"][0]["targets"] == ["host.docker.internal:8000"]
+    job["static_configs"][0]["targets"] = [static_target]
+    job["file_sd_configs"] = [{"files": [str(targets_dir / "*.json")], "refresh_interval": "1s"}]
+    relabel = job["relabel_configs"][0]
+    assert relabel["regex"] == r"host\.docker\.internal:8000"
+    relabel["regex"] = static_target.replace(".", r"\.")
+    job.update(scrape_interval="1s", scrape_timeout="1s")
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [job],
+    }
+    if rule_files:
+        config["rule_files"] = [str(rule) for rule in rule_files]
+    if alertmanager is not None:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Trains until killed, with discovery in ``--targets-dir``; prints the metrics URL once it serves.
+
+    Used by the live tests as a process to kill: ``python tests/deploy_training.py --targets-dir DIR``.
+    """
+    import argparse
+
+    from dgdn_lightning_monitor import MonitoringCallback
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--targets-dir", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    monitor = MonitoringCallback(port=args.port, addr="127.0.0.1", targets_dir=args.targets_dir,
+                                 targets_host="127.0.0.1", tracing=False)
+
+    def start(trainer: pl.Trainer) -> None:
+        print(f"serving {monitor.metrics_url}", flush=True)
+
+    train, val = loaders()
+    trainer([Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=100_000).fit(
+        LiveGCN(step_sleep_s=0.05), train, val)
+
+
+if __name__ == "__main__":
+    main()
