@@ -67,6 +67,10 @@ class _Run:
         self.record: Optional[BatchRecord] = None
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False
+        self.fetch_end_ns = 0
+        self.warmed_up = False  # the first traced step of a run carries one-time costs: kept out of summary()
+        self.device_phases: list[BatchRecord] = []  # traced CUDA steps whose events have not completed yet
+        self.unwatch_fetches = _watch_fetches(trainer, self)
 
 
 class MonitoringCallback(Callback):
@@ -106,6 +110,8 @@ class MonitoringCallback(Callback):
         pushgateway_url: a Pushgateway (``http://host:9091``) to which every rank pushes its final figures
             when the run ends, grouped by ``job``, ``run_id`` and ``rank``; a failed push only warns.
         job: Prometheus job name used in discovery files and pushes.
+        web_config_file: a Prometheus web configuration file (TLS, client certificates, basic auth) for the
+            endpoint, read here so that a bad file fails at construction; ``metrics_url`` then says ``https``.
 
     Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints at set-up, and, when rank 0
     traces, rank 0 shares its ``train_epoch`` span once per epoch so that every rank's spans of that epoch
@@ -145,6 +151,7 @@ class MonitoringCallback(Callback):
         targets_host: Optional[str] = None,
         pushgateway_url: Optional[str] = None,
         job: str = DEFAULT_JOB,
+        web_config_file: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         super().__init__()
         self.port = check_int("port", port, 0, 65535)
@@ -184,9 +191,12 @@ class MonitoringCallback(Callback):
             tracer_provider is None or isinstance(tracer_provider, TracerProvider),
             "an opentelemetry TracerProvider or None",
         )
+        self._web_config_file = web_config_file
+        self.web_config = _load_web_config(web_config_file)
         self._dist = DistributedRun(
             job=job, targets_dir=targets_dir, targets_host=targets_host, pushgateway_url=pushgateway_url
         )
+        self._dist.https = self.web_config is not None and self.web_config.scheme == "https"
         self.metrics = TrainingMetrics(namespace, check_int("throughput_window", throughput_window, 2))
         self.gpu = GPUMonitor(namespace, devices=gpu_devices, poll_interval_s=gpu_poll_interval_s)
         self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider)
@@ -197,6 +207,7 @@ class MonitoringCallback(Callback):
         self._train_batches = 0
         self._phase_totals: dict[str, float] = {}
         self._phase_steps = 0
+        self._warm_up_phases: dict[str, float] = {}
         self._run: Optional[_Run] = None
 
     # ------------------------------------------------------------------------------------------ public API
@@ -212,9 +223,18 @@ class MonitoringCallback(Callback):
         Returns:
             ``steps`` and ``samples`` (training batches and samples seen), ``samples_per_second`` (recent
             throughput) and ``phase_seconds``: mean seconds per traced training step of ``data_fetch``,
-            ``forward``, ``backward`` and ``optimizer_step``.
+            ``forward``, ``backward`` and ``optimizer_step`` (host time), leaving out the first traced step of
+            each run, which carries one-time warm-up costs (its figures are given only when no other step was
+            traced).
         """
-        steps = max(self._phase_steps, 1)
+        if not self._phase_steps:
+            return {
+                "steps": self._train_batches,
+                "samples": self.metrics.samples_total,
+                "samples_per_second": self.metrics.samples_per_second,
+                "phase_seconds": dict(self._warm_up_phases),
+            }
+        steps = self._phase_steps
         return {
             "steps": self._train_batches,
             "samples": self.metrics.samples_total,
@@ -226,12 +246,13 @@ class MonitoringCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         """Settings and counters, for ``strategy="ddp_spawn"`` (it pickles the callbacks into every worker); the
         parts that hold threads, sockets or a provider rebuild themselves in the worker."""
-        state = {**self.__dict__, "_run": None}
+        state = {**self.__dict__, "_run": None, "web_config": None}  # an SSL context does not pickle
         state["registry"] = "global" if self.registry is prometheus_client.REGISTRY else None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.web_config = _load_web_config(self._web_config_file)
         global_registry = state["registry"] == "global"
         self.registry = prometheus_client.REGISTRY if global_registry else CollectorRegistry(auto_describe=True)
         try:
@@ -257,7 +278,7 @@ class MonitoringCallback(Callback):
         self.metrics.info = run_info(pl_module, self.run_id)
         self.metrics.bind(trainer)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
-        server = MetricsServer(self.registry, self.addr, port)
+        server = MetricsServer(self.registry, self.addr, port, self.web_config)
         failure: Optional[Exception] = None
         try:
             if port > 65535:
@@ -302,6 +323,7 @@ class MonitoringCallback(Callback):
         run, self._run = self._run, None
         if run is None:
             return
+        run.unwatch_fetches()
         try:
             run.scalars.flush()
             self._fold_nonfinite(run)
@@ -346,6 +368,8 @@ class MonitoringCallback(Callback):
                     cuda=pl_module.device.type == "cuda",
                 )
                 record.mark("fetch_start", run.fetch_start_ns)
+                if run.fetch_end_ns > run.fetch_start_ns:
+                    record.mark("fetch_end", run.fetch_end_ns)
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
@@ -386,8 +410,10 @@ class MonitoringCallback(Callback):
             self._train_batches += 1
             run.batches += 1
             if record is not None:
-                self._add_phases(record)
+                self._add_phases(run, record)
                 self.tracer.add_batch(record)
+            if run.device_phases:
+                self._observe_device_phases(run)
             self._keep_loss(run, outputs)
             if len(run.losses) >= _FOLD_EVERY:
                 self._fold_nonfinite(run)
@@ -492,10 +518,36 @@ class MonitoringCallback(Callback):
             exc_info=error,
         )
 
-    def _add_phases(self, record: BatchRecord) -> None:
-        for name, start_ns, end_ns in record.phases():
-            self._phase_totals[name] = self._phase_totals.get(name, 0.0) + (end_ns - start_ns) / 1e9
+    def _add_phases(self, run: _Run, record: BatchRecord) -> None:
+        """A traced step's phases: into the phase histogram (host times on CPU; on CUDA device times, once its
+        events completed) and, from the second traced step of a run on, into :meth:`summary`'s means."""
+        host = {name: (end_ns - start_ns) / 1e9 for name, start_ns, end_ns in record.phases()}
+        if record.events is None:
+            for name, seconds in host.items():
+                self.metrics.phase_seconds[name].observe(seconds)
+        else:
+            if "data_fetch" in host:  # the host waits for data: no device time to measure
+                self.metrics.phase_seconds["data_fetch"].observe(host["data_fetch"])
+            run.device_phases.append(record)
+        if not run.warmed_up:
+            run.warmed_up = True
+            self._warm_up_phases = host  # reported only while no other step was traced
+            return
+        for name, seconds in host.items():
+            self._phase_totals[name] = self._phase_totals.get(name, 0.0) + seconds
         self._phase_steps += 1
+
+    def _observe_device_phases(self, run: _Run) -> None:
+        """Device times of traced CUDA steps whose events completed (``Event.query``, never a synchronisation)."""
+        waiting = []
+        for record in run.device_phases:
+            if record.device_ready():
+                for name, milliseconds in record.device_milliseconds().items():
+                    if name in self.metrics.phase_seconds and name != "data_fetch":
+                        self.metrics.phase_seconds[name].observe(milliseconds / 1e3)
+            else:
+                waiting.append(record)
+        run.device_phases = waiting
 
     @staticmethod
     def _keep_loss(run: _Run, outputs: Any) -> None:
@@ -540,6 +592,12 @@ class MonitoringCallback(Callback):
                 if value is not None:
                     run.scalars.submit(value, functools.partial(self.metrics.set_logged, gauge))
                     break
+            else:  # several evaluation loaders: Lightning logs "<key>/dataloader_idx_<N>" only
+                prefix = f"{key}/dataloader_idx_"
+                for name, value in logged.items():
+                    if name.startswith(prefix):
+                        setter = functools.partial(self.metrics.set_logged, gauge, dataloader=name[len(prefix) :])
+                        run.scalars.submit(value, setter)
 
     def _count_model(self, pl_module: LightningModule) -> bool:
         """Count parameters and bytes; returns whether the figures are final (no lazy layer left)."""
@@ -552,3 +610,43 @@ def _stage(trainer: Trainer) -> str:
     """Lightning's running stage: ``validate``, ``test`` or ``predict`` in the evaluation hooks."""
     stage = trainer.state.stage
     return stage.value if stage is not None else "validate"
+
+
+def _watch_fetches(trainer: Any, run: _Run) -> Callable[[], None]:
+    """Time the training loop's own fetch of each batch, and return how to stop.
+
+    Lightning offers no public hook around the fetch; its training epoch loop calls ``_on_before_fetch`` and
+    ``_on_after_fetch`` (the profiler's ``train_dataloader_next`` boundaries) right around it. They are wrapped on
+    this Trainer's loop object only, so ``data_fetch`` excludes the logger writes, mid-epoch validation and
+    checkpointing that run between two batches. A Lightning without them leaves ``data_fetch`` measured from the
+    end of the previous batch (a test fails loudly when that happens).
+    """
+    loop: Any = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    before, after = getattr(loop, "_on_before_fetch", None), getattr(loop, "_on_after_fetch", None)
+    if not (callable(before) and callable(after)):
+        return lambda: None
+    clock = time.perf_counter_ns
+
+    def before_fetch() -> None:
+        run.fetch_start_ns = clock()
+        before()
+
+    def after_fetch() -> None:
+        after()
+        run.fetch_end_ns = clock()
+
+    loop._on_before_fetch, loop._on_after_fetch = before_fetch, after_fetch
+
+    def unwatch() -> None:
+        for name in ("_on_before_fetch", "_on_after_fetch"):
+            loop.__dict__.pop(name, None)
+
+    return unwatch
+
+
+def _load_web_config(path: Optional[Union[str, os.PathLike]]) -> Any:
+    if path is None:
+        return None
+    from dgdn_lightning_monitor.web_config import load_web_config
+
+    return load_web_config(path)

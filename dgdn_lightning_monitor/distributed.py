@@ -331,6 +331,7 @@ class DistributedRun:
         self.push_timeout_s = push_timeout_s
         self.peers: list[Endpoint] = []
         self.share_traces = False
+        self.https = False  # endpoints served over TLS: Prometheus must scrape them with https
         self.rank = 0
         self._collective = False
         self._sd: Optional[FileSDTargets] = None
@@ -393,7 +394,8 @@ class DistributedRun:
                 self._sd.remove()
             self._sd = wanted
         try:
-            self._sd.write([target for target in targets if target], {"job": self.job, "run_id": run_id})
+            labels_out = {"job": self.job, "run_id": run_id, **({"__scheme__": "https"} if self.https else {})}
+            self._sd.write([target for target in targets if target], labels_out)
         except OSError as error:
             self._warn_once(
                 "file-sd",

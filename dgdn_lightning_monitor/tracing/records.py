@@ -15,7 +15,7 @@ from dgdn_lightning_monitor.graph_size import GraphSize
 
 # Phase name -> (mark that starts it, marks that may end it, first present wins).
 _PHASES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("data_fetch", "fetch_start", ("batch_start",)),
+    ("data_fetch", "fetch_start", ("fetch_end", "batch_start")),
     ("forward", "batch_start", ("backward_start", "optimizer_start", "batch_end")),
     ("backward", "backward_start", ("backward_end",)),
     ("optimizer_step", "optimizer_start", ("batch_end",)),
