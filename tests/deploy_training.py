@@ -3,18 +3,17 @@ while the run's metrics endpoint is up."""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 import yaml
-from torch_geometric.datasets import FakeDataset
-from torch_geometric.loader import DataLoader
-
 from lit_models import GraphClassifier
 from prom_helpers import Prometheus, wait_until
+from torch_geometric.datasets import FakeDataset
+from torch_geometric.loader import DataLoader
 
 JOB = "dgdn-training"
 
@@ -28,32 +27,38 @@ class LiveGCN(GraphClassifier):
         step_sleep_s: sleep in every training step.
     """
 
-    def __init__(self, loss_offset: float = 0.0, nan_after_step: Optional[int] = None,
-                 step_sleep_s: float = 0.02) -> None:
+    def __init__(
+        self, loss_offset: float = 0.0, nan_after_step: Optional[int] = None, step_sleep_s: float = 0.02
+    ) -> None:
         super().__init__(nan_after=nan_after_step, step_sleep_s=step_sleep_s, loss_offset=loss_offset)
 
 
 def loaders(train_graphs: int = 32, val_graphs: int = 8) -> tuple[DataLoader, DataLoader]:
     torch.manual_seed(0)
-    data = FakeDataset(num_graphs=train_graphs + val_graphs, avg_num_nodes=16, avg_degree=3, num_channels=8,
-                       num_classes=2)
-    return (DataLoader(data[:train_graphs], batch_size=4, shuffle=True),
-            DataLoader(data[train_graphs:], batch_size=4))
+    data = FakeDataset(
+        num_graphs=train_graphs + val_graphs, avg_num_nodes=16, avg_degree=3, num_channels=8, num_classes=2
+    )
+    return (DataLoader(data[:train_graphs], batch_size=4, shuffle=True), DataLoader(data[train_graphs:], batch_size=4))
 
 
 class Hooks(pl.Callback):
     """Calls ``start(trainer)`` once the metrics endpoint serves, ``batch(trainer)`` after every training batch and
     ``end(trainer)`` before the run ends (while the endpoint still serves). Put it before MonitoringCallback."""
 
-    def __init__(self, start: Callable[[pl.Trainer], None], batch: Callable[[pl.Trainer], None],
-                 end: Callable[[pl.Trainer], None]) -> None:
+    def __init__(
+        self,
+        start: Callable[[pl.Trainer], None],
+        batch: Callable[[pl.Trainer], None],
+        end: Callable[[pl.Trainer], None],
+    ) -> None:
         self._start, self._batch, self._end = start, batch, end
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._batch(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -62,8 +67,15 @@ class Hooks(pl.Callback):
 
 def trainer(callbacks: list[pl.Callback], max_epochs: int = 200) -> pl.Trainer:
     return pl.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=1, log_every_n_steps=1, callbacks=callbacks,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        log_every_n_steps=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         num_sanity_val_steps=0,
     )
 
@@ -73,8 +85,9 @@ def host_port(metrics_url: str) -> str:
     return metrics_url.split("//", 1)[1].split("/", 1)[0]
 
 
-def write_prometheus_config(path: Path, target: str, *, rule_file: Optional[Path] = None,
-                            alertmanager: Optional[str] = None) -> Path:
+def write_prometheus_config(
+    path: Path, target: str, *, rule_file: Optional[Path] = None, alertmanager: Optional[str] = None
+) -> Path:
     config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
@@ -96,8 +109,14 @@ def successful_scrapes(prometheus: Prometheus) -> int:
     return int(float(result[0]["value"][1])) if result else 0
 
 
-def shipped_training_config(path: Path, static_target: str, targets_dir: Path, *, rule_files: list[Path] = (),
-                            alertmanager: Optional[str] = None) -> Path:
+def shipped_training_config(
+    path: Path,
+    static_target: str,
+    targets_dir: Path,
+    *,
+    rule_files: list[Path] = (),
+    alertmanager: Optional[str] = None,
+) -> Path:
     """The shipped ``dgdn-training`` scrape job (static quick-start target, file SD, the relabelling that merges
     both) with the quick-start address replaced by ``static_target`` and 1 s intervals."""
     from prom_helpers import PROMETHEUS_CONFIG
@@ -136,15 +155,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--targets-dir", required=True)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    monitor = MonitoringCallback(port=args.port, addr="127.0.0.1", targets_dir=args.targets_dir,
-                                 targets_host="127.0.0.1", tracing=False)
+    monitor = MonitoringCallback(
+        port=args.port, addr="127.0.0.1", targets_dir=args.targets_dir, targets_host="127.0.0.1", tracing=False
+    )
 
     def start(trainer: pl.Trainer) -> None:
         print(f"serving {monitor.metrics_url}", flush=True)
 
     train, val = loaders()
     trainer([Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=100_000).fit(
-        LiveGCN(step_sleep_s=0.05), train, val)
+        LiveGCN(step_sleep_s=0.05), train, val
+    )
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -31,7 +32,9 @@ ALL_RULES_FILES = (RULES_FILE, STACK_RULES_FILE)
 ALL_RULES_TEST_FILES = (RULES_TEST_FILE, STACK_RULES_TEST_FILE)
 TARGETS_EXAMPLE = PROMETHEUS_DIR / "targets" / "ranks.json.example"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
-ALERTMANAGER_EXAMPLES = {name: DEPLOY / "alertmanager" / "examples" / f"{name}.yml" for name in ("webhook", "slack", "email")}
+ALERTMANAGER_EXAMPLES = {
+    name: DEPLOY / "alertmanager" / "examples" / f"{name}.yml" for name in ("webhook", "slack", "email")
+}
 DOCKER_DESKTOP_OVERRIDE = DEPLOY / "docker-compose.docker-desktop.yml"
 GRAFANA_DIR = DEPLOY / "grafana"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "dgdn-training.json"
@@ -40,22 +43,42 @@ DASHBOARD_GENERATOR = GRAFANA_DIR / "generate_dashboard.py"
 # ------------------------------------------------------------------------------------------------ metric names
 #: What MonitoringCallback exports (with the default namespace), by type.
 CALLBACK_GAUGES = {
-    "dgdn_training_loss", "dgdn_validation_loss", "dgdn_training_accuracy", "dgdn_validation_accuracy",
-    "dgdn_graph_nodes", "dgdn_graph_edges", "dgdn_samples_per_second", "dgdn_epoch_duration_seconds",
-    "dgdn_model_parameters", "dgdn_model_trainable_parameters", "dgdn_model_memory_usage_bytes", "dgdn_epoch",
-    "dgdn_global_step", "dgdn_learning_rate", "dgdn_last_step_timestamp_seconds",
-    "dgdn_gpu_memory_allocated_bytes", "dgdn_gpu_memory_reserved_bytes", "dgdn_gpu_max_memory_allocated_bytes",
-    "dgdn_gpu_utilization_ratio", "dgdn_gpu_memory_used_bytes", "dgdn_gpu_memory_total_bytes",
-    "dgdn_gpu_temperature_celsius", "dgdn_gpu_power_watts", "dgdn_gpu_monitoring_up",
+    "dgdn_training_loss",
+    "dgdn_validation_loss",
+    "dgdn_training_accuracy",
+    "dgdn_validation_accuracy",
+    "dgdn_graph_nodes",
+    "dgdn_graph_edges",
+    "dgdn_samples_per_second",
+    "dgdn_epoch_duration_seconds",
+    "dgdn_model_parameters",
+    "dgdn_model_trainable_parameters",
+    "dgdn_model_memory_usage_bytes",
+    "dgdn_epoch",
+    "dgdn_global_step",
+    "dgdn_learning_rate",
+    "dgdn_last_step_timestamp_seconds",
+    "dgdn_gpu_memory_allocated_bytes",
+    "dgdn_gpu_memory_reserved_bytes",
+    "dgdn_gpu_max_memory_allocated_bytes",
+    "dgdn_gpu_utilization_ratio",
+    "dgdn_gpu_memory_used_bytes",
+    "dgdn_gpu_memory_total_bytes",
+    "dgdn_gpu_temperature_celsius",
+    "dgdn_gpu_power_watts",
+    "dgdn_gpu_monitoring_up",
     "dgdn_training_info",
 }
 CALLBACK_COUNTERS = {
-    "dgdn_samples_processed_total", "dgdn_nodes_processed_total", "dgdn_edges_processed_total",
+    "dgdn_samples_processed_total",
+    "dgdn_nodes_processed_total",
+    "dgdn_edges_processed_total",
     "dgdn_nonfinite_loss_total",
 }
 CALLBACK_HISTOGRAMS = {"dgdn_batch_processing_seconds", "dgdn_inference_time_seconds", "dgdn_step_phase_seconds"}
 CALLBACK_METRICS = (
-    CALLBACK_GAUGES | CALLBACK_COUNTERS
+    CALLBACK_GAUGES
+    | CALLBACK_COUNTERS
     | {f"{name}{suffix}" for name in CALLBACK_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 )
 #: Callback metrics that exist only when the run trains on a GPU.
@@ -65,33 +88,69 @@ CALLBACK_GPU_PREFIX = "dgdn_gpu_"
 PROMETHEUS_METRICS = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 #: What the stack's own components export, as far as the rules on the stack use it.
 STACK_METRICS = {
-    "prometheus_rule_evaluation_failures_total", "prometheus_notifications_errors_total",
-    "prometheus_notifications_dropped_total", "prometheus_notifications_alertmanagers_discovered",
-    "prometheus_config_last_reload_successful", "alertmanager_notifications_failed_total",
+    "prometheus_rule_evaluation_failures_total",
+    "prometheus_notifications_errors_total",
+    "prometheus_notifications_dropped_total",
+    "prometheus_notifications_alertmanagers_discovered",
+    "prometheus_config_last_reload_successful",
+    "alertmanager_notifications_failed_total",
     "alertmanager_config_last_reload_successful",
 }
 NODE_EXPORTER_METRICS = {
-    "node_cpu_seconds_total", "node_memory_MemAvailable_bytes", "node_memory_MemTotal_bytes", "node_load1",
-    "node_load5", "node_load15", "node_filesystem_avail_bytes", "node_filesystem_size_bytes",
+    "node_cpu_seconds_total",
+    "node_memory_MemAvailable_bytes",
+    "node_memory_MemTotal_bytes",
+    "node_load1",
+    "node_load5",
+    "node_load15",
+    "node_filesystem_avail_bytes",
+    "node_filesystem_size_bytes",
 }
 CADVISOR_METRICS = {
-    "container_cpu_usage_seconds_total", "container_memory_working_set_bytes",
-    "container_network_receive_bytes_total", "container_network_transmit_bytes_total",
+    "container_cpu_usage_seconds_total",
+    "container_memory_working_set_bytes",
+    "container_network_receive_bytes_total",
+    "container_network_transmit_bytes_total",
 }
 #: Fields of the DCGM exporter's default counter set.
 DCGM_METRICS = {
-    "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_POWER_USAGE",
-    "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_XID_ERRORS",
+    "DCGM_FI_DEV_GPU_UTIL",
+    "DCGM_FI_DEV_FB_USED",
+    "DCGM_FI_DEV_FB_FREE",
+    "DCGM_FI_DEV_POWER_USAGE",
+    "DCGM_FI_DEV_GPU_TEMP",
+    "DCGM_FI_DEV_SM_CLOCK",
+    "DCGM_FI_DEV_MEM_CLOCK",
+    "DCGM_FI_DEV_XID_ERRORS",
 }
 #: Series the recording rules of rules/dgdn-alerts.yml write.
 RECORDED_METRICS = {"dgdn_rank:step_own_work_seconds:mean5m", "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m"}
-KNOWN_METRICS = (CALLBACK_METRICS | PROMETHEUS_METRICS | STACK_METRICS | NODE_EXPORTER_METRICS | CADVISOR_METRICS
-                 | DCGM_METRICS | RECORDED_METRICS)
+KNOWN_METRICS = (
+    CALLBACK_METRICS
+    | PROMETHEUS_METRICS
+    | STACK_METRICS
+    | NODE_EXPORTER_METRICS
+    | CADVISOR_METRICS
+    | DCGM_METRICS
+    | RECORDED_METRICS
+)
 
 # ------------------------------------------------------------------------------------------------ PromQL
 _KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
-    "inf", "nan", "atan2",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
 }
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _BRACES = re.compile(r"\{[^{}]*\}")
@@ -123,12 +182,13 @@ def variable_expr(query: str) -> str:
         return match.group(1) or ""
     for prefix in ("query_result(", "metrics("):
         if query.startswith(prefix) and query.endswith(")"):
-            return query[len(prefix):-1]
+            return query[len(prefix) : -1]
     return query
 
 
 def substitute(expr: str, values: dict[str, str]) -> str:
     """Replaces Grafana variables (``$name``, ``${name}``, ``[[name]]``) by the given values."""
+
     def replace(match: re.Match) -> str:
         name = match.group(1) or match.group(2) or match.group(3)
         if name not in values:
@@ -192,8 +252,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         except (OSError, urllib.error.URLError, ValueError, KeyError) as error:
             last_error = error
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}"
-                               + (f" (last error: {last_error})" if last_error else ""))
+            raise TimeoutError(
+                f"timed out after {timeout:.0f} s waiting for {what}"
+                + (f" (last error: {last_error})" if last_error else "")
+            )
         time.sleep(interval)
 
 
@@ -218,8 +280,7 @@ class ServerProcess:
     def wait_ready(self, timeout: float = 30.0) -> None:
         def ready() -> bool:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.process.args[0]} exited with {self.process.returncode}:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(f"{self.process.args[0]} exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 http_get(self.url + self.ready_path, timeout=1.0)
                 return True
@@ -241,10 +302,18 @@ class ServerProcess:
 
 class Prometheus(ServerProcess):
     def __init__(self, binary: str, config: Path, workdir: Path, port: int) -> None:
-        super().__init__([
-            binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage", "--log.level=warn",
-        ], port, workdir / "prometheus.log")
+        super().__init__(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--enable-feature=exemplar-storage",
+                "--log.level=warn",
+            ],
+            port,
+            workdir / "prometheus.log",
+        )
 
     def api(self, path: str, **params: Any) -> Any:
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
@@ -270,12 +339,18 @@ class PromQLError(Exception):
 
 class Alertmanager(ServerProcess):
     def __init__(self, binary: str, config: Path, workdir: Path, port: int) -> None:
-        super().__init__([
-            binary, f"--config.file={config}", f"--storage.path={workdir / 'alertmanager-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",  # no gossip listener on other interfaces
-            "--log.level=warn",
-        ], port, workdir / "alertmanager.log")
+        super().__init__(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.path={workdir / 'alertmanager-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",  # no gossip listener on other interfaces
+                "--log.level=warn",
+            ],
+            port,
+            workdir / "alertmanager.log",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ receivers
@@ -324,8 +399,9 @@ class HttpSink:
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="http-sink", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="http-sink", daemon=True
+        )
         self._thread.start()
 
     def snapshot(self) -> list[Received]:
@@ -341,8 +417,10 @@ class HttpSink:
                     return value
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; received "
-                                       f"{[r.path for r in self.received]}")
+                    raise TimeoutError(
+                        f"timed out after {timeout:.0f} s waiting for {what}; received "
+                        f"{[r.path for r in self.received]}"
+                    )
                 self._event.wait(min(remaining, 0.5))
 
     def close(self) -> None:

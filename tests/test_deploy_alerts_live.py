@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import yaml
 from conftest import free_port, require_tool
-
 from prom_helpers import (
     ALERTMANAGER_EXAMPLES,
     RULES_FILE,
@@ -76,9 +75,13 @@ def alert_path(tmp_path_factory) -> Any:
 
 
 def _firing(received, alertname: str, path: str | None = None) -> list[dict[str, Any]]:
-    return [alert for where, alert in webhook_alerts(received)
-            if alert["labels"].get("alertname") == alertname and alert["status"] == "firing"
-            and (path is None or where == path)]
+    return [
+        alert
+        for where, alert in webhook_alerts(received)
+        if alert["labels"].get("alertname") == alertname
+        and alert["status"] == "firing"
+        and (path is None or where == path)
+    ]
 
 
 def test_critical_alert_inhibits_the_warning_of_the_same_instance(alert_path):
@@ -90,17 +93,27 @@ def test_critical_alert_inhibits_the_warning_of_the_same_instance(alert_path):
         {"labels": {**common, "instance": "a:8000", "severity": "warning"}},
         {"labels": {**common, "instance": "b:8000", "severity": "warning"}},
     ]
-    request = urllib.request.Request(f"{alertmanager.url}/api/v2/alerts", data=json.dumps(alerts).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"{alertmanager.url}/api/v2/alerts",
+        data=json.dumps(alerts).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=5):  # noqa: S310 - loopback
         pass
 
     def probes(received):
-        return [(where, alert["labels"]["instance"], alert["labels"]["severity"])
-                for where, alert in webhook_alerts(received) if alert["labels"]["alertname"] == "InhibitionProbe"]
+        return [
+            (where, alert["labels"]["instance"], alert["labels"]["severity"])
+            for where, alert in webhook_alerts(received)
+            if alert["labels"]["alertname"] == "InhibitionProbe"
+        ]
 
-    sink.wait_for(lambda r: {("/alerts/critical", "a:8000", "critical"), ("/alerts", "b:8000", "warning")}
-                  <= set(probes(r)), 30, "the critical alert and the other instance's warning")
+    sink.wait_for(
+        lambda r: {("/alerts/critical", "a:8000", "critical"), ("/alerts", "b:8000", "warning")} <= set(probes(r)),
+        30,
+        "the critical alert and the other instance's warning",
+    )
     time.sleep(3)  # several group intervals: an uninhibited warning for a:8000 would have been sent by now
     assert ("/alerts", "a:8000", "warning") not in probes(sink.snapshot())
 
@@ -109,9 +122,9 @@ def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
     """A run whose loss is far above 10 and then NaN: DGDNHighTrainingLoss reaches the default webhook and
     DGDNTrainingLossNotFinite the critical one, from the shipped rules and routing."""
     prometheus_binary = require_tool("prometheus")
-    from dgdn_lightning_monitor import MonitoringCallback
-
     import deploy_training as dt
+
+    from dgdn_lightning_monitor import MonitoringCallback
 
     sink, alertmanager = alert_path["sink"], alert_path["alertmanager"]
     monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False)
@@ -119,21 +132,28 @@ def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
 
     def start(trainer) -> None:
         state["target"] = dt.host_port(monitor.metrics_url)
-        config = dt.write_prometheus_config(tmp_path / "prometheus.yml", state["target"],
-                                            rule_file=shortened_rules(tmp_path),
-                                            alertmanager=f"127.0.0.1:{alertmanager.port}")
+        config = dt.write_prometheus_config(
+            tmp_path / "prometheus.yml",
+            state["target"],
+            rule_file=shortened_rules(tmp_path),
+            alertmanager=f"127.0.0.1:{alertmanager.port}",
+        )
         prometheus = state["prometheus"] = Prometheus(prometheus_binary, config, tmp_path, free_port())
         prometheus.wait_ready()
         dt.wait_for_target_up(prometheus)
 
     def batch(trainer) -> None:
         if trainer.global_step == HIGH_LOSS_STEPS:  # the last step before the loss turns NaN
-            state["high"] = sink.wait_for(lambda r: _firing(r, "DGDNHighTrainingLoss"), ALERT_TIMEOUT_S,
-                                          "DGDNHighTrainingLoss at the webhook")
+            state["high"] = sink.wait_for(
+                lambda r: _firing(r, "DGDNHighTrainingLoss"), ALERT_TIMEOUT_S, "DGDNHighTrainingLoss at the webhook"
+            )
 
     def end(trainer) -> None:
-        state["nonfinite"] = sink.wait_for(lambda r: _firing(r, "DGDNTrainingLossNotFinite"), ALERT_TIMEOUT_S,
-                                           "DGDNTrainingLossNotFinite at the webhook")
+        state["nonfinite"] = sink.wait_for(
+            lambda r: _firing(r, "DGDNTrainingLossNotFinite"),
+            ALERT_TIMEOUT_S,
+            "DGDNTrainingLossNotFinite at the webhook",
+        )
 
     model = dt.LiveGCN(loss_offset=50.0, nan_after_step=HIGH_LOSS_STEPS, step_sleep_s=0.02)
     train, val = dt.loaders()
@@ -154,8 +174,11 @@ def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
 
         # The run has ended and its static endpoint is gone: only the info alert follows (a static target cannot
         # tell an end from a crash), at the default receiver.
-        gone = sink.wait_for(lambda r: _firing(r, "DGDNMetricsEndpointGone"), ALERT_TIMEOUT_S,
-                             "DGDNMetricsEndpointGone after the run ended")
+        gone = sink.wait_for(
+            lambda r: _firing(r, "DGDNMetricsEndpointGone"),
+            ALERT_TIMEOUT_S,
+            "DGDNMetricsEndpointGone after the run ended",
+        )
         assert gone[0]["labels"]["severity"] == "info"
         assert not _firing(sink.snapshot(), "DGDNRunDown")
     finally:

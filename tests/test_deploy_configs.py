@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import yaml
 from conftest import require_tool
-
 from prom_helpers import (
     ALERTMANAGER_CONFIG,
     ALERTMANAGER_EXAMPLES,
@@ -22,36 +21,55 @@ from prom_helpers import (
     ALL_RULES_TEST_FILES,
     CALLBACK_METRICS,
     COMPOSE_FILE,
-    DCGM_METRICS,
-    DOCKER_DESKTOP_OVERRIDE,
-    RECORDED_METRICS,
-    ROOT,
-    STACK_METRICS,
     DASHBOARD_FILE,
+    DCGM_METRICS,
     DEPLOY,
+    DOCKER_DESKTOP_OVERRIDE,
     GRAFANA_DIR,
     PROMETHEUS_CONFIG,
     PROMETHEUS_DIR,
+    RECORDED_METRICS,
+    ROOT,
     RULES_FILE,
     RULES_TEST_FILE,
+    STACK_METRICS,
     TARGETS_EXAMPLE,
     metric_names,
 )
 
 REQUIRED_ALERTS = {
-    "DGDNHighTrainingLoss", "DGDNGPUMemoryHigh", "DGDNTrainingLossNotFinite", "DGDNTrainingStalled",
-    "DGDNTrainingStagnation", "DGDNThroughputDrop", "DGDNRankStraggler", "DGDNRunDown", "DGDNMetricsEndpointGone",
-    "DGDNRunNotStarted", "DGDNGPUMonitoringDown", "DGDNGPUXidError", "DGDNGPUTemperatureHigh",
-    "DGDNMonitoringTargetDown", "DGDNPrometheusRuleEvaluationFailures", "DGDNPrometheusNotificationsFailing",
-    "DGDNAlertmanagerNotificationsFailing", "DGDNWatchdog",
+    "DGDNHighTrainingLoss",
+    "DGDNGPUMemoryHigh",
+    "DGDNTrainingLossNotFinite",
+    "DGDNTrainingStalled",
+    "DGDNTrainingStagnation",
+    "DGDNThroughputDrop",
+    "DGDNRankStraggler",
+    "DGDNRunDown",
+    "DGDNMetricsEndpointGone",
+    "DGDNRunNotStarted",
+    "DGDNGPUMonitoringDown",
+    "DGDNGPUXidError",
+    "DGDNGPUTemperatureHigh",
+    "DGDNMonitoringTargetDown",
+    "DGDNPrometheusRuleEvaluationFailures",
+    "DGDNPrometheusNotificationsFailing",
+    "DGDNAlertmanagerNotificationsFailing",
+    "DGDNWatchdog",
 }
 SEVERITIES = {"critical", "warning", "info"}
 
 
-def run(args: list[str], cwd: Path = DEPLOY, env: dict[str, str] | None = None, timeout: float = 60,
-        stdout_only: bool = False) -> str:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
+def run(
+    args: list[str],
+    cwd: Path = DEPLOY,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    stdout_only: bool = False,
+) -> str:
+    result = subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{output}"
     return result.stdout if stdout_only else output
@@ -102,8 +120,16 @@ def test_prometheus_config_scrapes_the_training_host_and_the_stack():
     assert relabel["source_labels"] == ["__address__"] and relabel["target_label"] == "run_id"
     assert re.fullmatch(relabel["regex"], "host.docker.internal:8000") and relabel["replacement"] == ""
     # Every component of the stack is scraped (the meta-alerts need it).
-    assert {"prometheus", "alertmanager", "pushgateway", "grafana", "jaeger", "node-exporter", "cadvisor",
-            "dcgm"} <= set(jobs)
+    assert {
+        "prometheus",
+        "alertmanager",
+        "pushgateway",
+        "grafana",
+        "jaeger",
+        "node-exporter",
+        "cadvisor",
+        "dcgm",
+    } <= set(jobs)
     assert config["rule_files"] == ["rules/*.yml"]
     # The promtool unit tests live outside rules/, so Prometheus never loads them as rules.
     assert RULES_TEST_FILE.parent != RULES_FILE.parent
@@ -111,11 +137,18 @@ def test_prometheus_config_scrapes_the_training_host_and_the_stack():
     compose = load_yaml(COMPOSE_FILE)["services"]
     # Every stack target is a compose service on the port that service listens on.
     service_ports = {
-        "alertmanager": 9093, "pushgateway": 9091, "node-exporter": 9100, "cadvisor": 8080, "dcgm-exporter": 9400,
-        "grafana": 3000, "jaeger": 8888,
+        "alertmanager": 9093,
+        "pushgateway": 9091,
+        "node-exporter": 9100,
+        "cadvisor": 8080,
+        "dcgm-exporter": 9400,
+        "grafana": 3000,
+        "jaeger": 8888,
     }
     static_targets = [
-        target for job in config["scrape_configs"] for static in job.get("static_configs", [])
+        target
+        for job in config["scrape_configs"]
+        for static in job.get("static_configs", [])
         for target in static["targets"]
     ] + [target for am in config["alerting"]["alertmanagers"] for s in am["static_configs"] for target in s["targets"]]
     for target in static_targets:
@@ -151,8 +184,12 @@ def test_rule_unit_tests_cover_the_scenarios():
     def outcome(fragment: str, alert: str) -> set[bool]:
         matching = [case for name, case in cases.items() if fragment in name]
         assert matching, f"no scenario named like {fragment!r}"
-        return {bool(check["exp_alerts"]) for case in matching for check in case["alert_rule_test"]
-                if check["alertname"] == alert}
+        return {
+            bool(check["exp_alerts"])
+            for case in matching
+            for check in case["alert_rule_test"]
+            if check["alertname"] == alert
+        }
 
     assert outcome("ends normally stays quiet", "DGDNRunDown") == {False}
     assert True in outcome("killed mid-run", "DGDNRunDown")
@@ -180,14 +217,20 @@ def test_alert_rules_are_complete_and_labelled():
     assert re.fullmatch(r'dgdn_training_loss\{instance!=""\} > 10', thresholds["DGDNHighTrainingLoss"]["expr"].strip())
     assert thresholds["DGDNHighTrainingLoss"]["for"] == "5m"
     gpu = [rule for rule in rules if rule["alert"] == "DGDNGPUMemoryHigh"]
-    assert all("dgdn_gpu_max_memory_allocated_bytes" in rule["expr"] and "memory_used" not in rule["expr"]
-               for rule in gpu)
+    assert all(
+        "dgdn_gpu_max_memory_allocated_bytes" in rule["expr"] and "memory_used" not in rule["expr"] for rule in gpu
+    )
     assert "dgdn_last_step_timestamp_seconds" in thresholds["DGDNTrainingStalled"]["expr"]
     assert "> 0" not in thresholds["DGDNTrainingStalled"]["expr"]
     assert thresholds["DGDNRankStraggler"]["expr"].strip() == (
-        "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m >= 1.5")
-    records = {rule["record"]: rule["expr"] for group in load_yaml(RULES_FILE)["groups"] for rule in group["rules"]
-               if "record" in rule}
+        "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m >= 1.5"
+    )
+    records = {
+        rule["record"]: rule["expr"]
+        for group in load_yaml(RULES_FILE)["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
     assert set(records) == RECORDED_METRICS
     assert 'phase=~"data_fetch|forward"' in records["dgdn_rank:step_own_work_seconds:mean5m"]
 
@@ -198,10 +241,15 @@ def test_alert_rules_ignore_pushed_series():
     pushed_silent = set()
     for case in rule_tests():
         if any('instance=""' in series["series"] for series in case.get("input_series", [])):
-            pushed_silent |= {check["alertname"] for check in case.get("alert_rule_test", [])
-                              if not check.get("exp_alerts")}
-    recorded = {group_rule["record"]: group_rule["expr"] for group in load_yaml(RULES_FILE)["groups"]
-                for group_rule in group["rules"] if "record" in group_rule}
+            pushed_silent |= {
+                check["alertname"] for check in case.get("alert_rule_test", []) if not check.get("exp_alerts")
+            }
+    recorded = {
+        group_rule["record"]: group_rule["expr"]
+        for group in load_yaml(RULES_FILE)["groups"]
+        for group_rule in group["rules"]
+        if "record" in group_rule
+    }
     for rule in alert_rules():
         expr = rule["expr"]
         for name, record_expr in recorded.items():  # an alert on a recorded series inherits its selectors
@@ -232,15 +280,18 @@ def test_amtool_check_config():
     assert "SUCCESS" in output
 
 
-@pytest.mark.parametrize(("labels", "receiver"), [
-    (["severity=critical", "alertname=DGDNTrainingLossNotFinite"], "critical"),
-    (["severity=critical", "alertname=DGDNRunDown", "run_id=r1"], "critical"),
-    (["severity=warning", "alertname=DGDNHighTrainingLoss"], "default"),
-    (["severity=info", "alertname=DGDNTrainingStagnation"], "default"),
-    (["severity=warning", "component=monitoring", "alertname=DGDNMonitoringTargetDown"], "default"),
-    (["severity=none", "component=monitoring", "alertname=DGDNWatchdog"], "heartbeat"),
-    (["alertname=SomethingElse"], "default"),
-])
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["severity=critical", "alertname=DGDNTrainingLossNotFinite"], "critical"),
+        (["severity=critical", "alertname=DGDNRunDown", "run_id=r1"], "critical"),
+        (["severity=warning", "alertname=DGDNHighTrainingLoss"], "default"),
+        (["severity=info", "alertname=DGDNTrainingStagnation"], "default"),
+        (["severity=warning", "component=monitoring", "alertname=DGDNMonitoringTargetDown"], "default"),
+        (["severity=none", "component=monitoring", "alertname=DGDNWatchdog"], "heartbeat"),
+        (["alertname=SomethingElse"], "default"),
+    ],
+)
 @pytest.mark.parametrize("config", [ALERTMANAGER_CONFIG, *ALERTMANAGER_EXAMPLES.values()], ids=lambda p: p.name)
 def test_alertmanager_routes_by_severity(labels, receiver, config):
     amtool = require_tool("amtool")
@@ -338,8 +389,15 @@ def test_compose_services_are_healthchecked_restarted_and_loopback_only(compose)
         for port in _port_strings(service):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
             published[int(port.split(":")[1])] = name
-    assert published == {3000: "grafana", 9090: "prometheus", 9093: "alertmanager", 9091: "pushgateway",
-                         16686: "jaeger", 4317: "jaeger", 4318: "jaeger"}
+    assert published == {
+        3000: "grafana",
+        9090: "prometheus",
+        9093: "alertmanager",
+        9091: "pushgateway",
+        16686: "jaeger",
+        4317: "jaeger",
+        4318: "jaeger",
+    }
 
 
 def test_compose_volumes_and_mounts_match_the_configs(compose):
@@ -386,13 +444,15 @@ def test_jaeger_is_v2_with_otlp_ports(compose):
     jaeger = compose["services"]["jaeger"]
     assert jaeger["image"].startswith("jaegertracing/jaeger:2.")
     assert {"127.0.0.1:4317:4317", "127.0.0.1:4318:4318", "127.0.0.1:16686:16686"} <= {
-        p.removesuffix("/tcp") for p in _port_strings(jaeger)}
+        p.removesuffix("/tcp") for p in _port_strings(jaeger)
+    }
 
 
 @pytest.mark.parametrize("how", ["--profile", "COMPOSE_PROFILES"])
 def test_gpu_profile_adds_dcgm_with_a_gpu_reservation(how):
-    compose = compose_config("--profile", "gpu") if how == "--profile" else \
-        compose_config(env={"COMPOSE_PROFILES": "gpu"})
+    compose = (
+        compose_config("--profile", "gpu") if how == "--profile" else compose_config(env={"COMPOSE_PROFILES": "gpu"})
+    )
     dcgm = compose["services"]["dcgm-exporter"]
     assert dcgm["profiles"] == ["gpu"]
     devices = dcgm["deploy"]["resources"]["reservations"]["devices"]
@@ -450,8 +510,13 @@ def test_make_stack_says_in_one_line_what_is_missing(tmp_path, missing):
         fake.chmod(0o755)
     for tool in ("sh", "make"):
         (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
-    result = subprocess.run([make, "-s", "-C", str(ROOT), "stack"], capture_output=True, text=True, timeout=30,
-                            env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
+    result = subprocess.run(
+        [make, "-s", "-C", str(ROOT), "stack"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("make stack:")]
     assert len(lines) == 1, result.stderr
@@ -479,8 +544,11 @@ def test_grafana_dashboard_provider_loads_the_dashboard_folder():
 
 def test_env_example_names_only_variables_the_compose_file_reads():
     text = COMPOSE_FILE.read_text()
-    keys = [line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
+    keys = [
+        line.split("=", 1)[0]
+        for line in (DEPLOY / ".env.example").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert "GF_ADMIN_PASSWORD" in keys
     for key in keys:
         assert "${" + key + ":-" in text, f"{key} is not used by docker-compose.yml"

@@ -10,12 +10,11 @@ import sys
 import pytest
 import yaml
 from conftest import require_tool
-
 from prom_helpers import (
+    CADVISOR_METRICS,
     CALLBACK_GPU_PREFIX,
     CALLBACK_HISTOGRAMS,
     CALLBACK_METRICS,
-    CADVISOR_METRICS,
     DASHBOARD_GENERATOR,
     DCGM_METRICS,
     KNOWN_METRICS,
@@ -30,8 +29,17 @@ from prom_helpers import (
 MODERN_PANELS = {"timeseries", "stat", "gauge", "table"}
 ROWS = ["Training", "Graph", "Model", "GPU", "System"]
 #: Values for the Grafana variables when a query is handed to promtool or Prometheus.
-LINT_VARIABLES = {"job": ".*", "instance": ".*", "rank": ".*", "__rate_interval": "1m", "__interval": "15s",
-                  "__range": "1h", "datasource": "prometheus"}
+LINT_VARIABLES = {
+    "job": ".*",
+    "instance": ".*",
+    "rank": ".*",
+    "gpu_host": ".*",
+    "gpu": ".*",
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__range": "1h",
+    "datasource": "prometheus",
+}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +118,7 @@ def test_panels_do_not_overlap(dashboard):
 def test_rate_windows_use_rate_interval(dashboard):
     for query in dashboard_queries(dashboard):
         for match in re.finditer(r"\b(rate|irate|increase)\s*\(", query.expr):
-            window = re.match(r"[^\[]*\[([^\]]*)\]", query.expr[match.end():])
+            window = re.match(r"[^\[]*\[([^\]]*)\]", query.expr[match.end() :])
             assert window and window.group(1) == "$__rate_interval", f"{query.where}: {query.expr}"
 
 
@@ -134,13 +142,23 @@ def test_rows_and_their_panels(dashboard):
         return {name for panel in by_row[row] for target in panel["targets"] for name in metric_names(target["expr"])}
 
     training = names("Training")
-    assert {"dgdn_training_loss", "dgdn_validation_loss", "dgdn_training_accuracy", "dgdn_validation_accuracy",
-            "dgdn_samples_processed_total", "dgdn_nodes_processed_total", "dgdn_edges_processed_total",
-            "dgdn_batch_processing_seconds_bucket", "dgdn_epoch_duration_seconds", "dgdn_global_step",
-            "dgdn_learning_rate"} <= training
+    assert {
+        "dgdn_training_loss",
+        "dgdn_validation_loss",
+        "dgdn_training_accuracy",
+        "dgdn_validation_accuracy",
+        "dgdn_samples_processed_total",
+        "dgdn_nodes_processed_total",
+        "dgdn_edges_processed_total",
+        "dgdn_batch_processing_seconds_bucket",
+        "dgdn_epoch_duration_seconds",
+        "dgdn_global_step",
+        "dgdn_learning_rate",
+    } <= training
     assert {name for name in names("Graph")} >= {"dgdn_graph_nodes", "dgdn_graph_edges"}
-    assert {"dgdn_model_parameters", "dgdn_model_trainable_parameters", "dgdn_model_memory_usage_bytes"} <= \
-        names("Model")
+    assert {"dgdn_model_parameters", "dgdn_model_trainable_parameters", "dgdn_model_memory_usage_bytes"} <= names(
+        "Model"
+    )
     gpu = names("GPU")
     assert any(name.startswith(CALLBACK_GPU_PREFIX) for name in gpu) and gpu & DCGM_METRICS
     system = names("System")
@@ -148,8 +166,11 @@ def test_rows_and_their_panels(dashboard):
 
 
 def test_batch_time_quantiles_show_exemplars(dashboard):
-    panel = next(p for p in data_panels(dashboard) if "dgdn_batch_processing_seconds_bucket" in
-                 " ".join(t["expr"] for t in p["targets"]))
+    panel = next(
+        p
+        for p in data_panels(dashboard)
+        if "dgdn_batch_processing_seconds_bucket" in " ".join(t["expr"] for t in p["targets"])
+    )
     exprs = " ".join(t["expr"] for t in panel["targets"])
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.95," in exprs
     assert any(target["exemplar"] for target in panel["targets"])
@@ -158,7 +179,9 @@ def test_batch_time_quantiles_show_exemplars(dashboard):
 def test_straggler_panel_names_the_slowest_rank(dashboard):
     panel = next(p for p in data_panels(dashboard) if p["title"] == "Slowest rank")
     target = panel["targets"][0]
-    assert target["expr"].startswith("topk(1,") and "dgdn_batch_processing_seconds_sum" in target["expr"]
+    # Own work (data fetch + forward), not batch wall time, which is the same on every rank under DDP.
+    assert target["expr"].startswith("topk(1,") and "dgdn_step_phase_seconds_sum" in target["expr"]
+    assert 'phase=~"data_fetch|forward"' in target["expr"]
     assert "{{rank}}" in target["legendFormat"]
     assert panel["options"]["textMode"] == "value_and_name"
 
@@ -180,22 +203,47 @@ def test_dashboard_shows_every_callback_metric(dashboard):
 
 
 def test_metric_name_parser():
-    assert metric_names('sum by (le, rank) (rate(a_bucket{job=~"x", le="1"}[5m])) / on (job) group_left () b') == \
-        {"a_bucket", "b"}
-    assert metric_names('topk(1, x) or vector(0) and time() - y offset 5m') == {"x", "y"}
-    assert metric_names('1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[1m]))') == \
-        {"node_cpu_seconds_total"}
-    assert substitute('rate(x{job=~"$job"}[$__rate_interval])', {"job": ".*", "__rate_interval": "1m"}) == \
-        'rate(x{job=~".*"}[1m])'
+    assert metric_names('sum by (le, rank) (rate(a_bucket{job=~"x", le="1"}[5m])) / on (job) group_left () b') == {
+        "a_bucket",
+        "b",
+    }
+    assert metric_names("topk(1, x) or vector(0) and time() - y offset 5m") == {"x", "y"}
+    assert metric_names('1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[1m]))') == {
+        "node_cpu_seconds_total"
+    }
+    assert (
+        substitute('rate(x{job=~"$job"}[$__rate_interval])', {"job": ".*", "__rate_interval": "1m"})
+        == 'rate(x{job=~".*"}[1m])'
+    )
 
 
 def test_every_query_is_valid_promql(dashboard, tmp_path):
     """promtool parses each query (variables substituted) as the expression of a recording rule."""
     promtool = require_tool("promtool")
-    rules = [{"record": f"dashboard:query_{index}", "expr": substitute(query.expr, LINT_VARIABLES)}
-             for index, query in enumerate(dashboard_queries(dashboard))]
+    rules = [
+        {"record": f"dashboard:query_{index}", "expr": substitute(query.expr, LINT_VARIABLES)}
+        for index, query in enumerate(dashboard_queries(dashboard))
+    ]
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_step_phase_panels_and_dcgm_variables(dashboard):
+    """A "where does the step go" panel by rank and phase, the data wait share, and DCGM panels filtered by the
+    GPU host and GPU variables."""
+    panels = {panel["title"]: panel for panel in data_panels(dashboard)}
+    where = panels["Where does the step go"]["targets"][0]
+    assert "dgdn_step_phase_seconds_sum" in where["expr"] and "by (rank, phase)" in where["expr"]
+    assert 'phase="data_fetch"' in panels["Data wait share of the step"]["targets"][0]["expr"]
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert {"gpu_host", "gpu"} <= set(variables)
+    dcgm = [
+        target["expr"]
+        for panel in data_panels(dashboard)
+        for target in panel["targets"]
+        if metric_names(target["expr"]) & DCGM_METRICS
+    ]
+    assert dcgm and all('Hostname=~"$gpu_host"' in expr and 'gpu=~"$gpu"' in expr for expr in dcgm)

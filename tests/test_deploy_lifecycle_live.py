@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import yaml
 from conftest import free_port, require_tool
-
 from prom_helpers import (
     ALERTMANAGER_EXAMPLES,
     ROOT,
@@ -80,9 +79,13 @@ def stack(tmp_path_factory) -> Any:
     sink = HttpSink()
     alertmanager = Alertmanager(alertmanager_binary, webhook_example(sink.url, workdir), workdir, free_port())
     static_port = free_port()
-    config = dt.shipped_training_config(workdir / "prometheus.yml", f"127.0.0.1:{static_port}", targets,
-                                        rule_files=[lifecycle_rules(workdir)],
-                                        alertmanager=f"127.0.0.1:{alertmanager.port}")
+    config = dt.shipped_training_config(
+        workdir / "prometheus.yml",
+        f"127.0.0.1:{static_port}",
+        targets,
+        rule_files=[lifecycle_rules(workdir)],
+        alertmanager=f"127.0.0.1:{alertmanager.port}",
+    )
     prometheus = Prometheus(prometheus_binary, config, workdir, free_port())
     try:
         alertmanager.wait_ready()
@@ -95,8 +98,11 @@ def stack(tmp_path_factory) -> Any:
 
 
 def _alerts(received, alertname: str, status: str = "firing") -> list[tuple[str, dict[str, Any]]]:
-    return [(path, alert) for path, alert in webhook_alerts(received)
-            if alert["labels"].get("alertname") == alertname and alert["status"] == status]
+    return [
+        (path, alert)
+        for path, alert in webhook_alerts(received)
+        if alert["labels"].get("alertname") == alertname and alert["status"] == status
+    ]
 
 
 def _firing_in_prometheus(prometheus: Prometheus, selector: str) -> list[dict[str, Any]]:
@@ -107,13 +113,18 @@ def test_a_run_on_the_static_and_discovered_address_is_scraped_once_and_its_end_
     """The quick-start target and the run's discovery file name the same endpoint: one target, sums equal to the
     run's own count. After the normal end nothing at warning or critical fires, only the info alert of the static
     target."""
-    from dgdn_lightning_monitor import MonitoringCallback
-
     import deploy_training as dt
 
+    from dgdn_lightning_monitor import MonitoringCallback
+
     prometheus, sink = stack["prometheus"], stack["sink"]
-    monitor = MonitoringCallback(port=stack["static_port"], addr="127.0.0.1", targets_dir=stack["targets"],
-                                 targets_host="127.0.0.1", tracing=False)
+    monitor = MonitoringCallback(
+        port=stack["static_port"],
+        addr="127.0.0.1",
+        targets_dir=stack["targets"],
+        targets_host="127.0.0.1",
+        tracing=False,
+    )
     seen: dict[str, Any] = {}
     max_epochs, train_graphs = 3, 32
 
@@ -123,8 +134,11 @@ def test_a_run_on_the_static_and_discovered_address_is_scraped_once_and_its_end_
 
     def end(trainer) -> None:
         # A scrape after the last step, then everything Prometheus holds about the run.
-        wait_until(lambda: prometheus.query(f"dgdn_global_step == {trainer.global_step}"), 20,
-                   what="a scrape after the last step")
+        wait_until(
+            lambda: prometheus.query(f"dgdn_global_step == {trainer.global_step}"),
+            20,
+            what="a scrape after the last step",
+        )
         seen["targets"] = prometheus.api("targets")["activeTargets"]
         seen["up"] = prometheus.query(f'up{{job="{dt.JOB}"}}')
         seen["samples"] = prometheus.query('sum by (rank) (dgdn_samples_processed_total{instance!=""})')
@@ -132,7 +146,8 @@ def test_a_run_on_the_static_and_discovered_address_is_scraped_once_and_its_end_
 
     train, val = dt.loaders(train_graphs=train_graphs)
     dt.trainer([dt.Hooks(start, lambda t: None, end), monitor], max_epochs=max_epochs).fit(
-        dt.LiveGCN(step_sleep_s=0.02), train, val)
+        dt.LiveGCN(step_sleep_s=0.02), train, val
+    )
 
     training_targets = [t for t in seen["targets"] if t["labels"]["job"] == dt.JOB]
     assert len(training_targets) == 1, training_targets
@@ -140,17 +155,22 @@ def test_a_run_on_the_static_and_discovered_address_is_scraped_once_and_its_end_
     assert len(seen["up"]) == 1
     assert seen["series"][0]["value"][1] == "1"
     # Ground truth: every training graph once per epoch.
-    assert [(s["metric"]["rank"], float(s["value"][1])) for s in seen["samples"]] == \
-        [("0", float(train_graphs * max_epochs))]
+    assert [(s["metric"]["rank"], float(s["value"][1])) for s in seen["samples"]] == [
+        ("0", float(train_graphs * max_epochs))
+    ]
     assert not list(stack["targets"].glob("*.json")), "the discovery file stayed after a normal end"
 
     # The static target is now down: the info alert, and nothing at warning or critical.
-    info = sink.wait_for(lambda r: _alerts(r, "DGDNMetricsEndpointGone"), ALERT_TIMEOUT_S,
-                         "DGDNMetricsEndpointGone after the run ended")
+    info = sink.wait_for(
+        lambda r: _alerts(r, "DGDNMetricsEndpointGone"), ALERT_TIMEOUT_S, "DGDNMetricsEndpointGone after the run ended"
+    )
     assert info[0][1]["labels"]["severity"] == "info" and info[0][0] == "/alerts"
     time.sleep(5)  # several evaluations and group intervals more
-    loud = [(path, alert["labels"]) for path, alert in webhook_alerts(sink.snapshot())
-            if alert["status"] == "firing" and alert["labels"].get("severity") in ("warning", "critical")]
+    loud = [
+        (path, alert["labels"])
+        for path, alert in webhook_alerts(sink.snapshot())
+        if alert["status"] == "firing" and alert["labels"].get("severity") in ("warning", "critical")
+    ]
     assert not loud, loud
     assert not _firing_in_prometheus(prometheus, 'severity=~"warning|critical"')
 
@@ -159,31 +179,41 @@ def test_a_discovered_run_that_ends_normally_stays_quiet_and_a_killed_one_fires(
     """Two real training processes discovered through files: one ends normally (its file goes, no alert), one is
     killed with SIGKILL (its file stays, DGDNRunDown reaches the critical webhook naming its run)."""
     prometheus, sink = stack["prometheus"], stack["sink"]
-    from dgdn_lightning_monitor import MonitoringCallback
-
     import deploy_training as dt
 
+    from dgdn_lightning_monitor import MonitoringCallback
+
     # --- a normal end, in this process
-    monitor = MonitoringCallback(port=0, addr="127.0.0.1", targets_dir=stack["targets"], targets_host="127.0.0.1",
-                                 tracing=False)
+    monitor = MonitoringCallback(
+        port=0, addr="127.0.0.1", targets_dir=stack["targets"], targets_host="127.0.0.1", tracing=False
+    )
     ended: dict[str, Any] = {}
 
     def start(trainer) -> None:
         ended["target"] = dt.host_port(monitor.metrics_url)
         ended["run_id"] = monitor.run_id
-        wait_until(lambda: prometheus.query(f'up{{instance="{ended["target"]}"}} == 1'), 30,
-                   what="the discovered run scraped")
+        wait_until(
+            lambda: prometheus.query(f'up{{instance="{ended["target"]}"}} == 1'), 30, what="the discovered run scraped"
+        )
 
     train, val = dt.loaders()
     dt.trainer([dt.Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=2).fit(
-        dt.LiveGCN(step_sleep_s=0.02), train, val)
+        dt.LiveGCN(step_sleep_s=0.02), train, val
+    )
 
     # --- a killed run, in a child process
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "deploy_training.py"),
-                              "--targets-dir", str(stack["targets"])], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "deploy_training.py"), "--targets-dir", str(stack["targets"])],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = ""
         deadline = time.monotonic() + 120
@@ -191,15 +221,21 @@ def test_a_discovered_run_that_ends_normally_stays_quiet_and_a_killed_one_fires(
             line = child.stdout.readline()
         assert "serving" in line, f"the training process did not start (exit {child.poll()})"
         target = dt.host_port(line.split()[-1])
-        wait_until(lambda: prometheus.query(f'dgdn_last_step_timestamp_seconds{{instance="{target}"}}'), 60,
-                   what="the child run scraped after a step")
+        wait_until(
+            lambda: prometheus.query(f'dgdn_last_step_timestamp_seconds{{instance="{target}"}}'),
+            60,
+            what="the child run scraped after a step",
+        )
         run_id = prometheus.query(f'up{{instance="{target}"}}')[0]["metric"]["run_id"]
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
         killed_at = time.monotonic()
 
-        down = sink.wait_for(lambda r: [a for a in _alerts(r, "DGDNRunDown") if a[1]["labels"]["run_id"] == run_id],
-                             ALERT_TIMEOUT_S, "DGDNRunDown for the killed run")
+        down = sink.wait_for(
+            lambda r: [a for a in _alerts(r, "DGDNRunDown") if a[1]["labels"]["run_id"] == run_id],
+            ALERT_TIMEOUT_S,
+            "DGDNRunDown for the killed run",
+        )
         path, alert = down[0]
         assert path == "/alerts/critical" and alert["labels"]["severity"] == "critical"
         assert alert["labels"]["instance"] == target
@@ -215,8 +251,12 @@ def test_a_discovered_run_that_ends_normally_stays_quiet_and_a_killed_one_fires(
             leftover.unlink()
 
     # The run that ended normally never raised DGDNRunDown (nor anything else at warning or critical).
-    normal = [alert for path, alert in webhook_alerts(sink.snapshot())
-              if alert["labels"].get("instance") == ended["target"] and alert["status"] == "firing"
-              and alert["labels"].get("severity") in ("warning", "critical")]
+    normal = [
+        alert
+        for path, alert in webhook_alerts(sink.snapshot())
+        if alert["labels"].get("instance") == ended["target"]
+        and alert["status"] == "firing"
+        and alert["labels"].get("severity") in ("warning", "critical")
+    ]
     assert not normal, normal
     assert not _firing_in_prometheus(prometheus, f'instance="{ended["target"]}"')

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from conftest import free_port, require_tool
-
 from prom_helpers import (
     CALLBACK_GPU_PREFIX,
     CALLBACK_METRICS,
@@ -35,9 +34,9 @@ def scraped_run(tmp_path_factory) -> Any:
     """Trains a small GCN while a real Prometheus scrapes it every second; queries the dashboard's expressions in
     ``on_train_end``, while the metrics endpoint still serves."""
     prometheus_binary = require_tool("prometheus")
-    from dgdn_lightning_monitor import MonitoringCallback
-
     import deploy_training as dt
+
+    from dgdn_lightning_monitor import MonitoringCallback
 
     workdir = tmp_path_factory.mktemp("scrape")
     otlp = HttpSink()
@@ -62,17 +61,31 @@ def scraped_run(tmp_path_factory) -> Any:
         def batch(trainer) -> None:
             if time.monotonic() - started > RUN_TIMEOUT_S:
                 raise TimeoutError(f"Prometheus scraped fewer than {MIN_SCRAPES} times in {RUN_TIMEOUT_S:.0f} s")
-            if trainer.global_step % 5 == 0 and trainer.current_epoch >= 2 and \
-                    dt.successful_scrapes(state["prometheus"]) >= MIN_SCRAPES:
+            if (
+                trainer.global_step % 5 == 0
+                and trainer.current_epoch >= 2
+                and dt.successful_scrapes(state["prometheus"]) >= MIN_SCRAPES
+            ):
                 trainer.should_stop = True
 
         def end(trainer) -> None:
             prometheus = state["prometheus"]
             # One more scrape after the last step, so Prometheus holds the run's final figures.
-            wait_until(lambda: prometheus.query(f"dgdn_global_step == {trainer.global_step}"), 15,
-                       what="a scrape after the last step")
-            values = {"job": dt.JOB, "instance": state["target"], "rank": "0", "__rate_interval": "1m",
-                      "__interval": "1s", "__range": "5m"}
+            wait_until(
+                lambda: prometheus.query(f"dgdn_global_step == {trainer.global_step}"),
+                15,
+                what="a scrape after the last step",
+            )
+            values = {
+                "job": dt.JOB,
+                "instance": state["target"],
+                "rank": "0",
+                "gpu_host": ".*",
+                "gpu": ".*",
+                "__rate_interval": "1m",
+                "__interval": "1s",
+                "__range": "5m",
+            }
             now = time.time()
             for query in dashboard_queries(dashboard):
                 expr = substitute(query.expr, values)
@@ -119,8 +132,9 @@ def test_every_callback_query_of_the_dashboard_returns_data(scraped_run):
 
 def test_rates_show_the_run_progressing(scraped_run):
     results = scraped_run["results"]
-    samples = next(value for (where, expr), value in results.items()
-                   if where == "Samples per second" and "rate(" in expr)
+    samples = next(
+        value for (where, expr), value in results.items() if where == "Samples per second" and "rate(" in expr
+    )
     assert float(samples[0]["value"][1]) > 0
     step = next(value for (where, _), value in results.items() if where == "Global step")
     assert int(float(step[0]["value"][1])) == scraped_run["global_step"]
@@ -138,7 +152,8 @@ def test_batch_time_exemplars_link_to_exported_traces(scraped_run):
 
     exemplar_ids = {
         exemplar["labels"]["trace_id"]
-        for series in scraped_run["exemplars"] for exemplar in series["exemplars"]
+        for series in scraped_run["exemplars"]
+        for exemplar in series["exemplars"]
         if "trace_id" in exemplar["labels"]
     }
     assert exemplar_ids, f"no trace_id exemplars on the batch time query: {scraped_run['exemplars']}"

@@ -33,6 +33,26 @@ PER_RANK_BATCH = (
 )
 
 
+#: Each rank's mean data fetch + forward time per sampled step: its own work, which no rank waits in under
+#: synchronous DDP (the wait for a slow rank happens in the gradient all-reduce, during backward). The basis of
+#: the straggler panels, as of DGDNRankStraggler (recording rule dgdn_rank:step_own_work_seconds:mean5m).
+OWN_WORK = (
+    f'sum by (job, rank) (rate(dgdn_step_phase_seconds_sum{{{SEL}, phase=~"data_fetch|forward"}}[$__rate_interval]))\n'
+    f'/ sum by (job, rank) (rate(dgdn_step_phase_seconds_count{{{SEL}, phase="forward"}}[$__rate_interval]))'
+)
+#: Each rank's own work divided by the mean of the other ranks of its job; 1 for a job with a single rank.
+OWN_WORK_VS_OTHERS = (
+    f"(\n{OWN_WORK}\n/ (\n  (sum by (job) ({OWN_WORK}) - on (job) group_right () ({OWN_WORK}))\n"
+    f"  / on (job) group_left () ((count by (job) ({OWN_WORK}) > 1) - 1)\n)\n)\n"
+    f"or\n(({OWN_WORK}) / ({OWN_WORK}))"
+)
+#: Time per sampled step in each phase, by rank and phase.
+PHASE_RATE = f"sum by (rank, phase) (rate(dgdn_step_phase_seconds_sum{{{SEL}}}[$__rate_interval]))"
+PHASE_TOTAL = f"sum by (rank) (rate(dgdn_step_phase_seconds_sum{{{SEL}}}[$__rate_interval]))"
+#: DCGM exporter series of the selected GPU hosts and GPUs.
+DCGM_SEL = 'Hostname=~"$gpu_host", gpu=~"$gpu"'
+
+
 class Dashboard:
     def __init__(self) -> None:
         self.panels: list[dict[str, Any]] = []
@@ -45,10 +65,16 @@ class Dashboard:
         return value
 
     def row(self, title: str) -> None:
-        self.panels.append({
-            "id": self._id(), "type": "row", "title": title, "collapsed": False, "panels": [],
-            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
-        })
+        self.panels.append(
+            {
+                "id": self._id(),
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "panels": [],
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
+            }
+        )
         self.y += 1
 
     def line(self, height: int, *panels: dict[str, Any]) -> None:
@@ -65,8 +91,15 @@ class Dashboard:
         self.y += height
 
 
-def target(expr: str, legend: str = "__auto", ref: str = "A", *, instant: bool = False,
-           table: bool = False, exemplar: bool = False) -> dict[str, Any]:
+def target(
+    expr: str,
+    legend: str = "__auto",
+    ref: str = "A",
+    *,
+    instant: bool = False,
+    table: bool = False,
+    exemplar: bool = False,
+) -> dict[str, Any]:
     return {
         "refId": ref,
         "datasource": DATASOURCE,
@@ -89,9 +122,20 @@ def _thresholds(steps: Optional[list[tuple[Optional[float], str]]]) -> dict[str,
     return {"mode": "absolute", "steps": [{"color": color, "value": value} for value, color in steps]}
 
 
-def timeseries(title: str, description: str, unit: str, queries: list[tuple[str, str]], width: int, *,
-               exemplar: bool = False, min_: Optional[float] = None, max_: Optional[float] = None,
-               log_scale: bool = False, draw: str = "line", thresholds=None) -> dict[str, Any]:
+def timeseries(
+    title: str,
+    description: str,
+    unit: str,
+    queries: list[tuple[str, str]],
+    width: int,
+    *,
+    exemplar: bool = False,
+    min_: Optional[float] = None,
+    max_: Optional[float] = None,
+    log_scale: bool = False,
+    draw: str = "line",
+    thresholds=None,
+) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "unit": unit,
         "color": {"mode": "palette-classic"},
@@ -116,7 +160,11 @@ def timeseries(title: str, description: str, unit: str, queries: list[tuple[str,
     if max_ is not None:
         defaults["max"] = max_
     return {
-        "_w": width, "type": "timeseries", "title": title, "description": description, "datasource": DATASOURCE,
+        "_w": width,
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
         "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": {
             "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
@@ -126,35 +174,84 @@ def timeseries(title: str, description: str, unit: str, queries: list[tuple[str,
     }
 
 
-def stat(title: str, description: str, unit: str, queries: list[tuple[str, str]], width: int, *,
-         thresholds=None, text_mode: str = "auto", graph: bool = False, mappings=None,
-         decimals: Optional[int] = None) -> dict[str, Any]:
-    defaults: dict[str, Any] = {"unit": unit, "color": {"mode": "thresholds"}, "thresholds": _thresholds(thresholds),
-                                "mappings": mappings or []}
+def stat(
+    title: str,
+    description: str,
+    unit: str,
+    queries: list[tuple[str, str]],
+    width: int,
+    *,
+    thresholds=None,
+    text_mode: str = "auto",
+    graph: bool = False,
+    mappings=None,
+    decimals: Optional[int] = None,
+) -> dict[str, Any]:
+    defaults: dict[str, Any] = {
+        "unit": unit,
+        "color": {"mode": "thresholds"},
+        "thresholds": _thresholds(thresholds),
+        "mappings": mappings or [],
+    }
     if decimals is not None:
         defaults["decimals"] = decimals
     return {
-        "_w": width, "type": "stat", "title": title, "description": description, "datasource": DATASOURCE,
+        "_w": width,
+        "type": "stat",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
         "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": {
             "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "value", "graphMode": "area" if graph else "none", "justifyMode": "auto",
-            "orientation": "auto", "textMode": text_mode, "wideLayout": True, "showPercentChange": False,
+            "colorMode": "value",
+            "graphMode": "area" if graph else "none",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "textMode": text_mode,
+            "wideLayout": True,
+            "showPercentChange": False,
         },
         "targets": _targets(queries),
     }
 
 
-def gauge(title: str, description: str, unit: str, queries: list[tuple[str, str]], width: int, *,
-          min_: float, max_: float, thresholds) -> dict[str, Any]:
+def gauge(
+    title: str,
+    description: str,
+    unit: str,
+    queries: list[tuple[str, str]],
+    width: int,
+    *,
+    min_: float,
+    max_: float,
+    thresholds,
+) -> dict[str, Any]:
     return {
-        "_w": width, "type": "gauge", "title": title, "description": description, "datasource": DATASOURCE,
-        "fieldConfig": {"defaults": {"unit": unit, "min": min_, "max": max_, "color": {"mode": "thresholds"},
-                                     "thresholds": _thresholds(thresholds), "decimals": 2}, "overrides": []},
+        "_w": width,
+        "type": "gauge",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "min": min_,
+                "max": max_,
+                "color": {"mode": "thresholds"},
+                "thresholds": _thresholds(thresholds),
+                "decimals": 2,
+            },
+            "overrides": [],
+        },
         "options": {
             "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "showThresholdLabels": False, "showThresholdMarkers": True, "orientation": "auto", "minVizHeight": 75,
-            "minVizWidth": 75, "sizing": "auto",
+            "showThresholdLabels": False,
+            "showThresholdMarkers": True,
+            "orientation": "auto",
+            "minVizHeight": 75,
+            "minVizWidth": 75,
+            "sizing": "auto",
         },
         "targets": _targets(queries),
     }
@@ -162,9 +259,19 @@ def gauge(title: str, description: str, unit: str, queries: list[tuple[str, str]
 
 def table(title: str, description: str, unit: str, expr: str, width: int, hide: list[str]) -> dict[str, Any]:
     return {
-        "_w": width, "type": "table", "title": title, "description": description, "datasource": DATASOURCE,
-        "fieldConfig": {"defaults": {"unit": unit, "custom": {"align": "auto", "cellOptions": {"type": "auto"}},
-                                     "thresholds": _thresholds(None)}, "overrides": []},
+        "_w": width,
+        "type": "table",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "custom": {"align": "auto", "cellOptions": {"type": "auto"}},
+                "thresholds": _thresholds(None),
+            },
+            "overrides": [],
+        },
         "options": {"showHeader": True, "cellHeight": "sm", "footer": {"show": False, "reducer": ["sum"]}},
         "targets": [target(expr, "__auto", instant=True, table=True)],
         "transformations": [{"id": "organize", "options": {"excludeByName": {name: True for name in hide}}}],
@@ -178,177 +285,454 @@ def build() -> dict[str, Any]:
     d.row("Training")
     d.line(
         8,
-        timeseries("Loss", "Last logged training loss (`train_loss`) and validation loss (`val_loss`) of each rank. "
-                   "A NaN or infinite loss shows as a gap; see the non-finite counter below.", "none",
-                   [(f"dgdn_training_loss{{{SEL}}}", "train · rank {{rank}}"),
-                    (f"dgdn_validation_loss{{{SEL}}}", "validation · rank {{rank}}")], 12),
-        timeseries("Accuracy", "Last logged training accuracy (`train_acc`) and validation accuracy (`val_acc`) "
-                   "of each rank, as a ratio.", "percentunit",
-                   [(f"dgdn_training_accuracy{{{SEL}}}", "train · rank {{rank}}"),
-                    (f"dgdn_validation_accuracy{{{SEL}}}", "validation · rank {{rank}}")], 12, min_=0, max_=1),
+        timeseries(
+            "Loss",
+            "Last logged training loss (`train_loss`) and validation loss (`val_loss`) of each rank. "
+            "A NaN or infinite loss shows as a gap; see the non-finite counter below.",
+            "none",
+            [
+                (f"dgdn_training_loss{{{SEL}}}", "train · rank {{rank}}"),
+                (f"dgdn_validation_loss{{{SEL}}}", "validation · rank {{rank}}"),
+            ],
+            12,
+        ),
+        timeseries(
+            "Accuracy",
+            "Last logged training accuracy (`train_acc`) and validation accuracy (`val_acc`) of each rank, as a ratio.",
+            "percentunit",
+            [
+                (f"dgdn_training_accuracy{{{SEL}}}", "train · rank {{rank}}"),
+                (f"dgdn_validation_accuracy{{{SEL}}}", "validation · rank {{rank}}"),
+            ],
+            12,
+            min_=0,
+            max_=1,
+        ),
     )
     d.line(
         8,
-        timeseries("Samples per second", "Training samples (graphs, events or rows) processed per second by each "
-                   "rank, from the samples counter, and the callback's own figure over its recent batches.", "suffix: samples/s",
-                   [(f"sum by (rank) (rate(dgdn_samples_processed_total{{{SEL}}}[$__rate_interval]))",
-                     "rank {{rank}}"),
-                    (f"dgdn_samples_per_second{{{SEL}}}", "recent batches · rank {{rank}}")], 8),
-        timeseries("Nodes and edges per second", "Nodes and edges of the training batches processed per second, "
-                   "summed over the selected ranks.", "suffix: /s",
-                   [(f"sum(rate(dgdn_nodes_processed_total{{{SEL}}}[$__rate_interval]))", "nodes"),
-                    (f"sum(rate(dgdn_edges_processed_total{{{SEL}}}[$__rate_interval]))", "edges")], 8),
-        timeseries("Batch time p50 / p95", "Median and 95th percentile of the wall time of one training batch over "
-                   "the selected ranks. Exemplar dots belong to traced steps: click one to open its trace in "
-                   "Jaeger.", "s",
-                   [("histogram_quantile(0.5, sum by (le) "
-                     f"(rate(dgdn_batch_processing_seconds_bucket{{{SEL}}}[$__rate_interval])))", "p50"),
-                    ("histogram_quantile(0.95, sum by (le) "
-                     f"(rate(dgdn_batch_processing_seconds_bucket{{{SEL}}}[$__rate_interval])))", "p95")], 8,
-                   exemplar=True),
+        timeseries(
+            "Samples per second",
+            "Training samples (graphs, events or rows) processed per second by each "
+            "rank, from the samples counter, and the callback's own figure over its recent batches.",
+            "suffix: samples/s",
+            [
+                (f"sum by (rank) (rate(dgdn_samples_processed_total{{{SEL}}}[$__rate_interval]))", "rank {{rank}}"),
+                (f"dgdn_samples_per_second{{{SEL}}}", "recent batches · rank {{rank}}"),
+            ],
+            8,
+        ),
+        timeseries(
+            "Nodes and edges per second",
+            "Nodes and edges of the training batches processed per second, summed over the selected ranks.",
+            "suffix: /s",
+            [
+                (f"sum(rate(dgdn_nodes_processed_total{{{SEL}}}[$__rate_interval]))", "nodes"),
+                (f"sum(rate(dgdn_edges_processed_total{{{SEL}}}[$__rate_interval]))", "edges"),
+            ],
+            8,
+        ),
+        timeseries(
+            "Batch time p50 / p95",
+            "Median and 95th percentile of the wall time of one training batch over "
+            "the selected ranks. Exemplar dots belong to traced steps: click one to open its trace in "
+            "Jaeger.",
+            "s",
+            [
+                (
+                    "histogram_quantile(0.5, sum by (le) "
+                    f"(rate(dgdn_batch_processing_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+                    "p50",
+                ),
+                (
+                    "histogram_quantile(0.95, sum by (le) "
+                    f"(rate(dgdn_batch_processing_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+                    "p95",
+                ),
+            ],
+            8,
+            exemplar=True,
+        ),
     )
     d.line(
         4,
-        stat("Global step", "Optimizer steps taken so far (highest over the selected ranks).", "none",
-             [(f"max(dgdn_global_step{{{SEL}}})", "step")], 4),
-        stat("Epoch", "Current training epoch, counted from 0 (highest over the selected ranks).", "none",
-             [(f"max(dgdn_epoch{{{SEL}}})", "epoch")], 4),
-        stat("Since last step", "Time since the last finished training batch, for the rank that waited longest. "
-             "DGDNTrainingStalled fires above 10 minutes.", "s",
-             [(f"max(time() - dgdn_last_step_timestamp_seconds{{{SEL}}})", "since last step")], 4,
-             thresholds=[(None, "green"), (120, "yellow"), (600, "red")]),
-        stat("Non-finite losses", "Training losses that were NaN or infinite, summed over the selected ranks.",
-             "none", [(f"sum(dgdn_nonfinite_loss_total{{{SEL}}})", "non-finite losses")], 4,
-             thresholds=[(None, "green"), (1, "red")]),
-        stat("Slowest rank", "The rank with the longest mean training batch time: the straggler every synchronous "
-             "step waits for.", "s",
-             [(f"topk(1, {PER_RANK_BATCH})", "rank {{rank}} ({{job}})")], 8, text_mode="value_and_name"),
+        stat(
+            "Global step",
+            "Optimizer steps taken so far (highest over the selected ranks).",
+            "none",
+            [(f"max(dgdn_global_step{{{SEL}}})", "step")],
+            4,
+        ),
+        stat(
+            "Epoch",
+            "Current training epoch, counted from 0 (highest over the selected ranks).",
+            "none",
+            [(f"max(dgdn_epoch{{{SEL}}})", "epoch")],
+            4,
+        ),
+        stat(
+            "Since last step",
+            "Time since the last finished training batch, for the rank that waited longest. "
+            "DGDNTrainingStalled fires above 10 minutes.",
+            "s",
+            [(f"max(time() - dgdn_last_step_timestamp_seconds{{{SEL}}})", "since last step")],
+            4,
+            thresholds=[(None, "green"), (120, "yellow"), (600, "red")],
+        ),
+        stat(
+            "Non-finite losses",
+            "Training losses that were NaN or infinite, summed over the selected ranks.",
+            "none",
+            [(f"sum(dgdn_nonfinite_loss_total{{{SEL}}})", "non-finite losses")],
+            4,
+            thresholds=[(None, "green"), (1, "red")],
+        ),
+        stat(
+            "Slowest rank",
+            "The rank with the longest mean data fetch + forward time per sampled step: the "
+            "straggler every synchronous step waits for (batch wall times are equal under DDP).",
+            "s",
+            [(f"topk(1, {OWN_WORK})", "rank {{rank}} ({{job}})")],
+            8,
+            text_mode="value_and_name",
+        ),
     )
     d.line(
         8,
-        timeseries("Epoch duration", "Wall time of the last finished training epoch of each rank.", "s",
-                   [(f"dgdn_epoch_duration_seconds{{{SEL}}}", "rank {{rank}}")], 8),
-        timeseries("Learning rate", "Learning rate of every optimizer parameter group (logarithmic axis).",
-                   "none", [(f"dgdn_learning_rate{{{SEL}}}",
-                             "{{optimizer}} group {{param_group}} · rank {{rank}}")], 8, log_scale=True),
-        gauge("Batch time vs. job median", "Mean training batch time of each rank divided by the median over "
-              "the ranks of its job. DGDNRankStraggler fires at 1.5 and above.", "suffix: × median",
-              [(f"{PER_RANK_BATCH}\n/ on (job) group_left () quantile by (job) (0.5, {PER_RANK_BATCH})",
-                "rank {{rank}}")], 8, min_=0, max_=3,
-              thresholds=[(None, "green"), (1.2, "yellow"), (1.5, "red")]),
+        timeseries(
+            "Epoch duration",
+            "Wall time of the last finished training epoch of each rank.",
+            "s",
+            [(f"dgdn_epoch_duration_seconds{{{SEL}}}", "rank {{rank}}")],
+            8,
+        ),
+        timeseries(
+            "Learning rate",
+            "Learning rate of every optimizer parameter group (logarithmic axis).",
+            "none",
+            [(f"dgdn_learning_rate{{{SEL}}}", "{{optimizer}} group {{param_group}} · rank {{rank}}")],
+            8,
+            log_scale=True,
+        ),
+        gauge(
+            "Own work vs. other ranks",
+            "Each rank's mean data fetch + forward time per sampled step divided "
+            "by the mean of the other ranks of its job (1 for a single rank). DGDNRankStraggler fires at 1.5 "
+            "and above.",
+            "suffix: × others",
+            [(OWN_WORK_VS_OTHERS, "rank {{rank}}")],
+            8,
+            min_=0,
+            max_=3,
+            thresholds=[(None, "green"), (1.2, "yellow"), (1.5, "red")],
+        ),
     )
     d.line(
         8,
-        timeseries("Mean batch time per rank", "Mean wall time of one training batch of each rank. One rank far "
-                   "above the others is a straggler.", "s", [(PER_RANK_BATCH, "rank {{rank}} ({{job}})")], 12),
-        table("Runs", "The training runs in view: model class, run id and library versions of each rank.", "none",
-              f"dgdn_training_info{{{SEL}}}", 12, ["Time", "Value", "__name__"]),
+        timeseries(
+            "Mean batch time per rank",
+            "Mean wall time of one training batch of each rank. One rank far above the others is a straggler.",
+            "s",
+            [(PER_RANK_BATCH, "rank {{rank}} ({{job}})")],
+            12,
+        ),
+        table(
+            "Runs",
+            "The training runs in view: model class, run id and library versions of each rank.",
+            "none",
+            f"dgdn_training_info{{{SEL}}}",
+            12,
+            ["Time", "Value", "__name__"],
+        ),
+    )
+    d.line(
+        8,
+        timeseries(
+            "Where does the step go",
+            "Share of a sampled training step each rank spends in each phase: "
+            "data_fetch (waiting for the batch), forward, backward (which includes waiting for the other "
+            "ranks in DDP's gradient all-reduce) and optimizer_step. Device time on CUDA.",
+            "percentunit",
+            [(f"{PHASE_RATE}\n/ on (rank) group_left () {PHASE_TOTAL}", "{{phase}} · rank {{rank}}")],
+            12,
+            min_=0,
+            max_=1,
+        ),
+        timeseries(
+            "Data wait share of the step",
+            "Share of a sampled training step each rank spends waiting for "
+            "its next batch. High values mean the input pipeline, not the GPU, sets the pace.",
+            "percentunit",
+            [
+                (
+                    f'sum by (rank) (rate(dgdn_step_phase_seconds_sum{{{SEL}, phase="data_fetch"}}'
+                    f"[$__rate_interval]))\n/ {PHASE_TOTAL}",
+                    "rank {{rank}}",
+                )
+            ],
+            12,
+            min_=0,
+            max_=1,
+            thresholds=[(None, "green"), (0.3, "orange")],
+        ),
     )
 
     # ---------------------------------------------------------------------------------------------- Graph
     d.row("Graph")
     d.line(
         8,
-        timeseries("Last batch size", "Nodes and edges (events) in the last training batch of each rank.", "short",
-                   [(f"dgdn_graph_nodes{{{SEL}}}", "nodes · rank {{rank}}"),
-                    (f"dgdn_graph_edges{{{SEL}}}", "edges · rank {{rank}}")], 8),
-        timeseries("Edges per node", "Edges per node of the last training batch of each rank (twice the mean "
-                   "degree for undirected graphs stored with both directions).", "none",
-                   [(f"dgdn_graph_edges{{{SEL}}} / dgdn_graph_nodes{{{SEL}}}", "rank {{rank}}")], 8),
-        timeseries("Nodes per sample", "Mean nodes per training sample (graph) over the rate window.", "none",
-                   [(f"sum by (rank) (rate(dgdn_nodes_processed_total{{{SEL}}}[$__rate_interval]))\n"
-                     f"/ sum by (rank) (rate(dgdn_samples_processed_total{{{SEL}}}[$__rate_interval]))",
-                     "rank {{rank}}")], 8),
+        timeseries(
+            "Last batch size",
+            "Nodes and edges (events) in the last training batch of each rank.",
+            "short",
+            [
+                (f"dgdn_graph_nodes{{{SEL}}}", "nodes · rank {{rank}}"),
+                (f"dgdn_graph_edges{{{SEL}}}", "edges · rank {{rank}}"),
+            ],
+            8,
+        ),
+        timeseries(
+            "Edges per node",
+            "Edges per node of the last training batch of each rank (twice the mean "
+            "degree for undirected graphs stored with both directions).",
+            "none",
+            [(f"dgdn_graph_edges{{{SEL}}} / dgdn_graph_nodes{{{SEL}}}", "rank {{rank}}")],
+            8,
+        ),
+        timeseries(
+            "Nodes per sample",
+            "Mean nodes per training sample (graph) over the rate window.",
+            "none",
+            [
+                (
+                    f"sum by (rank) (rate(dgdn_nodes_processed_total{{{SEL}}}[$__rate_interval]))\n"
+                    f"/ sum by (rank) (rate(dgdn_samples_processed_total{{{SEL}}}[$__rate_interval]))",
+                    "rank {{rank}}",
+                )
+            ],
+            8,
+        ),
     )
     d.line(
         4,
-        stat("Samples processed", "Training samples processed so far, summed over the selected ranks.", "short",
-             [(f"sum(dgdn_samples_processed_total{{{SEL}}})", "samples")], 8, graph=True),
-        stat("Nodes processed", "Nodes in the training batches processed so far, summed over the selected ranks.",
-             "short", [(f"sum(dgdn_nodes_processed_total{{{SEL}}})", "nodes")], 8, graph=True),
-        stat("Edges processed", "Edges in the training batches processed so far, summed over the selected ranks.",
-             "short", [(f"sum(dgdn_edges_processed_total{{{SEL}}})", "edges")], 8, graph=True),
+        stat(
+            "Samples processed",
+            "Training samples processed so far, summed over the selected ranks.",
+            "short",
+            [(f"sum(dgdn_samples_processed_total{{{SEL}}})", "samples")],
+            8,
+            graph=True,
+        ),
+        stat(
+            "Nodes processed",
+            "Nodes in the training batches processed so far, summed over the selected ranks.",
+            "short",
+            [(f"sum(dgdn_nodes_processed_total{{{SEL}}})", "nodes")],
+            8,
+            graph=True,
+        ),
+        stat(
+            "Edges processed",
+            "Edges in the training batches processed so far, summed over the selected ranks.",
+            "short",
+            [(f"sum(dgdn_edges_processed_total{{{SEL}}})", "edges")],
+            8,
+            graph=True,
+        ),
     )
 
     # ---------------------------------------------------------------------------------------------- Model
     d.row("Model")
     d.line(
         5,
-        stat("Parameters", "Parameters of the model (highest over the selected ranks).", "short",
-             [(f"max(dgdn_model_parameters{{{SEL}}})", "parameters")], 6),
-        stat("Trainable parameters", "Parameters that require gradients.", "short",
-             [(f"max(dgdn_model_trainable_parameters{{{SEL}}})", "trainable")], 6),
-        stat("Model memory", "Bytes held by the model's parameters and buffers.", "bytes",
-             [(f"max(dgdn_model_memory_usage_bytes{{{SEL}}})", "memory")], 6),
-        gauge("Trainable share", "Share of the parameters that are trained (the rest is frozen).", "percentunit",
-              [(f"max(dgdn_model_trainable_parameters{{{SEL}}}) / max(dgdn_model_parameters{{{SEL}}})",
-                "trainable share")], 6, min_=0, max_=1, thresholds=[(None, "blue")]),
+        stat(
+            "Parameters",
+            "Parameters of the model (highest over the selected ranks).",
+            "short",
+            [(f"max(dgdn_model_parameters{{{SEL}}})", "parameters")],
+            6,
+        ),
+        stat(
+            "Trainable parameters",
+            "Parameters that require gradients.",
+            "short",
+            [(f"max(dgdn_model_trainable_parameters{{{SEL}}})", "trainable")],
+            6,
+        ),
+        stat(
+            "Model memory",
+            "Bytes held by the model's parameters and buffers.",
+            "bytes",
+            [(f"max(dgdn_model_memory_usage_bytes{{{SEL}}})", "memory")],
+            6,
+        ),
+        gauge(
+            "Trainable share",
+            "Share of the parameters that are trained (the rest is frozen).",
+            "percentunit",
+            [
+                (
+                    f"max(dgdn_model_trainable_parameters{{{SEL}}}) / max(dgdn_model_parameters{{{SEL}}})",
+                    "trainable share",
+                )
+            ],
+            6,
+            min_=0,
+            max_=1,
+            thresholds=[(None, "blue")],
+        ),
     )
     d.line(
         8,
-        timeseries("Inference latency per sample", "Median and 95th percentile of the per-sample latency of "
-                   "validation, test and predict batches, by stage.", "s",
-                   [("histogram_quantile(0.5, sum by (le, stage) "
-                     f"(rate(dgdn_inference_time_seconds_bucket{{{SEL}}}[$__rate_interval])))", "p50 · {{stage}}"),
-                    ("histogram_quantile(0.95, sum by (le, stage) "
-                     f"(rate(dgdn_inference_time_seconds_bucket{{{SEL}}}[$__rate_interval])))", "p95 · {{stage}}")],
-                   12),
-        timeseries("Inference batches per second", "Validation, test and predict batches per second, by stage.",
-                   "suffix: batches/s",
-                   [(f"sum by (stage) (rate(dgdn_inference_time_seconds_count{{{SEL}}}[$__rate_interval]))",
-                     "{{stage}}")], 12),
+        timeseries(
+            "Inference latency per sample",
+            "Median and 95th percentile of the per-sample latency of validation, test and predict batches, by stage.",
+            "s",
+            [
+                (
+                    "histogram_quantile(0.5, sum by (le, stage) "
+                    f"(rate(dgdn_inference_time_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+                    "p50 · {{stage}}",
+                ),
+                (
+                    "histogram_quantile(0.95, sum by (le, stage) "
+                    f"(rate(dgdn_inference_time_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+                    "p95 · {{stage}}",
+                ),
+            ],
+            12,
+        ),
+        timeseries(
+            "Inference batches per second",
+            "Validation, test and predict batches per second, by stage.",
+            "suffix: batches/s",
+            [(f"sum by (stage) (rate(dgdn_inference_time_seconds_count{{{SEL}}}[$__rate_interval]))", "{{stage}}")],
+            12,
+        ),
     )
 
     # ---------------------------------------------------------------------------------------------- GPU
     d.row("GPU")
     d.line(
         8,
-        timeseries("GPU utilisation", "Share of time a kernel ran on each GPU of each rank, sampled by the callback "
-                   "through NVML.", "percentunit",
-                   [(f"dgdn_gpu_utilization_ratio{{{SEL}}}", "GPU {{gpu}} · rank {{rank}}")], 8, min_=0, max_=1),
-        gauge("GPU memory used", "Device memory in use on each GPU (all processes, from NVML) as a share of its "
-              "total. DGDNGPUMemoryHigh fires above 90% (warning) and 97% (critical).", "percentunit",
-              [(f"dgdn_gpu_memory_used_bytes{{{SEL}}} / dgdn_gpu_memory_total_bytes{{{SEL}}}",
-                "GPU {{gpu}} · rank {{rank}}")], 8, min_=0, max_=1,
-              thresholds=[(None, "green"), (0.9, "orange"), (0.97, "red")]),
-        timeseries("GPU memory (NVML)", "Device memory used and total of each GPU, from NVML.", "bytes",
-                   [(f"dgdn_gpu_memory_used_bytes{{{SEL}}}", "used · GPU {{gpu}} · rank {{rank}}"),
-                    (f"dgdn_gpu_memory_total_bytes{{{SEL}}}", "total · GPU {{gpu}} · rank {{rank}}")], 8),
+        timeseries(
+            "GPU utilisation",
+            "Share of time a kernel ran on each GPU of each rank, sampled by the callback through NVML.",
+            "percentunit",
+            [(f"dgdn_gpu_utilization_ratio{{{SEL}}}", "GPU {{gpu}} · rank {{rank}}")],
+            8,
+            min_=0,
+            max_=1,
+        ),
+        gauge(
+            "GPU memory: tensor peak",
+            "Peak memory held by tensors of each rank (PyTorch allocator) as a share "
+            "of the GPU's total. DGDNGPUMemoryHigh fires above 90% (warning) and 97% (critical); NVML's used "
+            "memory also counts the allocator's cache and sits high in healthy runs.",
+            "percentunit",
+            [
+                (
+                    f"dgdn_gpu_max_memory_allocated_bytes{{{SEL}}}\n/ on (job, instance, rank, gpu) "
+                    f"dgdn_gpu_memory_total_bytes{{{SEL}}}",
+                    "GPU {{gpu}} · rank {{rank}}",
+                )
+            ],
+            8,
+            min_=0,
+            max_=1,
+            thresholds=[(None, "green"), (0.9, "orange"), (0.97, "red")],
+        ),
+        timeseries(
+            "GPU memory (NVML)",
+            "Device memory used and total of each GPU, from NVML.",
+            "bytes",
+            [
+                (f"dgdn_gpu_memory_used_bytes{{{SEL}}}", "used · GPU {{gpu}} · rank {{rank}}"),
+                (f"dgdn_gpu_memory_total_bytes{{{SEL}}}", "total · GPU {{gpu}} · rank {{rank}}"),
+            ],
+            8,
+        ),
     )
     d.line(
         8,
-        timeseries("PyTorch allocator memory", "Memory the PyTorch caching allocator of each rank has allocated to "
-                   "tensors, reserved from the device, and its allocation peak.", "bytes",
-                   [(f"dgdn_gpu_memory_allocated_bytes{{{SEL}}}", "allocated · GPU {{gpu}} · rank {{rank}}"),
-                    (f"dgdn_gpu_memory_reserved_bytes{{{SEL}}}", "reserved · GPU {{gpu}} · rank {{rank}}"),
-                    (f"dgdn_gpu_max_memory_allocated_bytes{{{SEL}}}", "peak · GPU {{gpu}} · rank {{rank}}")], 8),
-        timeseries("GPU temperature", "GPU core temperature, from NVML.", "celsius",
-                   [(f"dgdn_gpu_temperature_celsius{{{SEL}}}", "GPU {{gpu}} · rank {{rank}}")], 8),
-        timeseries("GPU power", "GPU power draw, from NVML.", "watt",
-                   [(f"dgdn_gpu_power_watts{{{SEL}}}", "GPU {{gpu}} · rank {{rank}}")], 8),
+        timeseries(
+            "PyTorch allocator memory",
+            "Memory the PyTorch caching allocator of each rank has allocated to "
+            "tensors, reserved from the device, and its allocation peak.",
+            "bytes",
+            [
+                (f"dgdn_gpu_memory_allocated_bytes{{{SEL}}}", "allocated · GPU {{gpu}} · rank {{rank}}"),
+                (f"dgdn_gpu_memory_reserved_bytes{{{SEL}}}", "reserved · GPU {{gpu}} · rank {{rank}}"),
+                (f"dgdn_gpu_max_memory_allocated_bytes{{{SEL}}}", "peak · GPU {{gpu}} · rank {{rank}}"),
+            ],
+            8,
+        ),
+        timeseries(
+            "GPU temperature",
+            "GPU core temperature, from NVML.",
+            "celsius",
+            [(f"dgdn_gpu_temperature_celsius{{{SEL}}}", "GPU {{gpu}} · rank {{rank}}")],
+            8,
+        ),
+        timeseries(
+            "GPU power",
+            "GPU power draw, from NVML.",
+            "watt",
+            [(f"dgdn_gpu_power_watts{{{SEL}}}", "GPU {{gpu}} · rank {{rank}}")],
+            8,
+        ),
     )
     d.line(
         8,
-        stat("GPU monitoring", "Whether the callback's NVML sampling works on each rank (1) or is off: no GPU, no "
-             "driver, or NVML failed (0).", "none",
-             [(f"dgdn_gpu_monitoring_up{{{SEL}}}", "rank {{rank}}")], 4,
-             thresholds=[(None, "red"), (1, "green")],
-             mappings=[{"type": "value", "options": {"0": {"text": "off", "index": 0},
-                                                      "1": {"text": "on", "index": 1}}}]),
-        timeseries("DCGM GPU utilisation", "GPU utilisation reported by the DCGM exporter (started with the `gpu` "
-                   "compose profile) for every GPU of the host.", "percent",
-                   [("DCGM_FI_DEV_GPU_UTIL", "GPU {{gpu}} {{modelName}} · {{Hostname}}")], 10, min_=0, max_=100),
-        timeseries("DCGM frame-buffer memory", "Frame-buffer memory used and free on every GPU of the host, from "
-                   "the DCGM exporter.", "mbytes",
-                   [("DCGM_FI_DEV_FB_USED", "used · GPU {{gpu}} · {{Hostname}}"),
-                    ("DCGM_FI_DEV_FB_FREE", "free · GPU {{gpu}} · {{Hostname}}")], 10),
+        stat(
+            "GPU monitoring",
+            "Whether the callback's NVML sampling works on each rank (1) or is off: no GPU, no "
+            "driver, or NVML failed (0).",
+            "none",
+            [(f"dgdn_gpu_monitoring_up{{{SEL}}}", "rank {{rank}}")],
+            4,
+            thresholds=[(None, "red"), (1, "green")],
+            mappings=[
+                {"type": "value", "options": {"0": {"text": "off", "index": 0}, "1": {"text": "on", "index": 1}}}
+            ],
+        ),
+        timeseries(
+            "DCGM GPU utilisation",
+            "GPU utilisation reported by the DCGM exporter (started with the `gpu` "
+            "compose profile) for every GPU of the host.",
+            "percent",
+            [(f"DCGM_FI_DEV_GPU_UTIL{{{DCGM_SEL}}}", "GPU {{gpu}} {{modelName}} · {{Hostname}}")],
+            10,
+            min_=0,
+            max_=100,
+        ),
+        timeseries(
+            "DCGM frame-buffer memory",
+            "Frame-buffer memory used and free on every GPU of the host, from the DCGM exporter.",
+            "mbytes",
+            [
+                (f"DCGM_FI_DEV_FB_USED{{{DCGM_SEL}}}", "used · GPU {{gpu}} · {{Hostname}}"),
+                (f"DCGM_FI_DEV_FB_FREE{{{DCGM_SEL}}}", "free · GPU {{gpu}} · {{Hostname}}"),
+            ],
+            10,
+        ),
     )
     d.line(
         8,
-        timeseries("DCGM power", "Power draw of every GPU of the host, from the DCGM exporter.", "watt",
-                   [("DCGM_FI_DEV_POWER_USAGE", "GPU {{gpu}} · {{Hostname}}")], 12),
-        timeseries("DCGM temperature", "Core temperature of every GPU of the host, from the DCGM exporter.",
-                   "celsius", [("DCGM_FI_DEV_GPU_TEMP", "GPU {{gpu}} · {{Hostname}}")], 12),
+        timeseries(
+            "DCGM power",
+            "Power draw of every GPU of the host, from the DCGM exporter.",
+            "watt",
+            [(f"DCGM_FI_DEV_POWER_USAGE{{{DCGM_SEL}}}", "GPU {{gpu}} · {{Hostname}}")],
+            12,
+        ),
+        timeseries(
+            "DCGM temperature",
+            "Core temperature of every GPU of the host, from the DCGM exporter.",
+            "celsius",
+            [(f"DCGM_FI_DEV_GPU_TEMP{{{DCGM_SEL}}}", "GPU {{gpu}} · {{Hostname}}")],
+            12,
+        ),
     )
 
     # ---------------------------------------------------------------------------------------------- System
@@ -356,57 +740,113 @@ def build() -> dict[str, Any]:
     fs = 'fstype!~"tmpfs|overlay|squashfs|nsfs"'
     d.line(
         8,
-        timeseries("Host CPU", "Share of CPU time the host spent outside idle, from node-exporter.", "percentunit",
-                   [('1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[$__rate_interval]))',
-                     "{{instance}}")], 8, min_=0, max_=1),
-        timeseries("Host memory", "Share of the host's memory not available to new processes, from node-exporter.",
-                   "percentunit",
-                   [("1 - node_memory_MemAvailable_bytes / node_memory_MemTotal_bytes", "{{instance}}")], 8,
-                   min_=0, max_=1),
-        timeseries("Host load", "One-minute load average against the number of CPUs, from node-exporter.",
-                   "short",
-                   [("node_load1", "load1 · {{instance}}"),
-                    ('count by (instance) (node_cpu_seconds_total{mode="idle"})', "CPUs · {{instance}}")], 8),
+        timeseries(
+            "Host CPU",
+            "Share of CPU time the host spent outside idle, from node-exporter.",
+            "percentunit",
+            [('1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[$__rate_interval]))', "{{instance}}")],
+            8,
+            min_=0,
+            max_=1,
+        ),
+        timeseries(
+            "Host memory",
+            "Share of the host's memory not available to new processes, from node-exporter.",
+            "percentunit",
+            [("1 - node_memory_MemAvailable_bytes / node_memory_MemTotal_bytes", "{{instance}}")],
+            8,
+            min_=0,
+            max_=1,
+        ),
+        timeseries(
+            "Host load",
+            "One-minute load average against the number of CPUs, from node-exporter.",
+            "short",
+            [
+                ("node_load1", "load1 · {{instance}}"),
+                ('count by (instance) (node_cpu_seconds_total{mode="idle"})', "CPUs · {{instance}}"),
+            ],
+            8,
+        ),
     )
     d.line(
         8,
-        timeseries("File system usage", "Share of each host file system in use, from node-exporter.",
-                   "percentunit",
-                   [(f"1 - node_filesystem_avail_bytes{{{fs}}} / node_filesystem_size_bytes{{{fs}}}",
-                     "{{mountpoint}}")], 8, min_=0, max_=1),
-        timeseries("Container CPU", "CPU cores used by each container on the host, from cAdvisor.", "suffix: cores",
-                   [('sum by (name) (rate(container_cpu_usage_seconds_total{name!=""}[$__rate_interval]))',
-                     "{{name}}")], 8),
-        timeseries("Container memory", "Working-set memory of each container on the host, from cAdvisor.", "bytes",
-                   [('sum by (name) (container_memory_working_set_bytes{name!=""})', "{{name}}")], 8),
+        timeseries(
+            "File system usage",
+            "Share of each host file system in use, from node-exporter.",
+            "percentunit",
+            [(f"1 - node_filesystem_avail_bytes{{{fs}}} / node_filesystem_size_bytes{{{fs}}}", "{{mountpoint}}")],
+            8,
+            min_=0,
+            max_=1,
+        ),
+        timeseries(
+            "Container CPU",
+            "CPU cores used by each container on the host, from cAdvisor.",
+            "suffix: cores",
+            [('sum by (name) (rate(container_cpu_usage_seconds_total{name!=""}[$__rate_interval]))', "{{name}}")],
+            8,
+        ),
+        timeseries(
+            "Container memory",
+            "Working-set memory of each container on the host, from cAdvisor.",
+            "bytes",
+            [('sum by (name) (container_memory_working_set_bytes{name!=""})', "{{name}}")],
+            8,
+        ),
     )
     d.line(
         8,
-        timeseries("Container network", "Bytes received and sent per second by each container, from cAdvisor.",
-                   "Bps",
-                   [('sum by (name) (rate(container_network_receive_bytes_total{name!=""}[$__rate_interval]))',
-                     "received · {{name}}"),
-                    ('sum by (name) (rate(container_network_transmit_bytes_total{name!=""}[$__rate_interval]))',
-                     "sent · {{name}}")], 12),
-        table("Scrape targets", "Every target Prometheus scrapes and whether the last scrape succeeded (1) or "
-              "failed (0).", "none", "up", 12, ["Time", "__name__"]),
+        timeseries(
+            "Container network",
+            "Bytes received and sent per second by each container, from cAdvisor.",
+            "Bps",
+            [
+                (
+                    'sum by (name) (rate(container_network_receive_bytes_total{name!=""}[$__rate_interval]))',
+                    "received · {{name}}",
+                ),
+                (
+                    'sum by (name) (rate(container_network_transmit_bytes_total{name!=""}[$__rate_interval]))',
+                    "sent · {{name}}",
+                ),
+            ],
+            12,
+        ),
+        table(
+            "Scrape targets",
+            "Every target Prometheus scrapes and whether the last scrape succeeded (1) or failed (0).",
+            "none",
+            "up",
+            12,
+            ["Time", "__name__"],
+        ),
     )
 
     def query_variable(name: str, label: str, query: str, sort: int) -> dict[str, Any]:
         return {
-            "type": "query", "name": name, "label": label, "datasource": DATASOURCE,
+            "type": "query",
+            "name": name,
+            "label": label,
+            "datasource": DATASOURCE,
             "definition": query,
             "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-            "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
+            "refresh": 2,
+            "includeAll": True,
+            "multi": True,
+            "allValue": ".*",
             "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "options": [], "regex": "", "sort": sort, "hide": 0,
+            "options": [],
+            "regex": "",
+            "sort": sort,
+            "hide": 0,
         }
 
     return {
         "uid": "dgdn-training",
         "title": "DGDN training",
         "description": "Training, graph, model, GPU and system metrics of runs monitored by "
-                       "dgdn_lightning_monitor.MonitoringCallback.",
+        "dgdn_lightning_monitor.MonitoringCallback.",
         "tags": ["dgdn", "gnn", "lightning", "training"],
         "editable": True,
         "graphTooltip": 1,
@@ -420,31 +860,60 @@ def build() -> dict[str, Any]:
         "timezone": "browser",
         "weekStart": "",
         "links": [],
-        "annotations": {"list": [
-            {
-                "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True,
-                "hide": True, "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts",
-                "type": "dashboard",
-            },
-            {
-                "datasource": DATASOURCE, "enable": True, "hide": False, "iconColor": "red",
-                "name": "Firing DGDN alerts",
-                "expr": 'ALERTS{alertstate="firing", alertname=~"DGDN.*"}',
-                "titleFormat": "{{alertname}}", "textFormat": "{{instance}} rank {{rank}} ({{severity}})",
-                "useValueForTime": False, "step": "60s",
-            },
-        ]},
-        "templating": {"list": [
-            {
-                "type": "datasource", "name": "datasource", "label": "Data source", "query": "prometheus",
-                "current": {"selected": False, "text": "Prometheus", "value": "prometheus"},
-                "options": [], "refresh": 1, "regex": "", "hide": 0, "includeAll": False, "multi": False,
-            },
-            query_variable("job", "Job", "label_values(dgdn_training_info, job)", 1),
-            query_variable("instance", "Instance", 'label_values(dgdn_training_info{job=~"$job"}, instance)', 1),
-            query_variable("rank", "Rank", 'label_values(dgdn_training_info{job=~"$job", instance=~"$instance", '
-                           'instance!=""}, rank)', 3),
-        ]},
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                },
+                {
+                    "datasource": DATASOURCE,
+                    "enable": True,
+                    "hide": False,
+                    "iconColor": "red",
+                    "name": "Firing DGDN alerts",
+                    "expr": 'ALERTS{alertstate="firing", alertname=~"DGDN.*"}',
+                    "titleFormat": "{{alertname}}",
+                    "textFormat": "{{instance}} rank {{rank}} ({{severity}})",
+                    "useValueForTime": False,
+                    "step": "60s",
+                },
+            ]
+        },
+        "templating": {
+            "list": [
+                {
+                    "type": "datasource",
+                    "name": "datasource",
+                    "label": "Data source",
+                    "query": "prometheus",
+                    "current": {"selected": False, "text": "Prometheus", "value": "prometheus"},
+                    "options": [],
+                    "refresh": 1,
+                    "regex": "",
+                    "hide": 0,
+                    "includeAll": False,
+                    "multi": False,
+                },
+                query_variable("job", "Job", "label_values(dgdn_training_info, job)", 1),
+                query_variable("instance", "Instance", 'label_values(dgdn_training_info{job=~"$job"}, instance)', 1),
+                query_variable(
+                    "rank",
+                    "Rank",
+                    'label_values(dgdn_training_info{job=~"$job", instance=~"$instance", instance!=""}, rank)',
+                    3,
+                ),
+                query_variable("gpu_host", "GPU host (DCGM)", "label_values(DCGM_FI_DEV_GPU_UTIL, Hostname)", 1),
+                query_variable(
+                    "gpu", "GPU (DCGM)", 'label_values(DCGM_FI_DEV_GPU_UTIL{Hostname=~"$gpu_host"}, gpu)', 3
+                ),
+            ]
+        },
         "panels": d.panels,
     }
 
