@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch is installed first so that nothing pulls a multi-GB CUDA build on a CPU-only
-# machine. On a GPU workstation run `make demo TORCH_SPEC=` to keep the torch you already have.
+# torch is installed first, as TORCH_SPEC says; which build that is depends on the package index (PyPI serves
+# CUDA builds on Linux). README "Which torch" shows how to pick the CPU or a CUDA build; TORCH_SPEC= keeps yours.
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
