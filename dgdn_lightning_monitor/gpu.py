@@ -65,9 +65,9 @@ import logging
 import math
 import numbers
 import os
-import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal
@@ -75,7 +75,14 @@ from typing import Any, Literal
 import torch
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from dgdn_lightning_monitor.guards import NAMESPACE, WarnOnce, check_namespace, forget_threads_after_fork
+from dgdn_lightning_monitor.guards import (
+    NAMESPACE,
+    WarnOnce,
+    check,
+    check_namespace,
+    forget_threads_after_fork,
+    quietly,
+)
 
 __all__ = ["GPUMonitor", "THREAD_NAME", "LOGGER_NAME"]
 
@@ -86,133 +93,94 @@ LOGGER_NAME = "dgdn_lightning_monitor.gpu"
 
 logger = logging.getLogger(LOGGER_NAME)
 
-_FULL_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 _GPU_LABELS = ("gpu", "uuid", "name")
+_UP = "gpu_monitoring_up"
+# Metric name suffix -> HELP, in exposition order.
+_HELP = {
+    _UP: "1 while NVML sampling of the GPUs this rank watches works, 0 when it failed or NVML is unavailable.",
+    "gpu_utilization_ratio": "Fraction of the last NVML sample period during which a kernel ran on the GPU (0 to 1).",
+    "gpu_memory_used_bytes": "GPU memory in use by all processes on the device, as reported by NVML.",
+    "gpu_memory_total_bytes": "Total GPU memory of the device, as reported by NVML.",
+    "gpu_temperature_celsius": "GPU core temperature, as reported by NVML.",
+    "gpu_power_watts": "GPU power draw, as reported by NVML.",
+    "gpu_memory_allocated_bytes": "Memory held by tensors in this process's PyTorch CUDA caching allocator.",
+    "gpu_memory_reserved_bytes": "Memory reserved by this process's PyTorch CUDA caching allocator (held by tensors "
+    "plus cached).",
+    "gpu_max_memory_allocated_bytes": "Peak memory held by tensors in this process's PyTorch CUDA caching allocator "
+    "since start or the last peak reset.",
+}
+# NVML figure -> (NVML function, its answer -> the value); a function giving several figures is called once a sample.
+_NVML_FIGURES: dict[str, tuple[str, Callable[[Any], float]]] = {
+    "gpu_utilization_ratio": ("nvmlDeviceGetUtilizationRates", lambda rates: rates.gpu / 100.0),
+    "gpu_memory_used_bytes": ("nvmlDeviceGetMemoryInfo", lambda memory: float(memory.used)),
+    "gpu_memory_total_bytes": ("nvmlDeviceGetMemoryInfo", lambda memory: float(memory.total)),
+    "gpu_temperature_celsius": ("nvmlDeviceGetTemperature", float),
+    "gpu_power_watts": ("nvmlDeviceGetPowerUsage", lambda milliwatts: milliwatts / 1000.0),
+}
+# Allocator figure -> its key in torch.cuda.memory_stats.
+_ALLOCATOR_FIGURES = {
+    "gpu_memory_allocated_bytes": "allocated_bytes.all.current",
+    "gpu_memory_reserved_bytes": "reserved_bytes.all.current",
+    "gpu_max_memory_allocated_bytes": "allocated_bytes.all.peak",
+}
+_LOOKUPS = {
+    "uuid": "nvmlDeviceGetHandleByUUID",
+    "pci": "nvmlDeviceGetHandleByPciBusId",
+    "index": "nvmlDeviceGetHandleByIndex",
+}
 
-# Families in exposition order: (suffix, HELP) of the up gauge, (figure or allocator key, suffix, HELP) of the rest.
-_UP = (
-    "gpu_monitoring_up",
-    "1 while NVML sampling of the GPUs this rank watches works, 0 when it failed or NVML is unavailable.",
-)
-_NVML_FIGURES = (
-    (
-        "utilization",
-        "gpu_utilization_ratio",
-        "Fraction of the last NVML sample period during which a kernel ran on the GPU (0 to 1).",
-    ),
-    ("memory_used", "gpu_memory_used_bytes", "GPU memory in use by all processes on the device, as reported by NVML."),
-    ("memory_total", "gpu_memory_total_bytes", "Total GPU memory of the device, as reported by NVML."),
-    ("temperature", "gpu_temperature_celsius", "GPU core temperature, as reported by NVML."),
-    ("power", "gpu_power_watts", "GPU power draw, as reported by NVML."),
-)
-_ALLOCATOR_FIGURES = (
-    (
-        "allocated_bytes.all.current",
-        "gpu_memory_allocated_bytes",
-        "Memory held by tensors in this process's PyTorch CUDA caching allocator.",
-    ),
-    (
-        "reserved_bytes.all.current",
-        "gpu_memory_reserved_bytes",
-        "Memory reserved by this process's PyTorch CUDA caching allocator (held by tensors plus cached).",
-    ),
-    (
-        "allocated_bytes.all.peak",
-        "gpu_max_memory_allocated_bytes",
-        "Peak memory held by tensors in this process's PyTorch CUDA caching allocator since start or the last "
-        "peak reset.",
-    ),
-)
-
-
-class _Stopped(Exception):
-    """Raised inside the sampling thread when stop() was requested; never leaves the thread."""
+# One sample round: up (None until the first round ended) and, per sampled GPU, its labels and figures.
+Snapshot = tuple[int | None, list[tuple[tuple[str, str, str], dict[str, float]]]]
 
 
-@dataclass(frozen=True)
-class _DeviceSample:
-    """One GPU's figures from one sampling round; ``None`` marks a figure the GPU does not support."""
-
-    gpu: str
-    uuid: str
-    name: str
-    figures: dict[str, float | None]
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """What collect() exports: ``up`` is None until the first round ended."""
-
-    up: int | None
-    devices: tuple[_DeviceSample, ...] = ()
+class _Stopped(BaseException):
+    """Raised inside the sampling thread when stop() was requested; no ``except Exception`` stops it."""
 
 
 @dataclass
 class _Target:
-    """A watched GPU: its CUDA index, how to find it in NVML, and the cached handle once found."""
+    """A watched GPU: its CUDA index, how to find it in NVML, and what was learnt once it was found."""
 
     gpu: int
     keys: tuple[tuple[str, Any], ...]
     handle: Any = None
-    uuid: str = ""
-    name: str = ""
-    unsupported: set[str] = field(default_factory=set)
+    labels: tuple[str, str, str] = ("", "", "")  # gpu, uuid, name
+    unsupported: set[str] = field(default_factory=set)  # NVML functions the GPU does not support
 
 
-def _as_text(value: Any) -> str:
+def _text(value: Any) -> str:
     """NVML strings are ``str`` in current nvidia-ml-py and ``bytes`` in old releases."""
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _describe(exc: BaseException) -> str:
     """``Type: message`` of an exception, for the warnings."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _validate_indices(value: Any, argument: str) -> tuple[int, ...]:
-    """Return ``value`` as a tuple of distinct non-negative ints, or raise ValueError naming ``argument``."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{argument} must be a list of non-negative GPU indices, got {value!r}")
-    indices: list[int] = []
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or int(item) < 0:
-            raise ValueError(f"{argument} must hold non-negative ints, got {item!r} in {value!r}")
-        indices.append(int(item))
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"{argument} must not repeat an index, got {value!r}")
-    return tuple(indices)
-
-
-def _torch_properties(index: int) -> Any | None:
-    """``torch.cuda.get_device_properties(index)``, or None where CUDA cannot answer."""
-    try:
-        return torch.cuda.get_device_properties(index)
-    except Exception:  # CPU build, no driver, bad index: fall back to other ways of finding the GPU
-        return None
+def _indices(name: str, value: Any, expected: str = "a list of distinct non-negative GPU indices") -> tuple[int, ...]:
+    """``value`` as a tuple of distinct non-negative ints, or a ValueError naming ``name``."""
+    ok = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+    found = [int(i) for i in value if isinstance(i, numbers.Integral) and not isinstance(i, bool)] if ok else []
+    check(name, value, ok and len(found) == len(value) == len(set(found)) and min(found, default=0) >= 0, expected)
+    return tuple(found)
 
 
 def _uuid_keys(raw: Any) -> list[tuple[str, Any]]:
-    """NVML UUID look-up keys for the UUID PyTorch reports (hex, with or without dashes or prefix)."""
-    if raw is None:
+    """NVML UUID look-up keys for a UUID (hex, with or without dashes, with or without a ``GPU-``/``MIG-`` prefix)."""
+    text = "" if raw is None else _text(raw).strip()
+    prefix = text[:3].upper() if text[:4].upper() in ("GPU-", "MIG-") else ""
+    try:
+        value = uuid.UUID(text[4:] if prefix else text)
+    except ValueError:
         return []
-    text = _as_text(raw).strip()
-    if _FULL_UUID_RE.match(text):
-        return [("uuid", text.lower().replace("gpu-", "GPU-").replace("mig-", "MIG-"))]
-    digits = text.replace("-", "").lower()
-    if len(digits) != 32 or any(c not in "0123456789abcdef" for c in digits) or set(digits) == {"0"}:
-        return []
-    dashed = f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
-    return [("uuid", f"GPU-{dashed}"), ("uuid", f"MIG-{dashed}")]
+    return [("uuid", f"{kind}-{value}") for kind in ([prefix] if prefix else ["GPU", "MIG"])] if value.int else []
 
 
 def _pci_key(props: Any) -> list[tuple[str, Any]]:
     """NVML PCI bus id look-up key (``DDDDDDDD:BB:DD.0``) from PyTorch's device properties, if it has them."""
-    bus = getattr(props, "pci_bus_id", None)
-    device = getattr(props, "pci_device_id", None)
-    domain = getattr(props, "pci_domain_id", 0)
+    bus, device, domain = (getattr(props, f"pci_{part}_id", None) for part in ("bus", "device", "domain"))
+    domain = 0 if domain is None else domain
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bus, device, domain)):
         return []
     return [("pci", f"{domain:08X}:{bus:02X}:{device:02X}.0")]
@@ -230,182 +198,136 @@ def _lookup_keys(index: int, ask_torch: bool) -> tuple[tuple[str, Any], ...]:
         (('index', 0),)
     """
     if ask_torch:
-        props = _torch_properties(index)
-        if props is not None:
-            keys = _uuid_keys(getattr(props, "uuid", None)) + _pci_key(props)
-            if keys:
-                return tuple(keys)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if visible:
-        entries = [entry.strip() for entry in visible.split(",")]
-        if index < len(entries):
-            entry = entries[index]
-            if entry.isdigit():
-                return (("index", int(entry)),)
-            if _FULL_UUID_RE.match(entry):
-                return (("uuid", entry),)
+        try:
+            props = torch.cuda.get_device_properties(index)
+        except Exception:  # CPU build, no driver, bad index: fall back to other ways of finding the GPU
+            props = None
+        keys = _uuid_keys(getattr(props, "uuid", None)) + _pci_key(props) if props is not None else []
+        if keys:
+            return tuple(keys)
+    entries = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    entry = entries[index] if index < len(entries) else ""
+    if entry.isdigit():
+        return (("index", int(entry)),)
+    if entry[:4].upper() in ("GPU-", "MIG-") and _uuid_keys(entry):
+        return tuple(_uuid_keys(entry))
     return (("index", index),)
 
 
-class _Sampler:
-    """One run's sampling thread: owns every NVML call of that run."""
+class _Sampler(threading.Thread):
+    """One run's sampling thread: every NVML call of that run happens here.
 
-    def __init__(self, monitor: GPUMonitor, nvml: Any, targets: list[_Target], interval: float) -> None:
-        self._monitor = monitor
-        self._nvml = nvml
-        self._targets = targets
-        self._interval = interval
-        self.stop_event = threading.Event()
-        self.first_round = threading.Event()
-        self.snapshot = _Snapshot(up=None)
-        self.thread = threading.Thread(target=self._main, name=THREAD_NAME, daemon=True)
-        base = getattr(nvml, "NVMLError", None)
-        self._nvml_error: type[BaseException] = base if isinstance(base, type) else Exception
-        self._library_missing = self._error_class("NVMLError_LibraryNotFound")
-        self._not_supported = self._error_class("NVMLError_NotSupported")
+    Args:
+        nvml: the ``pynvml`` module (or a stand-in with its functions and error classes).
+        targets: the watched GPUs.
+        interval: seconds between two samples.
+        warn: the monitor's warn-once helper.
+    """
 
-    def _error_class(self, name: str) -> tuple[type[BaseException], ...]:
-        cls = getattr(self._nvml, name, None)
-        return (cls,) if isinstance(cls, type) and issubclass(cls, BaseException) else ()
+    def __init__(self, nvml: Any, targets: list[_Target], interval: float, warn: WarnOnce) -> None:
+        super().__init__(name=THREAD_NAME, daemon=True)
+        self.nvml, self.targets, self.interval, self.warn = nvml, targets, interval, warn
+        self.stopping = threading.Event()
+        self.sampled = threading.Event()  # set when the first round ended (or NVML could not start)
+        self.snapshot: Snapshot = (None, [])
 
-    def _call(self, function: str, *args: Any) -> Any:
+    def call(self, function: str, *args: Any) -> Any:
         """Call an NVML function unless stop() was requested (so stop is honoured between calls)."""
-        if self.stop_event.is_set():
+        if self.stopping.is_set():
             raise _Stopped
-        return getattr(self._nvml, function)(*args)
+        return getattr(self.nvml, function)(*args)
 
-    def _main(self) -> None:
+    def run(self) -> None:
         try:
-            try:
-                self._call("nvmlInit")
-            except _Stopped:
-                return
-            except Exception as exc:
-                if self._library_missing and isinstance(exc, self._library_missing):
-                    self._monitor._warn_once(
-                        "library_not_found",
-                        "GPU monitoring is off: the NVML library was not found (%s); is the NVIDIA driver installed?",
-                        _describe(exc),
-                    )
-                else:
-                    self._monitor._warn_once(
-                        "init_failed", "GPU monitoring is off: nvmlInit failed: %s", _describe(exc)
-                    )
-                self.snapshot = _Snapshot(up=0)
-                return
-            try:
-                while True:
-                    self._round()
-                    self.first_round.set()
-                    if self.stop_event.wait(self._interval):
-                        break
-            except _Stopped:
-                pass
-            finally:
-                try:
-                    self._nvml.nvmlShutdown()
-                except Exception as exc:
-                    logger.debug("nvmlShutdown failed: %r", exc)
+            self.call("nvmlInit")
+        except _Stopped:
+            return self.sampled.set()
+        except Exception as exc:
+            if isinstance(exc, getattr(self.nvml, "NVMLError_LibraryNotFound", ())):
+                message = "GPU monitoring is off: the NVML library was not found (%s); is the NVIDIA driver installed?"
+                self.warn("library_not_found", message, _describe(exc))
+            else:
+                self.warn("init_failed", "GPU monitoring is off: nvmlInit failed: %s", _describe(exc))
+            self.snapshot = (0, [])
+            return self.sampled.set()
+        try:
+            while True:
+                self._round()
+                self.sampled.set()
+                if self.stopping.wait(self.interval):
+                    break
+        except _Stopped:
+            pass
         finally:
-            self.first_round.set()
+            self.sampled.set()
+            quietly(self.nvml.nvmlShutdown, logger, "nvmlShutdown")()
 
     def _round(self) -> None:
         """Sample every watched GPU once and publish the result as one snapshot."""
-        samples: list[_DeviceSample] = []
-        ok = True
-        for target in self._targets:
-            if target.handle is None:
-                try:
-                    self._resolve(target)
-                except _Stopped:
-                    raise
-                except Exception as exc:
-                    ok = False
-                    self._monitor._warn_once(
-                        "device_not_found",
-                        "GPU monitoring cannot find GPU %d in NVML (looked up by %s): %s",
-                        target.gpu,
-                        ", ".join(f"{kind} {key}" for kind, key in target.keys),
-                        _describe(exc),
-                    )
-                    continue
+        samples, ok = [], True
+        for target in self.targets:
             try:
-                samples.append(self._sample(target))
-            except _Stopped:
-                raise
+                if target.handle is None:
+                    self._resolve(target)
             except Exception as exc:
                 ok = False
-                self._monitor._warn_once(
-                    "sample_failed",
-                    "GPU sampling failed for GPU %d (%s): %s; its figures are left out until sampling works again",
-                    target.gpu,
-                    target.uuid,
-                    _describe(exc),
-                )
-        previous = self.snapshot.up
-        self.snapshot = _Snapshot(up=1 if ok else 0, devices=tuple(samples))
+                keys = ", ".join(f"{kind} {key}" for kind, key in target.keys)
+                message = "GPU monitoring cannot find GPU %d in NVML (looked up by %s): %s"
+                self.warn("device_not_found", message, target.gpu, keys, _describe(exc))
+                continue
+            try:
+                samples.append((target.labels, self._sample(target)))
+            except Exception as exc:
+                ok = False
+                message = "GPU sampling failed for GPU %d (%s): %s; its figures are left out until sampling works again"
+                self.warn("sample_failed", message, target.gpu, target.labels[1], _describe(exc))
+        previous, self.snapshot = self.snapshot[0], (int(ok), samples)
         if ok and previous == 0:
             logger.info("GPU sampling works again")
 
     def _resolve(self, target: _Target) -> None:
         """Find the target's NVML handle by its keys in order and cache it with its UUID and name."""
-        functions = {
-            "uuid": "nvmlDeviceGetHandleByUUID",
-            "pci": "nvmlDeviceGetHandleByPciBusId",
-            "index": "nvmlDeviceGetHandleByIndex",
-        }
-        error: BaseException | None = None
+        error: BaseException = LookupError("no way to look the GPU up")
         for kind, key in target.keys:
             try:
-                handle = self._call(functions[kind], key)
-            except self._nvml_error as exc:
+                handle = self.call(_LOOKUPS[kind], key)
+            except getattr(self.nvml, "NVMLError", Exception) as exc:
                 error = exc
                 continue
-            target.uuid = _as_text(self._call("nvmlDeviceGetUUID", handle))
-            target.name = _as_text(self._call("nvmlDeviceGetName", handle))
-            target.handle = handle
+            uuid_, name = (
+                _text(self.call(function, handle)) for function in ("nvmlDeviceGetUUID", "nvmlDeviceGetName")
+            )
+            target.handle, target.labels = handle, (str(target.gpu), uuid_, name)
             return
-        raise error if error is not None else LookupError("no way to look the GPU up")
+        raise error
 
-    def _sample(self, target: _Target) -> _DeviceSample:
-        """Read the figures of one GPU; an unsupported figure becomes None and is not asked again."""
-        handle = target.handle
-        sensor = getattr(self._nvml, "NVML_TEMPERATURE_GPU", 0)
-        readers = {
-            "utilization": lambda: self._call("nvmlDeviceGetUtilizationRates", handle).gpu / 100.0,
-            "memory": lambda: self._call("nvmlDeviceGetMemoryInfo", handle),
-            "temperature": lambda: float(self._call("nvmlDeviceGetTemperature", handle, sensor)),
-            "power": lambda: self._call("nvmlDeviceGetPowerUsage", handle) / 1000.0,
-        }
-        values: dict[str, Any] = {}
-        for figure, read in readers.items():
-            if figure in target.unsupported:
-                values[figure] = None
+    def _sample(self, target: _Target) -> dict[str, float]:
+        """Read the figures of one GPU; a function the GPU does not support is left out and not asked again."""
+        answers: dict[str, Any] = {}
+        figures: dict[str, float] = {}
+        for suffix, (function, value) in _NVML_FIGURES.items():
+            if function in target.unsupported:
                 continue
-            try:
-                values[figure] = read()
-            except Exception as exc:
-                if self._not_supported and isinstance(exc, self._not_supported):
-                    logger.debug("GPU %d does not support the %s figure", target.gpu, figure)
-                    target.unsupported.add(figure)
-                    values[figure] = None
-                else:
-                    raise
-        memory = values.pop("memory")
-        values["memory_used"] = None if memory is None else float(memory.used)
-        values["memory_total"] = None if memory is None else float(memory.total)
-        return _DeviceSample(gpu=str(target.gpu), uuid=target.uuid, name=target.name, figures=values)
+            if function not in answers:
+                sensor = (self.nvml.NVML_TEMPERATURE_GPU,) if function == "nvmlDeviceGetTemperature" else ()
+                try:
+                    answers[function] = self.call(function, target.handle, *sensor)
+                except getattr(self.nvml, "NVMLError_NotSupported", ()):
+                    logger.debug("GPU %d does not support %s", target.gpu, function)
+                    target.unsupported.add(function)
+                    continue
+            figures[suffix] = value(answers[function])
+        return figures
 
 
 @dataclass(frozen=True)
 class _Run:
-    """State of one start()..stop() run."""
+    """State of one start()..stop() run; no sampler when ``pynvml`` could not even be imported."""
 
-    label_names: tuple[str, ...]
-    label_values: tuple[str, ...]
+    label_names: list[str]
+    label_values: list[str]
     cuda_devices: tuple[int, ...]
     sampler: _Sampler | None
-    failed_snapshot: _Snapshot | None = None  # set when NVML could not even be imported
 
 
 class GPUMonitor:
@@ -438,12 +360,6 @@ class GPUMonitor:
         >>> monitor.stop()
     """
 
-    _lock: threading.Lock
-    _warn_once: WarnOnce
-    _interval: float
-    _namespace: str
-    _nvml_module: ModuleType | None
-
     #: Longest time start() waits for the first sample, so the first scrape already has figures.
     FIRST_SAMPLE_TIMEOUT_S = 2.0
     #: Longest time stop() waits for the sampling thread; it only waits this long if an NVML call hangs.
@@ -456,31 +372,20 @@ class GPUMonitor:
         poll_interval_s: float = 5.0,
         nvml: ModuleType | None = None,
     ) -> None:
-        check_namespace(namespace)
-        self._devices: Literal["auto"] | tuple[int, ...] | None
-        if devices is None or (isinstance(devices, str) and devices == "auto"):
-            self._devices = devices
-        elif isinstance(devices, str):
-            raise ValueError(f"gpu_devices (devices) must be 'auto', None or a list of GPU indices, got {devices!r}")
-        else:
-            self._devices = _validate_indices(devices, "gpu_devices (devices)") or None
-        if (
-            isinstance(poll_interval_s, bool)
-            or not isinstance(poll_interval_s, numbers.Real)
-            or not math.isfinite(float(poll_interval_s))
-            or float(poll_interval_s) <= 0
-        ):
-            raise ValueError(
-                f"gpu_poll_interval_s (poll_interval_s) must be a finite number of seconds > 0, got {poll_interval_s!r}"
-            )
-        if nvml is not None and not callable(getattr(nvml, "nvmlInit", None)):
-            raise ValueError(f"nvml must be the pynvml module or a stand-in with nvmlInit, got {nvml!r}")
-        self._namespace = namespace
+        self._namespace = check_namespace(namespace)
+        self._devices: Literal["auto"] | tuple[int, ...] | None = (
+            devices
+            if devices is None or devices == "auto"
+            else _indices("gpu_devices (devices)", devices, "'auto', None or a list of distinct GPU indices") or None
+        )
+        real = isinstance(poll_interval_s, numbers.Real) and not isinstance(poll_interval_s, bool)
+        valid = real and math.isfinite(poll_interval_s) and poll_interval_s > 0
+        check("gpu_poll_interval_s (poll_interval_s)", poll_interval_s, valid, "a finite number of seconds > 0")
         self._interval = float(poll_interval_s)
-        self._nvml_module = nvml
-        self._lock = threading.Lock()
-        self._run: _Run | None = None
+        valid = nvml is None or callable(getattr(nvml, "nvmlInit", None))
+        self._nvml_module = check("nvml", nvml, valid, "the pynvml module or a stand-in with nvmlInit")
         self._warn_once = WarnOnce(logger)
+        self.after_fork_in_child()
         forget_threads_after_fork(self)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -488,22 +393,19 @@ class GPUMonitor:
 
         A monitor built with ``nvml=None`` pickles; a module given as ``nvml`` does not.
         """
-        state = self.__dict__.copy()
-        state.update(_lock=None, _run=None, _warn_once=None)
-        return state
+        return {**self.__dict__, "_lock": None, "_run": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore the configuration with a fresh lock and no run."""
         self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._warn_once = WarnOnce(logger)
+        self.after_fork_in_child()
         forget_threads_after_fork(self)
 
     def after_fork_in_child(self) -> None:
         """The sampling thread does not exist in a forked child: drop the run (its series would never update);
         the child starts its own with :meth:`start`."""
         self._lock = threading.Lock()
-        self._run = None
+        self._run: _Run | None = None
 
     @property
     def devices(self) -> Literal["auto"] | tuple[int, ...] | None:
@@ -543,44 +445,34 @@ class GPUMonitor:
             >>> monitor.running
             False
         """
-        cuda = _validate_indices(cuda_devices, "cuda_devices")
-        if not isinstance(labels, Mapping):
-            raise ValueError(f"labels must be a mapping of label names to values, got {labels!r}")
-        names = tuple(labels)
-        for name in names:
-            if not isinstance(name, str) or not NAMESPACE.match(name + "x") or name.startswith("__"):
-                raise ValueError(f"labels: {name!r} is not a valid Prometheus label name")
-            if name in _GPU_LABELS:
-                raise ValueError(f"labels: {name!r} is reserved for the GPU series")
-        values = tuple(str(labels[name]) for name in names)
+        cuda = _indices("cuda_devices", cuda_devices)
+        check("labels", labels, isinstance(labels, Mapping), "a mapping of label names to values")
+        for name in labels:
+            valid = isinstance(name, str) and bool(NAMESPACE.match(name + "x")) and not name.startswith("__")
+            check("labels", name, valid and name not in _GPU_LABELS, "Prometheus label names other than gpu/uuid/name")
+        names, values = list(labels), [str(value) for value in labels.values()]
 
         self.stop()
-        if self._devices is None:
-            return
-        watched = cuda if isinstance(self._devices, str) else self._devices
+        watched = cuda if self._devices == "auto" else self._devices
         if not watched:
             return
-
         nvml = self._nvml_module
         if nvml is None:
             try:
                 nvml = importlib.import_module("pynvml")
             except Exception as exc:
-                self._warn_once(
-                    "nvml_missing",
-                    "GPU monitoring is off: nvidia-ml-py (pynvml) cannot be imported: %s",
-                    _describe(exc),
-                )
+                message = "GPU monitoring is off: nvidia-ml-py (pynvml) cannot be imported: %s"
+                self._warn_once("nvml_missing", message, _describe(exc))
                 with self._lock:
-                    self._run = _Run(names, values, cuda, None, failed_snapshot=_Snapshot(up=0))
+                    self._run = _Run(names, values, cuda, None)
                 return
-        ask_torch = isinstance(self._devices, str) or _cuda_initialized()
+        ask_torch = self._devices == "auto" or _cuda_initialized()
         targets = [_Target(gpu=index, keys=_lookup_keys(index, ask_torch)) for index in watched]
-        sampler = _Sampler(self, nvml, targets, self._interval)
+        sampler = _Sampler(nvml, targets, self._interval, self._warn_once)
         with self._lock:
             self._run = _Run(names, values, cuda, sampler)
-        sampler.thread.start()
-        sampler.first_round.wait(self.FIRST_SAMPLE_TIMEOUT_S)
+        sampler.start()
+        sampler.sampled.wait(self.FIRST_SAMPLE_TIMEOUT_S)
 
     def stop(self) -> None:
         """End the run: wake the sampling thread, wait for it (it calls ``nvmlShutdown``), drop all series.
@@ -596,15 +488,15 @@ class GPUMonitor:
         """
         with self._lock:
             run, self._run = self._run, None
-        if run is None or run.sampler is None:
+        sampler = run.sampler if run is not None else None
+        if sampler is None or sampler.ident is None:
             return
-        run.sampler.stop_event.set()
-        if run.sampler.thread.ident is not None:
-            run.sampler.thread.join(self.STOP_TIMEOUT_S)
-            if run.sampler.thread.is_alive():
-                logger.warning(
-                    "the GPU sampling thread did not finish within %.0f s (an NVML call hangs)", self.STOP_TIMEOUT_S
-                )
+        sampler.stopping.set()
+        sampler.join(self.STOP_TIMEOUT_S)
+        if sampler.is_alive():
+            logger.warning(
+                "the GPU sampling thread did not finish within %.0f s (an NVML call hangs)", self.STOP_TIMEOUT_S
+            )
 
     def describe(self) -> list:
         """Nothing, so that registering the collector does not call :meth:`collect`.
@@ -627,49 +519,33 @@ class GPUMonitor:
         run = self._run
         if run is None:
             return []
-        ns = self._namespace
-        families: list[Metric] = []
-        snapshot = run.failed_snapshot or (run.sampler.snapshot if run.sampler else _Snapshot(up=None))
-        if snapshot.up is not None:
-            up = GaugeMetricFamily(f"{ns}_{_UP[0]}", _UP[1], labels=list(run.label_names))
-            up.add_metric(list(run.label_values), float(snapshot.up))
-            families.append(up)
-        gpu_label_names = list(run.label_names) + list(_GPU_LABELS)
-        for figure, suffix, help_text in _NVML_FIGURES:
-            family = GaugeMetricFamily(f"{ns}_{suffix}", help_text, labels=gpu_label_names)
-            for device in snapshot.devices:
-                value = device.figures.get(figure)
-                if value is not None:
-                    family.add_metric([*run.label_values, device.gpu, device.uuid, device.name], value)
-            if family.samples:
-                families.append(family)
-        families.extend(self._allocator_families(run))
-        return families
-
-    def _allocator_families(self, run: _Run) -> list[Metric]:
-        """Allocator figures of the run's CUDA devices; none when CUDA is not initialised here."""
-        if not run.cuda_devices or not _cuda_initialized():
-            return []
-        ns = self._namespace
-        label_names = list(run.label_names) + ["gpu"]
-        families = [
-            GaugeMetricFamily(f"{ns}_{suffix}", text, labels=label_names) for _, suffix, text in _ALLOCATOR_FIGURES
-        ]
-        for index in run.cuda_devices:
-            try:
-                stats = torch.cuda.memory_stats(index)
-            except Exception as exc:
-                self._warn_once(
-                    "allocator_failed",
-                    "reading the PyTorch CUDA allocator statistics of GPU %d failed: %s",
-                    index,
-                    _describe(exc),
-                )
-                continue
-            for (key, _, _), family in zip(_ALLOCATOR_FIGURES, families, strict=True):
-                if key in stats:
-                    family.add_metric([*run.label_values, str(index)], float(stats[key]))
+        names, values = run.label_names, run.label_values
+        up, samples = run.sampler.snapshot if run.sampler is not None else (0, [])
+        families = [self._gauge(_UP, names)]
+        if up is not None:
+            families[0].add_metric(values, float(up))
+        for suffix in _NVML_FIGURES:
+            families.append(family := self._gauge(suffix, [*names, *_GPU_LABELS]))
+            for gpu_labels, figures in samples:
+                if suffix in figures:
+                    family.add_metric([*values, *gpu_labels], figures[suffix])
+        if run.cuda_devices and _cuda_initialized():  # allocator figures, read now
+            allocator = {suffix: self._gauge(suffix, [*names, "gpu"]) for suffix in _ALLOCATOR_FIGURES}
+            families += allocator.values()
+            for index in run.cuda_devices:
+                try:
+                    stats = torch.cuda.memory_stats(index)
+                except Exception as exc:
+                    message = "reading the PyTorch CUDA allocator statistics of GPU %d failed: %s"
+                    self._warn_once("allocator_failed", message, index, _describe(exc))
+                    continue
+                for suffix, key in _ALLOCATOR_FIGURES.items():
+                    if key in stats:
+                        allocator[suffix].add_metric([*values, str(index)], float(stats[key]))
         return [family for family in families if family.samples]
+
+    def _gauge(self, suffix: str, label_names: list[str]) -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"{self._namespace}_{suffix}", _HELP[suffix], labels=label_names)
 
 
 def _cuda_initialized() -> bool:
