@@ -8,8 +8,9 @@ Data flows one way, hook -> part -> sink:
   :class:`~dgdn_lightning_monitor.distributed.DistributedRun`);
 * sampled steps -> a :class:`~dgdn_lightning_monitor.tracing.BatchRecord` -> the phase histogram and
   :class:`~dgdn_lightning_monitor.tracing.TrainingTracer` -> OpenTelemetry spans;
-* ``trainer.callback_metrics`` at the callback's own points -> :class:`~dgdn_lightning_monitor.scalars.DeferredScalars`
-  (asynchronous on a GPU) -> the loss and accuracy gauges;
+* the step's loss, the phases of traced steps and ``trainer.callback_metrics`` at the callback's own points ->
+  :class:`~dgdn_lightning_monitor.steps.StepStatistics` (asynchronous reads on a GPU) -> the non-finite count, the
+  phase histogram, :meth:`MonitoringCallback.summary` and the loss and accuracy gauges;
 * GPU figures -> :class:`~dgdn_lightning_monitor.gpu.GPUMonitor`'s own thread.
 
 Nothing on the step path synchronises the device or touches a Prometheus object.
@@ -17,13 +18,11 @@ Nothing on the step path synchronises the device or touches a Prometheus object.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
 
 import prometheus_client
@@ -38,17 +37,13 @@ from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace
 from dgdn_lightning_monitor.labels import RankLabels
-from dgdn_lightning_monitor.metrics import TrainingMetrics, model_figures, run_info
-from dgdn_lightning_monitor.scalars import DeferredScalars
+from dgdn_lightning_monitor.metrics import TrainingMetrics, run_info
 from dgdn_lightning_monitor.server import MetricsServer
+from dgdn_lightning_monitor.steps import KEY_ARGUMENTS, TRAIN_GAUGES, VALIDATION_GAUGES, StepStatistics
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 
 log = logging.getLogger(__name__)
 
-# Training losses are checked for NaN/inf together, every this many steps (and at epoch and run ends).
-_FOLD_EVERY = 50
-_TRAIN_KEYS = ("training_loss", "training_accuracy")
-_VAL_KEYS = ("validation_loss", "validation_accuracy")
 # Lightning's running stage -> span stage name.
 _SPAN_STAGE = {"validate": "validation", "test": "test", "predict": "predict"}
 
@@ -56,20 +51,14 @@ _SPAN_STAGE = {"validate": "validation", "test": "test", "predict": "predict"}
 class _Run:
     """The state of one run: built in ``setup``, closed when the run ends."""
 
-    def __init__(self, trainer: Trainer, server: MetricsServer) -> None:
-        self.server = server
-        self.scalars = DeferredScalars()
-        self.losses: list[torch.Tensor] = []  # training losses since the last non-finite count
+    def __init__(self, trainer: Trainer, server: MetricsServer, stats: StepStatistics) -> None:
+        self.server, self.stats = server, stats
         self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
-        self.batches = 0
+        self.batches = self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
         self.batch_start = self.epoch_start = self.eval_start = 0.0
-        self.fetch_start_ns = 0
         self.record: Optional[BatchRecord] = None
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False
-        self.fetch_end_ns = 0
-        self.warmed_up = False  # the first traced step of a run carries one-time costs: kept out of summary()
-        self.device_phases: list[BatchRecord] = []  # traced CUDA steps whose events have not completed yet
         self.unwatch_fetches = _watch_fetches(trainer, self)
 
 
@@ -163,15 +152,10 @@ class MonitoringCallback(Callback):
             registry is None or isinstance(registry, CollectorRegistry),
             "a prometheus_client.CollectorRegistry or None",
         )
-        keys = {
-            "training_loss": ("train_loss_key", train_loss_key),
-            "validation_loss": ("val_loss_key", val_loss_key),
-            "training_accuracy": ("train_acc_key", train_acc_key),
-            "validation_accuracy": ("val_acc_key", val_acc_key),
-        }
+        keys = zip(KEY_ARGUMENTS.items(), (train_loss_key, val_loss_key, train_acc_key, val_acc_key))
         self.keys = {
             gauge: check(name, key, isinstance(key, str) and bool(key), "a non-empty string")
-            for gauge, (name, key) in keys.items()
+            for (gauge, name), key in keys
         }
         for name, function in (("batch_size_fn", batch_size_fn), ("graph_size_fn", graph_size_fn)):
             check(name, function, function is None or callable(function), "a callable or None")
@@ -203,11 +187,7 @@ class MonitoringCallback(Callback):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._register()
         self._warn = WarnOnce(log)
-        # Across runs: training batches seen (drives trace sampling) and the phase times of traced steps.
-        self._train_batches = 0
-        self._phase_totals: dict[str, float] = {}
-        self._phase_steps = 0
-        self._warm_up_phases: dict[str, float] = {}
+        self._train_batches = 0  # across runs: drives trace sampling
         self._run: Optional[_Run] = None
 
     # ------------------------------------------------------------------------------------------ public API
@@ -227,19 +207,11 @@ class MonitoringCallback(Callback):
             each run, which carries one-time warm-up costs (its figures are given only when no other step was
             traced).
         """
-        if not self._phase_steps:
-            return {
-                "steps": self._train_batches,
-                "samples": self.metrics.samples_total,
-                "samples_per_second": self.metrics.samples_per_second,
-                "phase_seconds": dict(self._warm_up_phases),
-            }
-        steps = self._phase_steps
         return {
             "steps": self._train_batches,
             "samples": self.metrics.samples_total,
             "samples_per_second": self.metrics.samples_per_second,
-            "phase_seconds": {name: total / steps for name, total in self._phase_totals.items()},
+            "phase_seconds": self.metrics.phase_means(),
         }
 
     # ------------------------------------------------------------------------------------------ pickling
@@ -303,8 +275,8 @@ class MonitoringCallback(Callback):
         self._dist.exchange(labels, self.addr, server.bound_port if failure is None else None, self.tracer.active)
         if failure is not None:
             raise failure
-        run = self._run = _Run(trainer, server)
-        run.model_figures_final = self._count_model(pl_module)
+        run = self._run = _Run(trainer, server, StepStatistics(self.metrics, self.keys, self._warn))
+        run.model_figures_final = self.metrics.count_model(pl_module)
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
         self._dist.publish(labels, self.run_id)
@@ -325,9 +297,7 @@ class MonitoringCallback(Callback):
             return
         run.unwatch_fetches()
         try:
-            run.scalars.flush()
-            self._fold_nonfinite(run)
-            run.scalars.flush()
+            run.stats.finish()
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
@@ -343,7 +313,8 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.epoch_start = time.perf_counter()
-        self._read_logged(trainer, _TRAIN_KEYS)  # what the module logged in its own on_train_epoch_end
+        # What the module logged in its own on_train_epoch_end; after a first epoch, a key never logged is said.
+        run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES, check=run.train_epochs > 0)
         if self._dist.rank == 0:
             self.tracer.start_epoch("train", trainer.current_epoch, {})
             self._dist.share_span_context(self.tracer.span_context("train"))  # no-op unless DDP and rank 0 traces
@@ -409,18 +380,15 @@ class MonitoringCallback(Callback):
             self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id)
             self._train_batches += 1
             run.batches += 1
+            stats = run.stats
             if record is not None:
-                self._add_phases(run, record)
+                stats.add_phases(record)
                 self.tracer.add_batch(record)
-            if run.device_phases:
-                self._observe_device_phases(run)
-            self._keep_loss(run, outputs)
-            if len(run.losses) >= _FOLD_EVERY:
-                self._fold_nonfinite(run)
-            if run.scalars.pending:
-                run.scalars.poll()
+            stats.keep_loss(outputs, trainer)
+            if stats.scalars.pending or stats.device_phases:
+                stats.poll()
             if run.batches % run.read_every == 0:
-                self._read_logged(trainer, _TRAIN_KEYS)
+                stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
         except Exception as error:
             self._degrade(error)
         if self._train_batches % self.trace_every_n_steps == 0:  # the next batch is traced: time its fetch
@@ -432,15 +400,17 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         self.metrics.epoch_duration = time.perf_counter() - run.epoch_start
-        self._read_logged(trainer, _TRAIN_KEYS)
-        self._fold_nonfinite(run)
+        run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
+        run.stats.fold_nonfinite()
+        run.train_epochs += 1
         if not run.model_figures_final:
-            run.model_figures_final = self._count_model(pl_module)  # lazy layers have their sizes now
+            run.model_figures_final = self.metrics.count_model(pl_module)  # lazy layers have their sizes now
         self.tracer.end_epoch("train")
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._read_logged(trainer, _TRAIN_KEYS)  # what the module logged in its last on_train_epoch_end
+        if self._run is not None:  # what the module logged in its last on_train_epoch_end
+            self._run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES, check=True)
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -504,8 +474,8 @@ class MonitoringCallback(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._read_logged(trainer, _VAL_KEYS)  # after the module's on_validation_epoch_end logging
+        if self._run is not None and not trainer.sanity_checking:  # after the module's own epoch-end logging
+            self._run.stats.read_logged(trainer.callback_metrics, VALIDATION_GAUGES, check=True)
 
     # ------------------------------------------------------------------------------------------ helpers
     def _degrade(self, error: Exception) -> None:
@@ -517,93 +487,6 @@ class MonitoringCallback(Callback):
             error,
             exc_info=error,
         )
-
-    def _add_phases(self, run: _Run, record: BatchRecord) -> None:
-        """A traced step's phases: into the phase histogram (host times on CPU; on CUDA device times, once its
-        events completed) and, from the second traced step of a run on, into :meth:`summary`'s means."""
-        host = {name: (end_ns - start_ns) / 1e9 for name, start_ns, end_ns in record.phases()}
-        if record.events is None:
-            for name, seconds in host.items():
-                self.metrics.phase_seconds[name].observe(seconds)
-        else:
-            if "data_fetch" in host:  # the host waits for data: no device time to measure
-                self.metrics.phase_seconds["data_fetch"].observe(host["data_fetch"])
-            run.device_phases.append(record)
-        if not run.warmed_up:
-            run.warmed_up = True
-            self._warm_up_phases = host  # reported only while no other step was traced
-            return
-        for name, seconds in host.items():
-            self._phase_totals[name] = self._phase_totals.get(name, 0.0) + seconds
-        self._phase_steps += 1
-
-    def _observe_device_phases(self, run: _Run) -> None:
-        """Device times of traced CUDA steps whose events completed (``Event.query``, never a synchronisation)."""
-        waiting = []
-        for record in run.device_phases:
-            if record.device_ready():
-                for name, milliseconds in record.device_milliseconds().items():
-                    if name in self.metrics.phase_seconds and name != "data_fetch":
-                        self.metrics.phase_seconds[name].observe(milliseconds / 1e3)
-            else:
-                waiting.append(record)
-        run.device_phases = waiting
-
-    @staticmethod
-    def _keep_loss(run: _Run, outputs: Any) -> None:
-        """Keep this step's loss for the non-finite count, which is taken every few steps in one go: no read,
-        no kernel and no synchronisation per step."""
-        if type(outputs) is dict:  # what automatic optimization hands over; skips the slower ABC check
-            loss = outputs.get("loss")
-        elif isinstance(outputs, torch.Tensor):
-            loss = outputs
-        else:
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            # A loss that still carries its graph (manual optimization) must not keep the graph alive.
-            run.losses.append(loss.detach() if loss.requires_grad else loss)
-
-    def _fold_nonfinite(self, run: _Run) -> None:
-        """Count the non-finite losses kept since the last fold: on the CPU at once, on a GPU with a few kernels
-        whose result is read asynchronously."""
-        losses, run.losses = run.losses, []
-        if not losses:
-            return
-        if not losses[0].is_cuda:  # host values: read in one tight loop, cheaper than a read per step
-            self.metrics.nonfinite_losses += sum(1 for loss in losses if not math.isfinite(loss.item()))
-            return
-        nonfinite = torch.isfinite(torch.stack([loss.reshape(()) for loss in losses])).logical_not_().sum()
-        run.scalars.submit(nonfinite, self._add_nonfinite)
-
-    def _add_nonfinite(self, count: float) -> None:
-        self.metrics.nonfinite_losses += int(count)
-
-    def _read_logged(self, trainer: Trainer, gauges: Sequence[str]) -> None:
-        """Read the logged values behind ``gauges`` from ``trainer.callback_metrics``; on a GPU the value is copied
-        asynchronously and delivered once the copy is done."""
-        run = self._run
-        if run is None:
-            return
-        logged = trainer.callback_metrics
-        for gauge in gauges:
-            key = self.keys[gauge]
-            for name in (key, f"{key}_step", f"{key}_epoch"):  # on_step and on_epoch both: key_step, key_epoch
-                value = logged.get(name)
-                if value is not None:
-                    run.scalars.submit(value, functools.partial(self.metrics.set_logged, gauge))
-                    break
-            else:  # several evaluation loaders: Lightning logs "<key>/dataloader_idx_<N>" only
-                prefix = f"{key}/dataloader_idx_"
-                for name, value in logged.items():
-                    if name.startswith(prefix):
-                        setter = functools.partial(self.metrics.set_logged, gauge, dataloader=name[len(prefix) :])
-                        run.scalars.submit(value, setter)
-
-    def _count_model(self, pl_module: LightningModule) -> bool:
-        """Count parameters and bytes; returns whether the figures are final (no lazy layer left)."""
-        figures, final = model_figures(pl_module)
-        self.metrics.model_figures = figures
-        return final
 
 
 def _stage(trainer: Trainer) -> str:

@@ -15,64 +15,20 @@ from typing import Optional
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.samples import Exemplar
 
+
+def _bounds(text: str) -> tuple[float, ...]:
+    return tuple(float(bound) for bound in text.split())
+
+
 #: Training batch wall time, seconds.
-BATCH_SECONDS_BUCKETS: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+BATCH_SECONDS_BUCKETS = _bounds("0.0005 0.001 0.0025 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1 2.5 5 10 30")
 #: Per-sample inference latency, seconds.
-INFERENCE_SECONDS_BUCKETS: tuple[float, ...] = (
-    1e-6,
-    5e-6,
-    1e-5,
-    5e-5,
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
+INFERENCE_SECONDS_BUCKETS = _bounds(
+    "1e-06 5e-06 1e-05 5e-05 0.0001 0.00025 0.0005 0.001 0.0025 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1"
 )
 #: One phase of a training step (data fetch, forward, backward, optimizer step), seconds.
-PHASE_SECONDS_BUCKETS: tuple[float, ...] = (
-    1e-5,
-    5e-5,
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
+PHASE_SECONDS_BUCKETS = _bounds(
+    "1e-05 5e-05 0.0001 0.00025 0.0005 0.001 0.0025 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1 2.5 5 10"
 )
 
 

@@ -92,27 +92,6 @@ def learning_rates(trainer: Any) -> LearningRates:
     return rates
 
 
-def model_figures(module: torch.nn.Module) -> tuple[tuple[int, int, int], bool]:
-    """``(parameters, trainable parameters, bytes of parameters and buffers)`` and whether they are final (no
-    lazily initialised layer still waits for its first batch)."""
-    parameters = trainable = memory = 0
-    final = True
-    for parameter in module.parameters():
-        if isinstance(parameter, torch.nn.parameter.UninitializedParameter):
-            final = False
-            continue
-        count = parameter.numel()
-        parameters += count
-        trainable += count if parameter.requires_grad else 0
-        memory += count * parameter.element_size()
-    for buffer in module.buffers():
-        if isinstance(buffer, torch.nn.parameter.UninitializedBuffer):
-            final = False
-        else:
-            memory += buffer.numel() * buffer.element_size()
-    return (parameters, trainable, memory), final
-
-
 def run_info(module: torch.nn.Module, run_id: str) -> dict[str, str]:
     """The labels of ``<namespace>_training_info``: what is trained, with which library versions."""
     import lightning
@@ -159,6 +138,11 @@ class TrainingMetrics:
         self.graph_edges: Optional[int] = None
         self.batch_seconds = FastHistogram(BATCH_SECONDS_BUCKETS)
         self.phase_seconds = {phase: FastHistogram(PHASE_SECONDS_BUCKETS) for phase in PHASES}
+        # Host phase times of traced steps for summary(): totals without each run's warm-up step, and the last
+        # warm-up step's own figures (reported only while nothing else was traced).
+        self.phase_totals: dict[str, float] = {}
+        self.phase_steps = 0
+        self.warm_up_phases: dict[str, float] = {}
         self._window: deque[tuple[float, int]] = deque(maxlen=max(2, throughput_window))
         self.last_step_perf: Optional[float] = None
         self.epoch_duration: Optional[float] = None
@@ -225,6 +209,45 @@ class TrainingMetrics:
 
     def set_logged(self, suffix: str, value: float, dataloader: Optional[str] = None) -> None:
         self.logged[(suffix, dataloader)] = value
+
+    def observe_phases(self, host: dict[str, float], device: bool, warm_up: bool) -> None:
+        """A traced step's phases in host seconds: into the phase histogram (on CUDA only ``data_fetch``, the
+        others get device times once measured) and, unless it is a run's warm-up step, into :meth:`phase_means`."""
+        for name, seconds in host.items():
+            if not device or name == "data_fetch":
+                self.phase_seconds[name].observe(seconds)
+        if warm_up:
+            self.warm_up_phases = host
+            return
+        for name, seconds in host.items():
+            self.phase_totals[name] = self.phase_totals.get(name, 0.0) + seconds
+        self.phase_steps += 1
+
+    def phase_means(self) -> dict[str, float]:
+        """Mean host seconds of each phase per traced step, leaving out each run's warm-up step."""
+        if not self.phase_steps:
+            return dict(self.warm_up_phases)
+        return {name: total / self.phase_steps for name, total in self.phase_totals.items()}
+
+    def count_model(self, module: torch.nn.Module) -> bool:
+        """Count parameters, trainable parameters and bytes of parameters and buffers; returns whether the
+        figures are final (no lazily initialised layer still waits for its first batch)."""
+        parameters = trainable = memory = 0
+        final = True
+        for parameter in module.parameters():
+            if isinstance(parameter, torch.nn.parameter.UninitializedParameter):
+                final = False
+                continue
+            parameters += parameter.numel()
+            trainable += parameter.numel() if parameter.requires_grad else 0
+            memory += parameter.numel() * parameter.element_size()
+        for buffer in module.buffers():
+            if isinstance(buffer, torch.nn.parameter.UninitializedBuffer):
+                final = False
+            else:
+                memory += buffer.numel() * buffer.element_size()
+        self.model_figures = (parameters, trainable, memory)
+        return final
 
     # ----------------------------------------------------------------- derived figures
     @property

@@ -139,3 +139,124 @@ def test_logged_values_equal_callback_metrics_at_every_epoch_end(pattern: str, w
     assert {(tuple(loggers), current) for loggers, current, _ in seen} == {
         (tuple(expected_loggers), logger if with_logger else None)}
     assert trainer.loggers == expected_loggers
+
+
+class LogsOtherKeys(pl.LightningModule):
+    """Logs its loss as ``loss`` and ``valid/loss``: none of the callback's default keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.layer(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("valid/loss", F.mse_loss(self.layer(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _never_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "has not logged" in r.getMessage()]
+
+
+def test_a_key_never_logged_is_said_once_naming_what_was_logged_and_the_argument(caplog) -> None:
+    monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[monitor])
+    with caplog.at_level("WARNING", logger="dgdn_lightning_monitor"):
+        trainer.fit(LogsOtherKeys(), tensor_loader(rows=16), tensor_loader(rows=8, seed=1))
+    messages = _never_logged(caplog)
+    assert len(messages) == 2, messages  # one for training, one for validation, however many epochs
+    train, val = sorted(messages, key=lambda m: "validation" in m)
+    assert "'train_loss'" in train and "train_loss_key" in train and "'train_acc'" in train
+    assert "first training epoch" in train and "loss" in train.split("it logged:")[1]
+    assert "'val_loss'" in val and "val_loss_key" in val and "valid/loss" in val.split("it logged:")[1]
+    assert "first validation" in val
+    assert (None, None) == (monitor.metrics.logged.get(("training_loss", None)),
+                            monitor.metrics.logged.get(("validation_loss", None)))
+
+    # Pointed at the keys the module logs: the gauges follow, and only the never-logged accuracies are said.
+    caplog.clear()
+    monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False, train_loss_key="loss",
+                                 val_loss_key="valid/loss")
+    trainer = quiet_trainer(max_epochs=2, callbacks=[monitor])
+    with caplog.at_level("WARNING", logger="dgdn_lightning_monitor"):
+        trainer.fit(LogsOtherKeys(), tensor_loader(rows=16), tensor_loader(rows=8, seed=1))
+    messages = _never_logged(caplog)
+    assert len(messages) == 2 and all("loss" not in m.split("it logged:")[0] for m in messages), messages
+    assert monitor.metrics.logged[("training_loss", None)] == float(trainer.callback_metrics["loss"])
+    assert monitor.metrics.logged[("validation_loss", None)] == float(trainer.callback_metrics["valid/loss"])
+
+
+def test_keys_logged_only_in_the_epoch_end_hook_are_not_reported_missing(caplog) -> None:
+    monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False, train_acc_key="train_loss",
+                                 val_acc_key="val_loss")
+    with caplog.at_level("WARNING", logger="dgdn_lightning_monitor"):
+        quiet_trainer(max_epochs=1, callbacks=[monitor]).fit(
+            Patterned("epoch_end_hook"), tensor_loader(rows=16), tensor_loader(rows=8))
+    assert _never_logged(caplog) == []
+
+
+NAN_STEPS = {2, 5, 6, 11}
+
+
+class ManualNaN(pl.LightningModule):
+    """Manual optimisation, ``training_step`` returns nothing; the logged ``train_loss`` is NaN on NAN_STEPS (and
+    the optimiser step is skipped there, as a careful manual loop would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = torch.nn.Linear(4, 1)
+        self.batches = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = F.mse_loss(self.layer(x), y)
+        nan = self.batches in NAN_STEPS
+        self.batches += 1
+        self.log("train_loss", loss.detach() * float("nan") if nan else loss.detach())
+        if not nan:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class AutoNaN(pl.LightningModule):
+    """The same NaN steps with automatic optimisation: the loss is logged and returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.batches = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.layer(x), y)
+        if self.batches in NAN_STEPS:
+            loss = loss * 0.0 + float("nan")  # NaN, with a zero gradient that leaves the weights finite
+        self.batches += 1
+        self.log("train_loss", loss)  # logged and returned: still one count per step
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("module", [ManualNaN, AutoNaN], ids=["manual", "automatic"])
+def test_nonfinite_losses_are_counted_once_per_step_with_manual_and_automatic_optimisation(module) -> None:
+    monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[monitor], log_every_n_steps=1)
+    trainer.fit(module(), tensor_loader(rows=64, batch_size=8))  # 8 steps per epoch, 16 in all
+    assert trainer.fit_loop.total_batch_idx + 1 == 16
+    assert value(exposition(monitor.registry), "dgdn_nonfinite_loss_total") == len(NAN_STEPS)

@@ -1,0 +1,158 @@
+"""What one run gathers from its steps beyond the hook timestamps: non-finite losses, the phase times of traced
+steps and the values the module logged, all on the training thread and without synchronising the device (CUDA
+values are copied asynchronously by :class:`~dgdn_lightning_monitor.scalars.DeferredScalars` and read when ready)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from dgdn_lightning_monitor.guards import WarnOnce
+from dgdn_lightning_monitor.metrics import TrainingMetrics
+from dgdn_lightning_monitor.scalars import DeferredScalars
+from dgdn_lightning_monitor.tracing import BatchRecord
+
+#: Training losses are checked for NaN/inf together, every this many steps (and at epoch and run ends).
+FOLD_EVERY = 50
+TRAIN_GAUGES = ("training_loss", "training_accuracy")
+VALIDATION_GAUGES = ("validation_loss", "validation_accuracy")
+#: The argument of ``MonitoringCallback`` that names the logged key of each gauge.
+KEY_ARGUMENTS = {
+    "training_loss": "train_loss_key",
+    "validation_loss": "val_loss_key",
+    "training_accuracy": "train_acc_key",
+    "validation_accuracy": "val_acc_key",
+}
+
+
+class StepStatistics:
+    """The step figures of one run, folded into ``metrics``.
+
+    Args:
+        metrics: where the figures go.
+        keys: the key the module logs for each gauge of :data:`KEY_ARGUMENTS`.
+        warn: the owner's warn-once helper (says once that a configured key is never logged).
+
+    Example::
+
+        stats = StepStatistics(metrics, {"training_loss": "train_loss", ...}, WarnOnce(log))
+        stats.keep_loss(outputs, trainer)  # every step
+        stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
+        stats.finish()
+    """
+
+    def __init__(self, metrics: TrainingMetrics, keys: Mapping[str, str], warn: WarnOnce) -> None:
+        self.metrics, self.keys, self.warn = metrics, keys, warn
+        self.scalars = DeferredScalars()
+        self.losses: list[torch.Tensor] = []  # training losses since the last non-finite count
+        self.counted_logged_loss: Any = None  # the logged loss last counted (identity: a new tensor per self.log)
+        self.device_phases: list[BatchRecord] = []  # traced CUDA steps whose events have not completed yet
+        self.warmed_up = False  # the first traced step of a run carries one-time costs: kept out of the means
+        self.checked: set[tuple[str, ...]] = set()  # gauge groups whose keys were looked for once
+
+    # ------------------------------------------------------------------------------------------ losses
+    def keep_loss(self, outputs: Any, trainer: Any) -> None:
+        """Keep this step's loss for the non-finite count, taken every few steps in one go (no read, kernel or
+        synchronisation per step). A step that returns no loss (manual optimisation) is counted from the
+        training loss the module logged in it, so each step counts once either way."""
+        if type(outputs) is dict:  # what automatic optimisation hands over; skips the slower ABC check
+            loss = outputs.get("loss")
+        elif isinstance(outputs, torch.Tensor):
+            loss = outputs
+        else:
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
+        if loss is None:
+            key = self.keys["training_loss"]
+            logged = trainer.callback_metrics
+            loss = logged.get(key, logged.get(f"{key}_step"))
+            if loss is self.counted_logged_loss:  # not logged again in this step
+                return
+            self.counted_logged_loss = loss
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # A loss that still carries its graph (manual optimisation) must not keep the graph alive.
+            self.losses.append(loss.detach() if loss.requires_grad else loss)
+            if len(self.losses) >= FOLD_EVERY:
+                self.fold_nonfinite()
+
+    def fold_nonfinite(self) -> None:
+        """Count the non-finite losses kept since the last fold: on the CPU at once, on a GPU with a few kernels
+        whose result is read asynchronously."""
+        losses, self.losses = self.losses, []
+        if not losses:
+            return
+        if not losses[0].is_cuda:  # host values: read in one tight loop, cheaper than a read per step
+            self.metrics.nonfinite_losses += sum(1 for loss in losses if not math.isfinite(loss.item()))
+            return
+        nonfinite = torch.isfinite(torch.stack([loss.reshape(()) for loss in losses])).logical_not_().sum()
+        self.scalars.submit(nonfinite, self._add_nonfinite)
+
+    def _add_nonfinite(self, count: float) -> None:
+        self.metrics.nonfinite_losses += int(count)
+
+    # ------------------------------------------------------------------------------------------ phases
+    def add_phases(self, record: BatchRecord) -> None:
+        """A traced step's phases; on CUDA its device times follow once its events completed (see :meth:`poll`)."""
+        host = {name: (end_ns - start_ns) / 1e9 for name, start_ns, end_ns in record.phases()}
+        self.metrics.observe_phases(host, device=record.events is not None, warm_up=not self.warmed_up)
+        self.warmed_up = True
+        if record.events is not None:
+            self.device_phases.append(record)
+
+    def poll(self) -> None:
+        """Deliver what completed on the device: copied values and traced steps' device times (``Event.query``)."""
+        if self.scalars.pending:
+            self.scalars.poll()
+        if not self.device_phases:
+            return
+        waiting = []
+        for record in self.device_phases:
+            if not record.device_ready():
+                waiting.append(record)
+                continue
+            for name, milliseconds in record.device_milliseconds().items():
+                if name in self.metrics.phase_seconds and name != "data_fetch":  # the host waits for data
+                    self.metrics.phase_seconds[name].observe(milliseconds / 1e3)
+        self.device_phases = waiting
+
+    # ------------------------------------------------------------------------------------------ logged values
+    def read_logged(self, logged: Mapping[str, Any], gauges: Sequence[str], check: bool = False) -> None:
+        """Feed ``gauges`` from ``logged`` (``trainer.callback_metrics``); with ``check``, say once per group of
+        gauges which configured keys the module has not logged, and what it did log."""
+        missing = []
+        for gauge in gauges:
+            key = self.keys[gauge]
+            for name in (key, f"{key}_step", f"{key}_epoch"):  # on_step and on_epoch both: key_step, key_epoch
+                if logged.get(name) is not None:
+                    self.scalars.submit(logged[name], functools.partial(self.metrics.set_logged, gauge))
+                    break
+            else:  # several evaluation loaders: Lightning logs "<key>/dataloader_idx_<N>" only
+                prefix = f"{key}/dataloader_idx_"
+                loaders = [(name[len(prefix) :], value) for name, value in logged.items() if name.startswith(prefix)]
+                for loader, value in loaders:
+                    self.scalars.submit(value, functools.partial(self.metrics.set_logged, gauge, dataloader=loader))
+                if not loaders:
+                    missing.append(gauge)
+        if check and tuple(gauges) not in self.checked:
+            self.checked.add(tuple(gauges))
+            if missing:
+                self.warn(
+                    f"never-logged {gauges}",
+                    "MonitoringCallback: the module has not logged %s by the end of its first %s, so %s stays "
+                    "absent; it logged: %s. Pass the key it logs as %s.",
+                    ", ".join(repr(self.keys[gauge]) for gauge in missing),
+                    "training epoch" if gauges == TRAIN_GAUGES else "validation",
+                    ", ".join(f"{self.metrics.namespace}_{gauge}" for gauge in missing),
+                    ", ".join(sorted(logged)) or "nothing",
+                    " / ".join(KEY_ARGUMENTS[gauge] for gauge in missing),
+                )
+
+    def finish(self) -> None:
+        """At the end of a run: count the last losses and deliver the pending copies (polling, never waiting on
+        the device for long)."""
+        self.scalars.flush()
+        self.fold_nonfinite()
+        self.scalars.flush()
