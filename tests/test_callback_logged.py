@@ -3,17 +3,18 @@ ways people log, with and without a logger; the user's Trainer is left as it was
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
-
-from dgdn_lightning_monitor import MonitoringCallback
 from exposition import exposition, value
 from lit_models import quiet_trainer, tensor_loader
+
+from dgdn_lightning_monitor import MonitoringCallback
 
 LogFn = Callable[[pl.LightningModule, str, torch.Tensor], None]
 
