@@ -19,9 +19,9 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -49,11 +49,6 @@ _EXPORTER_LOGGERS = (
 )
 
 
-class _MuteExporterLogs(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
 class ReportingExporter(SpanExporter):
     """Wraps an exporter so that failures are logged once and never raise into the SDK's worker thread.
 
@@ -66,7 +61,6 @@ class ReportingExporter(SpanExporter):
         self.exporter = exporter
         self.destination = destination
         self.failures = 0
-        self.exported = 0
         self._warn = WarnOnce(log)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -76,9 +70,7 @@ class ReportingExporter(SpanExporter):
             result, reason = SpanExportResult.FAILURE, f"{type(error).__name__}: {error}"
         else:
             reason = "the receiver did not accept them"
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-        else:
+        if result is not SpanExportResult.SUCCESS:
             self.failures += 1
             self._warn(
                 "export",
@@ -113,7 +105,7 @@ class TracingSetup:
     exporter: Optional[ReportingExporter] = None
     borrowed: Optional[trace.TracerProvider] = None
     _muted: list[logging.Logger] = field(default_factory=list)
-    _filter: logging.Filter = field(default_factory=_MuteExporterLogs)
+    _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: lambda record: False)  # one per setup
 
     def finish(self, flush_timeout_s: float = 2.0) -> bool:
         """Flush and shut down an owned provider within ``flush_timeout_s``; flush only one we do not own.
@@ -162,15 +154,11 @@ def _application_provider() -> Optional[trace.TracerProvider]:
 
 
 def _resource(service_name: str, attributes: dict[str, object]) -> Resource:
-    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are merged in by Resource.create; our default service name
-    # applies only when neither names a service.
-    env_names_service = bool(os.environ.get("OTEL_SERVICE_NAME")) or "service.name=" in os.environ.get(
-        "OTEL_RESOURCE_ATTRIBUTES", ""
-    )
-    base: dict[str, Any] = dict(attributes)
-    if not env_names_service:
-        base[SERVICE_NAME] = service_name
-    return Resource.create(base)
+    # Resource.create merges OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES in; our service name is the default only.
+    resource = Resource.create(dict(attributes))  # type: ignore[arg-type]
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+    return resource
 
 
 def _otlp_exporter(endpoint: Optional[str], timeout_s: float) -> tuple[SpanExporter, str]:
@@ -179,10 +167,6 @@ def _otlp_exporter(endpoint: Optional[str], timeout_s: float) -> tuple[SpanExpor
     env_timeout = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
     exporter = OTLPSpanExporter(endpoint=endpoint, timeout=None if env_timeout else timeout_s)
     return exporter, str(getattr(exporter, "_endpoint", endpoint or "the OTLP endpoint"))
-
-
-def _local_endpoint() -> str:
-    return f"http://{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}/v1/traces"
 
 
 def configure_tracing(
@@ -212,34 +196,32 @@ def configure_tracing(
         return TracingSetup(given.get_tracer(INSTRUMENTATION_NAME), "the application's TracerProvider", borrowed=given)
 
     choice = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower().split(",")[0].strip()
-    endpoint_set = bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
-    endpoint: Optional[str] = None
     if choice == "none" and enabled is not True:
         log.info("Tracing is off (OTEL_TRACES_EXPORTER=none).")
         return None
-    if choice == "console":
-        exporter: SpanExporter = ConsoleSpanExporter()
-        destination = "the console"
-    elif choice in ("otlp", "") and (choice == "otlp" or endpoint_set or enabled is True):
-        exporter, destination = _otlp_exporter(None, export_timeout_s)
-    elif choice not in ("", "otlp", "none"):
+    if choice not in ("", "otlp", "none", "console"):
         log.warning(
             "OTEL_TRACES_EXPORTER=%s is not supported here (use otlp, console or none); tracing is off.", choice
         )
         return None
+    endpoint_set = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    exporter: SpanExporter
+    if choice == "console":
+        exporter, destination = ConsoleSpanExporter(), "the console"
+    elif choice != "none" and (choice == "otlp" or endpoint_set or enabled is True):
+        exporter, destination = _otlp_exporter(None, export_timeout_s)
+    elif receiver_answers(LOCAL_OTLP_HOST, LOCAL_OTLP_PORT, probe_timeout_s):
+        exporter, destination = _otlp_exporter(
+            f"http://{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}/v1/traces", export_timeout_s
+        )
     else:
-        host_port = f"{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}"
-        if not receiver_answers(LOCAL_OTLP_HOST, LOCAL_OTLP_PORT, probe_timeout_s):
-            log.info(
-                "Tracing is off: no OTLP receiver answers on %s. Start the stack (make stack) or set "
-                "OTEL_EXPORTER_OTLP_ENDPOINT to send spans to Jaeger.",
-                host_port,
-            )
-            return None
-        endpoint = _local_endpoint()
-        exporter, destination = _otlp_exporter(endpoint, export_timeout_s)
+        log.info(
+            "Tracing is off: no OTLP receiver answers on %s:%s. Start the stack (make stack) or set "
+            "OTEL_EXPORTER_OTLP_ENDPOINT to send spans to Jaeger.",
+            LOCAL_OTLP_HOST,
+            LOCAL_OTLP_PORT,
+        )
+        return None
 
     reporting = ReportingExporter(exporter, destination)
     provider = TracerProvider(resource=_resource(service_name, resource_attributes or {}))
@@ -252,9 +234,8 @@ def configure_tracing(
         )
     )
     setup = TracingSetup(provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting)
-    for name in _EXPORTER_LOGGERS:
-        logger = logging.getLogger(name)
+    setup._muted = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    for logger in setup._muted:
         logger.addFilter(setup._filter)
-        setup._muted.append(logger)
     log.info("Tracing: %s", setup.description)
     return setup

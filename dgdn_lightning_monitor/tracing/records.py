@@ -7,11 +7,13 @@ the record later, with explicit start and end times, so the step never enters or
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
 
 from dgdn_lightning_monitor.graph_size import GraphSize
+
+T = TypeVar("T")
 
 # Phase name -> (mark that starts it, marks that may end it, first present wins).
 _PHASES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -77,14 +79,7 @@ class BatchRecord:
 
     def phases(self) -> list[tuple[str, int, int]]:
         """``(phase, start_ns, end_ns)`` for each phase whose boundaries were marked."""
-        found = []
-        for name, start, ends in _PHASES:
-            if start not in self.marks:
-                continue
-            end = next((e for e in ends if e in self.marks), None)
-            if end is not None:
-                found.append((name, self.marks[start], self.marks[end]))
-        return found
+        return _bounds(self.marks)
 
     def device_ready(self) -> bool:
         """True when every recorded CUDA event has completed (never blocks)."""
@@ -94,16 +89,17 @@ class BatchRecord:
         return last.query() if last is not None else all(e.query() for e in self.events.values())
 
     def device_milliseconds(self) -> dict[str, float]:
-        """Device time of each phase whose boundary events both exist; call once :meth:`device_ready`."""
-        if not self.events:
-            return {}
-        times = {}
-        for name, start, ends in _PHASES:
-            begin = self.events.get(start)
-            end = next((self.events[e] for e in ends if e in self.events), None)
-            if begin is not None and end is not None:
-                times[name] = begin.elapsed_time(end)
-        begin, end = self.events.get("batch_start"), self.events.get("batch_end")
-        if begin is not None and end is not None:
-            times["batch"] = begin.elapsed_time(end)
-        return times
+        """Device time of each phase (and of the whole ``batch``) whose boundary events both exist; call once
+        :meth:`device_ready`."""
+        bounds = _bounds(self.events or {}, (("batch", "batch_start", ("batch_end",)),))
+        return {name: begin.elapsed_time(end) for name, begin, end in bounds}
+
+
+def _bounds(marks: dict[str, T], extra: tuple[tuple[str, str, tuple[str, ...]], ...] = ()) -> list[tuple[str, T, T]]:
+    """``(phase, start, end)`` of each phase whose start and one of whose ends are in ``marks``."""
+    found = []
+    for name, start, ends in _PHASES + extra:
+        end = next((marks[e] for e in ends if e in marks), None)
+        if start in marks and end is not None:
+            found.append((name, marks[start], end))
+    return found

@@ -196,17 +196,15 @@ class TrainingTracer:
                 "training.epoch": epoch,
                 **{f"training.{k}": v for k, v in attributes.items() if k != "epoch"},
             },
-            start_time=self._ns(time.perf_counter_ns()),  # the clock batch spans use, so children nest exactly
+            start_time=self._ns(),  # the clock batch spans use, so children nest exactly
         )
-        old = self._epochs.pop(stage, None)
-        if old is not None:
-            old.end(end_time=self._ns(time.perf_counter_ns()))
+        self.end_epoch(stage)
         self._epochs[stage] = span
 
     def end_epoch(self, stage: str) -> None:
         span = self._epochs.pop(stage, None)
         if span is not None:
-            span.end(end_time=self._ns(time.perf_counter_ns()))
+            span.end(end_time=self._ns())
 
     def span_context(self, stage: str) -> Optional[SpanContext]:
         """The context of the open ``stage`` epoch span (to share with other ranks), or ``None``."""
@@ -230,8 +228,9 @@ class TrainingTracer:
         if self.setup is not None:
             self._builder.submit(record, self._epochs.get(record.stage))
 
-    def _ns(self, perf_ns: int) -> int:
-        return perf_ns + self._offset_ns
+    def _ns(self, perf_ns: Optional[int] = None) -> int:
+        """Wall-clock ns of a ``perf_counter_ns`` reading (of now by default): spans need wall-clock times."""
+        return (time.perf_counter_ns() if perf_ns is None else perf_ns) + self._offset_ns
 
     def _emit(self, record: BatchRecord, parent: Optional[Span], device_times: bool = True) -> None:
         setup = self.setup
@@ -240,16 +239,14 @@ class TrainingTracer:
         tracer = setup.tracer
         context = trace.set_span_in_context(parent) if parent is not None else Context()
         samples, nodes, edges = record.size
+        optional = {"training.rank": self._attributes.get("training.rank"), "training.batch_size": samples}
+        optional.update({"graph.nodes": nodes, "graph.edges": edges})
         attributes: dict[str, Any] = {
             "training.epoch": record.epoch,
             "training.batch_index": record.batch_idx,
             "training.global_step": record.global_step,
+            **{key: value for key, value in optional.items() if value is not None},
         }
-        if "training.rank" in self._attributes:
-            attributes["training.rank"] = self._attributes["training.rank"]
-        for key, value in (("training.batch_size", samples), ("graph.nodes", nodes), ("graph.edges", edges)):
-            if value is not None:
-                attributes[key] = value
         milliseconds = record.device_milliseconds() if device_times else {}
         if "batch" in milliseconds:
             attributes["gpu.duration_ms"] = milliseconds["batch"]
@@ -273,13 +270,11 @@ class TrainingTracer:
         try:
             self._builder.close()
             for stage in ("predict", "test", "validation", "train"):  # children first
-                span = self._epochs.pop(stage, None)
-                if span is None:
-                    continue
-                if exception is not None:
+                span = self._epochs.get(stage)
+                if span is not None and exception is not None:
                     span.record_exception(exception)
                     span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
-                span.end(end_time=self._ns(time.perf_counter_ns()))
+                self.end_epoch(stage)
         finally:
             setup, self.setup = self.setup, None
             setup.finish(self.flush_timeout_s)
