@@ -10,11 +10,18 @@ per metric, as Prometheus requires). In a real DDP
 run each rank serves its own port; one endpoint with eight label sets is the heavier case. Requests use urllib
 over loopback, a new connection each, in the Prometheus text format and in OpenMetrics (with exemplars, which
 Prometheus asks for first); the four cases are interleaved request by request.
+
+Under a scrape storm: the step time of a CPU-bound training loop (a small MLP's forward, backward and SGD step
+in this process, which also serves one rank's ``/metrics``) while a child process sends rounds of 50
+concurrent scrapes, against the same loop with no scrapes; storm and quiet blocks alternate.
 """
 
 from __future__ import annotations
 
 import random
+import statistics
+import subprocess
+import sys
 import time
 import urllib.request
 from typing import Any, Optional
@@ -52,8 +59,8 @@ def filled_metrics(rank: int, world_size: int, batches: int = 10_000) -> Any:
     metrics.model_figures = (1_234_567, 1_234_567, 4_938_268)
     metrics.info = {"model": "dgdn_lightning_monitor.dgdn.module.DGDNLinkPredictor", "lightning_version": "2.6.6",
                     "torch_version": "2.13.0", "torch_geometric_version": "2.8.1", "run_id": "0123456789ab"}
-    metrics.progress_source = lambda: (3, 12_345)
-    metrics.learning_rate_source = lambda: [("AdamW", "0", 1e-3), ("AdamW", "1", 1e-4)]
+    metrics.progress = (3, 12_345)
+    metrics.learning_rates = [("AdamW", "0", 1e-3), ("AdamW", "1", 1e-4)]
     return metrics
 
 
@@ -140,6 +147,82 @@ def run(quick: bool = False, requests: Optional[int] = None) -> dict[str, Any]:
         "config": {"requests_per_case": requests, "training_batches_observed_per_rank": 10_000,
                    "target": "p99 <= 5 ms"},
         "cases": results,
+        "storm": storm(blocks=2 if quick else 4, rounds=3 if quick else 6),
+    }
+
+
+STORM_TARGET = 1.10
+#: The child process: 50 threads, each scrape a new connection; starts when told, reports the answers it got.
+STORM_CLIENT = """
+import sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+url, rounds = sys.argv[1], int(sys.argv[2])
+def get(_):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+            return response.status
+    except Exception:
+        return 0
+with ThreadPoolExecutor(50) as pool:
+    list(pool.map(get, range(50)))  # connections and threads warmed up before the measured rounds
+    print("ready", flush=True)
+    sys.stdin.readline()
+    statuses = [status for _ in range(rounds) for status in pool.map(get, range(50))]
+print(sum(status == 200 for status in statuses), len(statuses), flush=True)
+"""
+
+
+def storm(blocks: int, rounds: int) -> dict[str, Any]:
+    """Step time of a CPU-bound loop with and without 50-concurrent scrape rounds from a child process."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(256, 512)
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        return (time.perf_counter() - start) * 1e3
+
+    server = _server(1)
+    server.start()
+    url = str(server.url).replace("localhost", "127.0.0.1")
+    quiet: list[float] = []
+    stormy: list[float] = []
+    answered = sent = 0
+    try:
+        for _ in range(20):
+            step()
+        for _ in range(blocks):
+            child = subprocess.Popen([sys.executable, "-c", STORM_CLIENT, url, str(rounds)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+            assert child.stdin is not None and child.stdout is not None
+            child.stdout.readline()  # ready
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            block: list[float] = []
+            while child.poll() is None:
+                block.append(step())
+            ok, total = (int(v) for v in child.stdout.read().split())
+            answered, sent = answered + ok, sent + total
+            stormy += block
+            quiet += [step() for _ in range(len(block))]  # the same number of steps with nothing scraping
+    finally:
+        server.stop()
+    ratio = statistics.median(stormy) / statistics.median(quiet) if stormy and quiet else float("nan")
+    # What one round of 50 scrapes costs the loop in all, and that cost spread over a 15 s scrape interval.
+    extra_s = (sum(stormy) - len(stormy) * statistics.median(quiet)) / 1e3 / max(1, blocks * rounds) if quiet else 0.0
+    return {
+        "what": "CPU-bound step (MLP 512x512, batch 256) while a child process sends rounds of 50 concurrent "
+                "scrapes of one rank's /metrics, against the same steps with no scrapes",
+        "blocks": blocks, "rounds_per_block": rounds, "scrapes_sent": sent, "scrapes_answered_200": answered,
+        "step_ms_quiet": summarize(quiet), "step_ms_storm": summarize(stormy), "ratio": ratio,
+        "extra_step_seconds_per_round": extra_s, "ratio_spread_over_15s_interval": 1 + extra_s / 15,
+        "target": STORM_TARGET, "met": sent > 0 and answered == sent and ratio <= STORM_TARGET,
     }
 
 
