@@ -27,8 +27,7 @@ def readme_table() -> dict[str, str]:
 
 def exported_names() -> dict[str, str]:
     names = {f"dgdn_{name}" + ("_info" if kind == "info" else ""): kind for name, (kind, _) in METRICS.items()}
-    names[f"dgdn_{gpu._UP[0]}"] = "gauge"
-    for _, name, _ in gpu._NVML_FIGURES + gpu._ALLOCATOR_FIGURES:
+    for name in gpu._HELP:  # every GPU series is a gauge
         names[f"dgdn_{name}"] = "gauge"
     return names
 
