@@ -260,11 +260,11 @@ def test_native_stack_scrapes_a_run_evaluates_the_rules_and_stops(tmp_path):
         seen: dict[str, Any] = {}
 
         def scraped_and_alerting(trainer) -> None:
-            if seen:
+            if seen or trainer.global_step < 2:
                 return
             seen["target"] = dt.host_port(monitor.metrics_url)
             wait_until(
-                lambda: _api(urls["prometheus"], "query", query='up{job="dgdn-training"} == 1'),
+                lambda: _api(urls["prometheus"], "query", query='up{job="dgdn-training"} == 1')["result"],
                 60,
                 what="Prometheus to discover the run through file-SD and scrape it",
             )
@@ -272,11 +272,11 @@ def test_native_stack_scrapes_a_run_evaluates_the_rules_and_stops(tmp_path):
             seen["pending"] = wait_until(
                 lambda: _api(
                     urls["prometheus"], "query", query='ALERTS{alertname="DGDNHighTrainingLoss",alertstate="pending"}'
-                ),
+                )["result"],
                 90,
                 what="DGDNHighTrainingLoss pending",
             )
-            seen["loss"] = _api(urls["prometheus"], "query", query="dgdn_training_loss")
+            seen["loss"] = _api(urls["prometheus"], "query", query="dgdn_training_loss")["result"]
 
         monitor = MonitoringCallback(
             port=0,
@@ -288,7 +288,8 @@ def test_native_stack_scrapes_a_run_evaluates_the_rules_and_stops(tmp_path):
         )
         model = dt.LiveGCN(loss_offset=50.0, step_sleep_s=0.01)
         train, val = dt.loaders()
-        dt.trainer([dt.Hooks(lambda t: None, scraped_and_alerting, lambda t: None), monitor], max_epochs=2).fit(
+        # After the monitor: it has taken the batch's loss when the hook waits for Prometheus.
+        dt.trainer([monitor, dt.Hooks(lambda t: None, scraped_and_alerting, lambda t: None)], max_epochs=2).fit(
             model, train, val
         )
 
