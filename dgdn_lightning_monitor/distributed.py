@@ -25,16 +25,18 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
+import torch.distributed as dist
 from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, push_to_gateway
+from prometheus_client.exposition import default_handler
 
-from dgdn_lightning_monitor.guards import WarnOnce
+from dgdn_lightning_monitor.guards import WarnOnce, check
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.web_config import push_handler_from_env
 
@@ -50,54 +52,16 @@ _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
 _WILDCARD_ADDRS = ("0.0.0.0", "", "::")
 
-PathArg = Union[str, "os.PathLike[str]"]
 
-
-# ---------------------------------------------------------------------------------------------- validation
-def check_job(value: Any) -> str:
-    """Validate the ``job`` argument: the Prometheus job name used in discovery files and pushes."""
-    if not isinstance(value, str) or not _JOB.match(value):
-        raise ValueError(f"job must be a non-empty name of letters, digits, '_', '.', ':' or '-', got {value!r}")
-    return value
-
-
-def check_targets_dir(value: Any) -> Optional[Path]:
-    """Validate ``targets_dir``: ``None`` or a path that is a directory or does not exist yet."""
-    if value is None:
-        return None
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        raise ValueError(f"targets_dir must be a directory path or None, got {value!r}")
-    path = Path(value)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"targets_dir must be a directory, but {str(path)!r} is not one")
-    return path
-
-
-def check_targets_host(value: Any) -> Optional[str]:
-    """Validate ``targets_host``: ``None`` or a bare host name or IP address (no scheme, port or path)."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _HOST.match(value) or "/" in value:
-        raise ValueError(
-            f"targets_host must be a host name or IP address such as 'node-3' or 'host.docker.internal', got {value!r}"
-        )
-    return value
-
-
-def check_pushgateway_url(value: Any) -> Optional[str]:
-    """Validate ``pushgateway_url``: ``None``, ``host:port`` or an ``http(s)://`` URL."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
-        raise ValueError(f"pushgateway_url must be a URL such as 'http://pushgateway:9091' or None, got {value!r}")
+def _is_url(value: Any) -> bool:
+    """``host:port`` or an ``http(s)://`` URL with a host (and no port 0)."""
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        return False
     parsed = urlparse(value if "://" in value else f"http://{value}")
     try:
-        valid = parsed.scheme in ("http", "https") and bool(parsed.hostname) and parsed.port != 0
+        return parsed.scheme in ("http", "https") and bool(parsed.hostname) and parsed.port != 0
     except ValueError:  # a port that is not a number
-        valid = False
-    if not valid:
-        raise ValueError(f"pushgateway_url must be a URL such as 'http://pushgateway:9091' or None, got {value!r}")
-    return value
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- endpoints
@@ -143,11 +107,7 @@ def advertised_host(addr: str, override: Optional[str] = None) -> str:
         advertised_host("0.0.0.0")                           # "gpu-node-3"
         advertised_host("0.0.0.0", "host.docker.internal")   # "host.docker.internal"
     """
-    if override:
-        return override
-    if addr in _WILDCARD_ADDRS:
-        return socket.gethostname()
-    return addr
+    return override or (socket.gethostname() if addr in _WILDCARD_ADDRS else addr)
 
 
 # ---------------------------------------------------------------------------------------------- file SD
@@ -242,37 +202,28 @@ def push_final_metrics(
 
         reason = push_final_metrics("http://localhost:9091", "dgdn-training", registry, {"rank": "0"})
     """
-    outcome: dict[str, str] = {}
+    outcome: list[Optional[str]] = [f"no answer within {timeout_s:.1f} s"]
 
     def push() -> None:
         try:
-            handler = push_handler_from_env()  # TLS and basic auth of a secured Pushgateway, when configured
-            extra: dict[str, Any] = {"handler": handler} if handler is not None else {}
-            push_to_gateway(url, job=job, registry=registry, grouping_key=dict(grouping_key), timeout=timeout_s,
-                            **extra)
+            handler = push_handler_from_env() or default_handler  # TLS and basic auth of a secured Pushgateway
+            push_to_gateway(
+                url, job=job, registry=registry, grouping_key=dict(grouping_key), timeout=timeout_s, handler=handler
+            )
+            outcome[0] = None
         except Exception as error:  # the reason is reported by the caller
-            outcome["error"] = f"{type(error).__name__}: {error}"
-        else:
-            outcome["ok"] = "yes"
+            outcome[0] = f"{type(error).__name__}: {error}"
 
     worker = threading.Thread(target=push, name="dgdn-pushgateway", daemon=True)
     worker.start()
     worker.join(timeout_s + 0.5)  # bounds name resolution too, which the socket timeout does not cover
-    if worker.is_alive():
-        return f"no answer within {timeout_s:.1f} s"
-    return outcome.get("error")
+    return outcome[0]
 
 
 # ---------------------------------------------------------------------------------------------- collectives
 def process_group_size() -> int:
     """World size of the initialised default ``torch.distributed`` process group, else 1."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch always ships it on Linux
-        return 1
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return int(dist.get_world_size())
+    return int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
 
 
 def pack_span_context(context: Optional[SpanContext]) -> Optional[tuple[int, int, int]]:
@@ -286,10 +237,8 @@ def unpack_span_context(packed: Any) -> Optional[SpanContext]:
     """The remote :class:`SpanContext` packed by :func:`pack_span_context`, or ``None``."""
     if not isinstance(packed, tuple) or len(packed) != 3:
         return None
-    trace_id, span_id, flags = packed
-    context = SpanContext(
-        trace_id=int(trace_id), span_id=int(span_id), is_remote=True, trace_flags=TraceFlags(int(flags))
-    )
+    trace_id, span_id, flags = (int(part) for part in packed)
+    context = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
     return context if context.is_valid else None
 
 
@@ -306,6 +255,9 @@ class DistributedRun:
         pushgateway_url: Pushgateway to push final figures to, or ``None``.
         push_timeout_s: the most a push may take.
 
+    Raises:
+        ValueError: naming the argument that is not valid.
+
     Example::
 
         run = DistributedRun(targets_dir="deploy/prometheus/targets")
@@ -319,15 +271,24 @@ class DistributedRun:
     def __init__(
         self,
         job: str = DEFAULT_JOB,
-        targets_dir: Optional[PathArg] = None,
+        targets_dir: Optional[Union[str, os.PathLike[str]]] = None,
         targets_host: Optional[str] = None,
         pushgateway_url: Optional[str] = None,
         push_timeout_s: float = PUSH_TIMEOUT_S,
     ) -> None:
-        self.job = check_job(job)
-        self.targets_dir = check_targets_dir(targets_dir)
-        self.targets_host = check_targets_host(targets_host)
-        self.pushgateway_url = check_pushgateway_url(pushgateway_url)
+        valid = isinstance(job, str) and bool(_JOB.match(job))
+        self.job = check("job", job, valid, "a non-empty name of letters, digits, '_', '.', ':' or '-'")
+        valid = targets_dir is None or (isinstance(targets_dir, (str, os.PathLike)) and bool(os.fspath(targets_dir)))
+        check("targets_dir", targets_dir, valid, "a directory path or None")
+        self.targets_dir = None if targets_dir is None else Path(targets_dir)
+        if self.targets_dir is not None and self.targets_dir.exists() and not self.targets_dir.is_dir():
+            raise ValueError(f"targets_dir must be a directory, but {str(self.targets_dir)!r} is not one")
+        valid = targets_host is None or (isinstance(targets_host, str) and bool(_HOST.match(targets_host)))
+        expected = "a host name or IP address such as 'node-3' or 'host.docker.internal'"
+        self.targets_host = check("targets_host", targets_host, valid, expected)
+        valid = pushgateway_url is None or _is_url(pushgateway_url)
+        expected = "a URL such as 'http://pushgateway:9091' or None"
+        self.pushgateway_url = check("pushgateway_url", pushgateway_url, valid, expected)
         self.push_timeout_s = push_timeout_s
         self.peers: list[Endpoint] = []
         self.share_traces = False
@@ -340,18 +301,12 @@ class DistributedRun:
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def agree_run_id(self, run_id: str) -> str:
         """Every rank adopts rank 0's run id (one broadcast under DDP), so all ranks label the same run."""
-        size = process_group_size()
-        self._collective = size > 1
-        if not self._collective:
-            self.rank = 0
-            return run_id
-        import torch.distributed as dist
-
-        self.rank = int(dist.get_rank())
+        self._collective = process_group_size() > 1
+        self.rank = int(dist.get_rank()) if self._collective else 0
         payload: list[Any] = [run_id]
-        if not self._collect("run id", lambda: dist.broadcast_object_list(payload, src=0)):
-            return run_id
-        return payload[0] if isinstance(payload[0], str) and payload[0] else run_id
+        if self._collective and self._collect("run id", lambda: dist.broadcast_object_list(payload, src=0)):
+            return payload[0] if isinstance(payload[0], str) and payload[0] else run_id
+        return run_id
 
     def exchange(self, labels: RankLabels, addr: str, port: Optional[int], tracing: bool) -> None:
         """Learn every rank's endpoint (one all-gather under DDP) and whether rank 0's traces are shared.
@@ -362,21 +317,11 @@ class DistributedRun:
             port: the port it serves on, or ``None`` when its server did not start.
             tracing: whether it exports spans.
         """
-        mine = Endpoint(
-            labels.rank,
-            labels.local_rank,
-            labels.node_rank,
-            advertised_host(addr, self.targets_host),
-            port,
-            bool(tracing),
-        )
-        peers = [mine]
-        if self._collective:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * process_group_size()
-            if self._collect("endpoints", lambda: dist.all_gather_object(gathered, mine)):
-                peers = [peer for peer in gathered if isinstance(peer, Endpoint)]
+        host = advertised_host(addr, self.targets_host)
+        peers = [Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port, bool(tracing))]
+        gathered: list[Any] = [None] * process_group_size()
+        if self._collective and self._collect("endpoints", lambda: dist.all_gather_object(gathered, peers[0])):
+            peers = [peer for peer in gathered if isinstance(peer, Endpoint)]
         self.peers = sorted(peers, key=lambda peer: peer.rank)
         leader = next((peer for peer in self.peers if peer.rank == 0), None)
         # Every rank sees the same list, so every rank takes the same decision: broadcast each epoch or not.
@@ -386,8 +331,7 @@ class DistributedRun:
         """On a node's local rank 0, write the node's discovery file (when ``targets_dir`` is set)."""
         if self.targets_dir is None or labels.local_rank != 0:
             return
-        node = [peer for peer in self.peers if peer.node_rank == labels.node_rank and peer.target is not None]
-        targets = [peer.target for peer in sorted(node, key=lambda peer: peer.local_rank)]
+        node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
         wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id)
         if self._sd is None or self._sd.path != wanted.path:
             if self._sd is not None:
@@ -395,15 +339,10 @@ class DistributedRun:
             self._sd = wanted
         try:
             labels_out = {"job": self.job, "run_id": run_id, **({"__scheme__": "https"} if self.https else {})}
-            self._sd.write([target for target in targets if target], labels_out)
+            self._sd.write([peer.target for peer in node if peer.target is not None], labels_out)
         except OSError as error:
-            self._warn_once(
-                "file-sd",
-                "Could not write the Prometheus discovery file %s (%s); this node's "
-                "endpoints must be configured by hand.",
-                self._sd.path,
-                error,
-            )
+            message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "
+            self._warn_once("file-sd", message + "by hand.", self._sd.path, error)
 
     # ------------------------------------------------------------------ per epoch (every rank, same order)
     def share_span_context(self, local: Optional[SpanContext]) -> Optional[SpanContext]:
@@ -417,8 +356,6 @@ class DistributedRun:
         """
         if not self.share_traces:
             return None
-        import torch.distributed as dist
-
         payload: list[Any] = [pack_span_context(local) if self.rank == 0 else None]
         if not self._collect("trace context", lambda: dist.broadcast_object_list(payload, src=0)):
             self.share_traces = False
@@ -438,25 +375,15 @@ class DistributedRun:
         except Exception as error:  # pragma: no cover - a thread that cannot start
             reason = f"{type(error).__name__}: {error}"
         if reason is not None:
-            self._warn_once(
-                "push",
-                "Could not push the final metrics to the Pushgateway at %s (%s); "
-                "they are only on this rank's /metrics endpoint.",
-                self.pushgateway_url,
-                reason,
-            )
+            message = "Could not push the final metrics to the Pushgateway at %s (%s); they are only on this rank's "
+            self._warn_once("push", message + "/metrics endpoint.", self.pushgateway_url, reason)
 
     # ------------------------------------------------------------------ helpers
-    def _collect(self, what: str, call: Any) -> bool:
+    def _collect(self, what: str, call: Callable[[], object]) -> bool:
         try:
             call()
             return True
         except Exception as error:  # a broken process group: monitoring goes on without this exchange
-            self._warn_once(
-                f"collective-{what}",
-                "Could not exchange the %s with the other ranks (%s: %s); continuing without it.",
-                what,
-                type(error).__name__,
-                error,
-            )
+            message = "Could not exchange the %s with the other ranks (%s: %s); continuing without it."
+            self._warn_once(f"collective-{what}", message, what, type(error).__name__, error)
             return False
