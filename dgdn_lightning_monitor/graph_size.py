@@ -93,12 +93,8 @@ def _temporal_size(data: TemporalData) -> GraphSize:
     mapping = data._store._mapping
     src = mapping.get("src")
     events = int(src.shape[0]) if isinstance(src, torch.Tensor) else None
-    n_id = mapping.get("n_id")
-    nodes: Optional[int] = None
-    if isinstance(n_id, torch.Tensor):
-        nodes = int(n_id.numel())
-    elif isinstance(mapping.get("num_nodes"), int):
-        nodes = mapping["num_nodes"]
+    n_id, stored = mapping.get("n_id"), mapping.get("num_nodes")
+    nodes = int(n_id.numel()) if isinstance(n_id, torch.Tensor) else stored if isinstance(stored, int) else None
     return GraphSize(events, nodes, events)
 
 
@@ -118,12 +114,10 @@ def _unknown_size(batch: Any) -> GraphSize:
 def _plan(kinds: tuple[type, ...]) -> tuple[int, Callable[[Any], GraphSize]]:
     """Which element of a tuple/list/dict batch to size: the first graph, else the first tensor."""
     handlers = [_handler(kind) for kind in kinds]
-    for index, handler in enumerate(handlers):
-        if handler in _GRAPH_HANDLERS:
-            return index, handler
-    for index, handler in enumerate(handlers):
-        if handler is _tensor_size:
-            return index, handler
+    for wanted in (_GRAPH_HANDLERS, (_tensor_size,)):
+        index = next((i for i, handler in enumerate(handlers) if handler in wanted), -1)
+        if index >= 0:
+            return index, handlers[index]
     return -1, _unknown_size
 
 
@@ -154,21 +148,15 @@ _PLANS: dict[tuple[type, ...], tuple[int, Callable[[Any], GraphSize]]] = {}
 def _handler(kind: type) -> Callable[[Any], GraphSize]:
     handler = _HANDLERS.get(kind)
     if handler is None:
-        if issubclass(kind, HeteroData):
-            handler = _hetero_size
-        elif issubclass(kind, TemporalData):
-            handler = _temporal_size
-        elif issubclass(kind, Data):
-            handler = _data_size
-        elif issubclass(kind, torch.Tensor):
-            handler = _tensor_size
-        elif issubclass(kind, Mapping):
-            handler = _mapping_size
-        elif issubclass(kind, (tuple, list)):
-            handler = _sequence_size
-        else:
-            handler = _unknown_size
-        _HANDLERS[kind] = handler
+        rules: tuple[tuple[Any, Callable[[Any], GraphSize]], ...] = (
+            (HeteroData, _hetero_size),
+            (TemporalData, _temporal_size),
+            (Data, _data_size),
+            (torch.Tensor, _tensor_size),
+            (Mapping, _mapping_size),
+            ((tuple, list), _sequence_size),
+        )
+        handler = _HANDLERS[kind] = next((h for base, h in rules if issubclass(kind, base)), _unknown_size)
     return handler
 
 
