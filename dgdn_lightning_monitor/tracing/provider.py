@@ -104,7 +104,6 @@ class TracingSetup:
     provider: Optional[TracerProvider] = None
     exporter: Optional[ReportingExporter] = None
     borrowed: Optional[trace.TracerProvider] = None
-    _muted: list[logging.Logger] = field(default_factory=list)
     _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: lambda record: False)  # one per setup
 
     def finish(self, flush_timeout_s: float = 2.0) -> bool:
@@ -131,9 +130,8 @@ class TracingSetup:
             log.warning(
                 "Spans were not delivered within %.1f s at the end of the run; the rest are dropped.", flush_timeout_s
             )
-        for logger in self._muted:
-            logger.removeFilter(self._filter)
-        self._muted.clear()
+        for name in _EXPORTER_LOGGERS:
+            logging.getLogger(name).removeFilter(self._filter)
         return finished
 
 
@@ -234,8 +232,7 @@ def configure_tracing(
         )
     )
     setup = TracingSetup(provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting)
-    setup._muted = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
-    for logger in setup._muted:
-        logger.addFilter(setup._filter)
+    for name in _EXPORTER_LOGGERS:
+        logging.getLogger(name).addFilter(setup._filter)
     log.info("Tracing: %s", setup.description)
     return setup
