@@ -330,14 +330,7 @@ class MonitoringCallback(Callback):
             return
         if self._train_batches % self.trace_every_n_steps == 0:
             try:
-                record = run.record = BatchRecord(
-                    "train",
-                    trainer.current_epoch,
-                    batch_idx,
-                    trainer.global_step,
-                    UNKNOWN,
-                    cuda=pl_module.device.type == "cuda",
-                )
+                record = run.record = _new_record("train", trainer, pl_module, batch_idx)
                 record.mark("fetch_start", run.fetch_start_ns)
                 if run.fetch_end_ns > run.fetch_start_ns:
                     record.mark("fetch_end", run.fetch_end_ns)
@@ -426,14 +419,7 @@ class MonitoringCallback(Callback):
         run.eval_record = None
         if batch_idx % self.trace_every_n_steps == 0:
             try:
-                record = run.eval_record = BatchRecord(
-                    _SPAN_STAGE[_stage(trainer)],
-                    trainer.current_epoch,
-                    batch_idx,
-                    trainer.global_step,
-                    UNKNOWN,
-                    cuda=pl_module.device.type == "cuda",
-                )
+                record = run.eval_record = _new_record(_SPAN_STAGE[_stage(trainer)], trainer, pl_module, batch_idx)
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
@@ -493,6 +479,11 @@ def _stage(trainer: Trainer) -> str:
     """Lightning's running stage: ``validate``, ``test`` or ``predict`` in the evaluation hooks."""
     stage = trainer.state.stage
     return stage.value if stage is not None else "validate"
+
+
+def _new_record(stage: str, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> BatchRecord:
+    cuda = pl_module.device.type == "cuda"
+    return BatchRecord(stage, trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN, cuda=cuda)
 
 
 def _watch_fetches(trainer: Any, run: _Run) -> Callable[[], None]:
