@@ -141,8 +141,15 @@ class FileSDTargets:
         self._written = False
 
     def write(self, targets: Sequence[str], labels: Mapping[str, str]) -> Path:
-        """Replace the file with one target group; raises ``OSError`` when the directory is not writable."""
+        """Replace the file with one target group; raises ``OSError`` when the directory is not writable.
+
+        The first write also deletes the files of earlier runs that list one of these endpoints: such a run was
+        killed (a run that ends removes its file), and once its port serves this run, its file would make
+        Prometheus scrape this run twice and report the dead run as up again.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not self._written:
+            self._remove_stale(set(targets))
         content = json.dumps([{"targets": list(targets), "labels": dict(labels)}], indent=2) + "\n"
         temporary = self.directory / f".{self.path.stem}.{os.getpid()}.tmp"  # not *.json: never read half-written
         try:
@@ -158,6 +165,19 @@ class FileSDTargets:
             self._written = True
             atexit.register(self.remove)  # a process that exits without Lightning's teardown still cleans up
         return self.path
+
+    def _remove_stale(self, targets: set[str]) -> None:
+        for path in self.directory.glob("*.json"):
+            if path == self.path:
+                continue
+            try:
+                groups = json.loads(path.read_text(encoding="utf-8"))
+                listed = {target for group in groups for target in group.get("targets", [])}
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue  # not a discovery file of ours, or one being replaced: leave it
+            if listed & targets:
+                log.info("Removing %s: it lists %s, now served by this run", path, ", ".join(sorted(listed & targets)))
+                path.unlink(missing_ok=True)
 
     def remove(self) -> bool:
         """Delete the file if this object wrote it; returns whether a file was removed. Never raises."""

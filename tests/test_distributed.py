@@ -127,6 +127,23 @@ def test_file_sd_remove_leaves_files_it_did_not_write(tmp_path: Path) -> None:
     assert other.path.exists()
 
 
+def test_first_write_removes_files_of_killed_runs_listing_the_same_endpoint(tmp_path: Path) -> None:
+    # A run killed with SIGKILL leaves its file behind; a new run on the same host and port replaces it, while
+    # files of other endpoints (another node, another port) and non-discovery files stay.
+    killed = tmp_path / "dgdn-training-host-node0-old.json"
+    killed.write_text(json.dumps([{"targets": ["host:8000", "host:8001"], "labels": {"run_id": "old"}}]))
+    other = tmp_path / "dgdn-training-other-node0-live.json"
+    other.write_text(json.dumps([{"targets": ["other:8000"], "labels": {"run_id": "live"}}]))
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"not": "a target list"}')
+    sd = FileSDTargets(tmp_path, "dgdn-training", 0, "new", hostname="host")
+    sd.write(["host:8001"], {"run_id": "new"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([sd.path.name, other.name, notes.name])
+    killed.write_text(json.dumps([{"targets": ["host:8001"], "labels": {"run_id": "later"}}]))
+    sd.write(["host:8001"], {"run_id": "new"})  # only the first write looks: a rewrite never races a new run
+    assert killed.exists()
+
+
 def test_advertised_host_and_target_format() -> None:
     assert advertised_host("0.0.0.0") == socket.gethostname()
     assert advertised_host("::") == socket.gethostname()
