@@ -14,13 +14,6 @@
   sample, so a scrape never waits for NVML and the training thread never calls it. nvidia-ml-py calls
   the library through ctypes, which releases the GIL, so a slow NVML answer does not hold up training.
 
-Run lifecycle
-    :meth:`GPUMonitor.start` starts the thread and waits at most :attr:`GPUMonitor.FIRST_SAMPLE_TIMEOUT_S`
-    for the first sample (at setup, not during training), so the first scrape already has figures; the
-    ``up`` gauge is absent until that first sample ends. :meth:`GPUMonitor.stop` wakes the thread at
-    once, joins it (it calls ``nvmlShutdown`` on its way out) and drops every GPU series: figures from a
-    run that ended would be stale.
-
 Which GPU is which
     The ``gpu`` label is the CUDA device index as the training code sees it (``cuda:N``); an explicit
     ``devices`` list holds such indices too. NVML numbers devices in PCI order and ignores
@@ -148,11 +141,6 @@ class _Target:
     unsupported: set[str] = field(default_factory=set)  # NVML functions the GPU does not support
 
 
-def _text(value: Any) -> str:
-    """NVML strings are ``str`` in current nvidia-ml-py and ``bytes`` in old releases."""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _describe(exc: BaseException) -> str:
     """``Type: message`` of an exception, for the warnings."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -168,7 +156,7 @@ def _indices(name: str, value: Any, expected: str = "a list of distinct non-nega
 
 def _uuid_keys(raw: Any) -> list[tuple[str, Any]]:
     """NVML UUID look-up keys for a UUID (hex, with or without dashes, with or without a ``GPU-``/``MIG-`` prefix)."""
-    text = "" if raw is None else _text(raw).strip()
+    text = "" if raw is None else str(raw).strip()
     prefix = text[:3].upper() if text[:4].upper() in ("GPU-", "MIG-") else ""
     try:
         value = uuid.UUID(text[4:] if prefix else text)
@@ -294,9 +282,7 @@ class _Sampler(threading.Thread):
             except getattr(self.nvml, "NVMLError", Exception) as exc:
                 error = exc
                 continue
-            uuid_, name = (
-                _text(self.call(function, handle)) for function in ("nvmlDeviceGetUUID", "nvmlDeviceGetName")
-            )
+            uuid_, name = (str(self.call(function, handle)) for function in ("nvmlDeviceGetUUID", "nvmlDeviceGetName"))
             target.handle, target.labels = handle, (str(target.gpu), uuid_, name)
             return
         raise error
@@ -349,15 +335,6 @@ class GPUMonitor:
         ValueError: ``devices`` (``gpu_devices`` on the callback) is neither ``"auto"``, ``None`` nor a
             list of distinct non-negative ints; ``poll_interval_s`` (``gpu_poll_interval_s``) is not a
             finite number > 0; ``namespace`` is not a valid metric name prefix; ``nvml`` has no ``nvmlInit``.
-
-    Example:
-        >>> from prometheus_client import CollectorRegistry, generate_latest
-        >>> monitor = GPUMonitor(devices=[0], poll_interval_s=2.0)
-        >>> registry = CollectorRegistry()
-        >>> registry.register(monitor)
-        >>> monitor.start(cuda_devices=[0], labels={"rank": "0", "world_size": "1"})  # doctest: +SKIP
-        >>> print(generate_latest(registry).decode())  # doctest: +SKIP
-        >>> monitor.stop()
     """
 
     #: Longest time start() waits for the first sample, so the first scrape already has figures.
@@ -373,7 +350,8 @@ class GPUMonitor:
         nvml: ModuleType | None = None,
     ) -> None:
         self._namespace = check_namespace(namespace)
-        self._devices: Literal["auto"] | tuple[int, ...] | None = (
+        #: The watched devices as configured: ``"auto"``, a tuple of indices, or ``None`` (off).
+        self.devices: Literal["auto"] | tuple[int, ...] | None = (
             devices
             if devices is None or devices == "auto"
             else _indices("gpu_devices (devices)", devices, "'auto', None or a list of distinct GPU indices") or None
@@ -381,7 +359,7 @@ class GPUMonitor:
         real = isinstance(poll_interval_s, numbers.Real) and not isinstance(poll_interval_s, bool)
         valid = real and math.isfinite(poll_interval_s) and poll_interval_s > 0
         check("gpu_poll_interval_s (poll_interval_s)", poll_interval_s, valid, "a finite number of seconds > 0")
-        self._interval = float(poll_interval_s)
+        self.poll_interval_s = float(poll_interval_s)
         valid = nvml is None or callable(getattr(nvml, "nvmlInit", None))
         self._nvml_module = check("nvml", nvml, valid, "the pynvml module or a stand-in with nvmlInit")
         self._warn_once = WarnOnce(logger)
@@ -393,29 +371,16 @@ class GPUMonitor:
 
         A monitor built with ``nvml=None`` pickles; a module given as ``nvml`` does not.
         """
-        return {**self.__dict__, "_lock": None, "_run": None}
+        return {**self.__dict__, "_run": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore the configuration with a fresh lock and no run."""
         self.__dict__.update(state)
-        self.after_fork_in_child()
         forget_threads_after_fork(self)
 
     def after_fork_in_child(self) -> None:
         """The sampling thread does not exist in a forked child: drop the run (its series would never update);
         the child starts its own with :meth:`start`."""
-        self._lock = threading.Lock()
         self._run: _Run | None = None
-
-    @property
-    def devices(self) -> Literal["auto"] | tuple[int, ...] | None:
-        """The watched devices as configured: ``"auto"``, a tuple of indices, or ``None`` (off)."""
-        return self._devices
-
-    @property
-    def poll_interval_s(self) -> float:
-        """Seconds between two NVML samples."""
-        return self._interval
 
     @property
     def running(self) -> bool:
@@ -428,7 +393,7 @@ class GPUMonitor:
         Call once per run from the training thread at setup. A run that is still active is stopped
         first, so calling again after :meth:`stop` (a second fit) is fine. With ``devices="auto"`` and
         no CUDA devices this does nothing. Waits at most :attr:`FIRST_SAMPLE_TIMEOUT_S` for the first
-        sample so that the first scrape has figures.
+        sample so that the first scrape has figures (the ``up`` gauge is absent until that sample ends).
 
         Args:
             cuda_devices: CUDA device indices this rank trains on (``[]`` on CPU).
@@ -453,7 +418,7 @@ class GPUMonitor:
         names, values = list(labels), [str(value) for value in labels.values()]
 
         self.stop()
-        watched = cuda if self._devices == "auto" else self._devices
+        watched = cuda if self.devices == "auto" else self.devices
         if not watched:
             return
         nvml = self._nvml_module
@@ -463,14 +428,12 @@ class GPUMonitor:
             except Exception as exc:
                 message = "GPU monitoring is off: nvidia-ml-py (pynvml) cannot be imported: %s"
                 self._warn_once("nvml_missing", message, _describe(exc))
-                with self._lock:
-                    self._run = _Run(names, values, cuda, None)
+                self._run = _Run(names, values, cuda, None)
                 return
-        ask_torch = self._devices == "auto" or _cuda_initialized()
+        ask_torch = self.devices == "auto" or torch.cuda.is_initialized()
         targets = [_Target(gpu=index, keys=_lookup_keys(index, ask_torch)) for index in watched]
-        sampler = _Sampler(nvml, targets, self._interval, self._warn_once)
-        with self._lock:
-            self._run = _Run(names, values, cuda, sampler)
+        sampler = _Sampler(nvml, targets, self.poll_interval_s, self._warn_once)
+        self._run = _Run(names, values, cuda, sampler)
         sampler.start()
         sampler.sampled.wait(self.FIRST_SAMPLE_TIMEOUT_S)
 
@@ -486,8 +449,7 @@ class GPUMonitor:
             >>> monitor.stop()
             >>> monitor.stop()
         """
-        with self._lock:
-            run, self._run = self._run, None
+        run, self._run = self._run, None
         sampler = run.sampler if run is not None else None
         if sampler is None or sampler.ident is None:
             return
@@ -529,7 +491,7 @@ class GPUMonitor:
             for gpu_labels, figures in samples:
                 if suffix in figures:
                     family.add_metric([*values, *gpu_labels], figures[suffix])
-        if run.cuda_devices and _cuda_initialized():  # allocator figures, read now
+        if run.cuda_devices and torch.cuda.is_initialized():  # allocator figures, read now
             allocator = {suffix: self._gauge(suffix, [*names, "gpu"]) for suffix in _ALLOCATOR_FIGURES}
             families += allocator.values()
             for index in run.cuda_devices:
@@ -546,11 +508,3 @@ class GPUMonitor:
 
     def _gauge(self, suffix: str, label_names: list[str]) -> GaugeMetricFamily:
         return GaugeMetricFamily(f"{self._namespace}_{suffix}", _HELP[suffix], labels=label_names)
-
-
-def _cuda_initialized() -> bool:
-    """Whether this process initialised CUDA (cheap; never initialises it)."""
-    try:
-        return bool(torch.cuda.is_initialized())
-    except Exception:
-        return False
