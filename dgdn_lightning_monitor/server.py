@@ -1,19 +1,24 @@
 """The HTTP endpoint that serves ``/metrics`` from a registry with ``prometheus_client``'s own WSGI app (text and
 OpenMetrics negotiation, gzip, exemplars), adding what a training process needs: a clear error when the port is
-taken, a deep listen backlog, an optional TLS / basic-auth web configuration, and a fast stop."""
+taken, a deep listen backlog, one render shared by simultaneous scrapes, an optional TLS / basic-auth web
+configuration, and a fast stop."""
 
 from __future__ import annotations
 
 import errno
+import math
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Optional, Protocol
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
 
-from dgdn_lightning_monitor.guards import forget_threads_after_fork
+from dgdn_lightning_monitor.guards import check, forget_threads_after_fork
 
 # How often the serving loop checks for shutdown; stopping waits up to this long (the library's default is
 # 0.5 s, which would be most of the run-end budget).
@@ -21,6 +26,14 @@ _POLL_INTERVAL_S = 0.05
 # Connections the kernel queues while every handler is busy: several Prometheus servers, federation and a user's
 # curl loop at once must not be refused (the socketserver default is 5).
 LISTEN_BACKLOG = 128
+#: How long one rendering of ``/metrics`` answers the scrapes that ask for the same variant. Prometheus scrapes
+#: every 15 s by default, so a second-old page costs it nothing, while a burst of scrapers costs one render.
+CACHE_TTL_S = 1.0
+# Variants kept at most (content type x gzip x name[] filter); a client varying the filter cannot grow memory.
+_MAX_VARIANTS = 32
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class WebConfig(Protocol):
@@ -30,6 +43,90 @@ class WebConfig(Protocol):
     ssl_context: Any
 
     def wrap(self, app: Any) -> Any: ...
+
+
+class _Render:
+    """One rendering of one variant: filled in by the request that makes it, awaited by those that arrive
+    meanwhile."""
+
+    __slots__ = ("started", "done", "response")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.done = threading.Event()
+        self.response: Optional[tuple[str, list[tuple[str, str]], bytes]] = None  # None: the render failed
+
+
+class SharedRender:
+    """A WSGI app answering ``GET`` scrapes of the same variant with one rendering of ``app`` for ``ttl_s``.
+
+    The variant is what ``prometheus_client`` negotiates from the request (content type, gzip or not, the
+    ``name[]`` filter). A request that arrives while that variant is being rendered waits for the render instead
+    of starting its own, so a burst of scrapers costs the training process one collection, one exposition and
+    one compression. Served values are at most ``ttl_s`` old (counted from the start of their collection).
+    Other methods and paths are passed to ``app`` untouched; a render that raises is not kept.
+
+    Args:
+        app: the WSGI app to render with, e.g. ``prometheus_client.make_wsgi_app(registry)``.
+        ttl_s: how long one rendering answers; ``0`` renders every request.
+
+    Example::
+
+        app = SharedRender(make_wsgi_app(registry), ttl_s=1.0)
+    """
+
+    def __init__(self, app: WSGIApp, ttl_s: float = CACHE_TTL_S) -> None:
+        self.app = app
+        self.ttl_s = ttl_s
+        self._renders: dict[tuple[str, bool, tuple[str, ...]], _Render] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if self.ttl_s <= 0 or environ.get("REQUEST_METHOD") != "GET" or environ.get("PATH_INFO") == "/favicon.ico":
+            return self.app(environ, start_response)
+        query = environ.get("QUERY_STRING", "")
+        names = tuple(sorted(set(parse_qs(query).get("name[]", ())))) if query else ()
+        key = (
+            choose_encoder(environ.get("HTTP_ACCEPT", ""))[1],
+            gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")),
+            names,
+        )
+        now = time.monotonic()
+        with self._lock:
+            render = self._renders.get(key)
+            mine = render is None or (render.done.is_set() and now - render.started >= self.ttl_s)
+            if mine:
+                if render is None and len(self._renders) >= _MAX_VARIANTS:
+                    self._renders = {k: r for k, r in self._renders.items() if not r.done.is_set()}
+                render = self._renders[key] = _Render(now)
+        assert render is not None
+        if mine:
+            try:
+                render.response = self._render(environ)
+            finally:
+                if render.response is None:
+                    with self._lock:
+                        if self._renders.get(key) is render:
+                            del self._renders[key]
+                render.done.set()
+        else:
+            render.done.wait()
+        if render.response is None:  # the shared render failed: this request renders (and reports) for itself
+            return self.app(environ, start_response)
+        status, headers, body = render.response
+        start_response(status, list(headers))
+        return [body]
+
+    def _render(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+        answer: list[Any] = []
+
+        def keep(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+            answer[:] = [status, headers]
+            return lambda data: None  # prometheus_client returns its body, it never writes
+
+        body = b"".join(self.app(environ, keep))
+        status, headers = answer
+        return status, [*headers, ("Content-Length", str(len(body)))], body
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -49,6 +146,9 @@ class MetricsServer:
         addr: interface to bind; ``0.0.0.0`` for all (so a Prometheus container can reach it).
         port: TCP port; ``0`` picks a free one.
         web_config: TLS and basic auth to apply, or ``None`` for plain HTTP.
+        cache_ttl_s: scrapes of the same variant within this many seconds share one rendering (see
+            :class:`SharedRender`), so served values are at most this old; ``0`` renders every request. Basic auth
+            is still checked on every request.
 
     Example::
 
@@ -64,7 +164,14 @@ class MetricsServer:
         addr: str = "0.0.0.0",
         port: int = 8000,
         web_config: Optional[WebConfig] = None,
+        cache_ttl_s: float = CACHE_TTL_S,
     ) -> None:
+        self.cache_ttl_s = check(
+            "cache_ttl_s",
+            cache_ttl_s,
+            isinstance(cache_ttl_s, (int, float)) and not isinstance(cache_ttl_s, bool) and 0 <= cache_ttl_s < math.inf,
+            "a finite number of seconds >= 0",
+        )
         self.registry = registry
         self.addr = addr
         self.port = port
@@ -100,8 +207,8 @@ class MetricsServer:
             address_family = family
             request_queue_size = LISTEN_BACKLOG
 
-        app = make_wsgi_app(self.registry)
-        if self.web_config is not None:
+        app: WSGIApp = SharedRender(make_wsgi_app(self.registry), self.cache_ttl_s)
+        if self.web_config is not None:  # outside the shared render: every request is authenticated
             app = self.web_config.wrap(app)
         try:
             httpd = make_server(self.addr, self.port, app, Server, handler_class=_QuietHandler)

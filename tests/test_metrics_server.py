@@ -1,25 +1,32 @@
 """MetricsServer: prometheus_client's exposition (text and OpenMetrics with exemplars, gzip) of a filled
-TrainingMetrics, a clear error for a taken port, a fast stop, and many concurrent scrapes all answered."""
+TrainingMetrics, a clear error for a taken port, a fast stop, and one render shared by simultaneous scrapes of the
+same variant (never across variants, never past its time to live, never to a client that fails basic auth)."""
 
 from __future__ import annotations
 
 import gzip
 import subprocess
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
-
 from conftest import require_tool
+from exposition import samples, value
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from tls_helpers import basic, bcrypt_hash, fetch, write_web_config
+
 from dgdn_lightning_monitor import PortInUseError
 from dgdn_lightning_monitor.graph_size import GraphSize
 from dgdn_lightning_monitor.metrics import TrainingMetrics
 from dgdn_lightning_monitor.server import MetricsServer
-from exposition import samples
+from dgdn_lightning_monitor.web_config import load_web_config
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -27,8 +34,9 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 def filled() -> TrainingMetrics:
     metrics = TrainingMetrics("dgdn")
     for i in range(100):
-        metrics.observe_train_batch(0.001 * (i + 1), 1000.0 + i, GraphSize(32, 700, 2800),
-                                    f"{i:032x}" if i % 40 == 0 else None)
+        metrics.observe_train_batch(
+            0.001 * (i + 1), 1000.0 + i, GraphSize(32, 700, 2800), f"{i:032x}" if i % 40 == 0 else None
+        )
     for phase, seconds in (("data_fetch", 0.002), ("forward", 0.01)):
         metrics.phase_seconds[phase].observe(seconds)
     metrics.observe_inference("validate", 0.5, 100)
@@ -39,12 +47,43 @@ def filled() -> TrainingMetrics:
     return metrics
 
 
+class Counting:
+    """A collector that counts its collections and serves ``value`` (set by the test) as a gauge."""
+
+    def __init__(self, value: float = 1.0, collect_s: float = 0.0) -> None:
+        self.value = value
+        self.collect_s = collect_s  # how long a collection takes: scrapes that arrive meanwhile must wait for it
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def collect(self) -> Any:
+        with self.lock:
+            self.calls += 1
+        time.sleep(self.collect_s)
+        yield from self.families()
+
+    def families(self) -> list[Any]:
+        return [
+            GaugeMetricFamily("probe_value", "What the test set.", value=self.value),
+            CounterMetricFamily("probe_events", "A counter (OpenMetrics names it with _total).", value=3),
+        ]
+
+    def describe(self) -> list[Any]:  # names for the name[] filter, without a collection
+        return self.families()
+
+
+def registry_of(collector: Any) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
 @pytest.fixture
 def served():
     servers: list[MetricsServer] = []
 
-    def start(registry: CollectorRegistry) -> str:
-        server = MetricsServer(registry, "127.0.0.1", 0)
+    def start(registry: CollectorRegistry, **options: Any) -> str:
+        server = MetricsServer(registry, "127.0.0.1", 0, **options)
         server.start()
         servers.append(server)
         return str(server.url)
@@ -75,7 +114,11 @@ def test_text_openmetrics_and_gzip_are_the_library_output(served) -> None:
     assert [v for labels, v in found["dgdn_validation_loss"]] == [0.25, 0.5]
     assert {labels["dataloader"] for labels, _ in found["dgdn_validation_loss"]} == {"0", "1"}
     assert {labels["phase"]: v for labels, v in found["dgdn_step_phase_seconds_sum"]} == {
-        "data_fetch": 0.002, "forward": 0.01, "backward": 0.0, "optimizer_step": 0.0}
+        "data_fetch": 0.002,
+        "forward": 0.01,
+        "backward": 0.0,
+        "optimizer_step": 0.0,
+    }
     headers, body = get(url, accept=OPENMETRICS, encoding="gzip")
     assert headers["Content-Encoding"] == "gzip" and headers["Content-Type"].startswith("application/openmetrics")
     families = {f.name: f for f in parse_openmetrics(gzip.decompress(body).decode())}
@@ -103,3 +146,106 @@ def test_taken_port_names_the_port_and_stop_is_fast(served) -> None:
     started = time.perf_counter()
     server.stop()
     assert time.perf_counter() - started < 1.0 and server.url is not None and not server.running
+
+
+def test_simultaneous_scrapes_share_one_render() -> None:
+    # A collection that takes 1 s, and a time to live far shorter: every scrape that arrives while it runs waits
+    # for it instead of rendering again, and a scrape after it renders anew.
+    collector = Counting(value=7.0, collect_s=1.0)
+    server = MetricsServer(registry_of(collector), "127.0.0.1", 0, cache_ttl_s=0.05)
+    server.start()
+    try:
+        url = str(server.url)
+        start = threading.Barrier(20)
+
+        def scrape_together(_: int) -> bytes:
+            start.wait()
+            return get(url)[1]
+
+        with ThreadPoolExecutor(20) as pool:
+            bodies = list(pool.map(scrape_together, range(20)))
+        assert collector.calls == 1
+        assert {value(body.decode(), "probe_value") for body in bodies} == {7.0} and len(set(bodies)) == 1
+        collector.collect_s, collector.value = 0.0, 8.0
+        assert value(get(url)[1].decode(), "probe_value") == 8.0 and collector.calls == 2  # past the TTL
+    finally:
+        server.stop()
+
+
+def test_values_are_at_most_the_ttl_old(served) -> None:
+    collector = Counting(value=1.0)
+    url = served(registry_of(collector), cache_ttl_s=0.5)
+    assert value(get(url)[1].decode(), "probe_value") == 1.0
+    collector.value = 2.0
+    served_at = time.monotonic()
+    early = value(get(url)[1].decode(), "probe_value")
+    if time.monotonic() - served_at < 0.4:  # answered within the TTL (a loaded machine may take longer)
+        assert early == 1.0 and collector.calls == 1
+    time.sleep(0.6)
+    assert value(get(url)[1].decode(), "probe_value") == 2.0
+    # With the cache off every request renders.
+    uncached = Counting(value=5.0)
+    url = served(registry_of(uncached), cache_ttl_s=0)
+    for expected in (5.0, 6.0):
+        uncached.value = expected
+        assert value(get(url)[1].decode(), "probe_value") == expected
+    assert uncached.calls == 2
+
+
+def test_variants_are_rendered_and_cached_apart(served) -> None:
+    collector = Counting(value=3.5)
+    url = served(registry_of(collector), cache_ttl_s=60)
+    reference = registry_of(Counting(value=3.5))  # ground truth: the library's own renderers, outside the server
+    text, openmetrics = generate_latest(reference), generate_openmetrics(reference)
+    filtered = generate_latest(reference.restricted_registry(["probe_value"]))
+    variants = [
+        ({}, "text/plain", text, None),
+        ({"accept": OPENMETRICS}, "application/openmetrics-text", openmetrics, None),
+        ({"encoding": "gzip"}, "text/plain", text, "gzip"),
+        ({"accept": OPENMETRICS, "encoding": "gzip"}, "application/openmetrics-text", openmetrics, "gzip"),
+        ({"query": "?name[]=probe_value"}, "text/plain", filtered, None),
+    ]
+    assert b"# EOF" in openmetrics and b"# EOF" not in text and b"probe_events" not in filtered
+    for round_ in range(2):  # the second round is served from the cache, each variant from its own entry
+        for options, content_type, expected, encoding in variants:
+            headers, body = get(url + options.get("query", ""), options.get("accept"), options.get("encoding"))
+            assert headers["Content-Type"].startswith(content_type)
+            assert headers.get("Content-Encoding") == encoding
+            assert int(headers["Content-Length"]) == len(body)
+            assert (gzip.decompress(body) if encoding else body) == expected, (round_, options)
+        assert collector.calls == len(variants)
+
+
+def test_basic_auth_is_checked_on_every_request_before_the_cache(served, tmp_path: Path) -> None:
+    config = write_web_config(tmp_path / "web.yml", {"basic_auth_users": {"prometheus": bcrypt_hash("secret")}})
+    collector = Counting(value=4.0)
+    url = served(registry_of(collector), web_config=load_web_config(config), cache_ttl_s=60)
+    status, _, body = fetch(url, authorization=basic("prometheus", "secret"))
+    assert status == 200 and value(body.decode(), "probe_value") == 4.0 and collector.calls == 1
+    for authorization in (None, basic("prometheus", "wrong"), basic("intruder", "secret")):
+        status, headers, body = fetch(url, authorization=authorization)  # a cached page exists: never served here
+        assert status == 401 and headers["WWW-Authenticate"] == "Basic" and b"probe_value" not in body
+    status, _, body = fetch(url, authorization=basic("prometheus", "secret"))
+    assert status == 200 and value(body.decode(), "probe_value") == 4.0 and collector.calls == 1
+
+
+def test_a_failed_render_is_not_kept(served) -> None:
+    class FailsOnce(Counting):
+        def collect(self) -> Any:
+            if self.calls == 0:
+                self.calls += 1
+                raise RuntimeError("collector broke once")
+            yield from super().collect()
+
+    collector = FailsOnce(value=9.0)
+    url = served(registry_of(collector), cache_ttl_s=60)
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        get(url)
+    assert failed.value.code == 500
+    assert value(get(url)[1].decode(), "probe_value") == 9.0 and collector.calls == 2
+
+
+@pytest.mark.parametrize("ttl", [-1, float("nan"), float("inf"), "1", True])
+def test_bad_cache_ttl_is_refused_at_construction(ttl: Any) -> None:
+    with pytest.raises(ValueError, match="cache_ttl_s"):
+        MetricsServer(CollectorRegistry(), "127.0.0.1", 0, cache_ttl_s=ttl)
