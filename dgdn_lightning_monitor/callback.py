@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any, Literal, Optional, Union
 
 import prometheus_client
@@ -35,12 +36,13 @@ from typing_extensions import override
 from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
-from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace
+from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import TrainingMetrics, run_info
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import KEY_ARGUMENTS, TRAIN_GAUGES, VALIDATION_GAUGES, StepStatistics
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
+from dgdn_lightning_monitor.web_config import load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -146,37 +148,24 @@ class MonitoringCallback(Callback):
         self.port = check_int("port", port, 0, 65535)
         self.addr = check("addr", addr, isinstance(addr, str) and bool(addr.strip()), "a host name or IP address")
         self.namespace = check_namespace(namespace)
-        check(
-            "registry",
-            registry,
-            registry is None or isinstance(registry, CollectorRegistry),
-            "a prometheus_client.CollectorRegistry or None",
-        )
+        check_optional("registry", registry, CollectorRegistry, "a prometheus_client.CollectorRegistry")
         keys = zip(KEY_ARGUMENTS.items(), (train_loss_key, val_loss_key, train_acc_key, val_acc_key))
         self.keys = {
             gauge: check(name, key, isinstance(key, str) and bool(key), "a non-empty string")
             for (gauge, name), key in keys
         }
-        for name, function in (("batch_size_fn", batch_size_fn), ("graph_size_fn", graph_size_fn)):
-            check(name, function, function is None or callable(function), "a callable or None")
+        check_optional("batch_size_fn", batch_size_fn, Callable, "a callable")
+        check_optional("graph_size_fn", graph_size_fn, Callable, "a callable")
         self._sizer = GraphSizer(batch_size_fn, graph_size_fn).resolve()
         self.trace_every_n_steps = check_int("trace_every_n_steps", trace_every_n_steps, 1)
-        check("tracing", tracing, tracing is None or isinstance(tracing, bool), "True, False or None (auto)")
-        check(
-            "run_id", run_id, run_id is None or (isinstance(run_id, str) and bool(run_id)), "a non-empty string or None"
-        )
+        check_optional("tracing", tracing, bool, "True, False")
+        check("run_id", run_id, run_id != "" and isinstance(run_id, (str, type(None))), "a non-empty string or None")
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.port_per_local_rank = check(
-            "port_per_local_rank", port_per_local_rank, isinstance(port_per_local_rank, bool), "True or False"
-        )
-        check(
-            "tracer_provider",
-            tracer_provider,
-            tracer_provider is None or isinstance(tracer_provider, TracerProvider),
-            "an opentelemetry TracerProvider or None",
-        )
+        valid = isinstance(port_per_local_rank, bool)
+        self.port_per_local_rank = check("port_per_local_rank", port_per_local_rank, valid, "True or False")
+        check_optional("tracer_provider", tracer_provider, TracerProvider, "an opentelemetry TracerProvider")
         self._web_config_file = web_config_file
-        self.web_config = _load_web_config(web_config_file)
+        self.web_config: Any = load_web_config(web_config_file) if web_config_file is not None else None
         self._dist = DistributedRun(
             job=job, targets_dir=targets_dir, targets_host=targets_host, pushgateway_url=pushgateway_url
         )
@@ -224,7 +213,7 @@ class MonitoringCallback(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.web_config = _load_web_config(self._web_config_file)
+        self.web_config = load_web_config(self._web_config_file) if self._web_config_file is not None else None
         global_registry = state["registry"] == "global"
         self.registry = prometheus_client.REGISTRY if global_registry else CollectorRegistry(auto_describe=True)
         try:
@@ -263,13 +252,7 @@ class MonitoringCallback(Callback):
             failure = error
         else:
             self.tracer.start(
-                {
-                    "training.run_id": self.run_id,
-                    "training.rank": labels.rank,
-                    "training.local_rank": labels.local_rank,
-                    "training.node_rank": labels.node_rank,
-                    "training.world_size": labels.world_size,
-                }
+                {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
             )
         # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever.
         self._dist.exchange(labels, self.addr, server.bound_port if failure is None else None, self.tracer.active)
@@ -516,11 +499,3 @@ def _watch_fetches(trainer: Any, run: _Run) -> Callable[[], None]:
             loop.__dict__.pop(name, None)
 
     return unwatch
-
-
-def _load_web_config(path: Optional[Union[str, os.PathLike]]) -> Any:
-    if path is None:
-        return None
-    from dgdn_lightning_monitor.web_config import load_web_config
-
-    return load_web_config(path)

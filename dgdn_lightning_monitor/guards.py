@@ -8,7 +8,7 @@ import re
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Optional, Protocol, TypeVar
+from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -34,6 +34,11 @@ def check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> in
     return check(
         name, value, valid, f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
     )
+
+
+def check_optional(name: str, value: T, kind: Any, expected: str) -> T:
+    """``value`` when it is ``None`` or an instance of ``kind``, else the ``ValueError`` of :func:`check`."""
+    return check(name, value, value is None or isinstance(value, kind), f"{expected} or None")
 
 
 def check_namespace(value: Any, name: str = "namespace") -> str:
@@ -79,10 +84,6 @@ class WarnOnce:
         self.__init__(logging.getLogger(state["logger"]))  # type: ignore[misc]
 
 
-class ForkAware(Protocol):
-    def after_fork_in_child(self) -> None: ...
-
-
 _FORK_AWARE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
@@ -98,7 +99,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def forget_threads_after_fork(owner: ForkAware) -> None:
+def forget_threads_after_fork(owner: Any) -> None:
     """Have ``owner.after_fork_in_child()`` called in a forked child, where the owner's threads do not exist
     (only the forking thread survives ``fork``), so that it marks them dead and starts afresh when used again.
 
