@@ -153,10 +153,7 @@ class FileSDTargets:
         content = json.dumps([{"targets": list(targets), "labels": dict(labels)}], indent=2) + "\n"
         temporary = self.directory / f".{self.path.stem}.{os.getpid()}.tmp"  # not *.json: never read half-written
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
+            temporary.write_text(content, encoding="utf-8")
             os.replace(temporary, self.path)
         except BaseException:
             temporary.unlink(missing_ok=True)
@@ -298,11 +295,10 @@ class DistributedRun:
     ) -> None:
         valid = isinstance(job, str) and bool(_JOB.match(job))
         self.job = check("job", job, valid, "a non-empty name of letters, digits, '_', '.', ':' or '-'")
-        valid = targets_dir is None or (isinstance(targets_dir, (str, os.PathLike)) and bool(os.fspath(targets_dir)))
-        check("targets_dir", targets_dir, valid, "a directory path or None")
-        self.targets_dir = None if targets_dir is None else Path(targets_dir)
-        if self.targets_dir is not None and self.targets_dir.exists() and not self.targets_dir.is_dir():
-            raise ValueError(f"targets_dir must be a directory, but {str(self.targets_dir)!r} is not one")
+        path = Path(targets_dir) if isinstance(targets_dir, (str, os.PathLike)) and os.fspath(targets_dir) else None
+        valid = targets_dir is None or (path is not None and (path.is_dir() or not path.exists()))
+        check("targets_dir", targets_dir, valid, "a directory (or one to create) or None")
+        self.targets_dir = path
         valid = targets_host is None or (isinstance(targets_host, str) and bool(_HOST.match(targets_host)))
         expected = "a host name or IP address such as 'node-3' or 'host.docker.internal'"
         self.targets_host = check("targets_host", targets_host, valid, expected)
@@ -390,10 +386,7 @@ class DistributedRun:
         if self.pushgateway_url is None:
             return
         grouping = {"run_id": run_id, "rank": str(labels.rank)}
-        try:
-            reason = push_final_metrics(self.pushgateway_url, self.job, registry, grouping, self.push_timeout_s)
-        except Exception as error:  # pragma: no cover - a thread that cannot start
-            reason = f"{type(error).__name__}: {error}"
+        reason = push_final_metrics(self.pushgateway_url, self.job, registry, grouping, self.push_timeout_s)
         if reason is not None:
             message = "Could not push the final metrics to the Pushgateway at %s (%s); they are only on this rank's "
             self._warn_once("push", message + "/metrics endpoint.", self.pushgateway_url, reason)
