@@ -144,13 +144,6 @@ def receiver_answers(host: str = LOCAL_OTLP_HOST, port: int = LOCAL_OTLP_PORT, t
         return False
 
 
-def _application_provider() -> Optional[trace.TracerProvider]:
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
-        return None
-    return provider
-
-
 def _resource(service_name: str, attributes: dict[str, object]) -> Resource:
     # Resource.create merges OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES in; our service name is the default only.
     resource = Resource.create(dict(attributes))  # type: ignore[arg-type]
@@ -189,8 +182,8 @@ def configure_tracing(
     """
     if enabled is False:
         return None
-    given = tracer_provider or _application_provider()
-    if given is not None:
+    given = tracer_provider or trace.get_tracer_provider()
+    if not isinstance(given, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):  # the application's own
         return TracingSetup(given.get_tracer(INSTRUMENTATION_NAME), "the application's TracerProvider", borrowed=given)
 
     choice = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower().split(",")[0].strip()

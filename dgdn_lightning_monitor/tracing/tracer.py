@@ -27,7 +27,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
 
 from dgdn_lightning_monitor.guards import WarnOnce, forget_threads_after_fork
-from dgdn_lightning_monitor.tracing.provider import DEFAULT_SERVICE_NAME, TracingSetup, configure_tracing
+from dgdn_lightning_monitor.tracing.provider import TracingSetup, configure_tracing
 from dgdn_lightning_monitor.tracing.records import BatchRecord
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
@@ -114,8 +114,6 @@ class TrainingTracer:
 
     Args:
         enabled: ``None`` (auto), ``True`` or ``False``; see :func:`configure_tracing`.
-        service_name: default ``service.name``.
-        flush_timeout_s: the most the end of a run waits for spans to be delivered.
         tracer_provider: a provider to use instead of choosing one (it stays the caller's).
 
     Example::
@@ -128,17 +126,9 @@ class TrainingTracer:
         tracer.finish(None)
     """
 
-    def __init__(
-        self,
-        enabled: Optional[bool] = None,
-        service_name: str = DEFAULT_SERVICE_NAME,
-        flush_timeout_s: float = 2.0,
-        tracer_provider: Optional[trace.TracerProvider] = None,
-    ) -> None:
+    def __init__(self, enabled: Optional[bool] = None, tracer_provider: Optional[trace.TracerProvider] = None) -> None:
         self.enabled = enabled
         self.tracer_provider = tracer_provider
-        self.service_name = service_name
-        self.flush_timeout_s = flush_timeout_s
         self.setup: Optional[TracingSetup] = None
         self._attributes: dict[str, Any] = {}
         self._epochs: dict[str, Span] = {}
@@ -154,7 +144,7 @@ class TrainingTracer:
                 "The tracer_provider cannot be sent to spawned processes; they choose where spans go "
                 "from the OTEL_* variables instead."
             )
-        return {"enabled": self.enabled, "service_name": self.service_name, "flush_timeout_s": self.flush_timeout_s}
+        return {"enabled": self.enabled}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -168,11 +158,9 @@ class TrainingTracer:
         self._attributes = dict(attributes)
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
         if self.setup is None:
+            run_id = {k: v for k, v in attributes.items() if k == "training.run_id"}
             self.setup = configure_tracing(
-                self.enabled,
-                self.service_name,
-                {k: v for k, v in attributes.items() if k == "training.run_id"},
-                tracer_provider=self.tracer_provider,
+                self.enabled, resource_attributes=run_id, tracer_provider=self.tracer_provider
             )
 
     # ------------------------------------------------------------------ epochs
@@ -277,4 +265,4 @@ class TrainingTracer:
                 self.end_epoch(stage)
         finally:
             setup, self.setup = self.setup, None
-            setup.finish(self.flush_timeout_s)
+            setup.finish()
