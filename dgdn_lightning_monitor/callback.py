@@ -361,7 +361,7 @@ class MonitoringCallback(Callback):
                 stats.add_phases(record)
                 self.tracer.add_batch(record)
             stats.keep_loss(outputs, trainer)
-            if stats.scalars.pending or stats.device_phases:
+            if stats.pending:
                 stats.poll()
             if run.batches % run.read_every == 0:
                 stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)

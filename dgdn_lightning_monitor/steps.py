@@ -35,67 +35,6 @@ KEY_ARGUMENTS = {
 Apply = Callable[[float], None]
 
 
-class DeferredScalars:
-    """A queue of scalar reads that complete when the device is done with them.
-
-    Example::
-
-        scalars = DeferredScalars()
-        scalars.submit(loss, lambda value: print(value))  # prints now on CPU, later on CUDA
-        scalars.poll()  # call from the training thread at later hooks
-    """
-
-    def __init__(self) -> None:
-        # Reads still waiting for their copy; a plain attribute so the step path can test it without a call.
-        self.pending: list[tuple[torch.Tensor, Any, Apply]] = []
-
-    def submit(self, value: Any, apply: Apply) -> None:
-        """Deliver ``float(value)`` to ``apply``, now when that costs no synchronisation, else when ready."""
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                return
-            if value.device.type == "cuda":
-                self._submit_cuda(value, apply)
-                return
-            if value.device.type != "cpu":  # other accelerators: no portable async read, skip rather than sync
-                return
-            apply(float(value.item()))
-        elif isinstance(value, (int, float)):
-            apply(float(value))
-
-    def _submit_cuda(self, value: torch.Tensor, apply: Apply) -> None:
-        host = torch.empty((), dtype=value.dtype, pin_memory=True)
-        host.copy_(value.detach().reshape(()), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.pending.append((host, event, apply))
-
-    def poll(self) -> None:
-        """Deliver the values whose copies have finished; never blocks."""
-        if not self.pending:
-            return
-        waiting = []
-        for host, event, apply in self.pending:
-            if event.query():
-                apply(float(host.item()))
-            else:
-                waiting.append((host, event, apply))
-        self.pending = waiting
-
-    def flush(self, timeout_s: float = 1.0) -> None:
-        """At the end of a run: deliver what is pending, polling (not synchronising) for up to ``timeout_s``.
-
-        The copies were queued behind the last training work, so they complete as soon as the device catches
-        up; a device that does not within the bound keeps its last values unread.
-        """
-        deadline = time.monotonic() + timeout_s
-        self.poll()
-        while self.pending and time.monotonic() < deadline:
-            time.sleep(0.001)
-            self.poll()
-        self.pending = []
-
-
 class StepStatistics:
     """The step figures of one run, folded into ``metrics``.
 
@@ -114,12 +53,53 @@ class StepStatistics:
 
     def __init__(self, metrics: TrainingMetrics, keys: Mapping[str, str], warn: WarnOnce) -> None:
         self.metrics, self.keys, self.warn = metrics, keys, warn
-        self.scalars = DeferredScalars()
+        # Device work still running, as (is it done, deliver its result): copied values and traced CUDA steps. A
+        # plain list, so the step path tests it without a call.
+        self.pending: list[tuple[Callable[[], bool], Callable[[], None]]] = []
         self.losses: list[torch.Tensor] = []  # training losses since the last non-finite count
         self.counted_logged_loss: Any = None  # the logged loss last counted (identity: a new tensor per self.log)
-        self.device_phases: list[BatchRecord] = []  # traced CUDA steps whose events have not completed yet
         self.warmed_up = False  # the first traced step of a run carries one-time costs: kept out of the means
         self.checked: set[tuple[str, ...]] = set()  # gauge groups whose keys were looked for once
+
+    # ------------------------------------------------------------------------------------------ device reads
+    def submit(self, value: Any, apply: Apply) -> None:
+        """Deliver ``float(value)`` to ``apply``, now when that costs no synchronisation, else when copied."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                return
+            if value.device.type == "cuda":
+                host = torch.empty((), dtype=value.dtype, pin_memory=True)
+                host.copy_(value.detach().reshape(()), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self.pending.append((event.query, lambda: apply(float(host.item()))))
+            elif value.device.type == "cpu":  # other accelerators: no portable async read, skip rather than sync
+                apply(float(value.item()))
+        elif isinstance(value, (int, float)):
+            apply(float(value))
+
+    def poll(self) -> None:
+        """Deliver what the device has finished (``Event.query``); never blocks."""
+        waiting = []
+        for done, deliver in self.pending:
+            if done():
+                deliver()
+            else:
+                waiting.append((done, deliver))
+        self.pending = waiting
+
+    def flush(self, timeout_s: float = 1.0) -> None:
+        """At the end of a run: deliver what is pending, polling (not synchronising) for up to ``timeout_s``.
+
+        The copies were queued behind the last training work, so they complete as soon as the device catches
+        up; a device that does not within the bound keeps its last values unread.
+        """
+        deadline = time.monotonic() + timeout_s
+        self.poll()
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+            self.poll()
+        self.pending = []
 
     # ------------------------------------------------------------------------------------------ losses
     def keep_loss(self, outputs: Any, trainer: Any) -> None:
@@ -155,7 +135,7 @@ class StepStatistics:
             self.metrics.nonfinite_losses += sum(1 for loss in losses if not math.isfinite(loss.item()))
             return
         nonfinite = torch.isfinite(torch.stack([loss.reshape(()) for loss in losses])).logical_not_().sum()
-        self.scalars.submit(nonfinite, self._add_nonfinite)
+        self.submit(nonfinite, self._add_nonfinite)
 
     def _add_nonfinite(self, count: float) -> None:
         self.metrics.nonfinite_losses += int(count)
@@ -167,23 +147,12 @@ class StepStatistics:
         self.metrics.observe_phases(host, device=record.events is not None, warm_up=not self.warmed_up)
         self.warmed_up = True
         if record.events is not None:
-            self.device_phases.append(record)
+            self.pending.append((record.device_ready, functools.partial(self._add_device_phases, record)))
 
-    def poll(self) -> None:
-        """Deliver what completed on the device: copied values and traced steps' device times (``Event.query``)."""
-        if self.scalars.pending:
-            self.scalars.poll()
-        if not self.device_phases:
-            return
-        waiting = []
-        for record in self.device_phases:
-            if not record.device_ready():
-                waiting.append(record)
-                continue
-            for name, milliseconds in record.device_milliseconds().items():
-                if name in self.metrics.phase_seconds and name != "data_fetch":  # the host waits for data
-                    self.metrics.phase_seconds[name].observe(milliseconds / 1e3)
-        self.device_phases = waiting
+    def _add_device_phases(self, record: BatchRecord) -> None:
+        for name, milliseconds in record.device_milliseconds().items():
+            if name in self.metrics.phase_seconds and name != "data_fetch":  # the host waits for data
+                self.metrics.phase_seconds[name].observe(milliseconds / 1e3)
 
     # ------------------------------------------------------------------------------------------ logged values
     def read_logged(self, logged: Mapping[str, Any], gauges: Sequence[str], check: bool = False) -> None:
@@ -194,13 +163,13 @@ class StepStatistics:
             key = self.keys[gauge]
             for name in (key, f"{key}_step", f"{key}_epoch"):  # on_step and on_epoch both: key_step, key_epoch
                 if logged.get(name) is not None:
-                    self.scalars.submit(logged[name], functools.partial(self.metrics.set_logged, gauge))
+                    self.submit(logged[name], functools.partial(self.metrics.set_logged, gauge))
                     break
             else:  # several evaluation loaders: Lightning logs "<key>/dataloader_idx_<N>" only
                 prefix = f"{key}/dataloader_idx_"
                 loaders = [(name[len(prefix) :], value) for name, value in logged.items() if name.startswith(prefix)]
                 for loader, value in loaders:
-                    self.scalars.submit(value, functools.partial(self.metrics.set_logged, gauge, dataloader=loader))
+                    self.submit(value, functools.partial(self.metrics.set_logged, gauge, dataloader=loader))
                 if not loaders:
                     missing.append(gauge)
         if check and tuple(gauges) not in self.checked:
@@ -220,6 +189,6 @@ class StepStatistics:
     def finish(self) -> None:
         """At the end of a run: count the last losses and deliver the pending copies (polling, never waiting on
         the device for long)."""
-        self.scalars.flush()
+        self.flush()
         self.fold_nonfinite()
-        self.scalars.flush()
+        self.flush()
