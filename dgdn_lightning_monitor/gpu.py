@@ -443,11 +443,6 @@ class GPUMonitor:
         Idempotent and safe without :meth:`start`. Returns as soon as the thread has finished its
         current NVML call (at most :attr:`STOP_TIMEOUT_S` if NVML hangs; only in that case can the
         abandoned thread still call ``nvmlShutdown`` later).
-
-        Example:
-            >>> monitor = GPUMonitor()
-            >>> monitor.stop()
-            >>> monitor.stop()
         """
         run, self._run = self._run, None
         sampler = run.sampler if run is not None else None
@@ -461,22 +456,13 @@ class GPUMonitor:
             )
 
     def describe(self) -> list:
-        """Nothing, so that registering the collector does not call :meth:`collect`.
-
-        Example:
-            >>> GPUMonitor().describe()
-            []
-        """
+        """Nothing, so that registering the collector does not call :meth:`collect`."""
         return []
 
     def collect(self) -> Iterable[Metric]:
         """The GPU series of the current run: the last NVML sample and the allocator figures right now.
 
         Makes no NVML call. Yields nothing outside a run or when GPU monitoring has nothing to watch.
-
-        Example:
-            >>> list(GPUMonitor().collect())
-            []
         """
         run = self._run
         if run is None:
