@@ -6,7 +6,6 @@ only bisect and bump one list slot, and build the cumulative buckets when ``/met
 
 from __future__ import annotations
 
-import math
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ class FastHistogram:
     """Bucket counts, sum and one exemplar per bucket.
 
     Args:
-        bounds: finite upper bounds, ascending; ``+Inf`` is added.
+        bounds: finite upper bounds, ascending (one of the tables above); ``+Inf`` is added.
 
     Example::
 
@@ -47,10 +46,7 @@ class FastHistogram:
     __slots__ = ("bounds", "_labels", "counts", "sum", "exemplars")
 
     def __init__(self, bounds: Sequence[float]) -> None:
-        finite = sorted(float(b) for b in bounds if not math.isinf(b))
-        if not finite:
-            raise ValueError("bounds must hold at least one finite bucket bound")
-        self.bounds: tuple[float, ...] = tuple(finite)
+        self.bounds: tuple[float, ...] = tuple(bounds)
         self._labels = tuple(repr(b) for b in self.bounds) + ("+Inf",)
         self.counts: list[int] = [0] * (len(self.bounds) + 1)
         self.sum = 0.0

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 RANK_LABEL_NAMES: tuple[str, ...] = ("rank", "local_rank", "node_rank", "world_size")
-
-
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value is not None and value.strip().lstrip("-").isdigit():
-            return int(value)
-    return default
 
 
 @dataclass(frozen=True)
@@ -29,23 +20,13 @@ class RankLabels:
 
     Example::
 
-        RankLabels.from_env().as_dict()  # {"rank": "0", "local_rank": "0", "node_rank": "0", "world_size": "1"}
+        RankLabels().as_dict()  # {"rank": "0", "local_rank": "0", "node_rank": "0", "world_size": "1"}
     """
 
     rank: int = 0
     local_rank: int = 0
     node_rank: int = 0
     world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> RankLabels:
-        """Read the variables set by torchrun, SLURM and Lightning's launchers; a single process gets rank 0 of 1."""
-        return cls(
-            rank=_env_int("RANK", "SLURM_PROCID", default=0),
-            local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
-            node_rank=_env_int("NODE_RANK", "GROUP_RANK", "SLURM_NODEID", default=0),
-            world_size=_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
-        )
 
     @classmethod
     def from_trainer(cls, trainer: Any) -> RankLabels:

@@ -14,7 +14,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
+import lightning
 import torch
+import torch_geometric
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -94,20 +96,12 @@ def learning_rates(trainer: Any) -> LearningRates:
 
 def run_info(module: torch.nn.Module, run_id: str) -> dict[str, str]:
     """The labels of ``<namespace>_training_info``: what is trained, with which library versions."""
-    import lightning
-
-    try:
-        import torch_geometric
-
-        pyg_version = torch_geometric.__version__
-    except ImportError:  # pragma: no cover - a dependency, but the callback works without it
-        pyg_version = "none"
     model = type(module)
     return {
         "model": f"{model.__module__}.{model.__qualname__}",
         "lightning_version": lightning.__version__,
         "torch_version": torch.__version__,
-        "torch_geometric_version": pyg_version,
+        "torch_geometric_version": torch_geometric.__version__,
         "run_id": run_id,
     }
 
@@ -128,7 +122,7 @@ class TrainingMetrics:
 
     def __init__(self, namespace: str = "dgdn", throughput_window: int = 50) -> None:
         self.namespace = namespace
-        self.labels = RankLabels.from_env()
+        self.labels = RankLabels()  # a single process until the callback's setup knows the Trainer's ranks
         # Training batches.
         self.samples_total = 0
         self.nodes_total = 0
@@ -284,7 +278,7 @@ class TrainingMetrics:
             kind, documentation = METRICS[name]
             return _FAMILY_TYPES[kind](f"{self.namespace}_{name}", documentation, labels=names + list(extra))
 
-        def gauge(name: str, value: Optional[float]) -> Iterable[Metric]:
+        def single(name: str, value: Optional[float]) -> Iterable[Metric]:
             if value is None:
                 return ()
             metric = family(name)
@@ -300,20 +294,19 @@ class TrainingMetrics:
                     metric.add_metric(values + [loader], v)
                 yield metric
             elif entries:
-                yield from gauge(suffix, entries[0][1])
+                yield from single(suffix, entries[0][1])
 
-        for name, count in (
+        for name, value in (
             ("samples_processed_total", self.samples_total),
             ("nodes_processed_total", self.nodes_total),
             ("edges_processed_total", self.edges_total),
             ("nonfinite_loss_total", self.nonfinite_losses),
+            ("graph_nodes", self.graph_nodes),
+            ("graph_edges", self.graph_edges),
+            ("samples_per_second", self.samples_per_second),
+            ("epoch_duration_seconds", self.epoch_duration),
         ):
-            metric = family(name)
-            metric.add_metric(values, count)
-            yield metric
-        yield from gauge("graph_nodes", self.graph_nodes)
-        yield from gauge("graph_edges", self.graph_edges)
-        yield from gauge("samples_per_second", self.samples_per_second)
+            yield from single(name, value)
 
         batch = family("batch_processing_seconds")
         self.batch_seconds.add_to(batch, values)
@@ -329,19 +322,18 @@ class TrainingMetrics:
                 histogram.add_to(inference, values + [stage])
             yield inference
 
-        yield from gauge("epoch_duration_seconds", self.epoch_duration)
         if self.last_step_perf is not None:
-            yield from gauge("last_step_timestamp_seconds", self.last_step_perf + self._unix_offset)
+            yield from single("last_step_timestamp_seconds", self.last_step_perf + self._unix_offset)
         if self.model_figures is not None:
             for name, figure in zip(
                 ("model_parameters", "model_trainable_parameters", "model_memory_usage_bytes"), self.model_figures
             ):
-                yield from gauge(name, figure)
+                yield from single(name, figure)
 
         progress, rates = self._live()
         if progress is not None:
-            yield from gauge("epoch", progress[0])
-            yield from gauge("global_step", progress[1])
+            yield from single("epoch", progress[0])
+            yield from single("global_step", progress[1])
         if rates:
             lr = family("learning_rate", ["optimizer", "param_group"])
             for optimizer, group, rate in rates:
