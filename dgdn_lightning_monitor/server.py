@@ -130,6 +130,9 @@ class SharedRender:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # Buffer the response so that status line, headers and body leave in one send instead of five.
+    wbufsize = 1 << 16
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
         pass  # one line per scrape on stderr would drown the training output
 
