@@ -93,20 +93,8 @@ class Endpoint:
 
 
 def advertised_host(addr: str, override: Optional[str] = None) -> str:
-    """The host name written into discovery files.
-
-    Args:
-        addr: the interface the metrics server binds.
-        override: ``targets_host``, when given.
-
-    Returns:
-        ``override``; else the machine's host name when ``addr`` binds every interface; else ``addr``.
-
-    Example::
-
-        advertised_host("0.0.0.0")                           # "gpu-node-3"
-        advertised_host("0.0.0.0", "host.docker.internal")   # "host.docker.internal"
-    """
+    """The host name written into discovery files: ``override`` (``targets_host``) when given, else this machine's
+    name when ``addr`` (the interface the metrics server binds) is every interface, else ``addr``."""
     return override or (socket.gethostname() if addr in _WILDCARD_ADDRS else addr)
 
 
@@ -238,11 +226,6 @@ def push_final_metrics(
 
 
 # ---------------------------------------------------------------------------------------------- collectives
-def process_group_size() -> int:
-    """World size of the initialised default ``torch.distributed`` process group, else 1."""
-    return int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
-
-
 def pack_span_context(context: Optional[SpanContext]) -> Optional[tuple[int, int, int]]:
     """``(trace_id, span_id, trace_flags)`` of a valid context, else ``None``; small enough for a broadcast."""
     if context is None or not context.is_valid:
@@ -270,7 +253,6 @@ class DistributedRun:
         targets_dir: directory for file-SD files, or ``None`` for none.
         targets_host: host name written into them; see :func:`advertised_host`.
         pushgateway_url: Pushgateway to push final figures to, or ``None``.
-        push_timeout_s: the most a push may take.
 
     Raises:
         ValueError: naming the argument that is not valid.
@@ -291,7 +273,6 @@ class DistributedRun:
         targets_dir: Optional[Union[str, os.PathLike[str]]] = None,
         targets_host: Optional[str] = None,
         pushgateway_url: Optional[str] = None,
-        push_timeout_s: float = PUSH_TIMEOUT_S,
     ) -> None:
         valid = isinstance(job, str) and bool(_JOB.match(job))
         self.job = check("job", job, valid, "a non-empty name of letters, digits, '_', '.', ':' or '-'")
@@ -305,19 +286,20 @@ class DistributedRun:
         valid = pushgateway_url is None or _is_url(pushgateway_url)
         expected = "a URL such as 'http://pushgateway:9091' or None"
         self.pushgateway_url = check("pushgateway_url", pushgateway_url, valid, expected)
-        self.push_timeout_s = push_timeout_s
         self.peers: list[Endpoint] = []
         self.share_traces = False
         self.https = False  # endpoints served over TLS: Prometheus must scrape them with https
         self.rank = 0
         self._collective = False
+        self._world_size = 1
         self._sd: Optional[FileSDTargets] = None
         self._warn_once = WarnOnce(log)
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def agree_run_id(self, run_id: str) -> str:
         """Every rank adopts rank 0's run id (one broadcast under DDP), so all ranks label the same run."""
-        self._collective = process_group_size() > 1
+        self._world_size = int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
+        self._collective = self._world_size > 1
         self.rank = int(dist.get_rank()) if self._collective else 0
         payload: list[Any] = [run_id]
         if self._collective and self._collect("run id", lambda: dist.broadcast_object_list(payload, src=0)):
@@ -335,7 +317,7 @@ class DistributedRun:
         """
         host = advertised_host(addr, self.targets_host)
         peers = [Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port, bool(tracing))]
-        gathered: list[Any] = [None] * process_group_size()
+        gathered: list[Any] = [None] * self._world_size
         if self._collective and self._collect("endpoints", lambda: dist.all_gather_object(gathered, peers[0])):
             peers = [peer for peer in gathered if isinstance(peer, Endpoint)]
         self.peers = sorted(peers, key=lambda peer: peer.rank)
@@ -386,7 +368,7 @@ class DistributedRun:
         if self.pushgateway_url is None:
             return
         grouping = {"run_id": run_id, "rank": str(labels.rank)}
-        reason = push_final_metrics(self.pushgateway_url, self.job, registry, grouping, self.push_timeout_s)
+        reason = push_final_metrics(self.pushgateway_url, self.job, registry, grouping)
         if reason is not None:
             message = "Could not push the final metrics to the Pushgateway at %s (%s); they are only on this rank's "
             self._warn_once("push", message + "/metrics endpoint.", self.pushgateway_url, reason)
