@@ -291,7 +291,8 @@ def test_ddp_spawn_pickles_the_callback_and_pushes_final_figures(tmp_path: Path)
     binary = require_tool("pushgateway")
     port = free_port()
     gateway = subprocess.Popen(
-        [binary, f"--web.listen-address=127.0.0.1:{port}"],
+        # Debian's build persists to one shared file by default: this test keeps its own.
+        [binary, f"--web.listen-address=127.0.0.1:{port}", f"--persistence.file={tmp_path / 'pushgateway.data'}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:

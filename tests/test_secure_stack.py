@@ -237,6 +237,8 @@ def test_stack_with_the_shipped_web_config(tmp_path, secure_dir, trusted):
                 pushgateway_bin,
                 f"--web.listen-address=127.0.0.1:{pg_port}",
                 f"--web.config.file={web}",
+                # Debian's build persists to one shared file by default: a test keeps its own.
+                f"--persistence.file={tmp_path / 'pushgateway.data'}",
             ],
             pg_port,
             tmp_path / "pushgateway.log",
@@ -408,7 +410,12 @@ def test_basic_auth_in_front_of_the_stack(tmp_path, secure_dir, monkeypatch):
     web = write_web_config(secure_dir / "web-config-basic.yml", content)
     port = free_port()
     pushgateway = SecureProcess(
-        [pushgateway_bin, f"--web.listen-address=127.0.0.1:{port}", f"--web.config.file={web}"],
+        [
+            pushgateway_bin,
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.config.file={web}",
+            f"--persistence.file={tmp_path / 'pushgateway.data'}",
+        ],
         port,
         tmp_path / "pg.log",
         client_context(certs / "ca.crt"),
