@@ -110,6 +110,11 @@ class _Probe(Callback):
         size = GraphSize(32, None, None)
         f = self.figures
 
+        def read_logged() -> None:
+            from dgdn_lightning_monitor.steps import TRAIN_GAUGES
+
+            cb._run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
+
         def part(name: str, measure: Callable[[], float]) -> None:
             # The callback's internals change as it is tuned: a part that no longer exists is left out.
             try:
@@ -122,21 +127,22 @@ class _Probe(Callback):
         part("reference: isinstance(outputs, Mapping) (ABC check)",
              lambda: per_call_us(lambda: isinstance(outputs, Mapping), n))
         part("reference: loss.item()", lambda: per_call_us(outputs["loss"].item, n))
-        part("Lightning: trainer._logger_connector.should_update_logs",
-             lambda: per_call_us(lambda: trainer._logger_connector.should_update_logs, n))
+        part("stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES) (every log_every_n_steps)",
+             lambda: per_call_us(read_logged, n))
         part("batch size: _sizer(batch), [x, y] tensors", lambda: per_call_us(lambda: cb._sizer(batch), n))
         part("batch size: _sizer(batch), PyG Batch of 32 graphs", lambda: per_call_us(lambda: cb._sizer(graph), n))
         if temporal is not None:
             part("batch size: _sizer(batch), DGDN TemporalData", lambda: per_call_us(lambda: cb._sizer(temporal), n))
-        part("_keep_loss(run, outputs)", lambda: per_call_us(lambda: cb._keep_loss(cb._run, outputs), n))
+        part("stats.keep_loss(outputs, trainer) (with its non-finite fold every 50 steps)",
+             lambda: per_call_us(lambda: cb._run.stats.keep_loss(outputs, trainer), n))
         part("metrics.observe_train_batch(...)",
              lambda: per_call_us(lambda: cb.metrics.observe_train_batch(0.001, now, size, None), n))
-        part("_update_model_figures (each epoch end), tiny model",
-             lambda: per_call_us(lambda: cb._count_model(pl_module), max(n // 10, 50)))
+        part("metrics.count_model(module) (each epoch end), tiny model",
+             lambda: per_call_us(lambda: cb.metrics.count_model(pl_module), max(n // 10, 50)))
         if dgdn_module is not None:
-            part("_update_model_figures (each epoch end), DGDN module",
-                 lambda: per_call_us(lambda: cb._count_model(dgdn_module), max(n // 10, 50)))
-            cb._count_model(pl_module)
+            part("metrics.count_model(module) (each epoch end), DGDN module",
+                 lambda: per_call_us(lambda: cb.metrics.count_model(dgdn_module), max(n // 10, 50)))
+            cb.metrics.count_model(pl_module)
 
         def step() -> None:
             cb.on_train_batch_start(trainer, pl_module, batch, batch_idx)

@@ -76,6 +76,26 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"benchmark": "Scrape /metrics", "figure": f"{label}: p99",
                          "value": f"{data['p99_ms']:.2f} ms", "target": f"≤ {data['target_ms']:g} ms",
                          "met": data["met"]})
+        shared = scrape.get("shared_render")
+        if shared:
+            rows.append({"benchmark": "Scrape /metrics",
+                         "figure": f"1 rank, openmetrics, shared render ({shared['cache_ttl_s']:g} s): median / p99",
+                         "value": f"{shared['ms']['median']:.2f} / {shared['p99_ms']:.2f} ms", "target": NONE,
+                         "met": None})
+        storm = scrape.get("storm")
+        if storm and "cases" in storm:
+            for name, data in storm["cases"].items():
+                label = "defaults (shared render)" if name == "shared_render" else "shared render off (reference)"
+                rows.append({
+                    "benchmark": "Scrape storm",
+                    "figure": f"CPU-bound step during {storm['scrapers']} concurrent scrapes / s, {label}: "
+                              "mean step time vs quiet",
+                    "value": f"**{data['ratio_mean']:.3f}×** (median {data['ratio_median']:.3f}×); "
+                             f"{storm['step_ms_quiet_mean']:.2f} → {data['step_ms_storm_mean']:.2f} ms / step; "
+                             f"{data['scrapes_answered_200']}/{data['scrapes_sent']} answered",
+                    "target": f"≤ {storm['target']:.2f}×, all answered" if name == "shared_render" else NONE,
+                    "met": data["met"] if name == "shared_render" else None,
+                })
     memory = results.get("memory")
     if memory:
         d, b = memory["direct"], memory["direct_baseline"]
@@ -223,16 +243,36 @@ def _details(results: dict[str, Any]) -> list[str]:
         out += ["## Scrape latency", "", scrape["what"] + f", {scrape['config']['requests_per_case']} requests per "
                 "case, interleaved. In-process columns, without HTTP: prometheus_client's rendering "
                 "of the served registry and its collect() share.", "",
-                "| Case | median ms | IQR | p99 ms | max ms | body bytes | served path ms (in-process) | "
-                "library rendering ms | of which collect() ms |", "|---|---|---|---|---|---|---|---|---|"]
+                "| Case | median ms | IQR | p99 ms | max ms | body bytes | library rendering ms (in-process) | "
+                "of which collect() ms |", "|---|---|---|---|---|---|---|---|"]
         for name, data in scrape["cases"].items():
             ms = data["ms"]
             exposition = data.get("exposition_ms")
             in_process = f"{exposition['median']:.2f}" if exposition else "n/a"
             collect = f"{data['collect_ms']['median']:.2f}" if data.get("collect_ms") else "n/a"
-            direct = f"{data['direct_render_ms']['median']:.2f}" if data.get("direct_render_ms") else "n/a"
             out.append(f"| {name} | {ms['median']:.2f} | {ms['q1']:.2f}–{ms['q3']:.2f} | {data['p99_ms']:.2f} | "
-                       f"{ms['max']:.2f} | {data['body_bytes']} | {direct} | {in_process} | {collect} |")
+                       f"{ms['max']:.2f} | {data['body_bytes']} | {in_process} | {collect} |")
+        shared = scrape.get("shared_render")
+        if shared:
+            ms = shared["ms"]
+            out.append(f"| shared render: {shared['what']} | {ms['median']:.2f} | {ms['q1']:.2f}–{ms['q3']:.2f} | "
+                       f"{shared['p99_ms']:.2f} | {ms['max']:.2f} | — | — | — |")
+        storm = scrape.get("storm")
+        if storm and "cases" in storm:
+            out += ["", "### Scrape storm", "", storm["what"] + f"; {storm['blocks']} blocks, each a quiet period "
+                    "then a storm for each endpoint (order alternating by block). Ratios are storm over quiet.", "",
+                    "| Endpoint | mean step ms | median step ms (IQR) | ratio of means | ratio of medians | "
+                    "scrapes answered | scrape latency median / p99 ms |", "|---|---|---|---|---|---|---|",
+                    f"| quiet (no scrapes) | {storm['step_ms_quiet_mean']:.2f} | "
+                    f"{_spread(storm['step_ms_quiet'], '{:.2f}')} | — | — | — | — |"]
+            for name, data in storm["cases"].items():
+                p99 = data.get("scrape_p99_ms")
+                out.append(f"| {name} (cache_ttl_s={data['cache_ttl_s']:g}) | {data['step_ms_storm_mean']:.2f} | "
+                           f"{_spread(data['step_ms_storm'], '{:.2f}')} | {data['ratio_mean']:.3f} | "
+                           f"{data['ratio_median']:.3f} | {data['scrapes_answered_200']}/{data['scrapes_sent']} | "
+                           f"{data['scrape_ms']['median']:.1f} / {p99:.1f} |" if p99 is not None else
+                           f"| {name} | {data['step_ms_storm_mean']:.2f} | — | {data['ratio_mean']:.3f} | — | "
+                           f"{data['scrapes_answered_200']}/{data['scrapes_sent']} | — |")
         out.append("")
     memory = results.get("memory")
     if memory:
