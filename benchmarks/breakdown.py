@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 from lightning.pytorch import Callback
 
@@ -69,8 +69,10 @@ def export_cost_per_span(endpoint: str, spans: int = 512, loops: int = 5) -> dic
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("benchmarks")
     for i in range(spans):
-        span = tracer.start_span("forward", attributes={"training.epoch": 0, "training.batch_index": i,
-                                                        "training.global_step": i, "graph.nodes": 700})
+        span = tracer.start_span(
+            "forward",
+            attributes={"training.epoch": 0, "training.batch_index": i, "training.global_step": i, "graph.nodes": 700},
+        )
         span.end()
     finished = list(memory.get_finished_spans())
     exporter = OTLPSpanExporter(endpoint=endpoint, timeout=5)
@@ -84,8 +86,10 @@ def export_cost_per_span(endpoint: str, spans: int = 512, loops: int = 5) -> dic
         export.append((time.perf_counter_ns() - start) / 1e3 / spans)
     exporter.shutdown()
     provider.shutdown()
-    return {"exporter thread: encode one span (protobuf), batch of 512": statistics.median(encode),
-            "exporter thread: export one span (encode + HTTP POST), batch of 512": statistics.median(export)}
+    return {
+        "exporter thread: encode one span (protobuf), batch of 512": statistics.median(encode),
+        "exporter thread: export one span (encode + HTTP POST), batch of 512": statistics.median(export),
+    }
 
 
 class _Probe(Callback):
@@ -124,24 +128,36 @@ class _Probe(Callback):
                 self.missing[name] = f"{type(error).__name__}: {error}"
 
         part("reference: time.perf_counter()", lambda: per_call_us(time.perf_counter, n))
-        part("reference: isinstance(outputs, Mapping) (ABC check)",
-             lambda: per_call_us(lambda: isinstance(outputs, Mapping), n))
+        part(
+            "reference: isinstance(outputs, Mapping) (ABC check)",
+            lambda: per_call_us(lambda: isinstance(outputs, Mapping), n),
+        )
         part("reference: loss.item()", lambda: per_call_us(outputs["loss"].item, n))
-        part("stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES) (every log_every_n_steps)",
-             lambda: per_call_us(read_logged, n))
+        part(
+            "stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES) (every log_every_n_steps)",
+            lambda: per_call_us(read_logged, n),
+        )
         part("batch size: _sizer(batch), [x, y] tensors", lambda: per_call_us(lambda: cb._sizer(batch), n))
         part("batch size: _sizer(batch), PyG Batch of 32 graphs", lambda: per_call_us(lambda: cb._sizer(graph), n))
         if temporal is not None:
             part("batch size: _sizer(batch), DGDN TemporalData", lambda: per_call_us(lambda: cb._sizer(temporal), n))
-        part("stats.keep_loss(outputs, trainer) (with its non-finite fold every 50 steps)",
-             lambda: per_call_us(lambda: cb._run.stats.keep_loss(outputs, trainer), n))
-        part("metrics.observe_train_batch(...)",
-             lambda: per_call_us(lambda: cb.metrics.observe_train_batch(0.001, now, size, None), n))
-        part("metrics.count_model(module) (each epoch end), tiny model",
-             lambda: per_call_us(lambda: cb.metrics.count_model(pl_module), max(n // 10, 50)))
+        part(
+            "stats.keep_loss(outputs, trainer) (with its non-finite fold every 50 steps)",
+            lambda: per_call_us(lambda: cb._run.stats.keep_loss(outputs, trainer), n),
+        )
+        part(
+            "metrics.observe_train_batch(...)",
+            lambda: per_call_us(lambda: cb.metrics.observe_train_batch(0.001, now, size, None), n),
+        )
+        part(
+            "metrics.count_model(module) (each epoch end), tiny model",
+            lambda: per_call_us(lambda: cb.metrics.count_model(pl_module), max(n // 10, 50)),
+        )
         if dgdn_module is not None:
-            part("metrics.count_model(module) (each epoch end), DGDN module",
-                 lambda: per_call_us(lambda: cb.metrics.count_model(dgdn_module), max(n // 10, 50)))
+            part(
+                "metrics.count_model(module) (each epoch end), DGDN module",
+                lambda: per_call_us(lambda: cb.metrics.count_model(dgdn_module), max(n // 10, 50)),
+            )
             cb.metrics.count_model(pl_module)
 
         def step() -> None:
@@ -163,8 +179,14 @@ class _Probe(Callback):
 
         def record_only() -> BatchRecord:
             record = BatchRecord("train", 0, 0, 0, size)
-            for mark in ("fetch_start", "batch_start", "backward_start", "backward_end", "optimizer_start",
-                         "batch_end"):
+            for mark in (
+                "fetch_start",
+                "batch_start",
+                "backward_start",
+                "backward_end",
+                "optimizer_start",
+                "batch_end",
+            ):
                 record.mark(mark)
             return record
 
@@ -175,8 +197,7 @@ class _Probe(Callback):
         build = (lambda: emit(record, None)) if takes_parent else (lambda: emit(record))
         spans = 1 + len(record.phases())
         part(f"building the spans of one traced step ({spans} spans), spaced calls", lambda: spaced_us(build, 200))
-        part(f"building the spans of one traced step ({spans} spans), back to back",
-             lambda: per_call_us(build, 100, 5))
+        part(f"building the spans of one traced step ({spans} spans), back to back", lambda: per_call_us(build, 100, 5))
         try:
             f.update(export_cost_per_span(self.endpoint))
         except Exception as error:  # noqa: BLE001

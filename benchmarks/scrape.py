@@ -58,14 +58,23 @@ def filled_metrics(rank: int, world_size: int, batches: int = 10_000) -> Any:
     for stage in ("validate", "test"):
         for _ in range(1000):
             metrics.observe_inference(stage, rng.lognormvariate(-3, 0.5), 32)
-    for suffix, value in (("training_loss", 0.41), ("validation_loss", 0.47), ("training_accuracy", 0.83),
-                          ("validation_accuracy", 0.8)):
+    for suffix, value in (
+        ("training_loss", 0.41),
+        ("validation_loss", 0.47),
+        ("training_accuracy", 0.83),
+        ("validation_accuracy", 0.8),
+    ):
         metrics.set_logged(suffix, value)
     metrics.nonfinite_losses = 2
     metrics.epoch_duration = 42.0
     metrics.model_figures = (1_234_567, 1_234_567, 4_938_268)
-    metrics.info = {"model": "dgdn_lightning_monitor.dgdn.module.DGDNLinkPredictor", "lightning_version": "2.6.6",
-                    "torch_version": "2.13.0", "torch_geometric_version": "2.8.1", "run_id": "0123456789ab"}
+    metrics.info = {
+        "model": "dgdn_lightning_monitor.dgdn.module.DGDNLinkPredictor",
+        "lightning_version": "2.6.6",
+        "torch_version": "2.13.0",
+        "torch_geometric_version": "2.8.1",
+        "run_id": "0123456789ab",
+    }
     metrics.progress = (3, 12_345)
     metrics.learning_rates = [("AdamW", "0", 1e-3), ("AdamW", "1", 1e-4)]
     return metrics
@@ -151,23 +160,34 @@ def run(quick: bool = False, requests: Optional[int] = None) -> dict[str, Any]:
         values = times[(ranks, fmt)]
         p99 = percentile(values, 99)
         results[f"{ranks}_rank{'s' if ranks > 1 else ''}_{fmt}"] = {
-            "ranks": ranks, "format": fmt, "requests": len(values), "ms": summarize(values),
-            "p99_ms": p99, "body_bytes": sizes[(ranks, fmt)], "samples": series[ranks],
+            "ranks": ranks,
+            "format": fmt,
+            "requests": len(values),
+            "ms": summarize(values),
+            "p99_ms": p99,
+            "body_bytes": sizes[(ranks, fmt)],
+            "samples": series[ranks],
             "exposition_ms": exposition[(ranks, fmt)],
             "collect_ms": collect[ranks],
-            "target_ms": TARGET_MS, "met": p99 <= TARGET_MS,
+            "target_ms": TARGET_MS,
+            "met": p99 <= TARGET_MS,
         }
     return {
         "name": "scrape",
         "what": "latency of GET /metrics over loopback (urllib, new connection per request), every request a "
-                "real collection and render (shared render off)",
-        "config": {"requests_per_case": requests, "training_batches_observed_per_rank": 10_000,
-                   "target": "p99 <= 5 ms"},
+        "real collection and render (shared render off)",
+        "config": {
+            "requests_per_case": requests,
+            "training_batches_observed_per_rank": 10_000,
+            "target": "p99 <= 5 ms",
+        },
         "cases": results,
         "shared_render": {
             "what": "1 rank, OpenMetrics, the server's defaults: requests interleaved with the cases above, so most "
-                    "are answered from the shared render and about one a second renders",
-            "cache_ttl_s": cached.cache_ttl_s, "requests": len(cached_times), "ms": summarize(cached_times),
+            "are answered from the shared render and about one a second renders",
+            "cache_ttl_s": cached.cache_ttl_s,
+            "requests": len(cached_times),
+            "ms": summarize(cached_times),
             "p99_ms": percentile(cached_times, 99),
         },
         "storm": storm(blocks=2 if quick else 4, seconds=4 if quick else 6),
@@ -244,7 +264,10 @@ def storm(blocks: int, seconds: int) -> dict[str, Any]:
                 url = str(configs[name].url).replace("localhost", "127.0.0.1")
                 child = subprocess.Popen(
                     [sys.executable, "-c", STORM_CLIENT, url, str(seconds), str(STORM_SCRAPERS)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 assert child.stdin is not None and child.stdout is not None
                 child.stdout.readline()  # ready: the child's start-up is not part of the storm
                 time.sleep(0.5)  # let the start-up's CPU settle before either period is timed
@@ -268,21 +291,29 @@ def storm(blocks: int, seconds: int) -> dict[str, Any]:
         ratio = statistics.fmean(times) / quiet_mean if times and quiet else float("nan")
         cases[name] = {
             "cache_ttl_s": configs[name].cache_ttl_s,
-            "step_ms_storm": summarize(times), "step_ms_storm_mean": statistics.fmean(times) if times else None,
+            "step_ms_storm": summarize(times),
+            "step_ms_storm_mean": statistics.fmean(times) if times else None,
             "ratio_mean": ratio,
             "ratio_median": statistics.median(times) / quiet_median if times and quiet else float("nan"),
-            "scrapes_sent": sent, "scrapes_answered_200": ok,
-            "scrape_ms": summarize(latencies), "scrape_p99_ms": percentile(latencies, 99) if latencies else None,
+            "scrapes_sent": sent,
+            "scrapes_answered_200": ok,
+            "scrape_ms": summarize(latencies),
+            "scrape_p99_ms": percentile(latencies, 99) if latencies else None,
             "met": sent > 0 and ok == sent and ratio <= STORM_TARGET,
         }
     return {
         "what": f"CPU-bound step (MLP 512x512, batch 256, this process) during {seconds} s storms of one round of "
-                f"{STORM_SCRAPERS} concurrent scrapes per second (new connection each) from a child process, "
-                f"against quiet periods of the same length interleaved with them; a worst case 15x denser than "
-                f"{STORM_SCRAPERS} Prometheus servers at the default 15 s interval",
-        "blocks": blocks, "seconds_per_storm": seconds, "scrapers": STORM_SCRAPERS,
-        "step_ms_quiet": summarize(quiet), "step_ms_quiet_mean": quiet_mean,
-        "cases": cases, "target": STORM_TARGET, "met": cases["shared_render"]["met"],
+        f"{STORM_SCRAPERS} concurrent scrapes per second (new connection each) from a child process, "
+        f"against quiet periods of the same length interleaved with them; a worst case 15x denser than "
+        f"{STORM_SCRAPERS} Prometheus servers at the default 15 s interval",
+        "blocks": blocks,
+        "seconds_per_storm": seconds,
+        "scrapers": STORM_SCRAPERS,
+        "step_ms_quiet": summarize(quiet),
+        "step_ms_quiet_mean": quiet_mean,
+        "cases": cases,
+        "target": STORM_TARGET,
+        "met": cases["shared_render"]["met"],
     }
 
 
