@@ -12,11 +12,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Optional, Protocol
-from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from dgdn_lightning_monitor.guards import check, forget_threads_after_fork
 
@@ -29,7 +28,7 @@ LISTEN_BACKLOG = 128
 #: How long one rendering of ``/metrics`` answers the scrapes that ask for the same variant. Prometheus scrapes
 #: every 15 s by default, so a second-old page costs it nothing, while a burst of scrapers costs one render.
 CACHE_TTL_S = 1.0
-# Variants kept at most (content type x gzip x name[] filter); a client varying the filter cannot grow memory.
+# Variants kept at most; a client varying its query or headers cannot grow memory.
 _MAX_VARIANTS = 32
 
 StartResponse = Callable[..., Any]
@@ -45,26 +44,15 @@ class WebConfig(Protocol):
     def wrap(self, app: Any) -> Any: ...
 
 
-class _Render:
-    """One rendering of one variant: filled in by the request that makes it, awaited by those that arrive
-    meanwhile."""
-
-    __slots__ = ("started", "done", "response")
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.done = threading.Event()
-        self.response: Optional[tuple[str, list[tuple[str, str]], bytes]] = None  # None: the render failed
-
-
 class SharedRender:
-    """A WSGI app answering ``GET`` scrapes of the same variant with one rendering of ``app`` for ``ttl_s``.
+    """A WSGI app answering ``GET`` requests that ask for the same variant with one rendering of ``app`` for
+    ``ttl_s`` seconds.
 
-    The variant is what ``prometheus_client`` negotiates from the request (content type, gzip or not, the
-    ``name[]`` filter). A request that arrives while that variant is being rendered waits for the render instead
-    of starting its own, so a burst of scrapers costs the training process one collection, one exposition and
-    one compression. Served values are at most ``ttl_s`` old (counted from the start of their collection).
-    Other methods and paths are passed to ``app`` untouched; a render that raises is not kept.
+    The variant is the request's path, query (``name[]`` filter), ``Accept`` and ``Accept-Encoding`` headers, so
+    text, OpenMetrics and gzip are never mixed. Renders run one at a time: a request that arrives while one runs
+    waits for it and shares it, so a burst of scrapers costs the training process one collection, one exposition
+    and one compression. Otherwise a request is answered from a rendering that started at most ``ttl_s`` before it
+    arrived. A render that raises is not kept.
 
     Args:
         app: the WSGI app to render with, e.g. ``prometheus_client.make_wsgi_app(registry)``.
@@ -78,42 +66,25 @@ class SharedRender:
     def __init__(self, app: WSGIApp, ttl_s: float = CACHE_TTL_S) -> None:
         self.app = app
         self.ttl_s = ttl_s
-        self._renders: dict[tuple[str, bool, tuple[str, ...]], _Render] = {}
+        # variant -> (render started, render finished, status, headers, body)
+        self._pages: dict[tuple[str, ...], tuple[float, float, str, list[tuple[str, str]], bytes]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if self.ttl_s <= 0 or environ.get("REQUEST_METHOD") != "GET" or environ.get("PATH_INFO") == "/favicon.ico":
+        if self.ttl_s <= 0 or environ.get("REQUEST_METHOD") != "GET":
             return self.app(environ, start_response)
-        query = environ.get("QUERY_STRING", "")
-        names = tuple(sorted(set(parse_qs(query).get("name[]", ())))) if query else ()
-        key = (
-            choose_encoder(environ.get("HTTP_ACCEPT", ""))[1],
-            gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")),
-            names,
-        )
-        now = time.monotonic()
+        names = ("PATH_INFO", "QUERY_STRING", "HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING")
+        key = tuple(environ.get(name, "") for name in names)
+        arrived = time.monotonic()
         with self._lock:
-            render = self._renders.get(key)
-            mine = render is None or (render.done.is_set() and now - render.started >= self.ttl_s)
-            if mine:
-                if render is None and len(self._renders) >= _MAX_VARIANTS:
-                    self._renders = {k: r for k, r in self._renders.items() if not r.done.is_set()}
-                render = self._renders[key] = _Render(now)
-        assert render is not None
-        if mine:
-            try:
-                render.response = self._render(environ)
-            finally:
-                if render.response is None:
-                    with self._lock:
-                        if self._renders.get(key) is render:
-                            del self._renders[key]
-                render.done.set()
-        else:
-            render.done.wait()
-        if render.response is None:  # the shared render failed: this request renders (and reports) for itself
-            return self.app(environ, start_response)
-        status, headers, body = render.response
+            page = self._pages.get(key)
+            if page is None or (page[1] < arrived and page[0] < arrived - self.ttl_s):
+                if len(self._pages) >= _MAX_VARIANTS:
+                    self._pages.clear()
+                started = time.monotonic()
+                status, headers, body = self._render(environ)
+                page = self._pages[key] = (started, time.monotonic(), status, headers, body)
+        _, _, status, headers, body = page
         start_response(status, list(headers))
         return [body]
 
