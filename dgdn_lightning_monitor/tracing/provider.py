@@ -33,12 +33,15 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-from dgdn_lightning_monitor.guards import WarnOnce, quietly
+from dgdn_lightning_monitor.guards import WarnOnce
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
 DEFAULT_SERVICE_NAME = "dgdn-training"
 LOCAL_OTLP_HOST, LOCAL_OTLP_PORT = "localhost", 4318
+PROBE_TIMEOUT_S = 0.2  # how long the auto mode waits for the local receiver to accept a connection
+EXPORT_TIMEOUT_S = 1.0  # per OTLP request, unless OTEL_EXPORTER_OTLP_*TIMEOUT says otherwise
+FLUSH_TIMEOUT_S = 2.0  # the final flush, at the end of a run
 INSTRUMENTATION_NAME = "dgdn_lightning_monitor"
 # The OTLP exporter logs every failed request and retry; the wrapper below reports once instead. (A logger's
 # filter only sees records created on that very logger, so each module's logger is named.)
@@ -106,8 +109,8 @@ class TracingSetup:
     borrowed: Optional[trace.TracerProvider] = None
     _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: lambda record: False)  # one per setup
 
-    def finish(self, flush_timeout_s: float = 2.0) -> bool:
-        """Flush and shut down an owned provider within ``flush_timeout_s``; flush only one we do not own.
+    def finish(self) -> bool:
+        """Flush and shut down an owned provider within ``FLUSH_TIMEOUT_S``; flush only one we do not own.
 
         Returns:
             True when everything was flushed in time.
@@ -115,69 +118,57 @@ class TracingSetup:
         provider, borrowed = self.provider, self.borrowed
 
         def target() -> None:
-            if provider is not None:
-                provider.force_flush()
-                provider.shutdown()
-            elif borrowed is not None and hasattr(borrowed, "force_flush"):
-                borrowed.force_flush()
+            try:
+                if provider is not None:
+                    provider.force_flush()
+                    provider.shutdown()
+                elif borrowed is not None and hasattr(borrowed, "force_flush"):
+                    borrowed.force_flush()
+            except Exception as error:  # pragma: no cover - shutdown of a broken exporter
+                log.debug("Trace flush failed: %s", error)
 
-        worker = threading.Thread(target=quietly(target, log, "Trace flush"), name="dgdn-trace-flush", daemon=True)
+        worker = threading.Thread(target=target, name="dgdn-trace-flush", daemon=True)
         worker.start()
-        worker.join(flush_timeout_s)
+        worker.join(FLUSH_TIMEOUT_S)
         finished = not worker.is_alive()
         already_reported = self.exporter is not None and self.exporter.failures > 0
         if not finished and not already_reported:  # one line about a broken collector is enough
             log.warning(
-                "Spans were not delivered within %.1f s at the end of the run; the rest are dropped.", flush_timeout_s
+                "Spans were not delivered within %.1f s at the end of the run; the rest are dropped.", FLUSH_TIMEOUT_S
             )
         for name in _EXPORTER_LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
         return finished
 
 
-def receiver_answers(host: str = LOCAL_OTLP_HOST, port: int = LOCAL_OTLP_PORT, timeout_s: float = 0.2) -> bool:
-    """Whether something accepts TCP connections at ``host:port`` (a cheap probe for a local collector)."""
+def _receiver_answers() -> bool:
+    """Whether something accepts TCP connections on the local OTLP port (a cheap probe for a collector)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
+        with socket.create_connection((LOCAL_OTLP_HOST, LOCAL_OTLP_PORT), timeout=PROBE_TIMEOUT_S):
             return True
     except OSError:
         return False
 
 
-def _resource(service_name: str, attributes: dict[str, object]) -> Resource:
-    # Resource.create merges OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES in; our service name is the default only.
-    resource = Resource.create(dict(attributes))  # type: ignore[arg-type]
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
-    return resource
-
-
-def _otlp_exporter(endpoint: Optional[str], timeout_s: float) -> tuple[SpanExporter, str]:
+def _otlp_exporter(endpoint: Optional[str]) -> tuple[SpanExporter, str]:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     env_timeout = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
-    exporter = OTLPSpanExporter(endpoint=endpoint, timeout=None if env_timeout else timeout_s)
+    exporter = OTLPSpanExporter(endpoint=endpoint, timeout=None if env_timeout else EXPORT_TIMEOUT_S)
     return exporter, str(getattr(exporter, "_endpoint", endpoint or "the OTLP endpoint"))
 
 
 def configure_tracing(
     enabled: Optional[bool],
-    service_name: str = DEFAULT_SERVICE_NAME,
     resource_attributes: Optional[dict[str, object]] = None,
-    probe_timeout_s: float = 0.2,
-    export_timeout_s: float = 1.0,
-    max_queue_size: int = 2048,
     tracer_provider: Optional[trace.TracerProvider] = None,
 ) -> Optional[TracingSetup]:
     """Choose where spans go (see the module docstring); ``None`` means tracing is off.
 
     Args:
         enabled: ``None`` for auto, ``True`` to export even if no receiver answers yet, ``False`` for off.
-        service_name: ``service.name`` unless ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` name one.
-        resource_attributes: extra resource attributes (e.g. the run id).
-        probe_timeout_s: how long the auto mode waits for ``localhost:4318`` to accept a connection.
-        export_timeout_s: per-request timeout of the OTLP exporter (unless ``OTEL_EXPORTER_OTLP_*TIMEOUT``).
-        max_queue_size: spans held while the exporter is slow; more are dropped.
+        resource_attributes: extra resource attributes (e.g. the run id); ``service.name`` is
+            ``DEFAULT_SERVICE_NAME`` unless ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` name one.
         tracer_provider: use this provider (it stays the caller's: flushed at the end, never shut down).
     """
     if enabled is False:
@@ -200,11 +191,9 @@ def configure_tracing(
     if choice == "console":
         exporter, destination = ConsoleSpanExporter(), "the console"
     elif choice != "none" and (choice == "otlp" or endpoint_set or enabled is True):
-        exporter, destination = _otlp_exporter(None, export_timeout_s)
-    elif receiver_answers(LOCAL_OTLP_HOST, LOCAL_OTLP_PORT, probe_timeout_s):
-        exporter, destination = _otlp_exporter(
-            f"http://{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}/v1/traces", export_timeout_s
-        )
+        exporter, destination = _otlp_exporter(None)
+    elif _receiver_answers():
+        exporter, destination = _otlp_exporter(f"http://{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}/v1/traces")
     else:
         log.info(
             "Tracing is off: no OTLP receiver answers on %s:%s. Start the stack (make stack) or set "
@@ -215,15 +204,16 @@ def configure_tracing(
         return None
 
     reporting = ReportingExporter(exporter, destination)
-    provider = TracerProvider(resource=_resource(service_name, resource_attributes or {}))
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            reporting,
-            max_queue_size=max_queue_size,
-            schedule_delay_millis=1000,
-            export_timeout_millis=int(export_timeout_s * 1000),
-        )
+    # Resource.create merges OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES in; our service name is the default only.
+    resource = Resource.create(dict(resource_attributes or {}))  # type: ignore[arg-type]
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+    provider = TracerProvider(resource=resource)
+    # The SDK's queue bound (2048 spans, more are dropped) with a shorter delay and the exporter's own timeout.
+    processor = BatchSpanProcessor(
+        reporting, schedule_delay_millis=1000, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)
     )
+    provider.add_span_processor(processor)
     setup = TracingSetup(provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting)
     for name in _EXPORTER_LOGGERS:
         logging.getLogger(name).addFilter(setup._filter)
