@@ -7,7 +7,6 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
@@ -106,15 +105,3 @@ def forget_threads_after_fork(owner: Any) -> None:
     The owner is held weakly: registering costs nothing once it is gone.
     """
     _FORK_AWARE.add(owner)
-
-
-def quietly(function: Callable[[], object], logger: logging.Logger, what: str) -> Callable[[], None]:
-    """``function`` with any exception logged at debug level (for helper threads that must never raise)."""
-
-    def run() -> None:
-        try:
-            function()
-        except Exception as error:  # pragma: no cover - shutdown of a broken exporter or server
-            logger.debug("%s failed: %s", what, error)
-
-    return run
