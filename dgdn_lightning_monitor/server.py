@@ -140,12 +140,9 @@ class MetricsServer:
         web_config: Optional[WebConfig] = None,
         cache_ttl_s: float = CACHE_TTL_S,
     ) -> None:
-        self.cache_ttl_s = check(
-            "cache_ttl_s",
-            cache_ttl_s,
-            isinstance(cache_ttl_s, (int, float)) and not isinstance(cache_ttl_s, bool) and 0 <= cache_ttl_s < math.inf,
-            "a finite number of seconds >= 0",
-        )
+        valid = isinstance(cache_ttl_s, (int, float)) and not isinstance(cache_ttl_s, bool)
+        valid = valid and 0 <= cache_ttl_s < math.inf
+        self.cache_ttl_s = check("cache_ttl_s", cache_ttl_s, valid, "a finite number of seconds >= 0")
         self.registry = registry
         self.addr = addr
         self.port = port
@@ -162,23 +159,19 @@ class MetricsServer:
     def url(self) -> Optional[str]:
         if self.bound_port is None:
             return None
-        host = self.addr
-        if host in ("0.0.0.0", "", "::"):
-            host = socket.gethostname() if host == "" else ("localhost" if host == "0.0.0.0" else "[::1]")
-        elif ":" in host:
-            host = f"[{host}]"
+        # A wildcard address is reached through the local host; an IPv6 literal goes in brackets.
+        wildcards = {"0.0.0.0": "localhost", "::": "[::1]", "": socket.gethostname()}
+        host = wildcards.get(self.addr, f"[{self.addr}]" if ":" in self.addr else self.addr)
         scheme = self.web_config.scheme if self.web_config is not None else "http"
         return f"{scheme}://{host}:{self.bound_port}/metrics"
 
     def start(self) -> None:
         if self._httpd is not None:
             return
-        family = socket.getaddrinfo(self.addr or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][
-            0
-        ]
+        info = socket.getaddrinfo(self.addr or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
 
         class Server(ThreadingWSGIServer):
-            address_family = family
+            address_family = info[0][0]
             request_queue_size = LISTEN_BACKLOG
 
         app: WSGIApp = SharedRender(make_wsgi_app(self.registry), self.cache_ttl_s)
