@@ -226,22 +226,6 @@ def push_final_metrics(
 
 
 # ---------------------------------------------------------------------------------------------- collectives
-def pack_span_context(context: Optional[SpanContext]) -> Optional[tuple[int, int, int]]:
-    """``(trace_id, span_id, trace_flags)`` of a valid context, else ``None``; small enough for a broadcast."""
-    if context is None or not context.is_valid:
-        return None
-    return (context.trace_id, context.span_id, int(context.trace_flags))
-
-
-def unpack_span_context(packed: Any) -> Optional[SpanContext]:
-    """The remote :class:`SpanContext` packed by :func:`pack_span_context`, or ``None``."""
-    if not isinstance(packed, tuple) or len(packed) != 3:
-        return None
-    trace_id, span_id, flags = (int(part) for part in packed)
-    context = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
-    return context if context.is_valid else None
-
-
 class DistributedRun:
     """Discovery file, final push and trace-context sharing for one :class:`MonitoringCallback`.
 
@@ -354,11 +338,17 @@ class DistributedRun:
         """
         if not self.share_traces:
             return None
-        payload: list[Any] = [pack_span_context(local) if self.rank == 0 else None]
+        # (trace_id, span_id, trace_flags): three ints, small to broadcast; an invalid context stays None.
+        payload: list[Any] = [None]
+        if self.rank == 0 and local is not None and local.is_valid:
+            payload[0] = (local.trace_id, local.span_id, int(local.trace_flags))
         if not self._collect("trace context", lambda: dist.broadcast_object_list(payload, src=0)):
             self.share_traces = False
             return None
-        return None if self.rank == 0 else unpack_span_context(payload[0])
+        if self.rank == 0 or payload[0] is None:
+            return None
+        trace_id, span_id, flags = payload[0]
+        return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
 
     # ------------------------------------------------------------------ end of run (never raises)
     def finish(self, registry: CollectorRegistry, labels: RankLabels, run_id: str) -> None:

@@ -31,9 +31,7 @@ from dgdn_lightning_monitor.distributed import (
     Endpoint,
     FileSDTargets,
     advertised_host,
-    pack_span_context,
     push_final_metrics,
-    unpack_span_context,
 )
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.tracing import TracingSetup, TrainingTracer
@@ -248,16 +246,30 @@ def test_failed_push_warns_once_and_training_completes(caplog) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- traces
-def test_span_context_packs_into_a_small_tuple_and_back() -> None:
+def test_span_context_travels_as_a_small_tuple_of_ints(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[Any] = []
+
+    def broadcast(payload: list[Any], src: int) -> None:  # rank 0's call records, rank 1's receives a pickled copy
+        assert src == 0
+        if payload[0] is not None or not sent:
+            sent[:] = payload
+        else:
+            payload[:] = pickle.loads(pickle.dumps(sent))
+
+    monkeypatch.setattr("dgdn_lightning_monitor.distributed.dist.broadcast_object_list", broadcast)
+    leader, follower = DistributedRun(), DistributedRun()
+    leader.share_traces = follower.share_traces = True
+    follower.rank = 1
     context = SpanContext(trace_id=0xABC, span_id=0x123, is_remote=False, trace_flags=TraceFlags(1))
-    packed = pack_span_context(context)
-    assert packed == (0xABC, 0x123, 1)
-    remote = unpack_span_context(pickle.loads(pickle.dumps(packed)))
+    assert leader.share_span_context(context) is None
+    assert sent == [(0xABC, 0x123, 1)]
+    remote = follower.share_span_context(None)
     assert remote is not None and remote.is_remote
     assert (remote.trace_id, remote.span_id, remote.trace_flags.sampled) == (0xABC, 0x123, True)
-    assert pack_span_context(None) is None
-    assert unpack_span_context(None) is None
-    assert unpack_span_context((0, 0, 0)) is None
+    sent.clear()
+    assert leader.share_span_context(SpanContext(0, 0, is_remote=False)) is None  # an invalid context: nothing
+    assert sent == [None]
+    assert follower.share_span_context(None) is None
 
 
 def test_without_a_process_group_no_context_is_shared() -> None:
