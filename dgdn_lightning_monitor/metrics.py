@@ -296,6 +296,10 @@ class TrainingMetrics:
             elif entries:
                 yield from single(suffix, entries[0][1])
 
+        last_step = self.last_step_perf + self._unix_offset if self.last_step_perf is not None else None
+        parameters, trainable, memory = self.model_figures or (None, None, None)
+        progress, rates = self._live()
+        epoch, step = progress or (None, None)
         for name, value in (
             ("samples_processed_total", self.samples_total),
             ("nodes_processed_total", self.nodes_total),
@@ -305,6 +309,12 @@ class TrainingMetrics:
             ("graph_edges", self.graph_edges),
             ("samples_per_second", self.samples_per_second),
             ("epoch_duration_seconds", self.epoch_duration),
+            ("last_step_timestamp_seconds", last_step),
+            ("model_parameters", parameters),
+            ("model_trainable_parameters", trainable),
+            ("model_memory_usage_bytes", memory),
+            ("epoch", epoch),
+            ("global_step", step),
         ):
             yield from single(name, value)
 
@@ -321,19 +331,6 @@ class TrainingMetrics:
             for stage, histogram in sorted(self.inference_seconds.items()):
                 histogram.add_to(inference, values + [stage])
             yield inference
-
-        if self.last_step_perf is not None:
-            yield from single("last_step_timestamp_seconds", self.last_step_perf + self._unix_offset)
-        if self.model_figures is not None:
-            for name, figure in zip(
-                ("model_parameters", "model_trainable_parameters", "model_memory_usage_bytes"), self.model_figures
-            ):
-                yield from single(name, figure)
-
-        progress, rates = self._live()
-        if progress is not None:
-            yield from single("epoch", progress[0])
-            yield from single("global_step", progress[1])
         if rates:
             lr = family("learning_rate", ["optimizer", "param_group"])
             for optimizer, group, rate in rates:
