@@ -88,19 +88,6 @@ class StepStatistics:
                 waiting.append((done, deliver))
         self.pending = waiting
 
-    def flush(self, timeout_s: float = 1.0) -> None:
-        """At the end of a run: deliver what is pending, polling (not synchronising) for up to ``timeout_s``.
-
-        The copies were queued behind the last training work, so they complete as soon as the device catches
-        up; a device that does not within the bound keeps its last values unread.
-        """
-        deadline = time.monotonic() + timeout_s
-        self.poll()
-        while self.pending and time.monotonic() < deadline:
-            time.sleep(0.001)
-            self.poll()
-        self.pending = []
-
     # ------------------------------------------------------------------------------------------ losses
     def keep_loss(self, outputs: Any, trainer: Any) -> None:
         """Keep this step's loss for the non-finite count, taken every few steps in one go (no read, kernel or
@@ -186,9 +173,17 @@ class StepStatistics:
                     " / ".join(KEY_ARGUMENTS[gauge] for gauge in missing),
                 )
 
-    def finish(self) -> None:
-        """At the end of a run: count the last losses and deliver the pending copies (polling, never waiting on
-        the device for long)."""
-        self.flush()
+    def finish(self, timeout_s: float = 1.0) -> None:
+        """At the end of a run: count the last losses and deliver what is pending, polling (not synchronising) for
+        up to ``timeout_s``.
+
+        The copies were queued behind the last training work, so they complete as soon as the device catches
+        up; a device that does not within the bound keeps its last values unread.
+        """
         self.fold_nonfinite()
-        self.flush()
+        deadline = time.monotonic() + timeout_s
+        self.poll()
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+            self.poll()
+        self.pending = []
