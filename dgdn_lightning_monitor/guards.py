@@ -76,11 +76,8 @@ class WarnOnce:
         self.logger.warning(message, *args, **kwargs)
         return True
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"logger": self.logger.name}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(logging.getLogger(state["logger"]))  # type: ignore[misc]
+    def __reduce__(self) -> tuple[type[WarnOnce], tuple[logging.Logger]]:
+        return WarnOnce, (self.logger,)  # a copy starts with nothing said; loggers pickle by name
 
 
 _FORK_AWARE: weakref.WeakSet[Any] = weakref.WeakSet()
