@@ -27,7 +27,6 @@ from dataclasses import asdict
 from typing import Any, Literal, Optional, Union
 
 import prometheus_client
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -322,20 +321,16 @@ class MonitoringCallback(Callback):
                 self._degrade(error)
         run.batch_start = time.perf_counter()
 
-    @override
-    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if self._run is not None and self._run.record is not None:
-            self._run.record.mark("backward_start")
+    def _marker(boundary: str) -> Callable[..., None]:  # type: ignore[misc]  # builds hooks as the class is made
+        def mark(self: MonitoringCallback, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+            if self._run is not None and self._run.record is not None:  # a traced step: note the phase boundary
+                self._run.record.mark(boundary)
 
-    @override
-    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._run is not None and self._run.record is not None:
-            self._run.record.mark("backward_end")
+        return override(mark)
 
-    @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if self._run is not None and self._run.record is not None:
-            self._run.record.mark("optimizer_start")
+    on_before_backward, on_after_backward = _marker("backward_start"), _marker("backward_end")
+    on_before_optimizer_step = _marker("optimizer_start")
+    del _marker
 
     @override
     def on_train_batch_end(
