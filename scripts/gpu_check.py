@@ -6,14 +6,17 @@ Run on a machine with an NVIDIA GPU (takes well under two minutes on an H100)::
     python scripts/gpu_check.py            # prints a JSON summary
     python scripts/gpu_check.py --json out.json
 
-It trains a small two-layer GCN (PyTorch Geometric) on random graphs for one epoch, four times on
+It trains a small two-layer GCN (PyTorch Geometric) on random graphs for one epoch, five times on
 ``cuda:0``:
 
 1. warm-up, without the callback (not counted: first-use costs such as kernel loading);
 2. baseline, without the callback;
 3. with ``MonitoringCallback(port=0, gpu_devices="auto")``, while a background thread scrapes
    ``cb.metrics_url`` the way Prometheus would, and a probe scrapes once in the middle of the epoch;
-4. baseline again (shows whether the synchronisation count is stable).
+4. baseline again (shows whether the synchronisation count is stable);
+5. with ``MonitoringCallback(trace_every_n_steps=1)`` followed by a callback that records its own CUDA events
+   at the same hooks: the ``dgdn_step_phase_seconds`` device times of ``forward``, ``backward`` and
+   ``optimizer_step`` must match those hand-timed events (one observation per step, means within 10 %).
 
 Runs 2-4 are made under ``torch.cuda.set_sync_debug_mode("warn")``; every "synchronizing CUDA
 operation" warning (from any thread) is counted. The check passes when run 3 has no more of them
@@ -208,6 +211,63 @@ def sync_verdict(baselines: Sequence[int], with_callback: int) -> tuple[int, lis
         else []
     )
     return added, failures
+
+
+# The device phases and the CUDA-event boundaries that delimit them, as the callback defines them.
+DEVICE_PHASES = {
+    "forward": ("batch_start", "backward_start"),
+    "backward": ("backward_start", "backward_end"),
+    "optimizer_step": ("optimizer_start", "batch_end"),
+}
+
+
+def phase_histogram(exposition: str) -> dict[str, tuple[float, float]]:
+    r"""``phase -> (sum seconds, count)`` of ``dgdn_step_phase_seconds`` in a text exposition.
+
+    Example:
+        >>> phase_histogram('dgdn_step_phase_seconds_sum{phase="forward",rank="0"} 0.5\n'
+        ...                 'dgdn_step_phase_seconds_count{phase="forward",rank="0"} 4.0\n')
+        {'forward': (0.5, 4.0)}
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name in ("dgdn_step_phase_seconds_sum", "dgdn_step_phase_seconds_count"):
+                slot = 0 if sample.name.endswith("_sum") else 1
+                found.setdefault(sample.labels["phase"], [0.0, 0.0])[slot] = sample.value
+    return {phase: (total, count) for phase, (total, count) in found.items()}
+
+
+def phase_verdict(
+    hand_ms: dict[str, list[float]], exported: dict[str, tuple[float, float]], tolerance: float = 0.1
+) -> tuple[dict[str, Any], list[str]]:
+    """Compare the exported device time of each phase with CUDA events timed by hand at the same hooks.
+
+    Every step is traced in this fit, so the histogram must hold one observation per step and phase, and its mean
+    must match the hand-timed mean within ``tolerance`` (relative) or 0.05 ms, whichever is larger.
+
+    Example:
+        >>> table, failures = phase_verdict({"forward": [2.0, 2.2]}, {"forward": (0.0042, 2.0)})
+        >>> table["forward"], failures
+        ({'hand_ms': 2.1, 'exported_ms': 2.1, 'steps': 2, 'observed': 2}, [])
+        >>> phase_verdict({"forward": [2.0, 2.2]}, {"forward": (0.008, 2.0)})[1]
+        ['forward: exported 4.000 ms per step, CUDA events timed by hand 2.100 ms']
+    """
+    table: dict[str, Any] = {}
+    failures: list[str] = []
+    for phase, values in hand_ms.items():
+        total_s, count = exported.get(phase, (0.0, 0.0))
+        hand = sum(values) / len(values) if values else float("nan")
+        mine = 1000 * total_s / count if count else float("nan")
+        table[phase] = {"hand_ms": round(hand, 4), "exported_ms": round(mine, 4), "steps": len(values),
+                        "observed": int(count)}  # fmt: skip
+        if int(count) != len(values):
+            failures.append(f"{phase}: {int(count)} device observations for {len(values)} traced steps")
+        elif not abs(mine - hand) <= max(tolerance * hand, 0.05):
+            failures.append(f"{phase}: exported {mine:.3f} ms per step, CUDA events timed by hand {hand:.3f} ms")
+    return table, failures
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -472,6 +532,46 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         "with_callback": with_callback["wall_s"],
         "baseline_again": baseline_again["wall_s"],
     }
+
+    # Phase device times: every step traced, the same hook boundaries timed by hand with CUDA events.
+    phased = m["MonitoringCallback"](port=0, addr="127.0.0.1", gpu_devices=None, tracing=False, trace_every_n_steps=1)
+    marks: list[dict[str, Any]] = []
+
+    def mark(name: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks[-1][name] = event
+
+    class HandTimer(pl.Callback):
+        """CUDA events at the hooks where the callback records its own (it runs right after the callback)."""
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            marks.append({})
+            mark("batch_start")
+
+        def on_before_backward(self, *args: Any) -> None:
+            mark("backward_start")
+
+        def on_after_backward(self, *args: Any) -> None:
+            mark("backward_end")
+
+        def on_before_optimizer_step(self, *args: Any) -> None:
+            mark("optimizer_start")
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            mark("batch_end")
+
+    _fit(m, args, graphs, [phased, HandTimer()], count_syncs=False)
+    torch.cuda.synchronize()  # after the fit: the hand-timed events are read here, never during training
+    hand_ms = {
+        phase: [step[start].elapsed_time(step[end]) for step in marks if start in step and end in step]
+        for phase, (start, end) in DEVICE_PHASES.items()
+    }
+    from prometheus_client import generate_latest
+
+    exported = phase_histogram(generate_latest(phased.registry).decode())
+    summary["phase_device_ms"], phase_failures = phase_verdict(hand_ms, exported)
+    failures += phase_failures
     return summary, failures
 
 

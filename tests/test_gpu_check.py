@@ -133,3 +133,20 @@ def test_sync_counting(gpu_check: ModuleType) -> None:
     assert gpu_check.sync_verdict([10, 12], 12) == (0, [])
     added, failures = gpu_check.sync_verdict([10, 10], 13)
     assert added == 3 and "added 3" in failures[0]
+
+
+def test_phase_device_times_are_compared_with_hand_timed_events(gpu_check: ModuleType) -> None:
+    # The exposition of a real callback registry whose phase histogram saw two steps of known device time.
+    from dgdn_lightning_monitor.metrics import TrainingMetrics
+
+    metrics = TrainingMetrics("dgdn")
+    for forward_s in (0.002, 0.004):
+        metrics.phase_seconds["forward"].observe(forward_s)
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    exported = gpu_check.phase_histogram(generate_latest(registry).decode())
+    assert exported["forward"] == pytest.approx((0.006, 2.0))
+    table, failures = gpu_check.phase_verdict({"forward": [2.1, 3.95]}, exported)
+    assert failures == [] and table["forward"]["exported_ms"] == pytest.approx(3.0)
+    assert gpu_check.phase_verdict({"forward": [4.0, 4.0]}, exported)[1]  # 3 ms exported against 4 ms by hand
+    assert gpu_check.phase_verdict({"forward": [2.0, 4.0, 3.0]}, exported)[1]  # a traced step without a value

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import free_port, require_tool
-from prom_helpers import DEPLOY, ROOT, wait_until
+from prom_helpers import DEPLOY, ROOT, ServerProcess, wait_until
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, push_to_gateway
 from tls_helpers import SecuredServer, basic, bcrypt_hash, client_context, fetch, write_web_config
 
@@ -31,16 +31,13 @@ SECURE = DEPLOY / "secure"
 WAIT_S = 60.0
 
 
-class SecureProcess:
+class SecureProcess(ServerProcess):
     """A server binary on a loopback port serving HTTPS with the shipped web config."""
 
     def __init__(self, args: list[str], port: int, log_path: Path, context: ssl.SSLContext) -> None:
-        self.port = port
+        super().__init__(args, port, log_path)
         self.url = f"https://127.0.0.1:{port}"
         self.context = context
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def get(self, path: str, context: ssl.SSLContext | None = None, authorization: str | None = None):
         return fetch(self.url + path, context or self.context, authorization)
@@ -58,15 +55,6 @@ class SecureProcess:
         assert status == 200, body
         return json.loads(body)["data"]
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
