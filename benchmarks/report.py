@@ -8,6 +8,9 @@ from typing import Any, Optional
 OK, MISS, NONE = "✅", "❌", "—"
 
 
+# Eight ranks on one endpoint: a reference, since every rank serves its own port.
+PER_RANK = "(reference: each rank serves its own port)"
+
 def _mark(met: Optional[bool]) -> str:
     return NONE if met is None else (OK if met else MISS)
 
@@ -103,8 +106,8 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "benchmark": "Scrape /metrics",
                     "figure": f"{label}: median",
                     "value": f"{data['ms']['median']:.2f} ms",
-                    "target": f"≤ {data['target_ms']:g} ms",
-                    "met": data["ms"]["median"] <= data["target_ms"],
+                    "target": f"≤ {data['target_ms']:g} ms" if data["target_ms"] else PER_RANK,
+                    "met": data["ms"]["median"] <= data["target_ms"] if data["target_ms"] else None,
                 }
             )
             rows.append(
@@ -112,7 +115,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "benchmark": "Scrape /metrics",
                     "figure": f"{label}: p99",
                     "value": f"{data['p99_ms']:.2f} ms",
-                    "target": f"≤ {data['target_ms']:g} ms",
+                    "target": f"≤ {data['target_ms']:g} ms" if data["target_ms"] else PER_RANK,
                     "met": data["met"],
                 }
             )

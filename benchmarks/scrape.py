@@ -169,8 +169,9 @@ def run(quick: bool = False, requests: Optional[int] = None) -> dict[str, Any]:
             "samples": series[ranks],
             "exposition_ms": exposition[(ranks, fmt)],
             "collect_ms": collect[ranks],
-            "target_ms": TARGET_MS,
-            "met": p99 <= TARGET_MS,
+            # Each rank serves its own port: the target is one rank's; eight ranks on one endpoint is a reference.
+            "target_ms": TARGET_MS if ranks == 1 else None,
+            "met": p99 <= TARGET_MS if ranks == 1 else None,
         }
     return {
         "name": "scrape",
