@@ -139,7 +139,7 @@ def _compact(message: str) -> str:
 class _Parser(LightningArgumentParser):
     """Reports a rejected option in one line (the full usage lists hundreds of options)."""
 
-    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         print(f"{self.prog}: error: {_compact(message)} (options: {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -190,7 +190,8 @@ class _LightningTips(logging.Filter):
 
 
 def _monitor_of(trainer: pl.Trainer) -> Optional[MonitoringCallback]:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, MonitoringCallback)), None)
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set on the Trainer by Lightning at construction
+    return next((cb for cb in callbacks if isinstance(cb, MonitoringCallback)), None)
 
 
 def build_cli(argv: Sequence[str], run: bool = False, command: str = "train") -> DGDNMonitorCLI:
@@ -261,7 +262,7 @@ def run_training(cli: DGDNMonitorCLI, out: Any = None) -> dict[str, Any]:
         def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             url["metrics"] = monitor.metrics_url if monitor is not None else None
 
-    trainer.callbacks.append(_Remember())
+    trainer.callbacks.append(_Remember())  # type: ignore[attr-defined]
     try:
         with warnings.catch_warnings():
             # The event loader keeps neighbour history in this process, so it deliberately has no workers.
@@ -354,7 +355,7 @@ def format_summary(result: dict[str, Any], probe: Any = _answers) -> str:
     known += [(name, value) for name, value in phases.items() if name not in _PHASES]
     step_total = sum(value for _, value in known)
     if known and step_total > 0:
-        lines.append("per training step (mean of traced steps):")
+        lines.append("per training step (mean of traced steps, the first one, a warm-up, left out):")
         for name, value in known:
             lines.append(f"  {name:<15} {_format_seconds(value):>10}  {100.0 * value / step_total:5.1f}%")
     else:
