@@ -1,6 +1,7 @@
 """A real OTLP/HTTP trace receiver for tests: decodes the protobuf requests the SDK's exporter posts.
 
-Modes: ``ok`` answers 200, ``error`` answers 503, ``hang`` accepts the request and never answers.
+Modes: ``ok`` answers 200, ``error`` answers 503, ``hang`` accepts the request and never answers. With an
+``ssl_context`` it serves HTTPS on ``localhost``.
 
 In its own process (the benchmarks): ``python -m dgdn_testing.otlp_receiver ok|hang`` prints its port, serves until
 its stdin closes, and answers ``GET /stats`` with the request and span counts as JSON.
@@ -9,11 +10,12 @@ its stdin closes, and answers ``GET /stats`` with the request and span counts as
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Optional
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -50,10 +52,11 @@ class OTLPReceiver:
             receiver.spans
     """
 
-    def __init__(self, mode: str = "ok") -> None:
+    def __init__(self, mode: str = "ok", ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.mode = mode
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
+        self.authorizations: list[Optional[str]] = []  # the Authorization header of each export request
         self._release = threading.Event()
         receiver = self
 
@@ -61,6 +64,7 @@ class OTLPReceiver:
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver.requests += 1
+                receiver.authorizations.append(self.headers.get("Authorization"))
                 if receiver.mode == "hang":
                     receiver._release.wait(30)
                     return
@@ -90,7 +94,10 @@ class OTLPReceiver:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}/v1/traces"
+        if ssl_context is not None:  # HTTPS; a client that fails the handshake is dropped at accept
+            self._server.socket = ssl_context.wrap_socket(self._server.socket, server_side=True)
+        scheme, host = ("https", "localhost") if ssl_context is not None else ("http", "127.0.0.1")
+        self.endpoint = f"{scheme}://{host}:{self.port}/v1/traces"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def _decode(self, body: bytes) -> None:
