@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import subprocess
 import threading
@@ -158,6 +159,27 @@ _BRACKETS = re.compile(r"\[[^\[\]]*\]")
 _GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
 _IDENTIFIER = re.compile(r"(?<![\w.:$])([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?")
 _LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:(.*),\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*$", re.S)
+
+
+def run_tool(
+    args: list[str],
+    cwd: Path = DEPLOY,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    stdout_only: bool = False,
+) -> str:
+    """Run a command that must succeed; returns its output (stdout and stderr, or stdout alone)."""
+    result = subprocess.run(
+        [str(arg) for arg in args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{output}"
+    return result.stdout if stdout_only else output
 
 
 def metric_names(expr: str) -> set[str]:

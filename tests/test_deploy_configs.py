@@ -4,7 +4,6 @@ properties the stack relies on (pinned images, loopback ports, paths that match 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from prom_helpers import (
     STACK_METRICS,
     TARGETS_EXAMPLE,
     metric_names,
+    run_tool,
 )
 
 REQUIRED_ALERTS = {
@@ -60,21 +60,6 @@ REQUIRED_ALERTS = {
 SEVERITIES = {"critical", "warning", "info"}
 
 
-def run(
-    args: list[str],
-    cwd: Path = DEPLOY,
-    env: dict[str, str] | None = None,
-    timeout: float = 60,
-    stdout_only: bool = False,
-) -> str:
-    result = subprocess.run(
-        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{output}"
-    return result.stdout if stdout_only else output
-
-
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
@@ -90,7 +75,7 @@ def rule_tests() -> list[dict[str, Any]]:
 # ================================================================================================ Prometheus
 def test_promtool_check_config_accepts_the_shipped_config():
     promtool = require_tool("promtool")
-    output = run([promtool, "check", "config", str(PROMETHEUS_CONFIG)])
+    output = run_tool([promtool, "check", "config", str(PROMETHEUS_CONFIG)])
     assert "SUCCESS" in output
     assert f"{len(ALL_RULES_FILES)} rule files found" in output  # rules/*.yml resolves relative to the config file
 
@@ -101,7 +86,7 @@ def test_file_sd_example_is_valid_once_enabled(tmp_path):
     copy = tmp_path / "prometheus"
     shutil.copytree(PROMETHEUS_DIR, copy)
     shutil.copy(TARGETS_EXAMPLE, copy / "targets" / "ranks.json")
-    output = run([promtool, "check", "config", str(copy / "prometheus.yml")], cwd=tmp_path)
+    output = run_tool([promtool, "check", "config", str(copy / "prometheus.yml")], cwd=tmp_path)
     assert "does not exist" not in output
     groups = json.loads(TARGETS_EXAMPLE.read_text())
     assert sum(len(group["targets"]) for group in groups) >= 3
@@ -165,7 +150,7 @@ def test_prometheus_config_scrapes_the_training_host_and_the_stack():
 @pytest.mark.parametrize("path", ALL_RULES_FILES, ids=lambda p: p.name)
 def test_promtool_check_rules(path):
     promtool = require_tool("promtool")
-    output = run([promtool, "check", "rules", str(path)])
+    output = run_tool([promtool, "check", "rules", str(path)])
     rules = [rule for group in load_yaml(path)["groups"] for rule in group["rules"]]
     assert f"SUCCESS: {len(rules)} rules found" in output
 
@@ -173,7 +158,7 @@ def test_promtool_check_rules(path):
 @pytest.mark.parametrize("path", ALL_RULES_TEST_FILES, ids=lambda p: p.name)
 def test_promtool_rule_unit_tests_pass(path):
     promtool = require_tool("promtool")
-    output = run([promtool, "test", "rules", str(path)])
+    output = run_tool([promtool, "test", "rules", str(path)])
     assert "SUCCESS" in output and "FAILED" not in output
 
 
@@ -276,7 +261,7 @@ def test_every_alert_is_unit_tested_firing_and_silent():
 # ================================================================================================ Alertmanager
 def test_amtool_check_config():
     amtool = require_tool("amtool")
-    output = run([amtool, "check-config", str(ALERTMANAGER_CONFIG)])
+    output = run_tool([amtool, "check-config", str(ALERTMANAGER_CONFIG)])
     assert "SUCCESS" in output
 
 
@@ -295,7 +280,7 @@ def test_amtool_check_config():
 @pytest.mark.parametrize("config", [ALERTMANAGER_CONFIG, *ALERTMANAGER_EXAMPLES.values()], ids=lambda p: p.name)
 def test_alertmanager_routes_by_severity(labels, receiver, config):
     amtool = require_tool("amtool")
-    output = run([amtool, "config", "routes", "test", f"--config.file={config}", *labels], stdout_only=True)
+    output = run_tool([amtool, "config", "routes", "test", f"--config.file={config}", *labels], stdout_only=True)
     assert output.split() == [receiver]
 
 
@@ -320,7 +305,7 @@ def test_alertmanager_examples_are_valid_and_keep_the_routing(name):
     """Each example is the default routing with real receivers whose secrets come from files."""
     amtool = require_tool("amtool")
     path = ALERTMANAGER_EXAMPLES[name]
-    assert "SUCCESS" in run([amtool, "check-config", str(path)])
+    assert "SUCCESS" in run_tool([amtool, "check-config", str(path)])
     default, example = load_yaml(ALERTMANAGER_CONFIG), load_yaml(path)
     assert example["route"] == default["route"]
     assert example["inhibit_rules"] == default["inhibit_rules"]
@@ -340,8 +325,8 @@ def test_alertmanager_examples_are_valid_and_keep_the_routing(name):
 def compose_config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     docker_compose = require_tool("docker-compose")
     base = [docker_compose, "-f", str(COMPOSE_FILE), *args]
-    run([*base, "config", "-q"], env=env)
-    return yaml.safe_load(run([*base, "config"], env=env, stdout_only=True))
+    run_tool([*base, "config", "-q"], env=env)
+    return yaml.safe_load(run_tool([*base, "config"], env=env, stdout_only=True))
 
 
 @pytest.fixture(scope="module")

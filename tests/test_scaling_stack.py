@@ -5,7 +5,6 @@ recording rules, and two clustered Alertmanagers that turn one alert into one no
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import free_port, require_tool
-from prom_helpers import DEPLOY, HttpSink, Prometheus, ServerProcess, http_get, wait_until, webhook_alerts
+from prom_helpers import DEPLOY, HttpSink, Prometheus, ServerProcess, http_get, run_tool, wait_until, webhook_alerts
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 pytestmark = pytest.mark.slow
@@ -98,22 +97,8 @@ def _values(prometheus: Prometheus, expr: str, key: str) -> dict[str, float]:
 def test_shipped_scaling_configs_pass_promtool_and_compose():
     promtool = require_tool("promtool")
     for config in ("remote-write.yml", "global-prometheus.yml", "prometheus-ha-alertmanager.yml"):
-        result = subprocess.run(
-            [promtool, "check", "config", str(SCALING / config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-    result = subprocess.run(
-        [promtool, "check", "rules", str(SCALING / "rules" / "dgdn-federation.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+        run_tool([promtool, "check", "config", SCALING / config])
+    run_tool([promtool, "check", "rules", SCALING / "rules" / "dgdn-federation.yml"])
     # The HA copy keeps the plain config's jobs, and sends alerts to both Alertmanagers.
     plain = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     ha = yaml.safe_load((SCALING / "prometheus-ha-alertmanager.yml").read_text())
@@ -123,22 +108,11 @@ def test_shipped_scaling_configs_pass_promtool_and_compose():
         "alertmanager-2:9093",
     ]
     compose = require_tool("docker-compose")
-    merged = subprocess.run(
-        [
-            compose,
-            "-f",
-            str(DEPLOY / "docker-compose.yml"),
-            "-f",
-            str(SCALING / "docker-compose.ha-alertmanager.yml"),
-            "config",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    merged = run_tool(
+        [compose, "-f", DEPLOY / "docker-compose.yml", "-f", SCALING / "docker-compose.ha-alertmanager.yml", "config"],
+        stdout_only=True,
     )
-    assert merged.returncode == 0, merged.stderr
-    services = yaml.safe_load(merged.stdout)["services"]
+    services = yaml.safe_load(merged)["services"]
     assert "--cluster.peer=alertmanager-2:9094" in services["alertmanager"]["command"]
     assert "--cluster.peer=alertmanager:9094" in services["alertmanager-2"]["command"]
 

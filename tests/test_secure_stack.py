@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import free_port, require_tool
-from prom_helpers import DEPLOY, ROOT, ServerProcess, wait_until
+from prom_helpers import DEPLOY, ROOT, ServerProcess, run_tool, wait_until
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, push_to_gateway
 from tls_helpers import SecuredServer, basic, bcrypt_hash, client_context, fetch, write_web_config
 
@@ -65,14 +65,7 @@ def secure_dir(tmp_path_factory) -> Path:
         shutil.copy(SECURE / name, directory / name)
     if shutil.which("openssl") is None:
         require_tool("openssl")
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "make-certs.sh"), str(directory / "certs"), "extra-node.example"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    run_tool(["bash", ROOT / "scripts" / "make-certs.sh", directory / "certs", "extra-node.example"], timeout=120)
     return directory
 
 
@@ -84,14 +77,7 @@ def trusted(secure_dir) -> ssl.SSLContext:
 
 def test_make_certs_makes_a_chain_the_servers_accept(secure_dir):
     certs = secure_dir / "certs"
-    verify = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.crt"), str(certs / "client.crt")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    run_tool(["openssl", "verify", "-CAfile", certs / "ca.crt", certs / "server.crt", certs / "client.crt"], timeout=30)
     san = subprocess.run(
         ["openssl", "x509", "-in", str(certs / "server.crt"), "-noout", "-ext", "subjectAltName"],
         capture_output=True,
@@ -112,14 +98,7 @@ def test_make_certs_makes_a_chain_the_servers_accept(secure_dir):
     assert oct((certs / "ca.key").stat().st_mode & 0o777) == "0o600"
     # The shipped web config loads with them, in promtool and in the package alike.
     promtool = require_tool("promtool")
-    check = subprocess.run(
-        [promtool, "check", "web-config", str(secure_dir / "web-config.yml")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    run_tool([promtool, "check", "web-config", secure_dir / "web-config.yml"], timeout=30)
     config = load_web_config(secure_dir / "web-config.yml")
     assert config.scheme == "https" and config.client_certificate_required
 
@@ -252,10 +231,7 @@ def test_stack_with_the_shipped_web_config(tmp_path, secure_dir, trusted):
                 ),
             },
         )
-        check = subprocess.run(
-            [promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60, check=False
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
+        run_tool([promtool, "check", "config", config])
         prometheus = SecureProcess(
             [
                 prometheus_bin,
@@ -287,36 +263,10 @@ def test_stack_with_the_shipped_web_config(tmp_path, secure_dir, trusted):
         # promtool the same file is still exercised by amtool below.
         helps = subprocess.run([promtool, "check", "--help"], capture_output=True, text=True, timeout=60, check=False)
         if "ready" in helps.stdout + helps.stderr:
-            ready = subprocess.run(
-                [
-                    promtool,
-                    "check",
-                    "ready",
-                    f"--url=https://localhost:{prom_port}",
-                    http_client,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-                cwd=secure_dir,
-            )
-            assert ready.returncode == 0, ready.stdout + ready.stderr
-        cluster = subprocess.run(
-            [
-                amtool,
-                f"--alertmanager.url=https://localhost:{am_port}",
-                http_client,
-                "cluster",
-                "show",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            cwd=secure_dir,
-        )
-        assert cluster.returncode == 0, cluster.stdout + cluster.stderr
+            url = f"--url=https://localhost:{prom_port}"
+            run_tool([promtool, "check", "ready", url, http_client], cwd=secure_dir)
+        url = f"--alertmanager.url=https://localhost:{am_port}"
+        run_tool([amtool, url, http_client, "cluster", "show"], cwd=secure_dir)
 
         # A push with the DGDN_MONITOR_PUSHGATEWAY_* settings gets through; one without a certificate does not.
         pushed = CollectorRegistry()
@@ -468,16 +418,8 @@ def test_compose_override_validates_and_refuses_the_default_grafana_password():
         [compose, *files, "config", "-q"], capture_output=True, text=True, timeout=60, env=env, check=False
     )
     assert refused.returncode != 0 and "GF_ADMIN_PASSWORD" in refused.stderr
-    merged = subprocess.run(
-        [compose, *files, "config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**env, "GF_ADMIN_PASSWORD": "a-real-password"},
-        check=False,
-    )
-    assert merged.returncode == 0, merged.stderr
-    services = yaml.safe_load(merged.stdout)["services"]
+    merged = run_tool([compose, *files, "config"], env={"GF_ADMIN_PASSWORD": "a-real-password"}, stdout_only=True)
+    services = yaml.safe_load(merged)["services"]
     for name in ("prometheus", "alertmanager", "pushgateway"):
         assert "--web.config.file=/etc/secure/web-config.yml" in services[name]["command"], name
     assert "--config.file=/etc/secure/prometheus.yml" in services["prometheus"]["command"]
@@ -497,11 +439,4 @@ def test_secured_prometheus_config_keeps_the_plain_jobs():
     assert secure["alerting"]["alertmanagers"][0]["scheme"] == "https"
     certs = SECURE / "certs"
     if (certs / "client.crt").exists():  # after `make certs`; the check needs the files it names
-        check = subprocess.run(
-            [promtool, "check", "config", str(SECURE / "prometheus.yml")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
+        run_tool([promtool, "check", "config", SECURE / "prometheus.yml"])
