@@ -44,7 +44,7 @@ Example:
     >>> from prometheus_client import CollectorRegistry
     >>> monitor = GPUMonitor(namespace="dgdn", devices="auto", poll_interval_s=5.0)
     >>> registry = CollectorRegistry()
-    >>> registry.register(monitor)  # describe() is empty, so this samples nothing
+    >>> registry.register(monitor)  # describe() names the families; nothing is sampled
     >>> monitor.start(cuda_devices=[], labels={"rank": "0"})  # CPU run: nothing to watch
     >>> list(monitor.collect())
     []
@@ -447,9 +447,10 @@ class GPUMonitor:
                 "the GPU sampling thread did not finish within %.0f s (an NVML call hangs)", self.STOP_TIMEOUT_S
             )
 
-    def describe(self) -> list:
-        """Nothing, so that registering the collector does not call :meth:`collect`."""
-        return []
+    def describe(self) -> list[Metric]:
+        """Every family this collector can export, without samples: the registry learns the names (for the
+        ``name[]`` filter and duplicate checks) without sampling."""
+        return [GaugeMetricFamily(f"{self._namespace}_{suffix}", doc) for suffix, doc in _HELP.items()]
 
     def collect(self) -> Iterable[Metric]:
         """The GPU series of the current run: the last NVML sample and the allocator figures right now.

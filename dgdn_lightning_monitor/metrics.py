@@ -140,6 +140,7 @@ class TrainingMetrics:
         self._window: deque[tuple[float, int]] = deque(maxlen=max(2, throughput_window))
         self.last_step_perf: Optional[float] = None
         self.epoch_duration: Optional[float] = None
+        # Dicts the scrape thread iterates are replaced, never grown, by the training thread (see set_logged).
         # Evaluation batches, one histogram per stage (created when the stage first runs).
         self.inference_seconds: dict[str, FastHistogram] = {}
         # Logged values: (metric suffix, dataloader index or None for a single loader) -> float.
@@ -197,12 +198,17 @@ class TrainingMetrics:
     def observe_inference(self, stage: str, seconds: float, samples: Optional[int]) -> None:
         """Fold one finished validation/test/predict batch in, as per-sample latency."""
         histogram = self.inference_seconds.get(stage)
-        if histogram is None:
-            histogram = self.inference_seconds[stage] = FastHistogram(INFERENCE_SECONDS_BUCKETS)
+        if histogram is None:  # a new stage: a new dict, so a scrape iterating the old one never sees it resize
+            histogram = FastHistogram(INFERENCE_SECONDS_BUCKETS)
+            self.inference_seconds = {**self.inference_seconds, stage: histogram}
         histogram.observe(seconds / samples if samples else seconds)
 
     def set_logged(self, suffix: str, value: float, dataloader: Optional[str] = None) -> None:
-        self.logged[(suffix, dataloader)] = value
+        key = (suffix, dataloader)
+        if key in self.logged:
+            self.logged[key] = value  # same size: safe while a scrape iterates
+        else:  # a new key: a new dict, so a scrape iterating the old one never sees it resize
+            self.logged = {**self.logged, key: value}
 
     def observe_phases(self, host: dict[str, float], device: bool, warm_up: bool) -> None:
         """A traced step's phases in host seconds: into the phase histogram (on CUDA only ``data_fetch``, the
