@@ -155,7 +155,6 @@ class MonitoringCallback(Callback):
         }
         check_optional("batch_size_fn", batch_size_fn, Callable, "a callable")
         check_optional("graph_size_fn", graph_size_fn, Callable, "a callable")
-        self._sizer = GraphSizer(batch_size_fn, graph_size_fn).resolve()
         self.trace_every_n_steps = check_int("trace_every_n_steps", trace_every_n_steps, 1)
         check_optional("tracing", tracing, bool, "True, False")
         check("run_id", run_id, run_id != "" and isinstance(run_id, (str, type(None))), "a non-empty string or None")
@@ -165,13 +164,13 @@ class MonitoringCallback(Callback):
         check_optional("tracer_provider", tracer_provider, TracerProvider, "an opentelemetry TracerProvider")
         self._web_config_file = web_config_file
         self.web_config: Any = load_web_config(web_config_file) if web_config_file is not None else None
-        self._dist = DistributedRun(
-            job=job, targets_dir=targets_dir, targets_host=targets_host, pushgateway_url=pushgateway_url
-        )
-        self._dist.https = self.web_config is not None and self.web_config.scheme == "https"
         self.metrics = TrainingMetrics(namespace, check_int("throughput_window", throughput_window, 2))
-        self.gpu = GPUMonitor(namespace, devices=gpu_devices, poll_interval_s=gpu_poll_interval_s)
-        self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider)
+        errors = self.metrics.errors  # every part counts the errors it degrades on here
+        self._sizer = GraphSizer(batch_size_fn, graph_size_fn, errors).resolve()
+        https = self.web_config is not None and self.web_config.scheme == "https"
+        self._dist = DistributedRun(job, targets_dir, targets_host, pushgateway_url, https, errors)
+        self.gpu = GPUMonitor(namespace, devices=gpu_devices, poll_interval_s=gpu_poll_interval_s, errors=errors)
+        self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider, errors=errors)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._register()
         self._warn = WarnOnce(log)
@@ -281,7 +280,7 @@ class MonitoringCallback(Callback):
         try:
             run.stats.finish()
         except Exception as error:  # a lost device must not turn the end of a run into a crash
-            log.warning("Could not read the last training values: %s", error)
+            self.metrics.errors.report("metrics", "Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
         self.gpu.stop()
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
@@ -444,8 +443,8 @@ class MonitoringCallback(Callback):
     # ------------------------------------------------------------------------------------------ helpers
     def _degrade(self, error: Exception) -> None:
         """A monitoring fault never stops training: say so once, keep going."""
-        self._warn(
-            "fault",
+        self.metrics.errors.report(
+            "metrics",
             "Monitoring hit an error and skips what it could not measure; training continues (%s: %s)",
             type(error).__name__,
             error,

@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, push_to_gateway
 from prometheus_client.exposition import default_handler
 
-from dgdn_lightning_monitor.guards import WarnOnce, check
+from dgdn_lightning_monitor.guards import MonitorErrors, check
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.web_config import push_handler_from_env
 
@@ -237,6 +237,8 @@ class DistributedRun:
         targets_dir: directory for file-SD files, or ``None`` for none.
         targets_host: host name written into them; see :func:`advertised_host`.
         pushgateway_url: Pushgateway to push final figures to, or ``None``.
+        https: whether the endpoints serve TLS (Prometheus must then scrape them with ``https``).
+        errors: where failures are counted (``discovery``, ``push``, ``exchange``) and first warned.
 
     Raises:
         ValueError: naming the argument that is not valid.
@@ -257,6 +259,8 @@ class DistributedRun:
         targets_dir: Optional[Union[str, os.PathLike[str]]] = None,
         targets_host: Optional[str] = None,
         pushgateway_url: Optional[str] = None,
+        https: bool = False,
+        errors: Optional[MonitorErrors] = None,
     ) -> None:
         valid = isinstance(job, str) and bool(_JOB.match(job))
         self.job = check("job", job, valid, "a non-empty name of letters, digits, '_', '.', ':' or '-'")
@@ -272,12 +276,12 @@ class DistributedRun:
         self.pushgateway_url = check("pushgateway_url", pushgateway_url, valid, expected)
         self.peers: list[Endpoint] = []
         self.share_traces = False
-        self.https = False  # endpoints served over TLS: Prometheus must scrape them with https
+        self.https = https
         self.rank = 0
         self._collective = False
         self._world_size = 1
         self._sd: Optional[FileSDTargets] = None
-        self._warn_once = WarnOnce(log)
+        self.errors = errors if errors is not None else MonitorErrors(log)
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def agree_run_id(self, run_id: str) -> str:
@@ -324,7 +328,7 @@ class DistributedRun:
             self._sd.write([peer.target for peer in node if peer.target is not None], labels_out)
         except OSError as error:
             message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "
-            self._warn_once("file-sd", message + "by hand.", self._sd.path, error)
+            self.errors.report("discovery", message + "by hand.", self._sd.path, error)
 
     # ------------------------------------------------------------------ per epoch (every rank, same order)
     def share_span_context(self, local: Optional[SpanContext]) -> Optional[SpanContext]:
@@ -361,7 +365,7 @@ class DistributedRun:
         reason = push_final_metrics(self.pushgateway_url, self.job, registry, grouping)
         if reason is not None:
             message = "Could not push the final metrics to the Pushgateway at %s (%s); they are only on this rank's "
-            self._warn_once("push", message + "/metrics endpoint.", self.pushgateway_url, reason)
+            self.errors.report("push", message + "/metrics endpoint.", self.pushgateway_url, reason)
 
     # ------------------------------------------------------------------ helpers
     def _collect(self, what: str, call: Callable[[], object]) -> bool:
@@ -370,5 +374,5 @@ class DistributedRun:
             return True
         except Exception as error:  # a broken process group: monitoring goes on without this exchange
             message = "Could not exchange the %s with the other ranks (%s: %s); continuing without it."
-            self._warn_once(f"collective-{what}", message, what, type(error).__name__, error)
+            self.errors.report("exchange", message, what, type(error).__name__, error)
             return False

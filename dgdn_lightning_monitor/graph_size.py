@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch_geometric.data import Batch, Data, HeteroData, TemporalData
 
-from dgdn_lightning_monitor.guards import WarnOnce
+from dgdn_lightning_monitor.guards import MonitorErrors
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ class GraphSizer:
     Args:
         batch_size_fn: ``batch -> int`` giving the number of samples.
         graph_size_fn: ``batch -> (nodes, edges)``.
+        errors: where a failure is counted (as ``graph_size``) and first warned.
 
     Example::
 
@@ -198,10 +199,11 @@ class GraphSizer:
         self,
         batch_size_fn: Optional[Callable[[Any], int]] = None,
         graph_size_fn: Optional[Callable[[Any], tuple[int, int]]] = None,
+        errors: Optional[MonitorErrors] = None,
     ) -> None:
         self.batch_size_fn = batch_size_fn
         self.graph_size_fn = graph_size_fn
-        self._warn = WarnOnce(log)
+        self.errors = errors if errors is not None else MonitorErrors(log)
 
     def resolve(self) -> Callable[[Any], GraphSize]:
         """The cheapest callable that applies these overrides (the plain extractor when there are none)."""
@@ -217,7 +219,10 @@ class GraphSizer:
                 nodes, edges = (int(v) for v in self.graph_size_fn(batch))
             return GraphSize(samples, nodes, edges)
         except Exception as error:
-            self._warn(
-                "size", "Could not size a batch (%s: %s); graph metrics are not updated.", type(error).__name__, error
+            self.errors.report(
+                "graph_size",
+                "Could not size a batch (%s: %s); graph metrics are not updated.",
+                type(error).__name__,
+                error,
             )
             return UNKNOWN

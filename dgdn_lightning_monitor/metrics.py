@@ -7,6 +7,7 @@ attribute updates and keeps ``prometheus_client`` objects (and their locks) off 
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from bisect import bisect_left
@@ -26,6 +27,7 @@ from prometheus_client.core import (
 )
 
 from dgdn_lightning_monitor.graph_size import GraphSize
+from dgdn_lightning_monitor.guards import MonitorErrors
 from dgdn_lightning_monitor.histogram import (
     BATCH_SECONDS_BUCKETS,
     INFERENCE_SECONDS_BUCKETS,
@@ -59,6 +61,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "global_step": ("gauge", "Optimizer steps taken so far."),
     "learning_rate": ("gauge", "Learning rate of each optimizer parameter group."),
     "training": ("info", "Model and library versions of this training run."),
+    "monitor_errors_total": (
+        "counter",
+        "Errors the monitor degraded on (it skipped what it could not measure), by part.",
+    ),
 }
 _FAMILY_TYPES = {
     "gauge": GaugeMetricFamily,
@@ -123,6 +129,7 @@ class TrainingMetrics:
     def __init__(self, namespace: str = "dgdn", throughput_window: int = 50) -> None:
         self.namespace = namespace
         self.labels = RankLabels()  # a single process until the callback's setup knows the Trainer's ranks
+        self.errors = MonitorErrors(logging.getLogger("dgdn_lightning_monitor"))  # every part reports here
         # Training batches.
         self.samples_total = 0
         self.nodes_total = 0
@@ -342,6 +349,10 @@ class TrainingMetrics:
             for optimizer, group, rate in rates:
                 lr.add_metric(values + [optimizer, group], rate)
             yield lr
+        errors = family("monitor_errors_total", ["part"])
+        for part, count in self.errors.counts.items():
+            errors.add_metric(values + [part], count)
+        yield errors
         if self.info:
             info = family("training")
             info.add_metric(values, self.info)

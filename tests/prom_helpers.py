@@ -75,6 +75,7 @@ CALLBACK_COUNTERS = {
     "dgdn_nodes_processed_total",
     "dgdn_edges_processed_total",
     "dgdn_nonfinite_loss_total",
+    "dgdn_monitor_errors_total",
 }
 CALLBACK_HISTOGRAMS = {"dgdn_batch_processing_seconds", "dgdn_inference_time_seconds", "dgdn_step_phase_seconds"}
 CALLBACK_METRICS = (

@@ -181,6 +181,7 @@ def test_failing_size_function_degrades_with_one_warning(caplog):
         fit(callback, epochs=1)
     assert sum("Could not size a batch" in r.message for r in caplog.records) == 1
     assert value(exposition(callback.registry), "dgdn_batch_processing_seconds_count") == 5
+    assert value(exposition(callback.registry), "dgdn_monitor_errors_total", part="graph_size") == 5 + 2  # train, val
 
 
 def test_test_and_predict_batches_feed_inference_latency():
@@ -307,6 +308,7 @@ def test_a_fault_inside_monitoring_never_stops_training(caplog):
     assert trainer.global_step == 10
     assert sum("training continues" in r.getMessage() for r in caplog.records) == 1
     assert value(exposition(callback.registry), "dgdn_samples_processed_total") == 72
+    assert value(exposition(callback.registry), "dgdn_monitor_errors_total", part="metrics") == 10  # each one counted
 
 
 def test_lazy_layers_are_counted_once_initialised():

@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-from dgdn_lightning_monitor.guards import WarnOnce
+from dgdn_lightning_monitor.guards import MonitorErrors
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
@@ -53,18 +53,20 @@ _EXPORTER_LOGGERS = (
 
 
 class ReportingExporter(SpanExporter):
-    """Wraps an exporter so that failures are logged once and never raise into the SDK's worker thread.
+    """Wraps an exporter so that failures are counted (as ``tracing`` errors), the first is warned, and none
+    raises into the SDK's worker thread.
 
     Args:
         exporter: the exporter that sends spans.
         destination: where it sends them, for the warning.
+        errors: where failures are counted.
     """
 
-    def __init__(self, exporter: SpanExporter, destination: str) -> None:
+    def __init__(self, exporter: SpanExporter, destination: str, errors: Optional[MonitorErrors] = None) -> None:
         self.exporter = exporter
         self.destination = destination
         self.failures = 0
-        self._warn = WarnOnce(log)
+        self.errors = errors if errors is not None else MonitorErrors(log)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -75,8 +77,8 @@ class ReportingExporter(SpanExporter):
             reason = "the receiver did not accept them"
         if result is not SpanExportResult.SUCCESS:
             self.failures += 1
-            self._warn(
-                "export",
+            self.errors.report(
+                "tracing",
                 "Could not export spans to %s (%s); spans are dropped, training continues.",
                 self.destination,
                 reason,
@@ -162,6 +164,7 @@ def configure_tracing(
     enabled: Optional[bool],
     resource_attributes: Optional[dict[str, object]] = None,
     tracer_provider: Optional[trace.TracerProvider] = None,
+    errors: Optional[MonitorErrors] = None,
 ) -> Optional[TracingSetup]:
     """Choose where spans go (see the module docstring); ``None`` means tracing is off.
 
@@ -170,6 +173,7 @@ def configure_tracing(
         resource_attributes: extra resource attributes (e.g. the run id); ``service.name`` is
             ``DEFAULT_SERVICE_NAME`` unless ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` name one.
         tracer_provider: use this provider (it stays the caller's: flushed at the end, never shut down).
+        errors: where export failures are counted.
     """
     if enabled is False:
         return None
@@ -203,7 +207,7 @@ def configure_tracing(
         )
         return None
 
-    reporting = ReportingExporter(exporter, destination)
+    reporting = ReportingExporter(exporter, destination, errors)
     # Resource.create merges OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES in; our service name is the default only.
     resource = Resource.create(dict(resource_attributes or {}))  # type: ignore[arg-type]
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):

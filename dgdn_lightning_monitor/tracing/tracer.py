@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
 
-from dgdn_lightning_monitor.guards import WarnOnce, forget_threads_after_fork
+from dgdn_lightning_monitor.guards import MonitorErrors, forget_threads_after_fork
 from dgdn_lightning_monitor.tracing.provider import TracingSetup, configure_tracing
 from dgdn_lightning_monitor.tracing.records import BatchRecord
 
@@ -43,9 +43,12 @@ class SpanBuilder:
         emit: ``(record, parent epoch span, with device times)`` -> None; runs on the builder thread.
         interval_s: how often the thread looks at the queue (spans are exported in batches anyway).
         max_queued: records waiting to be built, beyond which new ones are dropped (with one warning).
+        errors: where dropped records and spans that could not be built are counted (as ``tracing``).
     """
 
-    def __init__(self, emit: Emit, interval_s: float = 0.2, max_queued: int = 2048) -> None:
+    def __init__(
+        self, emit: Emit, interval_s: float = 0.2, max_queued: int = 2048, errors: Optional[MonitorErrors] = None
+    ) -> None:
         self._emit = emit
         self.max_queued = max_queued
         self.dropped = 0
@@ -54,7 +57,7 @@ class SpanBuilder:
         self._waiting: list[tuple[BatchRecord, Optional[Span]]] = []  # records whose CUDA work is still running
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._warn = WarnOnce(log)
+        self.errors = errors if errors is not None else MonitorErrors(log)
         forget_threads_after_fork(self)
 
     def after_fork_in_child(self) -> None:
@@ -68,8 +71,8 @@ class SpanBuilder:
             # Records come faster than spans can be built (tracing every step of a very fast loop): drop them
             # rather than let the queue, and the process, grow.
             self.dropped += 1
-            self._warn(
-                "dropped",
+            self.errors.report(
+                "tracing",
                 "Traced batches arrive faster than their spans can be built; some are dropped. "
                 "Raise trace_every_n_steps to trace fewer steps.",
             )
@@ -96,7 +99,7 @@ class SpanBuilder:
             try:
                 self._emit(record, parent, ready)  # at the end, records still on the device get CPU times only
             except Exception as error:  # a span that cannot be built is dropped, never a crash
-                self._warn("emit", "Could not build spans for a traced batch (%s); they are dropped.", error)
+                self.errors.report("tracing", "Could not build spans for a traced batch (%s); they are dropped.", error)
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Stop the thread and build what is left on the calling thread."""
@@ -115,6 +118,7 @@ class TrainingTracer:
     Args:
         enabled: ``None`` (auto), ``True`` or ``False``; see :func:`configure_tracing`.
         tracer_provider: a provider to use instead of choosing one (it stays the caller's).
+        errors: where tracing failures are counted (as ``tracing``).
 
     Example::
 
@@ -126,14 +130,20 @@ class TrainingTracer:
         tracer.finish(None)
     """
 
-    def __init__(self, enabled: Optional[bool] = None, tracer_provider: Optional[trace.TracerProvider] = None) -> None:
+    def __init__(
+        self,
+        enabled: Optional[bool] = None,
+        tracer_provider: Optional[trace.TracerProvider] = None,
+        errors: Optional[MonitorErrors] = None,
+    ) -> None:
         self.enabled = enabled
         self.tracer_provider = tracer_provider
+        self.errors = errors if errors is not None else MonitorErrors(log)
         self.setup: Optional[TracingSetup] = None
         self._attributes: dict[str, Any] = {}
         self._epochs: dict[str, Span] = {}
         self._trace_ids: dict[str, tuple[Span, str]] = {}
-        self._builder = SpanBuilder(self._emit)
+        self._builder = SpanBuilder(self._emit, errors=self.errors)
         # perf_counter_ns -> unix ns; spans need wall-clock times, the step path uses the monotonic clock.
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
 
@@ -144,7 +154,7 @@ class TrainingTracer:
                 "The tracer_provider cannot be sent to spawned processes; they choose where spans go "
                 "from the OTEL_* variables instead."
             )
-        return {"enabled": self.enabled}
+        return {"enabled": self.enabled, "errors": self.errors}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -160,7 +170,7 @@ class TrainingTracer:
         if self.setup is None:
             run_id = {k: v for k, v in attributes.items() if k == "training.run_id"}
             self.setup = configure_tracing(
-                self.enabled, resource_attributes=run_id, tracer_provider=self.tracer_provider
+                self.enabled, resource_attributes=run_id, tracer_provider=self.tracer_provider, errors=self.errors
             )
 
     # ------------------------------------------------------------------ epochs
