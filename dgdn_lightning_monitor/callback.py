@@ -103,9 +103,9 @@ class MonitoringCallback(Callback):
         web_config_file: a Prometheus web configuration file (TLS, client certificates, basic auth) for the
             endpoint, read here so that a bad file fails at construction; ``metrics_url`` then says ``https``.
 
-    Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints at set-up, and, when rank 0
-    traces, rank 0 shares its ``train_epoch`` span once per epoch so that every rank's spans of that epoch
-    join one trace: no collective is added to the training step.
+    Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints in one collective at set-up;
+    every rank's spans of a training epoch join one trace whose ids derive from the run, with no collective
+    per epoch or step.
 
     Example::
 
@@ -232,9 +232,7 @@ class MonitoringCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         labels = RankLabels.from_trainer(trainer)
-        self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
-        self.metrics.info = run_info(pl_module, self.run_id)
         self.metrics.bind(trainer)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
         server = MetricsServer(self.registry, self.addr, port, self.web_config)
@@ -248,14 +246,16 @@ class MonitoringCallback(Callback):
             server.start()  # a taken port fails here, before any training step
         except (OSError, OverflowError, ValueError) as error:
             failure = error
-        else:
-            self.tracer.start(
-                {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
-            )
-        # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever.
-        self._dist.exchange(labels, self.addr, server.bound_port if failure is None else None, self.tracer.active)
+        # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever;
+        # under DDP every rank adopts rank 0's run id.
+        self.run_id = self._dist.exchange(
+            labels, self.addr, server.bound_port if failure is None else None, self.run_id
+        )
+        self.metrics.info = run_info(pl_module, self.run_id)
         if failure is not None:
             raise failure
+        attributes = {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
+        self.tracer.start(attributes, share=self._dist.trace_key)
         run = self._run = _Run(trainer, server, StepStatistics(self.metrics, self.keys, self._warn))
         run.model_figures_final = self.metrics.count_model(pl_module)
         root = trainer.strategy.root_device
@@ -296,12 +296,7 @@ class MonitoringCallback(Callback):
         run.epoch_start = time.perf_counter()
         # What the module logged in its own on_train_epoch_end; after a first epoch, a key never logged is said.
         run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES, check=run.train_epochs > 0)
-        if self._dist.rank == 0:
-            self.tracer.start_epoch("train", trainer.current_epoch, {})
-            self._dist.share_span_context(self.tracer.span_context("train"))  # no-op unless DDP and rank 0 traces
-        else:
-            parent = self._dist.share_span_context(None)
-            self.tracer.start_epoch("train", trainer.current_epoch, {}, remote_parent=parent)
+        self.tracer.start_epoch("train", trainer.current_epoch)  # under DDP in the epoch's trace of every rank
         run.fetch_start_ns = time.perf_counter_ns()
 
     @override
@@ -385,7 +380,7 @@ class MonitoringCallback(Callback):
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._run is not None and not trainer.sanity_checking:
-            self.tracer.start_epoch(_SPAN_STAGE[_stage(trainer)], trainer.current_epoch, {})
+            self.tracer.start_epoch(_SPAN_STAGE[_stage(trainer)], trainer.current_epoch)
 
     def _eval_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0

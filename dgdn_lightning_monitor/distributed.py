@@ -3,17 +3,18 @@
 Under Lightning's DDP every rank runs its own :class:`~dgdn_lightning_monitor.MonitoringCallback` and serves its
 own ``/metrics`` endpoint. :class:`DistributedRun` adds what needs the other ranks or the outside world:
 
-* **Two small collectives at set-up** (none per step): the ranks adopt rank 0's run id, then exchange where
-  their endpoints listen and whether rank 0 traces.
+* **One small collective at set-up** (none per step or epoch): the ranks exchange where their endpoints listen
+  and adopt rank 0's run id and trace key; a rank whose part failed still takes part, with the cause.
 * **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing the endpoints of its
   node's ranks (written atomically, removed when the run ends, also after an exception).
 * **Pushgateway**: at the end of a run every rank pushes its final figures, grouped by job, run id and rank,
   within a bounded time.
-* **Joined traces**: when rank 0 traces, it shares the span context of its ``train_epoch`` span with one
-  broadcast per epoch; the other ranks open their own ``train_epoch`` span as its child, so one trace per
-  epoch holds the batch spans of every rank.
+* **Joined traces**: each epoch's trace id and root span id are derived from the shared trace key and the epoch
+  (see :func:`~dgdn_lightning_monitor.tracing.tracer.epoch_ids`), so every rank's ``train_epoch`` span joins
+  one trace per epoch without any exchange.
 
-Monitoring never stops training: a failed write, push or collective is reported once and the feature is dropped.
+Monitoring never stops training: a failed write, push or exchange is counted, warned once, and the feature is
+dropped.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 import torch.distributed as dist
-from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, push_to_gateway
 from prometheus_client.exposition import default_handler
 
@@ -67,13 +68,12 @@ def _is_url(value: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- endpoints
 @dataclass(frozen=True)
 class Endpoint:
-    """Where one rank serves its metrics, and whether it traces.
+    """Where one rank serves its metrics.
 
     Args:
         rank, local_rank, node_rank: the rank's place in the run.
         host: the host name Prometheus should use to reach it.
         port: the bound port, or ``None`` when its server did not start.
-        tracing: whether the rank exports spans.
     """
 
     rank: int
@@ -81,7 +81,6 @@ class Endpoint:
     node_rank: int
     host: str
     port: Optional[int]
-    tracing: bool = False
 
     @property
     def target(self) -> Optional[str]:
@@ -227,7 +226,7 @@ def push_final_metrics(
 
 # ---------------------------------------------------------------------------------------------- collectives
 class DistributedRun:
-    """Discovery file, final push and trace-context sharing for one :class:`MonitoringCallback`.
+    """Set-up exchange, discovery file and final push for one :class:`MonitoringCallback`.
 
     Outside ``torch.distributed`` (or with one process) no collective runs and every method still works.
 
@@ -246,10 +245,8 @@ class DistributedRun:
     Example::
 
         run = DistributedRun(targets_dir="deploy/prometheus/targets")
-        run_id = run.agree_run_id("4f1c2a")           # every rank, at set-up
-        run.exchange(labels, "0.0.0.0", 8000, tracing=True)
+        run_id = run.exchange(labels, "0.0.0.0", 8000, "4f1c2a")  # every rank, at set-up
         run.publish(labels, run_id)
-        parent = run.share_span_context(my_epoch_context)   # every rank, once per epoch
         run.finish(registry, labels, run_id)
     """
 
@@ -275,7 +272,7 @@ class DistributedRun:
         expected = "a URL such as 'http://pushgateway:9091' or None"
         self.pushgateway_url = check("pushgateway_url", pushgateway_url, valid, expected)
         self.peers: list[Endpoint] = []
-        self.share_traces = False
+        self.trace_key: Optional[str] = None
         self.https = https
         self.rank = 0
         self._collective = False
@@ -284,34 +281,49 @@ class DistributedRun:
         self.errors = errors if errors is not None else MonitorErrors(log)
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
-    def agree_run_id(self, run_id: str) -> str:
-        """Every rank adopts rank 0's run id (one broadcast under DDP), so all ranks label the same run."""
-        self._world_size = int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
-        self._collective = self._world_size > 1
-        self.rank = int(dist.get_rank()) if self._collective else 0
-        payload: list[Any] = [run_id]
-        if self._collective and self._collect("run id", lambda: dist.broadcast_object_list(payload, src=0)):
-            return payload[0] if isinstance(payload[0], str) and payload[0] else run_id
-        return run_id
+    def exchange(self, labels: RankLabels, addr: str, port: Optional[int], run_id: str) -> str:
+        """Learn every rank's endpoint and agree on one run id (one all-gather under DDP, none alone).
 
-    def exchange(self, labels: RankLabels, addr: str, port: Optional[int], tracing: bool) -> None:
-        """Learn every rank's endpoint (one all-gather under DDP) and whether rank 0's traces are shared.
+        Every rank enters the all-gather, also one whose own part failed: it sends the cause instead of its
+        endpoint. Every rank then reads the same list and takes the same decision (the run id and trace key of
+        the lowest rank that took part; the endpoints of the ranks that did), so a failure on one rank never
+        leaves another waiting in a later collective.
 
         Args:
             labels: this rank's labels.
             addr: the interface its server binds (for the advertised host).
             port: the port it serves on, or ``None`` when its server did not start.
-            tracing: whether it exports spans.
+            run_id: this rank's run id.
+
+        Returns:
+            The run id every rank uses.
         """
-        host = advertised_host(addr, self.targets_host)
-        peers = [Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port, bool(tracing))]
-        gathered: list[Any] = [None] * self._world_size
-        if self._collective and self._collect("endpoints", lambda: dist.all_gather_object(gathered, peers[0])):
-            peers = [peer for peer in gathered if isinstance(peer, Endpoint)]
-        self.peers = sorted(peers, key=lambda peer: peer.rank)
-        leader = next((peer for peer in self.peers if peer.rank == 0), None)
-        # Every rank sees the same list, so every rank takes the same decision: broadcast each epoch or not.
-        self.share_traces = self._collective and leader is not None and leader.tracing
+        self._world_size = int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
+        self._collective = self._world_size > 1
+        self.rank = int(dist.get_rank()) if self._collective else 0
+        mine: Any
+        try:
+            host = advertised_host(addr, self.targets_host)
+            mine = (run_id, uuid.uuid4().hex, Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port))
+        except Exception as error:  # still enter the collective below, with the cause in place of the endpoint
+            mine = f"{type(error).__name__}: {error}"
+            self._failed("this rank's part", mine)
+        gathered: list[Any] = [mine]
+        if self._collective:
+            gathered = [None] * self._world_size
+            try:
+                dist.all_gather_object(gathered, mine)
+            except Exception as error:  # a broken process group: go on with what this rank knows
+                gathered = [mine]
+                self._failed("endpoints", f"{type(error).__name__}: {error}")
+        for rank, entry in enumerate(gathered):
+            if isinstance(entry, str) and rank != self.rank:  # this rank's own failure is counted above
+                self._failed(f"rank {rank}'s part", entry)
+        taking_part = [entry for entry in gathered if isinstance(entry, tuple)]
+        self.peers = sorted((entry[2] for entry in taking_part), key=lambda peer: peer.rank)
+        # Under DDP, a key every rank of this set-up shares: each epoch's trace id is derived from it.
+        self.trace_key = taking_part[0][1] if self._collective and taking_part else None
+        return str(taking_part[0][0]) if taking_part else run_id
 
     def publish(self, labels: RankLabels, run_id: str) -> None:
         """On a node's local rank 0, write the node's discovery file (when ``targets_dir`` is set)."""
@@ -330,30 +342,6 @@ class DistributedRun:
             message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "
             self.errors.report("discovery", message + "by hand.", self._sd.path, error)
 
-    # ------------------------------------------------------------------ per epoch (every rank, same order)
-    def share_span_context(self, local: Optional[SpanContext]) -> Optional[SpanContext]:
-        """Rank 0 passes its ``train_epoch`` context, the others receive it (one broadcast per epoch).
-
-        Runs a collective only when rank 0 traces (decided identically on every rank at set-up), so a rank
-        whose own tracing is off still takes part.
-
-        Returns:
-            Rank 0's epoch context on the other ranks; ``None`` on rank 0 and when nothing is shared.
-        """
-        if not self.share_traces:
-            return None
-        # (trace_id, span_id, trace_flags): three ints, small to broadcast; an invalid context stays None.
-        payload: list[Any] = [None]
-        if self.rank == 0 and local is not None and local.is_valid:
-            payload[0] = (local.trace_id, local.span_id, int(local.trace_flags))
-        if not self._collect("trace context", lambda: dist.broadcast_object_list(payload, src=0)):
-            self.share_traces = False
-            return None
-        if self.rank == 0 or payload[0] is None:
-            return None
-        trace_id, span_id, flags = payload[0]
-        return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
-
     # ------------------------------------------------------------------ end of run (never raises)
     def finish(self, registry: CollectorRegistry, labels: RankLabels, run_id: str) -> None:
         """Remove this node's discovery file and push the final figures; failures are reported once."""
@@ -368,11 +356,6 @@ class DistributedRun:
             self.errors.report("push", message + "/metrics endpoint.", self.pushgateway_url, reason)
 
     # ------------------------------------------------------------------ helpers
-    def _collect(self, what: str, call: Callable[[], object]) -> bool:
-        try:
-            call()
-            return True
-        except Exception as error:  # a broken process group: monitoring goes on without this exchange
-            message = "Could not exchange the %s with the other ranks (%s: %s); continuing without it."
-            self.errors.report("exchange", message, what, type(error).__name__, error)
-            return False
+    def _failed(self, what: str, cause: str) -> None:
+        message = "Could not exchange %s with the other ranks (%s); continuing without it."
+        self.errors.report("exchange", message, what, cause)

@@ -66,7 +66,8 @@ class ReportAndHold(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         monitor = next(cb for cb in trainer.callbacks if isinstance(cb, MonitoringCallback))
         report = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "url": monitor.metrics_url,
-                  "run_id": monitor.run_id, "samples": monitor.metrics.samples_total, "pid": os.getpid()}
+                  "run_id": monitor.run_id, "samples": monitor.metrics.samples_total, "pid": os.getpid(),
+                  "errors": monitor.metrics.errors.counts}
         out = Path(self.out)
         temporary = out / f".ready-rank{trainer.global_rank}.tmp"
         temporary.write_text(json.dumps(report))
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--pushgateway")
     parser.add_argument("--trace-ranks", default="all", help="'all', 'none' or comma-separated global ranks")
     parser.add_argument("--hold", action="store_true")
+    parser.add_argument("--fail-exchange-rank", type=int, help="this global rank's part of the set-up exchange raises")
     args = parser.parse_args()
 
     # Global rank as Lightning will assign it (its launcher sets these variables for the processes it starts;
@@ -102,6 +104,14 @@ def main() -> None:
         tracing = False
     else:
         tracing = None if rank in {int(r) for r in args.trace_ranks.split(",")} else False
+
+    if args.fail_exchange_rank == rank:
+        import dgdn_lightning_monitor.distributed as distributed
+
+        def broken(*args: Any) -> str:
+            raise RuntimeError("injected failure of this rank's exchange")
+
+        distributed.advertised_host = broken  # raises before this rank enters the collective
 
     torch.manual_seed(0)
     dataset = FakeDataset(num_graphs=args.graphs, avg_num_nodes=12, avg_degree=3, num_channels=8, num_classes=2)

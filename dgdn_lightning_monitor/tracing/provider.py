@@ -19,7 +19,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,6 +33,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from dgdn_lightning_monitor.guards import MonitorErrors
 
@@ -92,6 +94,30 @@ class ReportingExporter(SpanExporter):
         return self.exporter.force_flush(timeout_millis)
 
 
+class GivenIds(RandomIdGenerator):
+    """Random ids, except for a span started inside :meth:`given`, which gets the ids given there (the root span
+    of a trace whose ids every rank derives alike)."""
+
+    def __init__(self) -> None:
+        self._given = threading.local()  # the span builder thread starts spans at the same time
+
+    @contextmanager
+    def given(self, trace_id: int, span_id: int) -> Iterator[None]:
+        self._given.ids = (trace_id, span_id)
+        try:
+            yield
+        finally:
+            self._given.ids = None
+
+    def generate_trace_id(self) -> int:
+        ids = getattr(self._given, "ids", None)
+        return ids[0] if ids else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        ids = getattr(self._given, "ids", None)
+        return ids[1] if ids else super().generate_span_id()
+
+
 @dataclass
 class TracingSetup:
     """A tracer and how to finish with it.
@@ -102,6 +128,7 @@ class TracingSetup:
         provider: the provider this setup made and shuts down, or ``None``.
         exporter: the exporter of that provider.
         borrowed: a provider that belongs to the application (flushed at the end, never shut down).
+        ids: the id generator of a provider this setup made (it can give a root span chosen ids).
     """
 
     tracer: trace.Tracer
@@ -109,6 +136,7 @@ class TracingSetup:
     provider: Optional[TracerProvider] = None
     exporter: Optional[ReportingExporter] = None
     borrowed: Optional[trace.TracerProvider] = None
+    ids: Optional[GivenIds] = None
     _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: lambda record: False)  # one per setup
 
     def finish(self) -> bool:
@@ -212,13 +240,16 @@ def configure_tracing(
     resource = Resource.create(dict(resource_attributes or {}))  # type: ignore[arg-type]
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)
+    ids = GivenIds()
+    provider = TracerProvider(resource=resource, id_generator=ids)
     # The SDK's queue bound (2048 spans, more are dropped) with a shorter delay and the exporter's own timeout.
     processor = BatchSpanProcessor(
         reporting, schedule_delay_millis=1000, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)
     )
     provider.add_span_processor(processor)
-    setup = TracingSetup(provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting)
+    setup = TracingSetup(
+        provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting, ids=ids
+    )
     for name in _EXPORTER_LOGGERS:
         logging.getLogger(name).addFilter(setup._filter)
     log.info("Tracing: %s", setup.description)

@@ -15,16 +15,18 @@ work). On CUDA a record waits (without blocking anyone) until its events complet
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Optional
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode, TraceFlags
 
 from dgdn_lightning_monitor.guards import MonitorErrors, forget_threads_after_fork
 from dgdn_lightning_monitor.tracing.provider import TracingSetup, configure_tracing
@@ -34,6 +36,13 @@ log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
 
 Emit = Callable[[BatchRecord, Optional[Span], bool], None]
+
+
+def epoch_ids(key: str, epoch: int) -> tuple[int, int]:
+    """The trace id and root span id of one training epoch, derived from ``key`` (shared by the ranks of a run):
+    every rank computes the same pair, so their epoch spans join one trace without an exchange."""
+    digest = hashlib.sha256(f"{key}/train/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:16], "big") or 1, int.from_bytes(digest[16:24], "big") or 1
 
 
 class SpanBuilder:
@@ -124,7 +133,7 @@ class TrainingTracer:
 
         tracer = TrainingTracer(enabled=None)
         tracer.start({"training.run_id": "abc"})
-        tracer.start_epoch("train", 0, {"training.epoch": 0})
+        tracer.start_epoch("train", 0)
         tracer.add_batch(record)
         tracer.end_epoch("train")
         tracer.finish(None)
@@ -141,6 +150,7 @@ class TrainingTracer:
         self.errors = errors if errors is not None else MonitorErrors(log)
         self.setup: Optional[TracingSetup] = None
         self._attributes: dict[str, Any] = {}
+        self._share: Optional[str] = None
         self._epochs: dict[str, Span] = {}
         self._trace_ids: dict[str, tuple[Span, str]] = {}
         self._builder = SpanBuilder(self._emit, errors=self.errors)
@@ -163,9 +173,15 @@ class TrainingTracer:
     def active(self) -> bool:
         return self.setup is not None
 
-    def start(self, attributes: dict[str, Any]) -> None:
-        """Decide where spans go for this run; ``attributes`` go on every epoch span."""
-        self._attributes = dict(attributes)
+    def start(self, attributes: dict[str, Any], share: Optional[str] = None) -> None:
+        """Decide where spans go for this run; ``attributes`` go on every epoch span.
+
+        Args:
+            attributes: attributes of every epoch span (``training.rank`` among them).
+            share: under DDP, a key every rank of the run shares: each training epoch is then one trace across the
+                ranks (see :func:`epoch_ids`), rooted at rank 0's ``train_epoch`` span.
+        """
+        self._attributes, self._share = dict(attributes), share
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
         if self.setup is None:
             run_id = {k: v for k, v in attributes.items() if k == "training.run_id"}
@@ -174,28 +190,24 @@ class TrainingTracer:
             )
 
     # ------------------------------------------------------------------ epochs
-    def start_epoch(
-        self, stage: str, epoch: int, attributes: dict[str, Any], remote_parent: Optional[SpanContext] = None
-    ) -> None:
-        """Open the ``stage`` epoch span; ``remote_parent`` (rank 0's ``train_epoch`` under DDP) becomes the
-        parent of a span that has no local parent, so all ranks' spans of an epoch share one trace."""
-        if self.setup is None:
+    def start_epoch(self, stage: str, epoch: int) -> None:
+        """Open the ``stage`` epoch span: an evaluation epoch under the open ``train_epoch``, if any; under DDP a
+        ``train_epoch`` in its epoch's shared trace (rank 0's is its root, the others' are its children)."""
+        setup = self.setup
+        if setup is None:
             return
         parent = self._epochs.get("train") if stage != "train" else None
-        if parent is None and remote_parent is not None and remote_parent.is_valid:
-            parent = NonRecordingSpan(remote_parent)
+        given = epoch_ids(self._share, epoch) if stage == "train" and self._share is not None else None
+        ids: AbstractContextManager[None] = nullcontext()
+        if given is not None and self._attributes.get("training.rank") == 0 and setup.ids is not None:
+            ids = setup.ids.given(*given)  # rank 0's span is the root of its epoch's trace, with the derived ids
+        elif given is not None:  # the others (all ranks when the provider is not ours) are children of those ids
+            parent = NonRecordingSpan(SpanContext(*given, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
         context = trace.set_span_in_context(parent) if parent is not None else Context()
-        span = self.setup.tracer.start_span(
-            f"{stage}_epoch",
-            context=context,
-            attributes={
-                **self._attributes,
-                "training.stage": stage,
-                "training.epoch": epoch,
-                **{f"training.{k}": v for k, v in attributes.items() if k != "epoch"},
-            },
-            start_time=self._ns(),  # the clock batch spans use, so children nest exactly
-        )
+        attributes = {**self._attributes, "training.stage": stage, "training.epoch": epoch}
+        start = self._ns()  # the clock batch spans use, so children nest exactly
+        with ids:
+            span = setup.tracer.start_span(f"{stage}_epoch", context, attributes=attributes, start_time=start)
         self.end_epoch(stage)
         self._epochs[stage] = span
 
@@ -203,11 +215,6 @@ class TrainingTracer:
         span = self._epochs.pop(stage, None)
         if span is not None:
             span.end(end_time=self._ns())
-
-    def span_context(self, stage: str) -> Optional[SpanContext]:
-        """The context of the open ``stage`` epoch span (to share with other ranks), or ``None``."""
-        span = self._epochs.get(stage)
-        return span.get_span_context() if span is not None else None
 
     def trace_id(self, stage: str) -> Optional[str]:
         """The trace id of the open ``stage`` epoch span, as 32 hex digits (for exemplars), or ``None``."""
