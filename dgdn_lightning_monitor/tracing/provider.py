@@ -8,9 +8,13 @@ Order of precedence:
 4. ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, or ``tracing=True``: OTLP.
 5. Nothing configured: OTLP to ``localhost:4318`` if a receiver answers there, else off (one log line).
 
-An owned provider exports through a bounded queue from a background thread with a short per-request timeout;
-export failures are reported once; the final flush runs in a helper thread that is waited for at most
-``flush_timeout_s``, so a collector that is down or hangs never slows or stalls training or its end.
+An owned provider exports through the SDK's bounded queue from a background thread. Explicit arguments win over
+the ``OTEL_*`` variables, which win over our defaults: a 1 s export delay (``OTEL_BSP_SCHEDULE_DELAY``) and a 1 s
+request timeout (``OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`` / ``OTEL_EXPORTER_OTLP_TIMEOUT``); the other
+``OTEL_BSP_*`` and ``OTEL_EXPORTER_OTLP_*`` variables are the SDK's own. Export failures are counted, the first
+is warned, and the exporter's own log says each different message once; the final flush runs in a helper thread
+that is waited for at most ``FLUSH_TIMEOUT_S``, so a collector that is down or hangs never slows or stalls
+training or its end.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -43,9 +47,10 @@ DEFAULT_SERVICE_NAME = "dgdn-training"
 LOCAL_OTLP_HOST, LOCAL_OTLP_PORT = "localhost", 4318
 PROBE_TIMEOUT_S = 0.2  # how long the auto mode waits for the local receiver to accept a connection
 EXPORT_TIMEOUT_S = 1.0  # per OTLP request, unless OTEL_EXPORTER_OTLP_*TIMEOUT says otherwise
+SCHEDULE_DELAY_MS = 1000  # between two exports, unless OTEL_BSP_SCHEDULE_DELAY says otherwise
 FLUSH_TIMEOUT_S = 2.0  # the final flush, at the end of a run
 INSTRUMENTATION_NAME = "dgdn_lightning_monitor"
-# The OTLP exporter logs every failed request and retry; the wrapper below reports once instead. (A logger's
+# The OTLP exporter logs every failed request and retry: each different message is let through once. (A logger's
 # filter only sees records created on that very logger, so each module's logger is named.)
 _EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
@@ -137,7 +142,7 @@ class TracingSetup:
     exporter: Optional[ReportingExporter] = None
     borrowed: Optional[trace.TracerProvider] = None
     ids: Optional[GivenIds] = None
-    _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: lambda record: False)  # one per setup
+    _filter: logging.Filter = field(default_factory=lambda: FirstOfEachMessage())  # one per setup
 
     def finish(self) -> bool:
         """Flush and shut down an owned provider within ``FLUSH_TIMEOUT_S``; flush only one we do not own.
@@ -171,6 +176,21 @@ class TracingSetup:
         return finished
 
 
+class FirstOfEachMessage(logging.Filter):
+    """Lets the first record of each message (its format string, per logger) through and drops the repeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, object]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 def _receiver_answers() -> bool:
     """Whether something accepts TCP connections on the local OTLP port (a cheap probe for a collector)."""
     try:
@@ -181,11 +201,15 @@ def _receiver_answers() -> bool:
 
 
 def _otlp_exporter(endpoint: Optional[str]) -> tuple[SpanExporter, str]:
+    """An OTLP/HTTP exporter and where it sends: ``endpoint`` if given, else the OpenTelemetry variables (the
+    traces endpoint as is, or the base endpoint plus ``/v1/traces``), else the local receiver."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     env_timeout = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
     exporter = OTLPSpanExporter(endpoint=endpoint, timeout=None if env_timeout else EXPORT_TIMEOUT_S)
-    return exporter, str(getattr(exporter, "_endpoint", endpoint or "the OTLP endpoint"))
+    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or f"http://{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}"
+    destination = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or f"{base.rstrip('/')}/v1/traces"
+    return exporter, destination
 
 
 def configure_tracing(
@@ -242,10 +266,11 @@ def configure_tracing(
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     ids = GivenIds()
     provider = TracerProvider(resource=resource, id_generator=ids)
-    # The SDK's queue bound (2048 spans, more are dropped) with a shorter delay and the exporter's own timeout.
-    processor = BatchSpanProcessor(
-        reporting, schedule_delay_millis=1000, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)
-    )
+    # The SDK's queue bound (2048 spans, more are dropped unless OTEL_BSP_MAX_QUEUE_SIZE says otherwise) with a
+    # shorter delay than its 5 s unless OTEL_BSP_SCHEDULE_DELAY is set. (The SDK does not use an export timeout
+    # of its processor; the exporter's request timeout bounds an export.)
+    delay = None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else SCHEDULE_DELAY_MS
+    processor = BatchSpanProcessor(reporting, schedule_delay_millis=delay)
     provider.add_span_processor(processor)
     setup = TracingSetup(
         provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting, ids=ids
