@@ -37,9 +37,9 @@ from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
-from dgdn_lightning_monitor.metrics import TrainingMetrics, run_info
+from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
 from dgdn_lightning_monitor.server import MetricsServer
-from dgdn_lightning_monitor.steps import KEY_ARGUMENTS, TRAIN_GAUGES, VALIDATION_GAUGES, StepStatistics
+from dgdn_lightning_monitor.steps import StepStatistics, watch_fetches
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 from dgdn_lightning_monitor.web_config import load_web_config
 
@@ -60,7 +60,7 @@ class _Run:
         self.record: Optional[BatchRecord] = None
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False
-        self.unwatch_fetches = _watch_fetches(trainer, self)
+        self.unwatch_fetches = watch_fetches(trainer, self)
 
 
 class MonitoringCallback(Callback):
@@ -148,7 +148,7 @@ class MonitoringCallback(Callback):
         self.addr = check("addr", addr, isinstance(addr, str) and bool(addr.strip()), "a host name or IP address")
         self.namespace = check_namespace(namespace)
         check_optional("registry", registry, CollectorRegistry, "a prometheus_client.CollectorRegistry")
-        keys = zip(KEY_ARGUMENTS.items(), (train_loss_key, val_loss_key, train_acc_key, val_acc_key))
+        keys = zip(LOGGED_GAUGES.items(), (train_loss_key, val_loss_key, train_acc_key, val_acc_key))
         self.keys = {
             gauge: check(name, key, isinstance(key, str) and bool(key), "a non-empty string")
             for (gauge, name), key in keys
@@ -256,7 +256,8 @@ class MonitoringCallback(Callback):
             raise failure
         attributes = {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
         self.tracer.start(attributes, share=self._dist.trace_key)
-        run = self._run = _Run(trainer, server, StepStatistics(self.metrics, self.keys, self._warn))
+        stats = StepStatistics(self.metrics, self.keys, self._warn if labels.rank == 0 else None)  # said once a run
+        run = self._run = _Run(trainer, server, stats)
         run.model_figures_final = self.metrics.count_model(pl_module)
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
@@ -306,7 +307,7 @@ class MonitoringCallback(Callback):
             return
         if self._train_batches % self.trace_every_n_steps == 0:
             try:
-                record = run.record = _new_record("train", trainer, pl_module, batch_idx)
+                record = run.record = self._record("train", trainer, pl_module, batch_idx)
                 record.mark("fetch_start", run.fetch_start_ns)
                 if run.fetch_end_ns > run.fetch_start_ns:
                     record.mark("fetch_end", run.fetch_end_ns)
@@ -348,7 +349,7 @@ class MonitoringCallback(Callback):
             stats = run.stats
             if record is not None:
                 stats.add_phases(record)
-                self.tracer.add_batch(record)
+                stats.when_ready(record, self.tracer.add_batch)  # on CUDA once its events completed
             stats.keep_loss(outputs, trainer)
             if stats.pending:
                 stats.poll()
@@ -391,7 +392,7 @@ class MonitoringCallback(Callback):
         run.eval_record = None
         if batch_idx % self.trace_every_n_steps == 0:
             try:
-                record = run.eval_record = _new_record(_SPAN_STAGE[_stage(trainer)], trainer, pl_module, batch_idx)
+                record = run.eval_record = self._record(_SPAN_STAGE[_stage(trainer)], trainer, pl_module, batch_idx)
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
@@ -417,7 +418,9 @@ class MonitoringCallback(Callback):
             if record is not None:
                 record.mark("batch_end")
                 record.size = size
-                self.tracer.add_batch(record)
+                run.stats.when_ready(record, self.tracer.add_batch)
+            if run.stats.pending:
+                run.stats.poll()
         except Exception as error:
             self._degrade(error)
 
@@ -436,6 +439,10 @@ class MonitoringCallback(Callback):
             self._run.stats.read_logged(trainer.callback_metrics, VALIDATION_GAUGES, check=True)
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _record(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> BatchRecord:
+        cuda, parent = pl_module.device.type == "cuda", self.tracer.epoch_span(stage)  # its spans go there, later
+        return BatchRecord(stage, trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN, cuda, parent)
+
     def _degrade(self, error: Exception) -> None:
         """A monitoring fault never stops training: say so once, keep going."""
         self.metrics.errors.report(
@@ -451,40 +458,3 @@ def _stage(trainer: Trainer) -> str:
     """Lightning's running stage: ``validate``, ``test`` or ``predict`` in the evaluation hooks."""
     stage = trainer.state.stage
     return stage.value if stage is not None else "validate"
-
-
-def _new_record(stage: str, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> BatchRecord:
-    cuda = pl_module.device.type == "cuda"
-    return BatchRecord(stage, trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN, cuda=cuda)
-
-
-def _watch_fetches(trainer: Any, run: _Run) -> Callable[[], None]:
-    """Time the training loop's own fetch of each batch, and return how to stop.
-
-    Lightning offers no public hook around the fetch; its training epoch loop calls ``_on_before_fetch`` and
-    ``_on_after_fetch`` (the profiler's ``train_dataloader_next`` boundaries) right around it. They are wrapped on
-    this Trainer's loop object only, so ``data_fetch`` excludes the logger writes, mid-epoch validation and
-    checkpointing that run between two batches. A Lightning without them leaves ``data_fetch`` measured from the
-    end of the previous batch (a test fails loudly when that happens).
-    """
-    loop: Any = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    before, after = getattr(loop, "_on_before_fetch", None), getattr(loop, "_on_after_fetch", None)
-    if not (callable(before) and callable(after)):
-        return lambda: None
-    clock = time.perf_counter_ns
-
-    def before_fetch() -> None:
-        run.fetch_start_ns = clock()
-        before()
-
-    def after_fetch() -> None:
-        after()
-        run.fetch_end_ns = clock()
-
-    loop._on_before_fetch, loop._on_after_fetch = before_fetch, after_fetch
-
-    def unwatch() -> None:
-        for name in ("_on_before_fetch", "_on_after_fetch"):
-            loop.__dict__.pop(name, None)
-
-    return unwatch

@@ -73,11 +73,24 @@ _FAMILY_TYPES = {
     "info": InfoMetricFamily,
 }
 
-#: Gauges fed from what the LightningModule logs.
-LOGGED_GAUGES: tuple[str, ...] = ("training_loss", "validation_loss", "training_accuracy", "validation_accuracy")
+#: Gauges fed from what the LightningModule logs -> the ``MonitoringCallback`` argument naming the logged key.
+LOGGED_GAUGES: dict[str, str] = {
+    "training_loss": "train_loss_key",
+    "validation_loss": "val_loss_key",
+    "training_accuracy": "train_acc_key",
+    "validation_accuracy": "val_acc_key",
+}
+TRAIN_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("training_"))
+VALIDATION_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("validation_"))
 
-#: The phases of a training step, in order.
-PHASES: tuple[str, ...] = ("data_fetch", "forward", "backward", "optimizer_step")
+#: The phases of a training step, in order: phase -> (the hook mark that starts it, the marks that may end it,
+#: the first one present wins). Metrics, spans, step statistics and the CLI all follow this table.
+PHASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "data_fetch": ("fetch_start", ("fetch_end", "batch_start")),
+    "forward": ("batch_start", ("backward_start", "optimizer_start", "batch_end")),
+    "backward": ("backward_start", ("backward_end",)),
+    "optimizer_step": ("optimizer_start", ("batch_end",)),
+}
 
 LearningRates = list[tuple[str, str, float]]  # (optimizer, param_group, lr)
 

@@ -22,14 +22,14 @@ def test_queue_is_bounded_and_the_drop_is_reported_once(caplog):
     release = threading.Event()
     built: list[int] = []
 
-    def slow_emit(r: BatchRecord, parent, device_times: bool) -> None:
+    def slow_emit(r: BatchRecord) -> None:
         release.wait(5)  # a builder that cannot keep up
         built.append(r.batch_idx)
 
     builder = SpanBuilder(slow_emit, interval_s=0.5, max_queued=10)  # first look after the burst
     with caplog.at_level(logging.WARNING, logger="dgdn_lightning_monitor"):
         for index in range(100):
-            builder.submit(record(index), None)
+            builder.submit(record(index))
     time.sleep(0.05)
     assert builder.dropped == 100 - 10
     assert sum("faster than their spans can be built" in r.getMessage() for r in caplog.records) == 1

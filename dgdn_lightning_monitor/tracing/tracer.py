@@ -9,8 +9,8 @@ One trace per training epoch::
 
 Batch and phase spans are created after the batch finished, with the recorded start and end times, by a
 background thread: the training thread only queues the record (building five spans costs about 100 µs of SDK
-work). On CUDA a record waits (without blocking anyone) until its events completed, then its spans carry
-``gpu.duration_ms``.
+work). On CUDA a record is queued once the step statistics' poll found its events completed (no second poller),
+and its spans carry ``gpu.duration_ms``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dgdn_lightning_monitor.tracing.records import BatchRecord
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
 
-Emit = Callable[[BatchRecord, Optional[Span], bool], None]
+Emit = Callable[[BatchRecord], None]
 
 
 def epoch_ids(key: str, epoch: int) -> tuple[int, int]:
@@ -49,7 +49,7 @@ class SpanBuilder:
     """Turns queued batch records into spans on a background thread.
 
     Args:
-        emit: ``(record, parent epoch span, with device times)`` -> None; runs on the builder thread.
+        emit: ``record -> None``; runs on the builder thread.
         interval_s: how often the thread looks at the queue (spans are exported in batches anyway).
         max_queued: records waiting to be built, beyond which new ones are dropped (with one warning).
         errors: where dropped records and spans that could not be built are counted (as ``tracing``).
@@ -62,8 +62,7 @@ class SpanBuilder:
         self.max_queued = max_queued
         self.dropped = 0
         self._interval_s = interval_s
-        self._queue: deque[tuple[BatchRecord, Optional[Span]]] = deque()  # append/popleft are thread-safe
-        self._waiting: list[tuple[BatchRecord, Optional[Span]]] = []  # records whose CUDA work is still running
+        self._queue: deque[BatchRecord] = deque()  # append/popleft are thread-safe
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.errors = errors if errors is not None else MonitorErrors(log)
@@ -73,9 +72,8 @@ class SpanBuilder:
         """The builder thread does not exist in a forked child: start afresh there, with an empty queue."""
         self._thread = None
         self._queue.clear()
-        self._waiting = []
 
-    def submit(self, record: BatchRecord, parent: Optional[Span]) -> None:
+    def submit(self, record: BatchRecord) -> None:
         if len(self._queue) >= self.max_queued:
             # Records come faster than spans can be built (tracing every step of a very fast loop): drop them
             # rather than let the queue, and the process, grow.
@@ -86,7 +84,7 @@ class SpanBuilder:
                 "Raise trace_every_n_steps to trace fewer steps.",
             )
             return
-        self._queue.append((record, parent))
+        self._queue.append(record)
         if self._thread is None:
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, name="dgdn-span-builder", daemon=True)
@@ -94,19 +92,13 @@ class SpanBuilder:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
-            self._drain(final=False)
+            self._drain()
 
-    def _drain(self, final: bool) -> None:
-        items, self._waiting = self._waiting, []
+    def _drain(self) -> None:
         while self._queue:
-            items.append(self._queue.popleft())
-        for record, parent in items:
-            ready = record.device_ready()
-            if not (ready or final):
-                self._waiting.append((record, parent))
-                continue
+            record = self._queue.popleft()
             try:
-                self._emit(record, parent, ready)  # at the end, records still on the device get CPU times only
+                self._emit(record)
             except Exception as error:  # a span that cannot be built is dropped, never a crash
                 self.errors.report("tracing", "Could not build spans for a traced batch (%s); they are dropped.", error)
 
@@ -118,7 +110,7 @@ class SpanBuilder:
             thread.join(timeout_s)
             if thread.is_alive():
                 return  # stuck inside the SDK: leave its queue alone rather than race it
-        self._drain(final=True)
+        self._drain()
 
 
 class TrainingTracer:
@@ -149,6 +141,7 @@ class TrainingTracer:
         self.tracer_provider = tracer_provider
         self.errors = errors if errors is not None else MonitorErrors(log)
         self.setup: Optional[TracingSetup] = None
+        self.description: Optional[str] = None  # where the last run's spans went; None while tracing was off
         self._attributes: dict[str, Any] = {}
         self._share: Optional[str] = None
         self._epochs: dict[str, Span] = {}
@@ -188,6 +181,7 @@ class TrainingTracer:
             self.setup = configure_tracing(
                 self.enabled, resource_attributes=run_id, tracer_provider=self.tracer_provider, errors=self.errors
             )
+        self.description = self.setup.description if self.setup is not None else None
 
     # ------------------------------------------------------------------ epochs
     def start_epoch(self, stage: str, epoch: int) -> None:
@@ -228,21 +222,26 @@ class TrainingTracer:
         return known[1] or None
 
     # ------------------------------------------------------------------ batches
+    def epoch_span(self, stage: str) -> Optional[Span]:
+        """The open ``stage`` epoch span (the parent of that stage's batch spans), or ``None``."""
+        return self._epochs.get(stage)
+
     def add_batch(self, record: BatchRecord) -> None:
-        """Queue a finished batch; its spans are built on the builder thread, under the open epoch span."""
+        """Queue a finished batch whose CUDA events (if any) completed; its spans are built on the builder thread,
+        under ``record.parent``."""
         if self.setup is not None:
-            self._builder.submit(record, self._epochs.get(record.stage))
+            self._builder.submit(record)
 
     def _ns(self, perf_ns: Optional[int] = None) -> int:
         """Wall-clock ns of a ``perf_counter_ns`` reading (of now by default): spans need wall-clock times."""
         return (time.perf_counter_ns() if perf_ns is None else perf_ns) + self._offset_ns
 
-    def _emit(self, record: BatchRecord, parent: Optional[Span], device_times: bool = True) -> None:
+    def _emit(self, record: BatchRecord) -> None:
         setup = self.setup
         if setup is None:
             return
         tracer = setup.tracer
-        context = trace.set_span_in_context(parent) if parent is not None else Context()
+        context = trace.set_span_in_context(record.parent) if record.parent is not None else Context()
         samples, nodes, edges = record.size
         optional = {"training.rank": self._attributes.get("training.rank"), "training.batch_size": samples}
         optional.update({"graph.nodes": nodes, "graph.edges": edges})
@@ -252,7 +251,7 @@ class TrainingTracer:
             "training.global_step": record.global_step,
             **{key: value for key, value in optional.items() if value is not None},
         }
-        milliseconds = record.device_milliseconds() if device_times else {}
+        milliseconds = record.device_milliseconds()
         if "batch" in milliseconds:
             attributes["gpu.duration_ms"] = milliseconds["batch"]
         batch = tracer.start_span(
