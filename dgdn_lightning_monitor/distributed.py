@@ -39,6 +39,7 @@ from prometheus_client.exposition import default_handler
 
 from dgdn_lightning_monitor.guards import MonitorErrors, check
 from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.server import host_port, reachable_host
 from dgdn_lightning_monitor.web_config import push_handler_from_env
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ PUSH_TIMEOUT_S = 2.0
 _JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
-_WILDCARD_ADDRS = ("0.0.0.0", "", "::")
 
 
 def _is_url(value: Any) -> bool:
@@ -85,16 +85,13 @@ class Endpoint:
     @property
     def target(self) -> Optional[str]:
         """``host:port`` as Prometheus writes a target (IPv6 literals in brackets)."""
-        if self.port is None:
-            return None
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port) if self.port is not None else None
 
 
 def advertised_host(addr: str, override: Optional[str] = None) -> str:
     """The host name written into discovery files: ``override`` (``targets_host``) when given, else this machine's
     name when ``addr`` (the interface the metrics server binds) is every interface, else ``addr``."""
-    return override or (socket.gethostname() if addr in _WILDCARD_ADDRS else addr)
+    return override or reachable_host(addr, local=False)
 
 
 # ---------------------------------------------------------------------------------------------- file SD

@@ -28,6 +28,19 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
+def reachable_host(addr: str, local: bool = True) -> str:
+    """The host by which a server bound to ``addr`` is reached: ``addr`` itself, unless it is a wildcard (every
+    interface), reached through this machine: by its loopback name from here (``local``), else by its host name."""
+    if addr not in ("0.0.0.0", "::", ""):
+        return addr
+    return {"0.0.0.0": "localhost", "::": "::1"}.get(addr, socket.gethostname()) if local else socket.gethostname()
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 class WebConfig(Protocol):
     """What the server needs of a web configuration (see ``dgdn_lightning_monitor.web_config``)."""
 
@@ -106,11 +119,8 @@ class MetricsServer:
     def url(self) -> Optional[str]:
         if self.bound_port is None:
             return None
-        # A wildcard address is reached through the local host; an IPv6 literal goes in brackets.
-        wildcards = {"0.0.0.0": "localhost", "::": "[::1]", "": socket.gethostname()}
-        host = wildcards.get(self.addr, f"[{self.addr}]" if ":" in self.addr else self.addr)
         scheme = self.web_config.scheme if self.web_config is not None else "http"
-        return f"{scheme}://{host}:{self.bound_port}/metrics"
+        return f"{scheme}://{host_port(reachable_host(self.addr), self.bound_port)}/metrics"
 
     def start(self) -> None:
         if self._httpd is not None:

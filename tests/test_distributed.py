@@ -34,6 +34,7 @@ from dgdn_lightning_monitor.distributed import (
     push_final_metrics,
 )
 from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.server import MetricsServer, reachable_host
 from dgdn_lightning_monitor.tracing import TracingSetup, TrainingTracer
 from dgdn_lightning_monitor.tracing.provider import GivenIds
 from dgdn_lightning_monitor.tracing.tracer import epoch_ids
@@ -151,6 +152,14 @@ def test_advertised_host_and_target_format() -> None:
     assert advertised_host("0.0.0.0", "host.docker.internal") == "host.docker.internal"
     assert Endpoint(0, 0, 0, "::1", 8000).target == "[::1]:8000"
     assert Endpoint(0, 0, 0, "node-1", 8001).target == "node-1:8001"
+    # The endpoint's own URL and the discovery files read the same wildcard table: loopback from here.
+    assert (reachable_host("0.0.0.0"), reachable_host("::"), reachable_host("10.0.0.5")) == ("localhost", "::1", "10.0.0.5")
+    server = MetricsServer(CollectorRegistry(), "0.0.0.0", 0)
+    server.start()
+    try:
+        assert server.url == f"http://localhost:{server.bound_port}/metrics"
+    finally:
+        server.stop()
     assert Endpoint(0, 0, 0, "node-1", None).target is None
 
 
