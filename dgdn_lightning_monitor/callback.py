@@ -399,13 +399,7 @@ class MonitoringCallback(Callback):
         run.eval_start = time.perf_counter()
 
     def _eval_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         run = self._run
         if run is None or trainer.sanity_checking:
@@ -444,14 +438,9 @@ class MonitoringCallback(Callback):
         return BatchRecord(stage, trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN, cuda, parent)
 
     def _degrade(self, error: Exception) -> None:
-        """A monitoring fault never stops training: say so once, keep going."""
-        self.metrics.errors.report(
-            "metrics",
-            "Monitoring hit an error and skips what it could not measure; training continues (%s: %s)",
-            type(error).__name__,
-            error,
-            exc_info=error,
-        )
+        """A monitoring fault never stops training: counted, said once, training goes on."""
+        message = "Monitoring hit an error and skips what it could not measure; training continues (%s: %s)"
+        self.metrics.errors.report("metrics", message, type(error).__name__, error, exc_info=error)
 
 
 def _stage(trainer: Trainer) -> str:

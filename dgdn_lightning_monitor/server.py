@@ -9,13 +9,14 @@ import errno
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from dgdn_lightning_monitor.guards import forget_threads_after_fork
+from dgdn_lightning_monitor.web_config import WebConfig
 
 # How often the serving loop checks for shutdown; stopping waits up to this long (the library's default is
 # 0.5 s, which would be most of the run-end budget).
@@ -39,15 +40,6 @@ def reachable_host(addr: str, local: bool = True) -> str:
 def host_port(host: str, port: int) -> str:
     """``host:port``, an IPv6 literal in brackets."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-class WebConfig(Protocol):
-    """What the server needs of a web configuration (see ``dgdn_lightning_monitor.web_config``)."""
-
-    scheme: str
-    ssl_context: Any
-
-    def wrap(self, app: Any) -> Any: ...
 
 
 def one_render_at_a_time(app: WSGIApp) -> WSGIApp:

@@ -8,13 +8,10 @@ Order of precedence:
 4. ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, or ``tracing=True``: OTLP.
 5. Nothing configured: OTLP to ``localhost:4318`` if a receiver answers there, else off (one log line).
 
-An owned provider exports through the SDK's bounded queue from a background thread. Explicit arguments win over
-the ``OTEL_*`` variables, which win over our defaults: a 1 s export delay (``OTEL_BSP_SCHEDULE_DELAY``) and a 1 s
-request timeout (``OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`` / ``OTEL_EXPORTER_OTLP_TIMEOUT``); the other
-``OTEL_BSP_*`` and ``OTEL_EXPORTER_OTLP_*`` variables are the SDK's own. Export failures are counted, the first
-is warned, and the exporter's own log says each different message once; the final flush runs in a helper thread
-that is waited for at most ``FLUSH_TIMEOUT_S``, so a collector that is down or hangs never slows or stalls
-training or its end.
+An owned provider exports through the SDK's bounded queue from a background thread; the ``OTEL_BSP_*`` and
+``OTEL_EXPORTER_OTLP_*`` variables win over our defaults (1 s export delay, 1 s request timeout). Failures are
+counted and warned once (the exporter's own log says each message once); the final flush is waited for at most
+``FLUSH_TIMEOUT_S``, so a collector that is down or hangs never slows or stalls training or its end.
 """
 
 from __future__ import annotations
@@ -23,8 +20,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -72,7 +68,6 @@ class ReportingExporter(SpanExporter):
     def __init__(self, exporter: SpanExporter, destination: str, errors: Optional[MonitorErrors] = None) -> None:
         self.exporter = exporter
         self.destination = destination
-        self.failures = 0
         self.errors = errors if errors is not None else MonitorErrors(log)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -83,7 +78,6 @@ class ReportingExporter(SpanExporter):
         else:
             reason = "the receiver did not accept them"
         if result is not SpanExportResult.SUCCESS:
-            self.failures += 1
             self.errors.report(
                 "tracing",
                 "Could not export spans to %s (%s); spans are dropped, training continues.",
@@ -100,26 +94,21 @@ class ReportingExporter(SpanExporter):
 
 
 class GivenIds(RandomIdGenerator):
-    """Random ids, except for a span started inside :meth:`given`, which gets the ids given there (the root span
-    of a trace whose ids every rank derives alike)."""
+    """Random ids, except for the next span the calling thread starts after :meth:`give` (a root span whose ids
+    every rank derives alike)."""
 
     def __init__(self) -> None:
         self._given = threading.local()  # the span builder thread starts spans at the same time
 
-    @contextmanager
-    def given(self, trace_id: int, span_id: int) -> Iterator[None]:
+    def give(self, trace_id: int, span_id: int) -> None:
         self._given.ids = (trace_id, span_id)
-        try:
-            yield
-        finally:
-            self._given.ids = None
 
     def generate_trace_id(self) -> int:
         ids = getattr(self._given, "ids", None)
         return ids[0] if ids else super().generate_trace_id()
 
-    def generate_span_id(self) -> int:
-        ids = getattr(self._given, "ids", None)
+    def generate_span_id(self) -> int:  # the SDK asks for it after the trace id: the given pair is used up
+        ids, self._given.ids = getattr(self._given, "ids", None), None
         return ids[1] if ids else super().generate_span_id()
 
 
@@ -142,7 +131,7 @@ class TracingSetup:
     exporter: Optional[ReportingExporter] = None
     borrowed: Optional[trace.TracerProvider] = None
     ids: Optional[GivenIds] = None
-    _filter: logging.Filter = field(default_factory=lambda: FirstOfEachMessage())  # one per setup
+    _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: _first_of_each_message())
 
     def finish(self) -> bool:
         """Flush and shut down an owned provider within ``FLUSH_TIMEOUT_S``; flush only one we do not own.
@@ -166,7 +155,7 @@ class TracingSetup:
         worker.start()
         worker.join(FLUSH_TIMEOUT_S)
         finished = not worker.is_alive()
-        already_reported = self.exporter is not None and self.exporter.failures > 0
+        already_reported = self.exporter is not None and self.exporter.errors.counts["tracing"] > 0
         if not finished and not already_reported:  # one line about a broken collector is enough
             log.warning(
                 "Spans were not delivered within %.1f s at the end of the run; the rest are dropped.", FLUSH_TIMEOUT_S
@@ -176,19 +165,17 @@ class TracingSetup:
         return finished
 
 
-class FirstOfEachMessage(logging.Filter):
-    """Lets the first record of each message (its format string, per logger) through and drops the repeats."""
+def _first_of_each_message() -> Callable[[logging.LogRecord], bool]:
+    """A log filter that lets the first record of each message (format string, per logger) through, not repeats."""
+    seen: set[tuple[str, object]] = set()
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[tuple[str, object]] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
+    def first(record: logging.LogRecord) -> bool:
         key = (record.name, record.msg)
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
+        new = key not in seen
+        seen.add(key)
+        return new
+
+    return first
 
 
 def _receiver_answers() -> bool:

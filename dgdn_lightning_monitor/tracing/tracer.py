@@ -21,7 +21,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Optional
 
 from opentelemetry import trace
@@ -145,7 +144,6 @@ class TrainingTracer:
         self._attributes: dict[str, Any] = {}
         self._share: Optional[str] = None
         self._epochs: dict[str, Span] = {}
-        self._trace_ids: dict[str, tuple[Span, str]] = {}
         self._builder = SpanBuilder(self._emit, errors=self.errors)
         # perf_counter_ns -> unix ns; spans need wall-clock times, the step path uses the monotonic clock.
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
@@ -192,16 +190,14 @@ class TrainingTracer:
             return
         parent = self._epochs.get("train") if stage != "train" else None
         given = epoch_ids(self._share, epoch) if stage == "train" and self._share is not None else None
-        ids: AbstractContextManager[None] = nullcontext()
         if given is not None and self._attributes.get("training.rank") == 0 and setup.ids is not None:
-            ids = setup.ids.given(*given)  # rank 0's span is the root of its epoch's trace, with the derived ids
+            setup.ids.give(*given)  # rank 0's span is the root of its epoch's trace, with the derived ids
         elif given is not None:  # the others (all ranks when the provider is not ours) are children of those ids
             parent = NonRecordingSpan(SpanContext(*given, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
         context = trace.set_span_in_context(parent) if parent is not None else Context()
         attributes = {**self._attributes, "training.stage": stage, "training.epoch": epoch}
         start = self._ns()  # the clock batch spans use, so children nest exactly
-        with ids:
-            span = setup.tracer.start_span(f"{stage}_epoch", context, attributes=attributes, start_time=start)
+        span = setup.tracer.start_span(f"{stage}_epoch", context, attributes=attributes, start_time=start)
         self.end_epoch(stage)
         self._epochs[stage] = span
 
@@ -212,14 +208,8 @@ class TrainingTracer:
 
     def trace_id(self, stage: str) -> Optional[str]:
         """The trace id of the open ``stage`` epoch span, as 32 hex digits (for exemplars), or ``None``."""
-        span = self._epochs.get(stage)
-        if span is None:
-            return None
-        known = self._trace_ids.get(stage)
-        if known is None or known[0] is not span:  # formatted once per epoch span, not per traced step
-            context = span.get_span_context()
-            known = self._trace_ids[stage] = (span, format(context.trace_id, "032x") if context.is_valid else "")
-        return known[1] or None
+        context = span.get_span_context() if (span := self._epochs.get(stage)) is not None else None
+        return format(context.trace_id, "032x") if context is not None and context.is_valid else None
 
     # ------------------------------------------------------------------ batches
     def epoch_span(self, stage: str) -> Optional[Span]:
