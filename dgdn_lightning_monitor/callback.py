@@ -1,17 +1,11 @@
-"""``MonitoringCallback``: a thin adapter from Lightning's hooks to the monitoring parts.
+"""``MonitoringCallback``: a thin adapter from Lightning's hooks to the monitoring parts, hook -> part -> sink:
 
-Data flows one way, hook -> part -> sink:
-
-* training batch hooks -> :class:`~dgdn_lightning_monitor.graph_size.GraphSizer` and the hook timestamps ->
-  :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics` -> Prometheus (``/metrics`` via
-  :class:`~dgdn_lightning_monitor.server.MetricsServer`, a final Pushgateway push via
-  :class:`~dgdn_lightning_monitor.distributed.DistributedRun`);
-* sampled steps -> a :class:`~dgdn_lightning_monitor.tracing.BatchRecord` -> the phase histogram and
-  :class:`~dgdn_lightning_monitor.tracing.TrainingTracer` -> OpenTelemetry spans;
-* the step's loss, the phases of traced steps and ``trainer.callback_metrics`` at the callback's own points ->
-  :class:`~dgdn_lightning_monitor.steps.StepStatistics` (asynchronous reads on a GPU) -> the non-finite count, the
-  phase histogram, :meth:`MonitoringCallback.summary` and the loss and accuracy gauges;
-* GPU figures -> :class:`~dgdn_lightning_monitor.gpu.GPUMonitor`'s own thread.
+* batch hooks -> ``GraphSizer`` and hook timestamps -> ``TrainingMetrics`` -> ``/metrics`` (``MetricsServer``)
+  and a final push (``DistributedRun``);
+* sampled steps -> ``BatchRecord`` -> ``StepStatistics`` (phase histogram; on CUDA once its events completed) ->
+  ``TrainingTracer`` -> OpenTelemetry spans;
+* losses and ``trainer.callback_metrics`` -> ``StepStatistics`` (asynchronous reads on a GPU) -> the non-finite
+  count and the loss and accuracy gauges; GPU figures -> ``GPUMonitor``'s own thread.
 
 Nothing on the step path synchronises the device or touches a Prometheus object.
 """

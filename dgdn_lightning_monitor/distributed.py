@@ -1,20 +1,14 @@
-"""The multi-process side of a monitored run: discovery files, a final Pushgateway push, one trace per epoch.
+"""The multi-process side of a monitored run. Under Lightning's DDP every rank serves its own ``/metrics``;
+:class:`DistributedRun` adds what needs the other ranks or the outside world:
 
-Under Lightning's DDP every rank runs its own :class:`~dgdn_lightning_monitor.MonitoringCallback` and serves its
-own ``/metrics`` endpoint. :class:`DistributedRun` adds what needs the other ranks or the outside world:
+* **One small collective at set-up** (none per step or epoch): the ranks exchange their endpoints and adopt rank
+  0's run id and trace key (from which every rank derives each epoch's trace ids); a rank whose part failed
+  still takes part, with the cause.
+* **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing its node's endpoints
+  (written atomically, removed when the run ends, also after an exception).
+* **Pushgateway**: at the end of a run every rank pushes its final figures (job, run id, rank), in bounded time.
 
-* **One small collective at set-up** (none per step or epoch): the ranks exchange where their endpoints listen
-  and adopt rank 0's run id and trace key; a rank whose part failed still takes part, with the cause.
-* **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing the endpoints of its
-  node's ranks (written atomically, removed when the run ends, also after an exception).
-* **Pushgateway**: at the end of a run every rank pushes its final figures, grouped by job, run id and rank,
-  within a bounded time.
-* **Joined traces**: each epoch's trace id and root span id are derived from the shared trace key and the epoch
-  (see :func:`~dgdn_lightning_monitor.tracing.tracer.epoch_ids`), so every rank's ``train_epoch`` span joins
-  one trace per epoch without any exchange.
-
-Monitoring never stops training: a failed write, push or exchange is counted, warned once, and the feature is
-dropped.
+A failed write, push or exchange is counted, warned once, and the feature dropped; training goes on.
 """
 
 from __future__ import annotations
@@ -86,12 +80,6 @@ class Endpoint:
     def target(self) -> Optional[str]:
         """``host:port`` as Prometheus writes a target (IPv6 literals in brackets)."""
         return host_port(self.host, self.port) if self.port is not None else None
-
-
-def advertised_host(addr: str, override: Optional[str] = None) -> str:
-    """The host name written into discovery files: ``override`` (``targets_host``) when given, else this machine's
-    name when ``addr`` (the interface the metrics server binds) is every interface, else ``addr``."""
-    return override or reachable_host(addr, local=False)
 
 
 # ---------------------------------------------------------------------------------------------- file SD
@@ -231,7 +219,8 @@ class DistributedRun:
         job: Prometheus job name for discovery files and pushes (``dgdn-training``, what the deploy stack
             scrapes).
         targets_dir: directory for file-SD files, or ``None`` for none.
-        targets_host: host name written into them; see :func:`advertised_host`.
+        targets_host: host name written into them; by default this machine's name when the endpoints bind every
+            interface, else the address they bind.
         pushgateway_url: Pushgateway to push final figures to, or ``None``.
         https: whether the endpoints serve TLS (Prometheus must then scrape them with ``https``).
         errors: where failures are counted (``discovery``, ``push``, ``exchange``) and first warned.
@@ -271,20 +260,14 @@ class DistributedRun:
         self.peers: list[Endpoint] = []
         self.trace_key: Optional[str] = None
         self.https = https
-        self.rank = 0
-        self._collective = False
-        self._world_size = 1
         self._sd: Optional[FileSDTargets] = None
         self.errors = errors if errors is not None else MonitorErrors(log)
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def exchange(self, labels: RankLabels, addr: str, port: Optional[int], run_id: str) -> str:
-        """Learn every rank's endpoint and agree on one run id (one all-gather under DDP, none alone).
-
-        Every rank enters the all-gather, also one whose own part failed: it sends the cause instead of its
-        endpoint. Every rank then reads the same list and takes the same decision (the run id and trace key of
-        the lowest rank that took part; the endpoints of the ranks that did), so a failure on one rank never
-        leaves another waiting in a later collective.
+        """Learn every rank's endpoint and agree on one run id (one all-gather under DDP, none alone). A rank whose
+        part failed still enters it, sending the cause; every rank then takes the same decision from the same
+        list (run id and trace key of the lowest rank that took part, endpoints of those that did).
 
         Args:
             labels: this rank's labels.
@@ -295,31 +278,30 @@ class DistributedRun:
         Returns:
             The run id every rank uses.
         """
-        self._world_size = int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
-        self._collective = self._world_size > 1
-        self.rank = int(dist.get_rank()) if self._collective else 0
+        world_size = int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
+        rank = int(dist.get_rank()) if world_size > 1 else 0
         mine: Any
         try:
-            host = advertised_host(addr, self.targets_host)
+            host = self.targets_host or reachable_host(addr, local=False)
             mine = (run_id, uuid.uuid4().hex, Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port))
         except Exception as error:  # still enter the collective below, with the cause in place of the endpoint
             mine = f"{type(error).__name__}: {error}"
             self._failed("this rank's part", mine)
         gathered: list[Any] = [mine]
-        if self._collective:
-            gathered = [None] * self._world_size
+        if world_size > 1:
+            gathered = [None] * world_size
             try:
                 dist.all_gather_object(gathered, mine)
             except Exception as error:  # a broken process group: go on with what this rank knows
                 gathered = [mine]
                 self._failed("endpoints", f"{type(error).__name__}: {error}")
-        for rank, entry in enumerate(gathered):
-            if isinstance(entry, str) and rank != self.rank:  # this rank's own failure is counted above
-                self._failed(f"rank {rank}'s part", entry)
+        for other, entry in enumerate(gathered):
+            if isinstance(entry, str) and other != rank:  # this rank's own failure is counted above
+                self._failed(f"rank {other}'s part", entry)
         taking_part = [entry for entry in gathered if isinstance(entry, tuple)]
         self.peers = sorted((entry[2] for entry in taking_part), key=lambda peer: peer.rank)
         # Under DDP, a key every rank of this set-up shares: each epoch's trace id is derived from it.
-        self.trace_key = taking_part[0][1] if self._collective and taking_part else None
+        self.trace_key = taking_part[0][1] if world_size > 1 and taking_part else None
         return str(taking_part[0][0]) if taking_part else run_id
 
     def publish(self, labels: RankLabels, run_id: str) -> None:

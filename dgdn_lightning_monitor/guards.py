@@ -104,15 +104,14 @@ class MonitorErrors:
         self.counts = dict.fromkeys(ERROR_PARTS, 0)  # fixed keys: a scrape reads it while parts report
         self._lock = threading.Lock()
 
-    def report(self, part: str, message: Optional[str] = None, *args: Any, **kwargs: Any) -> bool:
-        """Count one error of ``part``; warn ``message % args`` if it is the part's first. Returns whether it
-        warned. Without a message the error is only counted (its part warns in its own words)."""
+    def report(self, part: str, message: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
+        """Count one error of ``part``; warn ``message % args`` if it is the part's first (without a message the
+        error is only counted: its part warns in its own words)."""
         with self._lock:
             self.counts[part] += 1
             first = self.counts[part] == 1
         if first and message is not None:
             self.logger.warning(message, *args, **kwargs)
-        return first
 
     def __reduce__(self) -> tuple[type[MonitorErrors], tuple[logging.Logger]]:
         return MonitorErrors, (self.logger,)  # a copy in another process counts its own errors

@@ -191,14 +191,10 @@ class StepStatistics:
 
 def watch_fetches(trainer: Any, run: Any) -> Callable[[], None]:
     """Time the training loop's own fetch of each batch into ``run.fetch_start_ns`` / ``run.fetch_end_ns``, and
-    return how to stop.
-
-    Lightning offers no public hook around the fetch; its training epoch loop calls ``_on_before_fetch`` and
-    ``_on_after_fetch`` (the profiler's ``train_dataloader_next`` boundaries) right around it. They are wrapped on
-    this Trainer's loop object only, so ``data_fetch`` excludes the logger writes, mid-epoch validation and
-    checkpointing that run between two batches. A Lightning without them leaves ``data_fetch`` measured from the
-    end of the previous batch (a test fails loudly when that happens).
-    """
+    return how to stop. Lightning has no public hook around the fetch; its epoch loop's ``_on_before_fetch`` and
+    ``_on_after_fetch`` (the profiler's boundaries) are wrapped on this Trainer's loop only, so ``data_fetch``
+    excludes logging, mid-epoch validation and checkpointing. Without them ``data_fetch`` runs from the end of the
+    previous batch (a test fails loudly when that happens)."""
     loop: Any = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     before, after = getattr(loop, "_on_before_fetch", None), getattr(loop, "_on_after_fetch", None)
     if not (callable(before) and callable(after)):

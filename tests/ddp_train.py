@@ -111,7 +111,7 @@ def main() -> None:
         def broken(*args: Any) -> str:
             raise RuntimeError("injected failure of this rank's exchange")
 
-        distributed.advertised_host = broken  # raises before this rank enters the collective
+        distributed.reachable_host = broken  # raises before this rank enters the collective
 
     torch.manual_seed(0)
     dataset = FakeDataset(num_graphs=args.graphs, avg_num_nodes=12, avg_degree=3, num_channels=8, num_classes=2)

@@ -30,7 +30,6 @@ from dgdn_lightning_monitor.distributed import (
     DistributedRun,
     Endpoint,
     FileSDTargets,
-    advertised_host,
     push_final_metrics,
 )
 from dgdn_lightning_monitor.labels import RankLabels
@@ -146,10 +145,8 @@ def test_first_write_removes_files_of_killed_runs_listing_the_same_endpoint(tmp_
 
 
 def test_advertised_host_and_target_format() -> None:
-    assert advertised_host("0.0.0.0") == socket.gethostname()
-    assert advertised_host("::") == socket.gethostname()
-    assert advertised_host("10.0.0.5") == "10.0.0.5"
-    assert advertised_host("0.0.0.0", "host.docker.internal") == "host.docker.internal"
+    assert reachable_host("0.0.0.0", local=False) == reachable_host("::", local=False) == socket.gethostname()
+    assert reachable_host("10.0.0.5", local=False) == "10.0.0.5"
     assert Endpoint(0, 0, 0, "::1", 8000).target == "[::1]:8000"
     assert Endpoint(0, 0, 0, "node-1", 8001).target == "node-1:8001"
     # The endpoint's own URL and the discovery files read the same wildcard table: loopback from here.
@@ -287,10 +284,10 @@ def test_a_rank_whose_part_fails_still_enters_the_exchange_and_all_decide_alike(
 ) -> None:
     # This rank's part raises before the collective: it still enters it, with the cause in place of its endpoint,
     # and adopts the run id and trace key of the lowest rank that took part, as every other rank does.
-    def broken(addr: str, override: Any = None) -> str:
+    def broken(addr: str, local: bool = True) -> str:
         raise OSError("no host name")
 
-    monkeypatch.setattr("dgdn_lightning_monitor.distributed.advertised_host", broken)
+    monkeypatch.setattr("dgdn_lightning_monitor.distributed.reachable_host", broken)
     peer = ("rank-1-id", "key-of-rank-1", Endpoint(1, 1, 0, "node-0", 8001))
     sent = gathering(monkeypatch, [peer])
     run = DistributedRun()
@@ -421,7 +418,7 @@ def test_taken_port_of_a_local_rank_fails_its_setup_naming_the_port() -> None:
         callback = monitor(port=port - 1)
         with pytest.raises(PortInUseError, match=str(port)):
             callback.setup(fake_trainer(1), Regressor(), "fit")
-        assert callback.metrics_url is None and not callback.tracer.active
+        assert callback.metrics_url is None and callback.tracer.setup is None
 
 
 def test_port_above_the_range_after_the_offset_fails_naming_the_port() -> None:

@@ -208,7 +208,7 @@ def test_auto_mode_without_receiver_is_off_with_one_line(caplog):
         fit(callback, epochs=1)
     lines = [r for r in caplog.records if "trac" in r.getMessage().lower() and r.name.startswith("dgdn")]
     assert len(lines) == 1 and "OTEL_EXPORTER_OTLP_ENDPOINT" in lines[0].getMessage()
-    assert not callback.tracer.active
+    assert callback.tracer.setup is None and callback.tracer.description is None
 
 
 def test_auto_mode_finds_a_local_receiver(monkeypatch):

@@ -114,16 +114,9 @@ class GivenIds(RandomIdGenerator):
 
 @dataclass
 class TracingSetup:
-    """A tracer and how to finish with it.
-
-    Attributes:
-        tracer: where spans are started.
-        description: one line saying where spans go.
-        provider: the provider this setup made and shuts down, or ``None``.
-        exporter: the exporter of that provider.
-        borrowed: a provider that belongs to the application (flushed at the end, never shut down).
-        ids: the id generator of a provider this setup made (it can give a root span chosen ids).
-    """
+    """A tracer (where spans are started), one line saying where spans go, and how to finish with it: the
+    ``provider`` this setup made (shut down at the end) with its ``exporter`` and id generator ``ids``, or a
+    ``borrowed`` one of the application (flushed at the end, never shut down)."""
 
     tracer: trace.Tracer
     description: str

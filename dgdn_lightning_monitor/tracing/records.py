@@ -48,11 +48,7 @@ class BatchRecord:
         cuda: bool = False,
         parent: Any = None,
     ) -> None:
-        self.stage = stage
-        self.epoch = epoch
-        self.batch_idx = batch_idx
-        self.global_step = global_step
-        self.size = size
+        self.stage, self.epoch, self.batch_idx, self.global_step, self.size = stage, epoch, batch_idx, global_step, size
         self.marks: dict[str, int] = {}
         self.events: Optional[dict[str, torch.cuda.Event]] = {} if cuda else None
         self.parent = parent

@@ -59,7 +59,6 @@ class SpanBuilder:
     ) -> None:
         self._emit = emit
         self.max_queued = max_queued
-        self.dropped = 0
         self._interval_s = interval_s
         self._queue: deque[BatchRecord] = deque()  # append/popleft are thread-safe
         self._stop = threading.Event()
@@ -76,7 +75,6 @@ class SpanBuilder:
         if len(self._queue) >= self.max_queued:
             # Records come faster than spans can be built (tracing every step of a very fast loop): drop them
             # rather than let the queue, and the process, grow.
-            self.dropped += 1
             self.errors.report(
                 "tracing",
                 "Traced batches arrive faster than their spans can be built; some are dropped. "
@@ -159,10 +157,6 @@ class TrainingTracer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
-
-    @property
-    def active(self) -> bool:
-        return self.setup is not None
 
     def start(self, attributes: dict[str, Any], share: Optional[str] = None) -> None:
         """Decide where spans go for this run; ``attributes`` go on every epoch span.
