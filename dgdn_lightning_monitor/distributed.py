@@ -62,13 +62,8 @@ def _is_url(value: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- endpoints
 @dataclass(frozen=True)
 class Endpoint:
-    """Where one rank serves its metrics.
-
-    Args:
-        rank, local_rank, node_rank: the rank's place in the run.
-        host: the host name Prometheus should use to reach it.
-        port: the bound port, or ``None`` when its server did not start.
-    """
+    """Where one rank serves its metrics: its place in the run, the host Prometheus reaches it by, and its bound
+    port (``None`` when its server did not start)."""
 
     rank: int
     local_rank: int
@@ -172,17 +167,10 @@ def push_final_metrics(
     grouping_key: Mapping[str, str],
     timeout_s: float = PUSH_TIMEOUT_S,
 ) -> Optional[str]:
-    """Push ``registry`` to a Pushgateway (replacing the group), waiting at most about ``timeout_s``.
-
-    Args:
-        url: the Pushgateway, ``host:port`` or ``http(s)://host:port``.
-        job: the ``job`` of the group.
-        registry: what to push.
-        grouping_key: the other labels of the group, e.g. ``{"run_id": "4f1c2a", "rank": "0"}``.
-        timeout_s: per-request timeout; the push runs in a helper thread that is waited for this long.
-
-    TLS and basic-auth settings come from the ``DGDN_MONITOR_PUSHGATEWAY_*`` environment variables (see
-    :func:`~dgdn_lightning_monitor.web_config.push_handler_from_env`); a bad setting is reported like a failed push.
+    """Push ``registry`` to the Pushgateway at ``url`` (``host:port`` or ``http(s)://host:port``) as the group of
+    ``job`` and ``grouping_key`` (replacing it), from a helper thread waited for about ``timeout_s``, with the TLS and
+    basic-auth settings of the ``DGDN_MONITOR_PUSHGATEWAY_*`` variables (see
+    :func:`~dgdn_lightning_monitor.web_config.push_handler_from_env`; a bad setting fails like a push).
 
     Returns:
         ``None`` when the push succeeded, else a short reason.

@@ -26,7 +26,6 @@ _POLL_INTERVAL_S = 0.05
 LISTEN_BACKLOG = 128
 
 StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 def reachable_host(addr: str, local: bool = True) -> str:
@@ -40,23 +39,6 @@ def reachable_host(addr: str, local: bool = True) -> str:
 def host_port(host: str, port: int) -> str:
     """``host:port``, an IPv6 literal in brackets."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def one_render_at_a_time(app: WSGIApp) -> WSGIApp:
-    """``app`` with its requests rendered one after the other: a burst of scrapers costs training at most one
-    rendering thread at a time, and every answer is rendered after its request arrived.
-
-    Example::
-
-        app = one_render_at_a_time(make_wsgi_app(registry))
-    """
-    lock = threading.Lock()
-
-    def serialised(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        with lock:  # prometheus_client renders inside the call and returns the finished body
-            return app(environ, start_response)
-
-    return serialised
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -123,11 +105,15 @@ class MetricsServer:
             address_family = info[0][0]
             request_queue_size = LISTEN_BACKLOG
 
-        app = one_render_at_a_time(make_wsgi_app(self.registry))
-        if self.web_config is not None:  # authentication runs outside the lock
-            app = self.web_config.wrap(app)
+        render, lock = make_wsgi_app(self.registry), threading.Lock()
+
+        def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            with lock:  # one render at a time, each after its request arrived (the library renders in the call)
+                return render(environ, start_response)
+
+        served = self.web_config.wrap(app) if self.web_config is not None else app  # authenticated before the lock
         try:
-            httpd = make_server(self.addr, self.port, app, Server, handler_class=_QuietHandler)
+            httpd = make_server(self.addr, self.port, served, Server, handler_class=_QuietHandler)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise PortInUseError(

@@ -7,10 +7,9 @@ One trace per training epoch::
     └── validation_epoch
         └── validation_batch (sampled)
 
-Batch and phase spans are created after the batch finished, with the recorded start and end times, by a
-background thread: the training thread only queues the record (building five spans costs about 100 µs of SDK
-work). On CUDA a record is queued once the step statistics' poll found its events completed (no second poller),
-and its spans carry ``gpu.duration_ms``.
+Batch and phase spans are built after the batch, with its recorded times, by a background thread: the training
+thread only queues the record (five spans cost about 100 µs of SDK work). On CUDA a record is queued once the step
+statistics' poll found its events completed, and its spans carry ``gpu.duration_ms``.
 """
 
 from __future__ import annotations
@@ -149,10 +148,7 @@ class TrainingTracer:
     def __getstate__(self) -> dict[str, Any]:
         """Configuration only: a copy in another process (``ddp_spawn``) chooses where its spans go itself."""
         if self.tracer_provider is not None:
-            log.warning(
-                "The tracer_provider cannot be sent to spawned processes; they choose where spans go "
-                "from the OTEL_* variables instead."
-            )
+            log.warning("The tracer_provider cannot be sent to spawned processes; they follow the OTEL_* variables.")
         return {"enabled": self.enabled, "errors": self.errors}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
