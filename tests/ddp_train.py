@@ -16,6 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -111,7 +112,7 @@ def main() -> None:
         def broken(*args: Any) -> str:
             raise RuntimeError("injected failure of this rank's exchange")
 
-        distributed.reachable_host = broken  # raises before this rank enters the collective
+        distributed.uuid = SimpleNamespace(uuid4=broken)  # this rank's part raises before it enters the collective
 
     torch.manual_seed(0)
     dataset = FakeDataset(num_graphs=args.graphs, avg_num_nodes=12, avg_degree=3, num_channels=8, num_classes=2)
