@@ -91,6 +91,7 @@ class FileSDTargets:
         node_rank: the node's index in the run.
         run_id: the run's id.
         hostname: the machine's name for the file name; ``socket.gethostname()`` by default.
+        errors: where a file that cannot be removed is counted (as ``discovery``).
 
     Example::
 
@@ -100,8 +101,10 @@ class FileSDTargets:
         sd.remove()
     """
 
-    def __init__(self, directory: Path, job: str, node_rank: int, run_id: str, hostname: Optional[str] = None) -> None:
-        self.directory = Path(directory)
+    def __init__(
+        self, directory: Path, job: str, node_rank: int, run_id: str, hostname: Optional[str] = None, errors: Any = None
+    ) -> None:
+        self.directory, self.errors = Path(directory), errors if errors is not None else MonitorErrors(log)
         parts = (job, hostname or socket.gethostname(), f"node{int(node_rank)}", run_id)
         name = "-".join(_FILE_PART.sub("_", part).strip("_") or "_" for part in parts)
         self.path = self.directory / f"{name}.json"
@@ -155,7 +158,7 @@ class FileSDTargets:
         except FileNotFoundError:
             return False
         except OSError as error:
-            log.warning("Could not remove the discovery file %s: %s", self.path, error)
+            self.errors.report("discovery", "Could not remove the discovery file %s: %s", self.path, error)
             return False
 
 
@@ -297,7 +300,7 @@ class DistributedRun:
         if self.targets_dir is None or labels.local_rank != 0:
             return
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
-        wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id)
+        wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id, errors=self.errors)
         if self._sd is None or self._sd.path != wanted.path:
             if self._sd is not None:
                 self._sd.remove()

@@ -148,11 +148,10 @@ class TracingSetup:
         worker.start()
         worker.join(FLUSH_TIMEOUT_S)
         finished = not worker.is_alive()
-        already_reported = self.exporter is not None and self.exporter.errors.counts["tracing"] > 0
-        if not finished and not already_reported:  # one line about a broken collector is enough
-            log.warning(
-                "Spans were not delivered within %.1f s at the end of the run; the rest are dropped.", FLUSH_TIMEOUT_S
-            )
+        if not finished:  # counted; warned unless a failed export already was (one line about a collector is enough)
+            errors = self.exporter.errors if self.exporter is not None else MonitorErrors(log)
+            message = "Spans were not delivered within %.1f s at the end of the run; the rest are dropped."
+            errors.report("tracing", message, FLUSH_TIMEOUT_S)
         for name in _EXPORTER_LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
         return finished
