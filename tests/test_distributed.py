@@ -359,6 +359,9 @@ def test_callback_survives_pickling_with_its_settings_and_counters(tmp_path: Pat
     assert copy._dist.targets_dir == tmp_path and copy._dist.pushgateway_url == "localhost:9091"
     assert copy.metrics.samples_total == 32
     assert copy.registry is not callback.registry
+    # One error count for every part of the copy, as in the original (the failed push was counted there).
+    assert copy.metrics.errors is copy._dist.errors is copy.gpu.errors is copy.tracer.errors
+    assert callback.metrics.errors.counts["push"] == 1 and copy.metrics.errors.counts["push"] == 0
     text = generate_latest(copy.registry).decode()
     assert 'dgdn_samples_processed_total{local_rank="0",node_rank="0",rank="0",world_size="1"} 32.0' in text
     trainer(copy, epochs=1).fit(Regressor(), loader())  # a working callback: threads and server rebuilt
