@@ -250,7 +250,7 @@ class MonitoringCallback(Callback):
             raise failure
         attributes = {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
         self.tracer.start(attributes, share=self._dist.trace_key)
-        stats = StepStatistics(self.metrics, self.keys, self._warn if labels.rank == 0 else None)  # said once a run
+        stats = StepStatistics(self.metrics, self.keys, self._warn if labels.rank == 0 else None)  # rank 0 says it
         run = self._run = _Run(trainer, server, stats)
         run.model_figures_final = self.metrics.count_model(pl_module)
         root = trainer.strategy.root_device
