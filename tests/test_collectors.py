@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from dgdn_lightning_monitor import MonitoringCallback
 from dgdn_lightning_monitor.gpu import GPUMonitor
+from dgdn_lightning_monitor.guards import ERROR_PARTS
 from dgdn_lightning_monitor.metrics import TrainingMetrics
 from dgdn_lightning_monitor.server import MetricsServer
 from exposition import samples, scrape, value
@@ -33,11 +34,13 @@ def test_name_filter_answers_for_the_families_of_every_collector():
         def on_train_end(self, trainer, pl_module):
             pages["one"] = filtered(callback.metrics_url, ["dgdn_samples_processed_total"])
             pages["two"] = filtered(callback.metrics_url, ["dgdn_training_info", "dgdn_batch_processing_seconds_count"])
+            pages["errors"] = filtered(callback.metrics_url, ["dgdn_monitor_errors_total"])
 
     quiet_trainer(max_epochs=1, callbacks=[callback, Probe()]).fit(GraphClassifier(), train, val)
     assert set(samples(pages["one"])) == {"dgdn_samples_processed_total"}
     assert value(pages["one"], "dgdn_samples_processed_total") == len(train_set)
     assert set(samples(pages["two"])) == {"dgdn_training_info", "dgdn_batch_processing_seconds_count"}
+    assert [labels["part"] for labels, _ in samples(pages["errors"])["dgdn_monitor_errors_total"]] == list(ERROR_PARTS)
 
     nvml = FakeNVML([FakeDevice(utilization=42)])
     monitor = GPUMonitor("dgdn", devices=[0], poll_interval_s=0.05, nvml=nvml)
