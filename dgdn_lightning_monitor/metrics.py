@@ -12,6 +12,7 @@ import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from operator import add
 from typing import Any, Optional
 
 import lightning
@@ -111,13 +112,15 @@ def run_info(module: torch.nn.Module, run_id: str) -> dict[str, str]:
     }
 
 
-def _add_per_hop(totals: list[int], counts: Optional[Sequence[int]]) -> None:
+def _add_per_hop(totals: tuple[int, ...], counts: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """``totals`` plus ``counts``, hop by hop (a new tuple: a scrape reads whole tuples, never one half-updated)."""
     if counts is None:
-        return
-    if len(totals) < len(counts):
-        totals.extend([0] * (len(counts) - len(totals)))
-    for hop, count in enumerate(counts):
-        totals[hop] += count
+        return totals
+    if len(counts) > len(totals):
+        totals += (0,) * (len(counts) - len(totals))
+    elif len(counts) < len(totals):
+        counts = (*counts, *(0,) * (len(totals) - len(counts)))
+    return tuple(map(add, totals, counts))
 
 
 class TrainingMetrics:
@@ -142,10 +145,9 @@ class TrainingMetrics:
         self.nodes_total = 0
         self.edges_total = 0
         self.nonfinite_losses = 0
-        # Per hop (index), nodes and edges drawn by a neighbour sampler; lists only grow, so a scrape may read them
-        # while the training thread adds to them.
-        self.sampled_nodes: list[int] = []
-        self.sampled_edges: list[int] = []
+        # Per hop (index), nodes and edges drawn by a neighbour sampler.
+        self.sampled_nodes: tuple[int, ...] = ()
+        self.sampled_edges: tuple[int, ...] = ()
         self.graph_nodes: Optional[int] = None
         self.graph_edges: Optional[int] = None
         self.batch_seconds = FastHistogram(BATCH_SECONDS_BUCKETS)
@@ -216,8 +218,8 @@ class TrainingMetrics:
             self.edges_total += edges
             self.graph_edges = edges
         if hops is not None:
-            _add_per_hop(self.sampled_nodes, hops[0])
-            _add_per_hop(self.sampled_edges, hops[1])
+            self.sampled_nodes = _add_per_hop(self.sampled_nodes, hops[0])
+            self.sampled_edges = _add_per_hop(self.sampled_edges, hops[1])
         self._window.append((end_perf, self.samples_total))
         self.last_step_perf = end_perf
 
@@ -351,7 +353,7 @@ class TrainingMetrics:
         ):
             if totals:
                 per_hop = family(name, ["hop"])
-                for hop, total in enumerate(tuple(totals), first_hop):
+                for hop, total in enumerate(totals, first_hop):
                     per_hop.add_metric(values + [str(hop)], total)
                 yield per_hop
 

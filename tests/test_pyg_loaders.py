@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch_geometric.data import HeteroData
+from torch_geometric.data import Data, HeteroData, TemporalData
 from torch_geometric.data.lightning import LightningLinkData, LightningNodeData
 from torch_geometric.datasets import FakeDataset, FakeHeteroDataset
 from torch_geometric.loader import (
@@ -22,6 +22,7 @@ from torch_geometric.loader import (
     ClusterLoader,
     DataLoader,
     DynamicBatchSampler,
+    NeighborLoader,
     RandomNodeLoader,
     TemporalDataLoader,
 )
@@ -93,8 +94,9 @@ def test_dataloader_of_graphs_counts_graphs():
 
 
 def test_dynamic_batch_sampler_counts_the_varying_graphs_of_each_batch():
-    torch.manual_seed(0)
-    graphs = list(FakeDataset(num_graphs=40, avg_num_nodes=12, num_channels=4))
+    sizes = [5, 31, 9, 22, 14, 40, 7, 18] * 5  # nodes per graph: so that 60 nodes hold 1 to 7 graphs
+    graphs = [Data(x=torch.randn(n, 4), edge_index=torch.stack([torch.arange(n), torch.arange(n).roll(1)]))
+              for n in sizes]
     # Lightning needs a length: num_steps batches of at most 60 nodes each
     sampler = DynamicBatchSampler(graphs, max_num=60, mode="node", shuffle=False, num_steps=6)
     module = Recorder(lambda batch: len(batch.to_data_list()))
@@ -106,8 +108,6 @@ def test_dynamic_batch_sampler_counts_the_varying_graphs_of_each_batch():
 
 def test_temporal_data_loader_counts_events():
     torch.manual_seed(0)
-    from torch_geometric.data import TemporalData
-
     events = TemporalData(src=torch.randint(0, 20, (103,)), dst=torch.randint(0, 20, (103,)),
                           t=torch.arange(103), msg=torch.randn(103, 3))
     module = Recorder(lambda batch: batch.t.numel())
@@ -233,8 +233,6 @@ def test_full_batch_node_data_counts_every_node_per_step():
 
 # --------------------------------------------------------------------------------------------- the stand-in kernel
 def test_pure_torch_kernel_samples_real_edges_within_the_fan_out():
-    from torch_geometric.loader import NeighborLoader
-
     data, fanout = graph(), [4, 3]
     in_degree = torch.bincount(data.edge_index[1], minlength=data.num_nodes)
     with use_pure_torch_sampler():
@@ -249,8 +247,6 @@ def test_pure_torch_kernel_samples_real_edges_within_the_fan_out():
 
 
 def test_pure_torch_kernel_samples_real_hetero_edges():
-    from torch_geometric.loader import NeighborLoader
-
     data = hetero_graph()
     with use_pure_torch_sampler():
         batch = next(iter(NeighborLoader(data, num_neighbors=[3, 2], batch_size=8, input_nodes=data.node_types[0])))
