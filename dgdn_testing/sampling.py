@@ -1,10 +1,11 @@
-"""A small pure-torch stand-in for pyg-lib's neighbour-sampling kernels, so that PyG's own ``NeighborLoader``,
-``LinkNeighborLoader`` (negative sampling included) and their Lightning data modules run where ``pyg-lib`` cannot
-be installed.
+"""A small pure-torch stand-in for the compiled sampling kernels of pyg-lib (neighbour sampling) and torch-sparse
+(HGT sampling), so that PyG's own ``NeighborLoader``, ``LinkNeighborLoader`` (negative sampling included),
+``HGTLoader`` and their Lightning data modules run where neither library can be installed.
 
-Only the compiled kernel is replaced: :func:`use_pure_torch_sampler` answers ``torch.ops.pyg.neighbor_sample``
-and ``torch.ops.pyg.hetero_neighbor_sample`` with the functions below and tells PyG that pyg-lib is there, so
-PyG's sampler, negative sampling, subgraph filtering and batch assembly all run unchanged. The kernels follow
+Only the compiled kernels are replaced: :func:`use_pure_torch_sampler` answers ``torch.ops.pyg.neighbor_sample``,
+``torch.ops.pyg.hetero_neighbor_sample`` and ``torch.ops.torch_sparse.hgt_sample`` with the functions below and
+tells PyG that the libraries are there, so PyG's samplers (also ``HGTLoader``'s), negative sampling, subgraph
+filtering and batch assembly all run unchanged. The kernels follow
 pyg-lib's contract for what PyG asks of them here: a CSC graph (``colptr``, ``row``), directed sampling without
 time, node ids deduplicated across hops, and the per-hop counts ``num_sampled_nodes`` (seeds first) and
 ``num_sampled_edges`` that PyG puts on every batch. Disjoint and temporal sampling are not implemented.
@@ -25,6 +26,7 @@ from typing import Any, Optional
 import torch
 import torch_geometric.typing
 from torch import Tensor
+from torch_geometric.sampler import hgt_sampler
 
 
 def _pick(start: int, stop: int, fanout: int, replace: bool) -> list[int]:
@@ -161,20 +163,78 @@ def hetero_neighbor_sample(
     )
 
 
+def hgt_sample(
+    colptr_dict: dict[str, Tensor],
+    row_dict: dict[str, Tensor],
+    input_node_dict: dict[str, Tensor],
+    num_samples_dict: dict[str, Sequence[int]],
+    num_hops: int,
+) -> tuple[dict, dict, dict, dict]:
+    """HGT's layer-wise sampling with torch-sparse's arguments and results ``(node, row, col, edge)``: at each hop,
+    for every node type, up to ``num_samples_dict[type][hop]`` nodes drawn uniformly from the not yet sampled
+    neighbours of the sampled nodes (HGT weighs that budget by degree; the weighting does not matter here), then
+    every edge among the sampled nodes."""
+    graphs = {rel: (rel.split("__"), colptr.tolist(), row_dict[rel].tolist()) for rel, colptr in colptr_dict.items()}
+    node_types = {t for (source, _, target), _, _ in graphs.values() for t in (source, target)} | set(input_node_dict)
+    nodes = {node_type: _Nodes() for node_type in node_types}
+    for node_type, seed in input_node_dict.items():
+        for node in seed.tolist():
+            nodes[node_type].add(node)
+    for hop in range(num_hops):
+        budget: dict[str, set[int]] = {node_type: set() for node_type in node_types}
+        for (source, _, target), pointers, sources in graphs.values():
+            for node in nodes[target].ids:
+                budget[source].update(sources[pointers[node] : pointers[node + 1]])
+        for node_type, candidates in budget.items():
+            fanouts = num_samples_dict.get(node_type, ())
+            fresh = sorted(candidates.difference(nodes[node_type].local))
+            if hop < len(fanouts) and fresh:
+                for index in torch.randperm(len(fresh))[: fanouts[hop]].tolist():
+                    nodes[node_type].add(fresh[index])
+    rows: dict[str, list[int]] = {}
+    cols: dict[str, list[int]] = {}
+    edges: dict[str, list[int]] = {}
+    for rel, ((source, _, target), pointers, sources) in graphs.items():
+        rows[rel], cols[rel], edges[rel] = [], [], []
+        for local, node in enumerate(nodes[target].ids):
+            for position in range(pointers[node], pointers[node + 1]):
+                found = nodes[source].local.get(sources[position])
+                if found is not None:
+                    rows[rel].append(found)
+                    cols[rel].append(local)
+                    edges[rel].append(position)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return (
+        {node_type: as_long(found.ids) for node_type, found in nodes.items()},
+        {rel: as_long(values) for rel, values in rows.items()},
+        {rel: as_long(values) for rel, values in cols.items()},
+        {rel: as_long(values) for rel, values in edges.items()},
+    )
+
+
 @contextlib.contextmanager
 def use_pure_torch_sampler() -> Iterator[None]:
-    """Within the block, PyG's ``NeighborSampler`` samples with the pure-torch kernels above (restored after)."""
-    namespace = torch.ops.pyg
-    saved = {name: namespace.__dict__.get(name) for name in ("neighbor_sample", "hetero_neighbor_sample")}
-    had_pyg_lib = torch_geometric.typing.WITH_PYG_LIB
-    namespace.neighbor_sample = neighbor_sample
-    namespace.hetero_neighbor_sample = hetero_neighbor_sample
-    torch_geometric.typing.WITH_PYG_LIB = True
+    """Within the block, PyG's ``NeighborSampler`` and ``HGTSampler`` sample with the pure-torch kernels above
+    (everything is restored after)."""
+    kernels = [
+        (torch.ops.pyg, "neighbor_sample", neighbor_sample),
+        (torch.ops.pyg, "hetero_neighbor_sample", hetero_neighbor_sample),
+        (torch.ops.torch_sparse, "hgt_sample", hgt_sample),
+    ]
+    saved = [namespace.__dict__.get(name) for namespace, name, _ in kernels]
+    # What tells PyG the compiled libraries are there: read at sampling time, and by HGTSampler at import.
+    flags = [(torch_geometric.typing, "WITH_PYG_LIB"), (hgt_sampler, "WITH_TORCH_SPARSE")]
+    saved_flags = [getattr(module, name) for module, name in flags]
+    for namespace, name, kernel in kernels:
+        setattr(namespace, name, kernel)
+    for module, name in flags:
+        setattr(module, name, True)
     try:
         yield
     finally:
-        torch_geometric.typing.WITH_PYG_LIB = had_pyg_lib
-        for name, value in saved.items():
+        for (module, name), value in zip(flags, saved_flags):
+            setattr(module, name, value)
+        for (namespace, name, _), value in zip(kernels, saved):
             if value is None:
                 namespace.__dict__.pop(name, None)
             else:

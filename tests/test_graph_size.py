@@ -58,10 +58,10 @@ def test_full_batch_link_graph_counts_its_labelled_pairs():
 
 
 def test_batch_built_from_parts_counts_graphs_from_its_offsets():
-    # ShaDowKHopSampler assembles Batch(batch=..., ptr=...) itself; Batch.num_graphs would not be used anyway.
-    batch = Batch(x=torch.empty(12, 2, device=META), edge_index=torch.empty(2, 20, dtype=torch.long, device=META),
-                  batch=torch.empty(12, dtype=torch.long, device=META), ptr=torch.empty(4, dtype=torch.long, device=META),
-                  root_n_id=torch.empty(3, dtype=torch.long, device=META))
+    # ShaDowKHopSampler (it needs torch-sparse) assembles Batch(batch=..., ptr=...) itself, one graph per root.
+    index = dict(dtype=torch.long, device=META)
+    batch = Batch(x=torch.empty(12, 2, device=META), edge_index=torch.empty(2, 20, **index),
+                  batch=torch.empty(12, **index), ptr=torch.empty(4, **index), root_n_id=torch.empty(3, **index))
     assert extract_graph_size(batch) == GraphSize(3, 12, 20)
     del batch.ptr  # nothing host-side tells the graphs: unknown rather than batch.max()
     assert extract_graph_size(batch) == GraphSize(None, 12, 20)

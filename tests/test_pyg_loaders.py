@@ -8,12 +8,16 @@ the data set itself), and compared with what MonitoringCallback exported. Neighb
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import require_tool
+from exposition import exposition, samples, value
+from lit_models import quiet_trainer
 from torch_geometric.data import Data, HeteroData, TemporalData
 from torch_geometric.data.lightning import LightningLinkData, LightningNodeData
 from torch_geometric.datasets import FakeDataset, FakeHeteroDataset
@@ -22,6 +26,7 @@ from torch_geometric.loader import (
     ClusterLoader,
     DataLoader,
     DynamicBatchSampler,
+    HGTLoader,
     NeighborLoader,
     RandomNodeLoader,
     TemporalDataLoader,
@@ -29,8 +34,6 @@ from torch_geometric.loader import (
 
 from dgdn_lightning_monitor import MonitoringCallback
 from dgdn_testing.sampling import use_pure_torch_sampler
-from exposition import exposition, samples, value
-from lit_models import quiet_trainer
 
 EPOCHS = 2
 
@@ -135,6 +138,9 @@ def test_lightning_node_data_neighbor_loader_counts_seed_nodes_and_hops():
         assert value(text, "dgdn_sampled_edges_total", hop=str(hop)) == sum(e[hop - 1] for _, e in module.hops)
     assert value(text, "dgdn_sampled_nodes_total", hop="0") == sum(module.seen)
     assert value(text, "dgdn_sampled_edges_total", hop="0") is None
+    promtool = require_tool("promtool")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
 
 
 def test_hetero_neighbor_loader_counts_seed_nodes_of_the_input_type_and_sums_hops_over_types():
@@ -257,3 +263,28 @@ def test_pure_torch_kernel_samples_real_hetero_edges():
         assert sum(store.num_sampled_edges) == store.edge_index.size(1)
     for node_type in batch.node_types:
         assert sum(batch[node_type].num_sampled_nodes) == batch[node_type].n_id.numel()
+
+
+def test_hgt_loader_counts_seed_nodes_of_the_input_type():
+    data = hetero_graph()
+    node_type = data.node_types[0]
+    train = torch.arange(data[node_type].num_nodes) % 2 == 1
+    module = Recorder(lambda batch: batch[node_type].input_id.numel())
+    with use_pure_torch_sampler():
+        loader = HGTLoader(data, num_samples=[6, 4], input_nodes=(node_type, train), batch_size=7)
+        callback = fit(module, loader)
+    assert callback.metrics.samples_total == sum(module.seen) == EPOCHS * int(train.sum())
+    assert not module.hops  # HGT sampling reports no per-hop counts
+
+
+def test_pure_torch_hgt_kernel_samples_real_edges_within_the_budget():
+    data = hetero_graph()
+    with use_pure_torch_sampler():
+        batch = next(iter(HGTLoader(data, num_samples=[5, 3], input_nodes=data.node_types[0], batch_size=4)))
+    for node_type in batch.node_types:  # seeds plus at most 5 + 3 nodes of each type
+        seeds = 4 if node_type == data.node_types[0] else 0
+        assert seeds < batch[node_type].n_id.numel() <= seeds + 8
+    for src, rel, dst in batch.edge_types:
+        store = batch[src, rel, dst]
+        ends = torch.stack([batch[src].n_id[store.edge_index[0]], batch[dst].n_id[store.edge_index[1]]])
+        assert torch.equal(ends, data[src, rel, dst].edge_index[:, store.e_id])
