@@ -223,12 +223,11 @@ HopCounts = tuple[Optional[Sequence[int]], Optional[Sequence[int]]]
 
 def _host_counts(value: Any) -> Optional[Sequence[int]]:
     """Per-hop counts as PyG's samplers store them (a list of ints); a tensor only when it is on the CPU."""
-    if type(value) is list:
-        return value
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return value if not value or type(value[0]) is int else None
     if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() == 1:
         return value.tolist()  # a host read, no device involved
-    if isinstance(value, tuple):
-        return value
     return None
 
 

@@ -126,6 +126,8 @@ def test_per_hop_counts_of_sampled_batches():
     assert sampled_per_hop(data) == ([4, 10, 16], [40, 50])
     data.num_sampled_nodes = torch.empty(3, dtype=torch.long, device=META)  # a device tensor is never read
     assert sampled_per_hop(data) == (None, [40, 50])
+    data.num_sampled_edges = [torch.tensor(40), torch.tensor(50)]  # not plain ints: left alone
+    assert sampled_per_hop(data) == (None, None)
 
 
 def test_per_hop_counts_of_hetero_batches_are_summed_over_types():

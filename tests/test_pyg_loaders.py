@@ -1,13 +1,16 @@
 """Samples and per-hop sampling figures for PyG's own loaders and Lightning data modules, in real Trainer runs.
 
 Each run's ground truth is counted independently, by the LightningModule from the batches it received (or from
-the data set itself), and compared with what MonitoringCallback exported. Neighbour sampling runs PyG's
-``NeighborSampler`` with only its compiled kernel replaced by the pure-torch one in ``dgdn_testing.sampling``
-(pyg-lib cannot be installed here); METIS is replaced the same way for ``ClusterData``.
+the data set itself), and compared with what MonitoringCallback exported. Neighbour and HGT sampling run PyG's
+own samplers with only their compiled kernels replaced by the pure-torch ones in ``dgdn_testing.sampling``
+(pyg-lib and torch-sparse cannot be installed here); METIS is replaced the same way for ``ClusterData``.
+``GraphSAINT*Sampler`` and ``ShaDowKHopSampler`` are built on torch-sparse's ``SparseTensor`` throughout: the
+batches they yield are covered in ``test_graph_size.py`` (a plain subgraph, and a ``Batch`` with ``ptr``).
 """
 
 from __future__ import annotations
 
+import random
 import subprocess
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +34,7 @@ from torch_geometric.loader import (
     RandomNodeLoader,
     TemporalDataLoader,
 )
+from torch_geometric.transforms import RandomLinkSplit
 
 from dgdn_lightning_monitor import MonitoringCallback
 from dgdn_testing.sampling import use_pure_torch_sampler
@@ -75,13 +79,18 @@ def fit(module: Recorder, data: Any) -> MonitoringCallback:
     return callback
 
 
-def graph(num_nodes: int = 120, seed: int = 0) -> Any:
+def _seed(seed: int) -> None:
+    random.seed(seed)  # FakeDataset draws sizes and edge types with Python's random
     torch.manual_seed(seed)
+
+
+def graph(num_nodes: int = 120, seed: int = 0) -> Any:
+    _seed(seed)
     return FakeDataset(num_graphs=1, avg_num_nodes=num_nodes, avg_degree=4, num_channels=4)[0]
 
 
 def hetero_graph(seed: int = 0) -> HeteroData:
-    torch.manual_seed(seed)
+    _seed(seed)
     return FakeHeteroDataset(num_node_types=2, num_edge_types=3, avg_num_nodes=60, avg_degree=4)[0]
 
 
@@ -187,10 +196,7 @@ def test_lightning_link_data_counts_seed_edges_without_negatives(neg_sampling, p
     assert value(text, "dgdn_samples_processed_total") == sum(module.seen) == EPOCHS * edges.size(1)
     for hop in range(3):
         assert value(text, "dgdn_sampled_nodes_total", hop=str(hop)) == sum(n[hop] for n, _ in module.hops)
-    # samples_per_second counts the same samples: over the window it is seed edges per second
-    window = list(callback.metrics._window)
-    assert window[-1][1] == callback.metrics.samples_total
-    assert callback.metrics.samples_per_second > 0
+    assert callback.summary()["samples"] == sum(module.seen)  # samples_per_second is a rate of these samples
 
 
 def test_hetero_link_neighbor_loader_counts_seed_edges_of_the_input_type():
@@ -283,8 +289,20 @@ def test_pure_torch_hgt_kernel_samples_real_edges_within_the_budget():
         batch = next(iter(HGTLoader(data, num_samples=[5, 3], input_nodes=data.node_types[0], batch_size=4)))
     for node_type in batch.node_types:  # seeds plus at most 5 + 3 nodes of each type
         seeds = 4 if node_type == data.node_types[0] else 0
-        assert seeds < batch[node_type].n_id.numel() <= seeds + 8
+        assert seeds <= batch[node_type].n_id.numel() <= seeds + 8
+    assert sum(batch[node_type].n_id.numel() for node_type in batch.node_types) > 4 + 5  # more than one hop
     for src, rel, dst in batch.edge_types:
         store = batch[src, rel, dst]
         ends = torch.stack([batch[src].n_id[store.edge_index[0]], batch[dst].n_id[store.edge_index[1]]])
         assert torch.equal(ends, data[src, rel, dst].edge_index[:, store.e_id])
+
+
+def test_full_batch_link_data_counts_every_labelled_pair_per_step():
+    train, _, _ = RandomLinkSplit(num_val=0.1, num_test=0.1)(graph())  # edge_label_index: positives + negatives
+    module = Recorder(lambda batch: batch.edge_label.numel())
+    callback = MonitoringCallback(port=0, addr="127.0.0.1")
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback], limit_val_batches=0)
+    datamodule = LightningLinkData(train, input_train_edges=train.edge_label_index, loader="full", batch_size=1,
+                                   num_workers=0)
+    trainer.fit(module, datamodule=datamodule)
+    assert callback.metrics.samples_total == sum(module.seen) == 3 * train.edge_label_index.size(1)
