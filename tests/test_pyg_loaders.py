@@ -280,7 +280,7 @@ def test_hgt_loader_counts_seed_nodes_of_the_input_type():
         loader = HGTLoader(data, num_samples=[6, 4], input_nodes=(node_type, train), batch_size=7)
         callback = fit(module, loader)
     assert callback.metrics.samples_total == sum(module.seen) == EPOCHS * int(train.sum())
-    assert not module.hops  # HGT sampling reports no per-hop counts
+    assert not module.hops and not callback.metrics.sampled_nodes  # HGT sampling reports no per-hop counts
 
 
 def test_pure_torch_hgt_kernel_samples_real_edges_within_the_budget():
