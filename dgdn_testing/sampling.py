@@ -87,7 +87,8 @@ def neighbor_sample(
     rows: list[int] = []
     cols: list[int] = []
     edges: list[int] = []
-    sampled_nodes, sampled_edges = [len(nodes.ids)], []
+    sampled_nodes: list[int] = [len(nodes.ids)]
+    sampled_edges: list[int] = []
     begin, end = 0, len(nodes.ids)
     for fanout in num_neighbors:
         for target in range(begin, end):
