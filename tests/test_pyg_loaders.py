@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import require_tool
-from exposition import exposition, samples, value
+from exposition import exposition, samples, scrape, value
 from lit_models import quiet_trainer
 from torch_geometric.data import Data, HeteroData, TemporalData
 from torch_geometric.data.lightning import LightningLinkData, LightningNodeData
@@ -68,9 +68,20 @@ def _summed(per_type: dict[Any, list[int]]) -> list[int]:
     return [int(sum(counts)) for counts in zip(*per_type.values())]
 
 
-def fit(module: Recorder, data: Any) -> MonitoringCallback:
-    callback = MonitoringCallback(port=0, addr="127.0.0.1")
-    trainer = quiet_trainer(max_epochs=EPOCHS, callbacks=[callback], log_every_n_steps=1, limit_val_batches=0)
+class ScrapeAtEnd(pl.Callback):
+    """Scrapes the live endpoint once training has ended (the endpoint serves until teardown)."""
+
+    def __init__(self, monitor: MonitoringCallback) -> None:
+        self.monitor, self.text = monitor, ""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.text = scrape(self.monitor.metrics_url)
+
+
+def fit(module: Recorder, data: Any, *extra: pl.Callback, callback: Any = None) -> MonitoringCallback:
+    callback = callback or MonitoringCallback(port=0, addr="127.0.0.1")
+    trainer = quiet_trainer(max_epochs=EPOCHS, callbacks=[callback, *extra], log_every_n_steps=1,
+                            limit_val_batches=0)
     if isinstance(data, pl.LightningDataModule):
         trainer.fit(module, datamodule=data)
     else:
@@ -135,8 +146,10 @@ def test_lightning_node_data_neighbor_loader_counts_seed_nodes_and_hops():
     with use_pure_torch_sampler():
         datamodule = LightningNodeData(data, input_train_nodes=train, loader="neighbor", num_neighbors=[4, 3],
                                        batch_size=10, num_workers=0)
-        callback = fit(module, datamodule)
-    text = exposition(callback.registry)
+        callback = MonitoringCallback(port=0, addr="127.0.0.1")
+        scraper = ScrapeAtEnd(callback)
+        fit(module, datamodule, scraper, callback=callback)
+    text = scraper.text  # a real scrape of /metrics
     assert value(text, "dgdn_samples_processed_total") == sum(module.seen) == EPOCHS * int(train.sum())
     assert callback.summary()["samples"] == sum(module.seen)
     hops = len(module.hops[0][0])
