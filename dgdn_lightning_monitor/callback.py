@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
-from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
+from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer, sampled_per_hop
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
@@ -337,7 +337,7 @@ class MonitoringCallback(Callback):
                 record.mark("batch_end")
                 record.size = size
                 trace_id = self.tracer.trace_id("train")
-            self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id)
+            self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id, sampled_per_hop(batch))
             self._train_batches += 1
             run.batches += 1
             stats = run.stats

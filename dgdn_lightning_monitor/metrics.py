@@ -12,7 +12,8 @@ import time
 import weakref
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from operator import add
 from typing import Any, Optional
 
 import lightning
@@ -26,7 +27,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from dgdn_lightning_monitor.graph_size import GraphSize
+from dgdn_lightning_monitor.graph_size import GraphSize, HopCounts
 from dgdn_lightning_monitor.guards import MonitorErrors
 from dgdn_lightning_monitor.histogram import (
     BATCH_SECONDS_BUCKETS,
@@ -42,10 +43,15 @@ METRICS: dict[str, tuple[str, str]] = {
     "validation_loss": ("gauge", "Last logged validation loss."),
     "training_accuracy": ("gauge", "Last logged training accuracy (ratio)."),
     "validation_accuracy": ("gauge", "Last logged validation accuracy (ratio)."),
-    "samples_processed_total": ("counter", "Training samples processed (graphs, events or rows)."),
+    "samples_processed_total": (
+        "counter",
+        "Training samples processed (graphs, seed nodes, seed edges, events or rows).",
+    ),
     "nodes_processed_total": ("counter", "Nodes in processed training batches."),
     "edges_processed_total": ("counter", "Edges (events) in processed training batches."),
     "nonfinite_loss_total": ("counter", "Training losses that were NaN or infinite."),
+    "sampled_nodes_total": ("counter", "Nodes a neighbour sampler drew for training batches, per hop (0: seeds)."),
+    "sampled_edges_total": ("counter", "Edges a neighbour sampler drew for training batches, per hop."),
     "graph_nodes": ("gauge", "Nodes in the last training batch."),
     "graph_edges": ("gauge", "Edges (events) in the last training batch."),
     "samples_per_second": ("gauge", "Training throughput over the recent batches."),
@@ -125,6 +131,17 @@ def run_info(module: torch.nn.Module, run_id: str) -> dict[str, str]:
     }
 
 
+def _add_per_hop(totals: tuple[int, ...], counts: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """``totals`` plus ``counts``, hop by hop (a new tuple: a scrape reads whole tuples, never one half-updated)."""
+    if counts is None:
+        return totals
+    if len(counts) > len(totals):
+        totals += (0,) * (len(counts) - len(totals))
+    elif len(counts) < len(totals):
+        counts = (*counts, *(0,) * (len(totals) - len(counts)))
+    return tuple(map(add, totals, counts))
+
+
 class TrainingMetrics:
     """Everything the callback measures, exported under ``namespace``.
 
@@ -148,6 +165,9 @@ class TrainingMetrics:
         self.nodes_total = 0
         self.edges_total = 0
         self.nonfinite_losses = 0
+        # Per hop (index), nodes and edges drawn by a neighbour sampler.
+        self.sampled_nodes: tuple[int, ...] = ()
+        self.sampled_edges: tuple[int, ...] = ()
         self.graph_nodes: Optional[int] = None
         self.graph_edges: Optional[int] = None
         self.batch_seconds = FastHistogram(BATCH_SECONDS_BUCKETS)
@@ -193,9 +213,15 @@ class TrainingMetrics:
         self._trainer = None
 
     def observe_train_batch(
-        self, seconds: float, end_perf: float, size: GraphSize, trace_id: Optional[str] = None
+        self,
+        seconds: float,
+        end_perf: float,
+        size: GraphSize,
+        trace_id: Optional[str] = None,
+        hops: Optional[HopCounts] = None,
     ) -> None:
-        """Fold one finished training batch in (runs on every step: kept to plain attribute updates)."""
+        """Fold one finished training batch in (runs on every step: kept to plain attribute updates); ``hops`` are
+        the per-hop counts of a sampled batch (:func:`~dgdn_lightning_monitor.graph_size.sampled_per_hop`)."""
         histogram = self.batch_seconds
         if trace_id is None:
             # FastHistogram.observe without the call: first bound >= value, Prometheus buckets are "less or equal".
@@ -212,6 +238,9 @@ class TrainingMetrics:
         if edges is not None:
             self.edges_total += edges
             self.graph_edges = edges
+        if hops is not None:
+            self.sampled_nodes = _add_per_hop(self.sampled_nodes, hops[0])
+            self.sampled_edges = _add_per_hop(self.sampled_edges, hops[1])
         self._window.append((end_perf, self.samples_total))
         self.last_step_perf = end_perf
 
@@ -343,6 +372,16 @@ class TrainingMetrics:
             ("global_step", step),
         ):
             yield from single(name, value)
+
+        for name, totals, first_hop in (
+            ("sampled_nodes_total", self.sampled_nodes, 0),
+            ("sampled_edges_total", self.sampled_edges, 1),
+        ):
+            if totals:
+                per_hop = family(name, ["hop"])
+                for hop, total in enumerate(totals, first_hop):
+                    per_hop.add_metric(values + [str(hop)], total)
+                yield per_hop
 
         batch = family("batch_processing_seconds")
         self.batch_seconds.add_to(batch, values)
