@@ -38,9 +38,11 @@ from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import TrainingMetrics, run_info
+from dgdn_lightning_monitor.oom import MemoryWatch
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import KEY_ARGUMENTS, TRAIN_GAUGES, VALIDATION_GAUGES, StepStatistics
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
+from dgdn_lightning_monitor.watchdog import StallWatchdog, check_after_s, dump_directory
 from dgdn_lightning_monitor.web_config import load_web_config
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,11 @@ class MonitoringCallback(Callback):
         job: Prometheus job name used in discovery files and pushes.
         web_config_file: a Prometheus web configuration file (TLS, client certificates, basic auth) for the
             endpoint, read here so that a bad file fails at construction; ``metrics_url`` then says ``https``.
+        stall_dump_after_s: when no stage made progress for this many seconds, write the stack of every thread
+            of this rank (and the flight recorder's trace when enabled) to ``dgdn-dumps/`` in ``trainer.log_dir``
+            (see :mod:`~dgdn_lightning_monitor.watchdog`); ``None`` turns the watchdog off.
+        memory_snapshot: on CUDA, record PyTorch's allocation history during the run and write it to
+            ``dgdn-dumps/`` when a step runs out of memory (see :mod:`~dgdn_lightning_monitor.oom`).
 
     Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints at set-up, and, when rank 0
     traces, rank 0 shares its ``train_epoch`` span once per epoch so that every rank's spans of that epoch
@@ -142,6 +149,8 @@ class MonitoringCallback(Callback):
         pushgateway_url: Optional[str] = None,
         job: str = DEFAULT_JOB,
         web_config_file: Optional[Union[str, os.PathLike]] = None,
+        stall_dump_after_s: Optional[float] = 600.0,
+        memory_snapshot: bool = False,
     ) -> None:
         super().__init__()
         self.port = check_int("port", port, 0, 65535)
@@ -174,6 +183,10 @@ class MonitoringCallback(Callback):
         self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._register()
+        check("memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False")
+        self._memory = MemoryWatch(self.metrics, self._sizer, memory_snapshot)
+        after_s = check_after_s(stall_dump_after_s)
+        self._watchdog = StallWatchdog(after_s, self.metrics) if after_s is not None else None
         self._warn = WarnOnce(log)
         self._train_batches = 0  # across runs: drives trace sampling
         self._run: Optional[_Run] = None
@@ -193,13 +206,18 @@ class MonitoringCallback(Callback):
             throughput) and ``phase_seconds``: mean seconds per traced training step of ``data_fetch``,
             ``forward``, ``backward`` and ``optimizer_step`` (host time), leaving out the first traced step of
             each run, which carries one-time warm-up costs (its figures are given only when no other step was
-            traced).
+            traced); ``stall_dumps`` (paths of the stack dumps written), ``out_of_memory`` (the record of the last
+            out-of-memory error, or ``None``) and ``batch_capacity`` (estimated ``(nodes, edges)`` of the largest
+            batch that fits the device, or ``(None, None)``).
         """
         return {
             "steps": self._train_batches,
             "samples": self.metrics.samples_total,
             "samples_per_second": self.metrics.samples_per_second,
             "phase_seconds": self.metrics.phase_means(),
+            "stall_dumps": list(self._watchdog.dumps) if self._watchdog is not None else [],
+            "out_of_memory": self._memory.last_oom,
+            "batch_capacity": self.metrics.capacity(),
         }
 
     # ------------------------------------------------------------------------------------------ pickling
@@ -262,6 +280,10 @@ class MonitoringCallback(Callback):
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
         self._dist.publish(labels, self.run_id)
+        dumps = dump_directory(trainer)  # trainer.log_dir: a broadcast under DDP, taken by every rank here
+        self._memory.start(root, dumps, labels.rank)
+        if self._watchdog is not None:
+            self._watchdog.start(dumps, labels.rank)
         log.info("Serving training metrics at %s", self.metrics_url)
 
     @override
@@ -270,6 +292,7 @@ class MonitoringCallback(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._memory.on_exception(exception, trainer)  # an OOM: what failed, before the run's figures are final
         self._end_run(exception)
 
     def _end_run(self, exception: Optional[BaseException]) -> None:
@@ -278,6 +301,9 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.unwatch_fetches()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self._memory.stop()
         try:
             run.stats.finish()
         except Exception as error:  # a lost device must not turn the end of a run into a crash
@@ -319,6 +345,7 @@ class MonitoringCallback(Callback):
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
+        self._memory.train_batch_start(batch, batch_idx)
         run.batch_start = time.perf_counter()
 
     def _marker(boundary: str) -> Callable[..., None]:  # type: ignore[misc]  # builds hooks as the class is made
@@ -349,6 +376,7 @@ class MonitoringCallback(Callback):
                 record.size = size
                 trace_id = self.tracer.trace_id("train")
             self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id)
+            self._memory.train_batch_end(size)
             self._train_batches += 1
             run.batches += 1
             stats = run.stats
@@ -401,6 +429,7 @@ class MonitoringCallback(Callback):
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
+        self._memory.batch_start(batch, batch_idx)
         run.eval_start = time.perf_counter()
 
     def _eval_batch_end(
@@ -415,7 +444,9 @@ class MonitoringCallback(Callback):
         run = self._run
         if run is None or trainer.sanity_checking:
             return
-        seconds = time.perf_counter() - run.eval_start
+        self.metrics.last_progress_perf = end = time.perf_counter()
+        self._memory.batch_end()
+        seconds = end - run.eval_start
         try:
             size = self._sizer(batch)
             self.metrics.observe_inference(_stage(trainer), seconds, size.samples)

@@ -11,7 +11,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import lightning
@@ -59,6 +59,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "global_step": ("gauge", "Optimizer steps taken so far."),
     "learning_rate": ("gauge", "Learning rate of each optimizer parameter group."),
     "training": ("info", "Model and library versions of this training run."),
+    "stall_dumps_total": ("counter", "Stack dumps written because the run made no progress for stall_dump_after_s."),
+    "oom_total": ("counter", "Out-of-memory errors raised by a step of this process."),
+    "batch_capacity_nodes": ("gauge", "Estimated nodes of the largest batch that fits the device (linear fit)."),
+    "batch_capacity_edges": ("gauge", "Estimated edges of the largest batch that fits the device (linear fit)."),
 }
 _FAMILY_TYPES = {
     "gauge": GaugeMetricFamily,
@@ -139,6 +143,13 @@ class TrainingMetrics:
         self.warm_up_phases: dict[str, float] = {}
         self._window: deque[tuple[float, int]] = deque(maxlen=max(2, throughput_window))
         self.last_step_perf: Optional[float] = None
+        # perf_counter of the last progress in any stage (training step, evaluation batch): the stall watchdog's
+        # liveness signal.
+        self.last_progress_perf: Optional[float] = None
+        self.stall_dumps = 0
+        self.ooms = 0
+        # () -> (nodes, edges) of the largest batch estimated to fit the device, or None; called at scrape time.
+        self.batch_capacity: Optional[Callable[[], Optional[tuple[float, float]]]] = None
         self.epoch_duration: Optional[float] = None
         # Evaluation batches, one histogram per stage (created when the stage first runs).
         self.inference_seconds: dict[str, FastHistogram] = {}
@@ -192,7 +203,7 @@ class TrainingMetrics:
             self.edges_total += edges
             self.graph_edges = edges
         self._window.append((end_perf, self.samples_total))
-        self.last_step_perf = end_perf
+        self.last_step_perf = self.last_progress_perf = end_perf
 
     def observe_inference(self, stage: str, seconds: float, samples: Optional[int]) -> None:
         """Fold one finished validation/test/predict batch in, as per-sample latency."""
@@ -261,6 +272,13 @@ class TrainingMetrics:
         except Exception:  # a Trainer being torn down must not break a scrape
             return self.progress, self.learning_rates
 
+    def capacity(self) -> tuple[Optional[float], Optional[float]]:
+        try:
+            estimate = self.batch_capacity() if self.batch_capacity is not None else None
+        except Exception:  # a failing fit leaves the gauges out, never the scrape
+            estimate = None
+        return estimate if estimate is not None else (None, None)
+
     # ----------------------------------------------------------------- exposition (scrape thread)
     def describe(self) -> list[Metric]:
         """Every family this collector can export, without samples: lets a registry refuse duplicates up front
@@ -300,6 +318,7 @@ class TrainingMetrics:
         parameters, trainable, memory = self.model_figures or (None, None, None)
         progress, rates = self._live()
         epoch, step = progress or (None, None)
+        capacity = self.capacity()
         for name, value in (
             ("samples_processed_total", self.samples_total),
             ("nodes_processed_total", self.nodes_total),
@@ -315,6 +334,10 @@ class TrainingMetrics:
             ("model_memory_usage_bytes", memory),
             ("epoch", epoch),
             ("global_step", step),
+            ("stall_dumps_total", self.stall_dumps),
+            ("oom_total", self.ooms),
+            ("batch_capacity_nodes", capacity[0]),
+            ("batch_capacity_edges", capacity[1]),
         ):
             yield from single(name, value)
 
