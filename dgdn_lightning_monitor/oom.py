@@ -13,8 +13,8 @@ opens.
 On CUDA, every :data:`SAMPLE_EVERY`-th training step resets the allocator's peak counter at its start and reads it
 at its end (host-side counters: no device synchronisation); the peak with the batch's nodes and edges feeds a
 :class:`~dgdn_lightning_monitor.capacity.CapacityEstimator`, whose estimate of the largest batch that fits the
-device is exported as ``<namespace>_batch_capacity_nodes`` and ``..._edges``. The peak reset also restarts the
-``<namespace>_gpu_max_memory_allocated_bytes`` gauge, which then reads the peak since the last sampled step.
+device is exported as ``<namespace>_batch_capacity_nodes`` and ``..._edges``. The peak before each reset is kept in
+:data:`PEAKS_BEFORE_RESET`, so ``<namespace>_gpu_max_memory_allocated_bytes`` still reads the process's peak.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ OOM_ERRORS: tuple[type[BaseException], ...] = (
 
 _GIB = float(1 << 30)
 
+#: CUDA device index -> the allocator's peak before the capacity sampling last reset it.
+PEAKS_BEFORE_RESET: dict[int, int] = {}
+
 
 class CudaAllocator:
     """The host-side counters of PyTorch's CUDA caching allocator for one device (no device synchronisation)."""
@@ -57,6 +60,9 @@ class CudaAllocator:
         return int(torch.cuda.get_device_properties(self.device).total_memory)
 
     def reset_peak(self) -> None:
+        # The process-wide peak survives the reset in PEAKS_BEFORE_RESET, for the peak gauge of the GPU collector.
+        index = self.device.index or 0
+        PEAKS_BEFORE_RESET[index] = max(PEAKS_BEFORE_RESET.get(index, 0), self.peak())
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak(self) -> int:
@@ -66,7 +72,7 @@ class CudaAllocator:
         return {
             "allocated_bytes": int(torch.cuda.memory_allocated(self.device)),
             "reserved_bytes": int(torch.cuda.memory_reserved(self.device)),
-            "max_allocated_bytes": self.peak(),
+            "max_allocated_bytes": max(self.peak(), PEAKS_BEFORE_RESET.get(self.device.index or 0, 0)),
             "total_bytes": self.total(),
         }
 

@@ -10,10 +10,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
-from dgdn_lightning_monitor import MonitoringCallback, oom
+from dgdn_lightning_monitor import MonitoringCallback, gpu, oom
 from dgdn_lightning_monitor.capacity import MIN_OBSERVATIONS, CapacityEstimator
 from exposition import exposition, value
+from fake_pynvml import FakeNVML
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
 
 
@@ -239,3 +241,32 @@ def test_an_oom_on_cuda_reports_the_allocator_figures(monkeypatch, caplog):
                 f"{allocator.figures()['reserved_bytes'] / gib:.2f} GiB reserved, peak "
                 f"{allocator.figures()['max_allocated_bytes'] / gib:.2f} GiB of 16.00 GiB")
     assert [r.getMessage() for r in caplog.records if r.getMessage().endswith(expected)]
+
+
+def test_the_peak_gauge_keeps_the_peak_the_capacity_sampling_reset(monkeypatch):
+    """Resetting the allocator's peak for a step's figure must not lower the process's peak the GPU collector
+    exports (the DGDNGPUMemoryHigh alert reads it)."""
+    stats = {"allocated_bytes.all.current": 100, "reserved_bytes.all.current": 200, "allocated_bytes.all.peak": 5000}
+
+    def reset(device=None):
+        stats["allocated_bytes.all.peak"] = stats["allocated_bytes.all.current"]
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: dict(stats))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: stats["allocated_bytes.all.peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    peaks: dict[int, int] = {}
+    monkeypatch.setattr(oom, "PEAKS_BEFORE_RESET", peaks)
+    monkeypatch.setattr(gpu, "PEAKS_BEFORE_RESET", peaks)
+    oom.CudaAllocator(torch.device("cuda", 0)).reset_peak()
+    assert stats["allocated_bytes.all.peak"] == 100 and peaks == {0: 5000}
+    monitor = gpu.GPUMonitor(devices=[0], nvml=FakeNVML(1, library_missing=True), poll_interval_s=60)
+    monitor.start(cuda_devices=[0], labels={"rank": "0"})
+    try:
+        registry = CollectorRegistry()
+        registry.register(monitor)
+        assert value(exposition(registry), "dgdn_gpu_max_memory_allocated_bytes", gpu="0") == 5000.0
+        stats["allocated_bytes.all.peak"] = 7000  # a higher peak after the reset wins
+        assert value(exposition(registry), "dgdn_gpu_max_memory_allocated_bytes", gpu="0") == 7000.0
+    finally:
+        monitor.stop()
