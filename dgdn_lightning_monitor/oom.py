@@ -134,7 +134,8 @@ class MemoryWatch:
         try:
             self.capacity.budget_bytes = float(self.allocator.total())
             if self.memory_snapshot:
-                torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES)
+                # Python stacks only: C++ stacks make every allocation and the dump at the OOM much slower.
+                torch.cuda.memory._record_memory_history(stacks="python", max_entries=HISTORY_ENTRIES)
                 self.recording = True
         except Exception as error:
             self._warn("start", "CUDA memory figures unavailable (%s: %s)", type(error).__name__, error)
