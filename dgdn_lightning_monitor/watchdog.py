@@ -84,12 +84,12 @@ def flight_recorder_trace() -> Optional[bytes]:
 
 def dump_directory(trainer: Any) -> Path:
     """Where a run's dumps go: ``dgdn-dumps`` in the Trainer's ``log_dir`` (its first logger's directory, else
-    ``default_root_dir``)."""
+    ``default_root_dir``; the working directory for a Trainer stand-in with neither)."""
     try:
         base = trainer.log_dir
     except Exception:  # a logger without a directory
         base = None
-    return Path(base or trainer.default_root_dir) / "dgdn-dumps"
+    return Path(base or getattr(trainer, "default_root_dir", None) or os.getcwd()) / "dgdn-dumps"
 
 
 def _positive(value: Optional[str]) -> bool:
