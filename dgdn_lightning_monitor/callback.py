@@ -273,6 +273,7 @@ class MonitoringCallback(Callback):
             )
         # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever.
         self._dist.exchange(labels, self.addr, server.bound_port if failure is None else None, self.tracer.active)
+        dumps = dump_directory(trainer)  # trainer.log_dir: a broadcast under DDP, so every rank takes it here
         if failure is not None:
             raise failure
         run = self._run = _Run(trainer, server, StepStatistics(self.metrics, self.keys, self._warn))
@@ -280,7 +281,6 @@ class MonitoringCallback(Callback):
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
         self._dist.publish(labels, self.run_id)
-        dumps = dump_directory(trainer)  # trainer.log_dir: a broadcast under DDP, taken by every rank here
         self._memory.start(root, dumps, labels.rank)
         if self._watchdog is not None:
             self._watchdog.start(dumps, labels.rank)
