@@ -151,14 +151,18 @@ class MemoryWatch:
 
     # ------------------------------------------------------------------------------------------ step path
     def batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A batch of any stage begins (plain attribute updates, and on sampled CUDA steps one counter reset)."""
+        """A validation, test or predict batch begins (plain attribute updates)."""
         self.batch, self.batch_idx = batch, batch_idx
 
     def train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A training batch begins: plain attribute updates, and on sampled CUDA steps one peak reset."""
         self.batch, self.batch_idx = batch, batch_idx
         if self.allocator is not None and self.steps % SAMPLE_EVERY == SAMPLE_EVERY - 1:
-            self.allocator.reset_peak()  # host-side: the peak of this step is read at its end
-            self.sampling = True
+            try:
+                self.allocator.reset_peak()  # host-side: the peak of this step is read at its end
+                self.sampling = True
+            except Exception as error:  # never into training: the estimate goes without this step
+                self._warn("sample", "Could not reset the CUDA peak memory (%s: %s)", type(error).__name__, error)
 
     def batch_end(self) -> None:
         self.batch = None  # the loader's next batch must not meet this one in memory because of monitoring
@@ -209,7 +213,12 @@ class MemoryWatch:
             "epoch": int(trainer.current_epoch),
             "batch_idx": self.batch_idx if self.batch is not None else None,
             "batch": size._asdict(),
-            "largest_fit": {"samples": self.fit_samples, "nodes": self.fit_nodes, "edges": self.fit_edges},
+            # 0: no training batch of that size completed (or none told its size).
+            "largest_fit": {
+                "samples": self.fit_samples or None,
+                "nodes": self.fit_nodes or None,
+                "edges": self.fit_edges or None,
+            },  # fmt: skip
             "allocator": allocator,
             "snapshot": snapshot,
         }
@@ -228,8 +237,12 @@ def describe(record: dict[str, Any], rank: int = 0) -> str:
     line = (
         f"{record['error']} on rank {rank} in stage {record['stage']}, global step {record['global_step']} "
         f"(epoch {record['epoch']}, {where}): the failing batch held {sizes(record['batch'])}; "
-        f"the largest training batch that fit held {sizes(record['largest_fit'])}"
     )
+    fit = record["largest_fit"]
+    if any(value is not None for value in fit.values()):
+        line += f"the largest training batch that fit held {sizes(fit)}"
+    else:
+        line += "no training batch had completed yet"
     allocator = record["allocator"]
     if allocator is not None:
         line += (

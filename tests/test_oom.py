@@ -80,6 +80,20 @@ def test_an_oom_in_the_training_step_names_the_batch_and_reaches_the_user_unchan
     assert callback._memory.batch is None  # nothing kept alive after the run
 
 
+def test_an_oom_in_the_first_step_says_no_batch_had_fit(caplog):
+    callback = MonitoringCallback(port=0, gpu_devices=None, tracing=False)
+    loaders = graph_loaders()
+    with caplog.at_level(logging.ERROR, logger="dgdn_lightning_monitor.oom"):
+        with pytest.raises(torch.OutOfMemoryError):
+            run(callback, RaisesAt(torch.OutOfMemoryError("CUDA out of memory"), at=0), loaders=loaders)
+    record = callback.summary()["out_of_memory"]
+    assert record["largest_fit"] == {"samples": None, "nodes": None, "edges": None}
+    first = sizes(next(iter(loaders[0])))
+    [line] = [r.getMessage() for r in caplog.records if r.name == "dgdn_lightning_monitor.oom"]
+    assert line.endswith(f"the failing batch held {first['samples']} samples, {first['nodes']} nodes, "
+                         f"{first['edges']} edges; no training batch had completed yet")
+
+
 def test_a_host_memory_error_in_validation_names_the_validation_batch():
     callback = MonitoringCallback(port=0, gpu_devices=None, tracing=False)
     error = MemoryError("host out of memory")
