@@ -235,6 +235,7 @@ class MonitoringCallback(Callback):
         labels = RankLabels.from_trainer(trainer)
         self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
+        self.metrics.start_run()
         self.metrics.info = run_info(pl_module, self.run_id)
         self.metrics.bind(trainer)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
@@ -283,6 +284,7 @@ class MonitoringCallback(Callback):
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
+        self.metrics.enter_stage("idle")
         self.gpu.stop()
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
         self.tracer.finish(exception)
@@ -295,6 +297,7 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.epoch_start = time.perf_counter()
+        self.metrics.enter_stage("train", run.epoch_start)
         # What the module logged in its own on_train_epoch_end; after a first epoch, a key never logged is said.
         run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES, check=run.train_epochs > 0)
         if self._dist.rank == 0:
@@ -385,6 +388,7 @@ class MonitoringCallback(Callback):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.metrics.enter_stage(_stage(trainer))
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.start_epoch(_SPAN_STAGE[_stage(trainer)], trainer.current_epoch, {})
 
@@ -412,13 +416,15 @@ class MonitoringCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        run = self._run
-        if run is None or trainer.sanity_checking:
+        end, run = time.perf_counter(), self._run
+        if run is None:
             return
-        seconds = time.perf_counter() - run.eval_start
+        if trainer.sanity_checking:
+            self.metrics.mark_progress("sanity_check", end)  # liveness only
+            return
         try:
             size = self._sizer(batch)
-            self.metrics.observe_inference(_stage(trainer), seconds, size.samples)
+            self.metrics.observe_inference(_stage(trainer), end - run.eval_start, size.samples, end)
             record, run.eval_record = run.eval_record, None
             if record is not None:
                 record.mark("batch_end")
@@ -428,6 +434,7 @@ class MonitoringCallback(Callback):
             self._degrade(error)
 
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.metrics.enter_stage("train" if trainer.state.fn == "fit" else "idle")
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.end_epoch(_SPAN_STAGE[_stage(trainer)])
 
@@ -440,6 +447,10 @@ class MonitoringCallback(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._run is not None and not trainer.sanity_checking:  # after the module's own epoch-end logging
             self._run.stats.read_logged(trainer.callback_metrics, VALIDATION_GAUGES, check=True)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.metrics.mark_progress("checkpoint", time.perf_counter())
 
     # ------------------------------------------------------------------------------------------ helpers
     def _degrade(self, error: Exception) -> None:

@@ -7,11 +7,12 @@ attribute updates and keeps ``prometheus_client`` objects (and their locks) off 
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import lightning
@@ -52,6 +53,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "inference_time_seconds": ("histogram", "Per-sample latency of validation, test and predict batches."),
     "epoch_duration_seconds": ("gauge", "Wall time of the last finished training epoch."),
     "last_step_timestamp_seconds": ("gauge", "Unix time at which the last training batch finished."),
+    "progress_total": (
+        "counter",
+        "Units of progress by stage: training steps, validation/test/predict/sanity-check batches, checkpoint saves.",
+    ),
+    "last_progress_timestamp_seconds": ("gauge", "Unix time of the last progress in any stage."),
+    "run_start_timestamp_seconds": ("gauge", "Unix time at which the current run (fit, validate, test...) set up."),
+    "stage": ("gauge", "1 for the stage the run is in now, 0 for the others."),
+    "stage_seconds_total": ("counter", "Wall time spent in each stage."),
     "model_parameters": ("gauge", "Parameters of the model."),
     "model_trainable_parameters": ("gauge", "Parameters that require gradients."),
     "model_memory_usage_bytes": ("gauge", "Bytes held by the model's parameters and buffers."),
@@ -69,6 +78,10 @@ _FAMILY_TYPES = {
 
 #: Gauges fed from what the LightningModule logs.
 LOGGED_GAUGES: tuple[str, ...] = ("training_loss", "validation_loss", "training_accuracy", "validation_accuracy")
+
+#: The stages of :attr:`TrainingMetrics.stage` (Lightning's running stages, and ``idle`` before the first and after
+#: the last). ``<namespace>_progress_total`` also counts checkpoint saves, under ``stage="checkpoint"``.
+STAGES: tuple[str, ...] = ("idle", "sanity_check", "train", "validate", "test", "predict")
 
 #: The phases of a training step, in order.
 PHASES: tuple[str, ...] = ("data_fetch", "forward", "backward", "optimizer_step")
@@ -139,6 +152,14 @@ class TrainingMetrics:
         self.warm_up_phases: dict[str, float] = {}
         self._window: deque[tuple[float, int]] = deque(maxlen=max(2, throughput_window))
         self.last_step_perf: Optional[float] = None
+        # Progress in any stage (liveness): plain attributes, updated on the step path and read at scrape time.
+        self.last_progress_perf: Optional[float] = None
+        self.progress_counts: dict[str, int] = {}
+        self.run_start_perf: Optional[float] = None
+        self.stage: Optional[str] = None
+        self.stage_since = 0.0
+        self.stage_seconds: dict[str, float] = {}
+        self._stage_lock = threading.Lock()  # stage changes (not per step) against a scrape: a counter never drops
         self.epoch_duration: Optional[float] = None
         # Evaluation batches, one histogram per stage (created when the stage first runs).
         self.inference_seconds: dict[str, FastHistogram] = {}
@@ -156,7 +177,10 @@ class TrainingMetrics:
         self._unix_offset = time.time() - time.perf_counter()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_trainer": None}  # the Trainer belongs to this process
+        return {**self.__dict__, "_trainer": None, "_stage_lock": None}  # the Trainer belongs to this process
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _stage_lock=threading.Lock())
 
     # ----------------------------------------------------------------- updates (training thread)
     def bind(self, trainer: Any) -> None:
@@ -192,10 +216,31 @@ class TrainingMetrics:
             self.edges_total += edges
             self.graph_edges = edges
         self._window.append((end_perf, self.samples_total))
-        self.last_step_perf = end_perf
+        self.last_step_perf = self.last_progress_perf = end_perf
+        counts = self.progress_counts
+        counts["train"] = counts.get("train", 0) + 1
 
-    def observe_inference(self, stage: str, seconds: float, samples: Optional[int]) -> None:
-        """Fold one finished validation/test/predict batch in, as per-sample latency."""
+    def mark_progress(self, stage: str, end_perf: float) -> None:
+        """One unit of progress in ``stage`` (an evaluation batch, ``checkpoint`` for a checkpoint save)."""
+        self.last_progress_perf = end_perf
+        self.progress_counts[stage] = self.progress_counts.get(stage, 0) + 1
+
+    def enter_stage(self, stage: str, now: Optional[float] = None) -> None:
+        """The run moved to ``stage`` (one of :data:`STAGES`); at stage changes only, never per step."""
+        now = time.perf_counter() if now is None else now
+        with self._stage_lock:
+            if self.stage is not None:
+                self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0.0) + now - self.stage_since
+            self.stage, self.stage_since = stage, now
+
+    def start_run(self) -> None:
+        """A run (``fit``, ``validate``, ``test``, ``predict``) set up: it starts idle."""
+        self.run_start_perf = time.perf_counter()
+        self.enter_stage("idle", self.run_start_perf)
+
+    def observe_inference(self, stage: str, seconds: float, samples: Optional[int], end_perf: float) -> None:
+        """Fold one finished validation/test/predict batch in, as per-sample latency, and as progress."""
+        self.mark_progress(stage, end_perf)
         histogram = self.inference_seconds.get(stage)
         if histogram is None:
             histogram = self.inference_seconds[stage] = FastHistogram(INFERENCE_SECONDS_BUCKETS)
@@ -296,7 +341,10 @@ class TrainingMetrics:
             elif entries:
                 yield from single(suffix, entries[0][1])
 
-        last_step = self.last_step_perf + self._unix_offset if self.last_step_perf is not None else None
+        offset = self._unix_offset
+        last_step = self.last_step_perf + offset if self.last_step_perf is not None else None
+        last_progress = self.last_progress_perf + offset if self.last_progress_perf is not None else None
+        run_start = self.run_start_perf + offset if self.run_start_perf is not None else None
         parameters, trainable, memory = self.model_figures or (None, None, None)
         progress, rates = self._live()
         epoch, step = progress or (None, None)
@@ -310,6 +358,8 @@ class TrainingMetrics:
             ("samples_per_second", self.samples_per_second),
             ("epoch_duration_seconds", self.epoch_duration),
             ("last_step_timestamp_seconds", last_step),
+            ("last_progress_timestamp_seconds", last_progress),
+            ("run_start_timestamp_seconds", run_start),
             ("model_parameters", parameters),
             ("model_trainable_parameters", trainable),
             ("model_memory_usage_bytes", memory),
@@ -318,6 +368,7 @@ class TrainingMetrics:
         ):
             yield from single(name, value)
 
+        yield from self._stage_families(family, values)
         batch = family("batch_processing_seconds")
         self.batch_seconds.add_to(batch, values)
         yield batch
@@ -340,3 +391,20 @@ class TrainingMetrics:
             info = family("training")
             info.add_metric(values, self.info)
             yield info
+
+    def _stage_families(self, family: Callable[..., Any], values: list[str]) -> Iterator[Metric]:
+        with self._stage_lock:
+            stage, seconds = self.stage, dict(self.stage_seconds)
+            if stage is None:
+                return
+            seconds[stage] = seconds.get(stage, 0.0) + max(0.0, time.perf_counter() - self.stage_since)
+        current = family("stage", ["stage"])
+        spent = family("stage_seconds_total", ["stage"])
+        for name in STAGES:
+            current.add_metric(values + [name], 1.0 if name == stage else 0.0)
+            spent.add_metric(values + [name], seconds.get(name, 0.0))
+        progress = family("progress_total", ["stage"])
+        counts = dict(self.progress_counts)
+        for name in (*STAGES[1:], "checkpoint"):
+            progress.add_metric(values + [name], float(counts.get(name, 0)))
+        yield from (current, spent, progress)

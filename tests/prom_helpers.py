@@ -59,6 +59,9 @@ CALLBACK_GAUGES = {
     "dgdn_global_step",
     "dgdn_learning_rate",
     "dgdn_last_step_timestamp_seconds",
+    "dgdn_last_progress_timestamp_seconds",
+    "dgdn_run_start_timestamp_seconds",
+    "dgdn_stage",
     "dgdn_gpu_memory_allocated_bytes",
     "dgdn_gpu_memory_reserved_bytes",
     "dgdn_gpu_max_memory_allocated_bytes",
@@ -75,6 +78,8 @@ CALLBACK_COUNTERS = {
     "dgdn_nodes_processed_total",
     "dgdn_edges_processed_total",
     "dgdn_nonfinite_loss_total",
+    "dgdn_progress_total",
+    "dgdn_stage_seconds_total",
 }
 CALLBACK_HISTOGRAMS = {"dgdn_batch_processing_seconds", "dgdn_inference_time_seconds", "dgdn_step_phase_seconds"}
 CALLBACK_METRICS = (
