@@ -7,6 +7,7 @@ attribute updates and keeps ``prometheus_client`` objects (and their locks) off 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -45,6 +46,16 @@ METRICS: dict[str, tuple[str, str]] = {
     "nodes_processed_total": ("counter", "Nodes in processed training batches."),
     "edges_processed_total": ("counter", "Edges (events) in processed training batches."),
     "nonfinite_loss_total": ("counter", "Training losses that were NaN or infinite."),
+    "nonfinite_loss_streak": (
+        "gauge",
+        "Consecutive training losses up to the last counted one that were NaN or infinite.",
+    ),
+    "training_loss_min": ("gauge", "Lowest finite training loss logged in this run."),
+    "training_loss_max": ("gauge", "Highest finite training loss logged in this run."),
+    "validation_evaluations_since_best": (
+        "gauge",
+        "Validation evaluations of this run since the one with the lowest validation loss (0: the last was best).",
+    ),
     "graph_nodes": ("gauge", "Nodes in the last training batch."),
     "graph_edges": ("gauge", "Edges (events) in the last training batch."),
     "samples_per_second": ("gauge", "Training throughput over the recent batches."),
@@ -59,6 +70,7 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "last_progress_timestamp_seconds": ("gauge", "Unix time of the last progress in any stage."),
     "run_start_timestamp_seconds": ("gauge", "Unix time at which the current run (fit, validate, test...) set up."),
+    "stage_start_timestamp_seconds": ("gauge", "Unix time at which the current stage began."),
     "stage": ("gauge", "1 for the stage the run is in now, 0 for the others."),
     "stage_seconds_total": ("counter", "Wall time spent in each stage."),
     "model_parameters": ("gauge", "Parameters of the model."),
@@ -141,6 +153,11 @@ class TrainingMetrics:
         self.nodes_total = 0
         self.edges_total = 0
         self.nonfinite_losses = 0
+        self.nonfinite_streak = 0
+        # The run's own loss history, for alerts that hold at any loss scale (reset when a run sets up).
+        self.loss_range: Optional[tuple[float, float]] = None  # (lowest, highest) finite training loss
+        self.best_validation_loss: Optional[float] = None
+        self.evaluations_since_best: Optional[int] = None
         self.graph_nodes: Optional[int] = None
         self.graph_edges: Optional[int] = None
         self.batch_seconds = FastHistogram(BATCH_SECONDS_BUCKETS)
@@ -234,8 +251,10 @@ class TrainingMetrics:
             self.stage, self.stage_since = stage, now
 
     def start_run(self) -> None:
-        """A run (``fit``, ``validate``, ``test``, ``predict``) set up: it starts idle."""
+        """A run (``fit``, ``validate``, ``test``, ``predict``) set up: it starts idle, with no loss history."""
         self.run_start_perf = time.perf_counter()
+        self.loss_range = self.best_validation_loss = self.evaluations_since_best = None
+        self.nonfinite_streak = 0
         self.enter_stage("idle", self.run_start_perf)
 
     def observe_inference(self, stage: str, seconds: float, samples: Optional[int], end_perf: float) -> None:
@@ -248,6 +267,16 @@ class TrainingMetrics:
 
     def set_logged(self, suffix: str, value: float, dataloader: Optional[str] = None) -> None:
         self.logged[(suffix, dataloader)] = value
+        if dataloader is not None and dataloader != "0" or not math.isfinite(value):
+            return  # the run's history follows the single (or first) loader, finite values only
+        if suffix == "training_loss":
+            low, high = self.loss_range or (value, value)
+            self.loss_range = (min(low, value), max(high, value))
+        elif suffix == "validation_loss":  # read once per validation evaluation, at its end
+            if self.best_validation_loss is None or value < self.best_validation_loss:
+                self.best_validation_loss, self.evaluations_since_best = value, 0
+            else:
+                self.evaluations_since_best = (self.evaluations_since_best or 0) + 1
 
     def observe_phases(self, host: dict[str, float], device: bool, warm_up: bool) -> None:
         """A traced step's phases in host seconds: into the phase histogram (on CUDA only ``data_fetch``, the
@@ -345,6 +374,8 @@ class TrainingMetrics:
         last_step = self.last_step_perf + offset if self.last_step_perf is not None else None
         last_progress = self.last_progress_perf + offset if self.last_progress_perf is not None else None
         run_start = self.run_start_perf + offset if self.run_start_perf is not None else None
+        stage_start = self.stage_since + offset if self.stage is not None else None
+        loss_min, loss_max = self.loss_range or (None, None)
         parameters, trainable, memory = self.model_figures or (None, None, None)
         progress, rates = self._live()
         epoch, step = progress or (None, None)
@@ -360,6 +391,11 @@ class TrainingMetrics:
             ("last_step_timestamp_seconds", last_step),
             ("last_progress_timestamp_seconds", last_progress),
             ("run_start_timestamp_seconds", run_start),
+            ("stage_start_timestamp_seconds", stage_start),
+            ("nonfinite_loss_streak", self.nonfinite_streak),
+            ("training_loss_min", loss_min),
+            ("training_loss_max", loss_max),
+            ("validation_evaluations_since_best", self.evaluations_since_best),
             ("model_parameters", parameters),
             ("model_trainable_parameters", trainable),
             ("model_memory_usage_bytes", memory),

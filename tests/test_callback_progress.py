@@ -7,6 +7,7 @@ import math
 import time
 
 import lightning.pytorch as pl
+import pytest
 from exposition import exposition, value
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
@@ -105,3 +106,52 @@ def test_stage_seconds_follow_the_stage_changes():
     metrics.enter_stage("train", 6.5)
     assert metrics.stage_seconds == {"idle": 1.0, "train": 3.0, "validate": 2.5}
     assert metrics.last_progress_perf == 3.0 and metrics.progress_counts == {"train": 1}
+
+
+class ScriptedValidation(GraphClassifier):
+    """Logs a scripted validation loss per evaluation, and a training loss shifted by ``offsets[step]``."""
+
+    def __init__(self, val_losses, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.val_losses, self.evaluation = val_losses, 0
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log("val_loss", float(self.val_losses[self.evaluation]), batch_size=batch.num_graphs)
+
+    def on_validation_epoch_end(self) -> None:
+        self.evaluation += 1
+
+
+def test_loss_history_follows_the_run():
+    """The streak of non-finite losses, the run's loss range and the validation evaluations since the best one, as
+    the run produced them."""
+    monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False)
+    train, val, train_set, _ = graph_loaders()
+    batches = math.ceil(len(train_set) / 8)
+    seen: list[float] = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(outputs["loss"]))
+
+    nan_after = 2 * batches + 1  # the last epoch: one finite step, then NaN
+    model = ScriptedValidation([3.0, 2.0, 2.5, 2.1], nan_after=nan_after, loss_offset=5.0)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[Losses(), monitor], log_every_n_steps=1, num_sanity_val_steps=0)
+    trainer.fit(model, train, val)
+    text = exposition(monitor.registry)
+    assert len(seen) == 3 * batches and sum(math.isnan(v) for v in seen) == batches - 1
+    assert value(text, "dgdn_nonfinite_loss_total") == batches - 1
+    assert value(text, "dgdn_nonfinite_loss_streak") == batches - 1
+    finite = [v for v in seen if math.isfinite(v)]
+    # The gauges follow the logged values (read every step here): the run's extremes of them.
+    assert min(finite) == pytest.approx(value(text, "dgdn_training_loss_min"), rel=1e-6)
+    assert max(finite) == pytest.approx(value(text, "dgdn_training_loss_max"), rel=1e-6)
+    # Evaluations 3.0, 2.0 (best), 2.5: one since the best.
+    assert value(text, "dgdn_validation_evaluations_since_best") == 1
+    # A new run starts a new history.
+    trainer = quiet_trainer(max_epochs=1, callbacks=[monitor], log_every_n_steps=1)
+    trainer.fit(ScriptedValidation([1.0, 1.0]), train, val)
+    text = exposition(monitor.registry)
+    assert value(text, "dgdn_validation_evaluations_since_best") == 0
+    assert value(text, "dgdn_nonfinite_loss_streak") == 0
+    assert value(text, "dgdn_training_loss_max") < 5.0
