@@ -236,7 +236,7 @@ class MonitoringCallback(Callback):
         self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
         self.metrics.start_run()
-        self.metrics.info = run_info(pl_module, self.run_id)
+        self.metrics.info = run_info(pl_module, self.run_id, type(trainer.strategy).__name__)
         self.metrics.bind(trainer)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
         server = MetricsServer(self.registry, self.addr, port, self.web_config)

@@ -119,10 +119,12 @@ def learning_rates(trainer: Any) -> LearningRates:
     return rates
 
 
-def run_info(module: torch.nn.Module, run_id: str) -> dict[str, str]:
-    """The labels of ``<namespace>_training_info``: what is trained, with which library versions."""
+def run_info(module: torch.nn.Module, run_id: str, strategy: str = "") -> dict[str, str]:
+    """The labels of ``<namespace>_training_info``: what is trained, how (the Trainer's strategy class, e.g.
+    ``DDPStrategy``), with which library versions."""
     model = type(module)
     return {
+        "strategy": strategy,
         "model": f"{model.__module__}.{model.__qualname__}",
         "lightning_version": lightning.__version__,
         "torch_version": torch.__version__,
