@@ -1,20 +1,16 @@
-"""The shipped alert rules, time-compressed, on real Lightning runs scraped by a real Prometheus: quiet through every
+"""The shipped alert rules, time-compressed (``prom_helpers.scaled_rules``), on real Lightning runs scraped by a real Prometheus: quiet through every
 stage of a healthy run (a slow first step, long validation, fit then test, an eval-only run, a large-scale loss, a
 single NaN, a memory spike the allocator gives back, a training job of another name), loud for the real faults (a
 hang in any stage, a diverging loss, persisting NaN, a throughput drop, memory that keeps reaching the limit).
 
 The rules are the shipped expressions with every duration (range windows, offsets, ``for:``) and every
-``time() - ... > N`` budget divided by :data:`SCALE`, so that a 15-minute budget is 6 s here.
+``time() - ... > N`` budget divided by ``SCALE``, so that a 15-minute budget is 6 s here.
 """
 
 from __future__ import annotations
 
 import functools
-import re
-import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -22,7 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import free_port, require_tool
-from prom_helpers import RULES_FILE, STACK_RULES_FILE, Prometheus, wait_until
+from prom_helpers import STACK_RULES_FILE, Prometheus, scaled_rules, wait_until
 
 import deploy_training as dt
 from dgdn_lightning_monitor import MonitoringCallback
@@ -30,41 +26,11 @@ from dgdn_lightning_monitor import callback as callback_module
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_testing.fake_pynvml import FakeDevice, FakeNVML
-from dgdn_testing.models import GraphClassifier
 
 pytestmark = pytest.mark.slow
 
 #: Every duration of the shipped rules is divided by this: 15 minutes -> 6 s, 5 minutes -> 2 s.
 SCALE = 150
-_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-_DURATION = re.compile(r"(\d+)(ms|s|m|h)")
-
-
-def _scaled(duration: str) -> str:
-    seconds = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(duration))
-    return f"{max(1, round(seconds * 1000 / SCALE))}ms"
-
-
-def scaled_rules(workdir: Path, source: Path = RULES_FILE) -> Path:
-    """The shipped rules of ``source`` with their durations and ``time() - x > N`` budgets divided by SCALE."""
-    rules = yaml.safe_load(source.read_text())
-    budgets = 0
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            if "for" in rule:
-                rule["for"] = _scaled(rule["for"])
-            expr = re.sub(r"\[(\w+)\]", lambda m: f"[{_scaled(m.group(1))}]", rule["expr"])
-            expr = re.sub(r"offset (\w+)", lambda m: f"offset {_scaled(m.group(1))}", expr)
-            expr, count = re.subn(
-                r"(time\(\) - [a-z_]+\{[^}]*\} > )(\d+)", lambda m: f"{m.group(1)}{int(m.group(2)) / SCALE:g}", expr
-            )
-            budgets += count
-            rule["expr"] = expr
-    assert source != RULES_FILE or budgets == 3, "the liveness budgets are no longer written time() - x > N"
-    path = workdir / source.name
-    path.write_text(yaml.safe_dump(rules, sort_keys=False))
-    return path
-
 
 def prometheus_for(workdir: Path, targets: dict[str, list[str]], rule_files: list[Path]) -> Prometheus:
     """A Prometheus scraping ``targets`` (job -> host:port) twice a second with ``rule_files``, ready."""
@@ -101,49 +67,6 @@ def seen(prometheus: Prometheus, expr: str) -> bool:
     return bool(prometheus.query(expr))
 
 
-class Paced(GraphClassifier):
-    """The tests' GCN with a slow first training step and slow evaluation batches.
-
-    Args:
-        first_step_s: extra seconds in the first training step (a compile, a warm-up).
-        eval_batch_s: seconds of every validation/test/predict batch.
-        offsets: training step -> loss offset (a constant offset leaves gradients alone); the last one holds on.
-        nan_steps: training steps whose loss is NaN: logged, and the step skipped (the module returns no loss), as
-            fp16 loss scaling skips a step whose gradients overflowed.
-    """
-
-    def __init__(
-        self,
-        first_step_s: float = 0.0,
-        eval_batch_s: float = 0.0,
-        offsets: Optional[list[float]] = None,
-        nan_steps: frozenset[int] = frozenset(),
-        step_sleep_s: float = 0.02,
-    ) -> None:
-        super().__init__(step_sleep_s=step_sleep_s)
-        self.first_step_s, self.eval_batch_s = first_step_s, eval_batch_s
-        self.offsets, self.nan_steps = offsets, nan_steps
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if self.steps == 0:
-            time.sleep(self.first_step_s)
-        if self.offsets:
-            self.loss_offset = self.offsets[min(self.steps, len(self.offsets) - 1)]
-        if self.steps in self.nan_steps:
-            self.steps += 1
-            self.log("train_loss", torch.tensor(float("nan")), batch_size=batch.num_graphs)
-            return None  # type: ignore[return-value]  # Lightning skips the optimizer step
-        return super().training_step(batch, batch_idx)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        time.sleep(self.eval_batch_s)
-        super().validation_step(batch, batch_idx)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        time.sleep(self.eval_batch_s)
-        super().test_step(batch, batch_idx)
-
-
 def _trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
     options = dict(
         max_epochs=1,
@@ -175,12 +98,12 @@ def test_healthy_stages_stay_silent(tmp_path):
     the budget several times."""
     port = free_port()
     target = f"127.0.0.1:{port}"
-    prometheus = prometheus_for(tmp_path, {"dgdn-training": [target]}, [scaled_rules(tmp_path)])
+    prometheus = prometheus_for(tmp_path, {"dgdn-training": [target]}, [scaled_rules(tmp_path, SCALE)])
     stall_s, start_s = 900 / SCALE, 1800 / SCALE
     try:
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
         train, val = dt.loaders(train_graphs=16, val_graphs=16)  # 4 batches each
-        model = Paced(first_step_s=stall_s + 2, eval_batch_s=stall_s / 3)
+        model = dt.Paced(first_step_s=stall_s + 2, eval_batch_s=stall_s / 3)
         started = time.monotonic()
         trainer = _trainer([monitor])
         trainer.fit(model, train, val)
@@ -226,7 +149,7 @@ def test_a_hang_in_any_stage_fires(tmp_path):
     naming the rank, while the exported stage says where it hangs."""
     port = free_port()
     target = f"127.0.0.1:{port}"
-    prometheus = prometheus_for(tmp_path, {"dgdn-training": [target]}, [scaled_rules(tmp_path)])
+    prometheus = prometheus_for(tmp_path, {"dgdn-training": [target]}, [scaled_rules(tmp_path, SCALE)])
 
     def until(alertname: str, stage: Optional[str]) -> dict[str, Any]:
         hang = time.time()
@@ -239,7 +162,7 @@ def test_a_hang_in_any_stage_fires(tmp_path):
         hangs = Hangs(until)
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
         train, val = dt.loaders(train_graphs=16, val_graphs=16)
-        model = Paced()
+        model = dt.Paced()
         trainer = _trainer([hangs, monitor])
         trainer.fit(model, train, val)
         trainer.test(model, val, verbose=False)
@@ -254,7 +177,7 @@ def test_loss_alerts_follow_the_runs_own_history(tmp_path):
     """A loss far above 10 that decreases and one NaN step stay silent; the loss climbing back up fires
     DGDNHighTrainingLoss, NaN in every step fires DGDNTrainingLossNotFinite."""
     port = free_port()
-    prometheus = prometheus_for(tmp_path, {"dgdn-training": [f"127.0.0.1:{port}"]}, [scaled_rules(tmp_path)])
+    prometheus = prometheus_for(tmp_path, {"dgdn-training": [f"127.0.0.1:{port}"]}, [scaled_rules(tmp_path, SCALE)])
     batches = 8  # per epoch: the non-finite count is folded at each epoch end
     state: dict[str, Any] = {}
 
@@ -277,7 +200,7 @@ def test_loss_alerts_follow_the_runs_own_history(tmp_path):
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
         train, val = dt.loaders()
         decreasing = [1000.0 - 5 * step for step in range(12 * batches)]
-        model = Paced(
+        model = dt.Paced(
             offsets=decreasing + [1000.0] * (100 * batches),
             nan_steps=frozenset({40, *range(20 * batches, 30 * batches)}),
             step_sleep_s=0.03,
@@ -293,7 +216,7 @@ def test_throughput_drop_fires_on_slower_training_not_on_a_long_validation(tmp_p
     """Steady training, a validation three short windows long (silent: only seconds of training count), then
     steps several times slower: DGDNThroughputDrop fires."""
     port = free_port()
-    prometheus = prometheus_for(tmp_path, {"dgdn-training": [f"127.0.0.1:{port}"]}, [scaled_rules(tmp_path)])
+    prometheus = prometheus_for(tmp_path, {"dgdn-training": [f"127.0.0.1:{port}"]}, [scaled_rules(tmp_path, SCALE)])
     window_s = 5 * 60 / SCALE
     baseline_s = 35 * 60 / SCALE + 1  # the run must be older than the alert's look-back
     state: dict[str, Any] = {}
@@ -325,7 +248,7 @@ def test_throughput_drop_fires_on_slower_training_not_on_a_long_validation(tmp_p
     try:
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
         train, val = dt.loaders(train_graphs=64, val_graphs=16)
-        model = Paced(step_sleep_s=0.03)
+        model = dt.Paced(step_sleep_s=0.03)
         _trainer([Pace(), monitor], max_epochs=1000).fit(model, train, val)
         assert state["quiet"] == set()
         assert state["drop"][0]["rank"] == "0" and state["drop"][0]["severity"] == "warning"
@@ -360,7 +283,7 @@ def test_gpu_memory_spike_given_back_stays_silent_memory_kept_near_the_limit_fir
     server = MetricsServer(registry, "127.0.0.1", 0, cache_ttl_s=0)
     server.start()
     prometheus = prometheus_for(
-        tmp_path, {"dgdn-training": [f"127.0.0.1:{server.bound_port}"]}, [scaled_rules(tmp_path)]
+        tmp_path, {"dgdn-training": [f"127.0.0.1:{server.bound_port}"]}, [scaled_rules(tmp_path, SCALE)]
     )
     try:
         wait_until(lambda: prometheus.query("dgdn_gpu_memory_total_bytes"), 30, what="the GPU series")
@@ -394,7 +317,7 @@ def test_training_job_of_another_name_is_watched_and_never_a_stack_outage(tmp_pa
     prometheus = prometheus_for(
         tmp_path,
         {"train-gnn": [f"127.0.0.1:{port}"], "alertmanager": [f"127.0.0.1:{dead}"]},
-        [scaled_rules(tmp_path), scaled_rules(tmp_path, STACK_RULES_FILE)],
+        [scaled_rules(tmp_path, SCALE), scaled_rules(tmp_path, SCALE, STACK_RULES_FILE)],
     )
     state: dict[str, Any] = {}
 
@@ -409,7 +332,7 @@ def test_training_job_of_another_name_is_watched_and_never_a_stack_outage(tmp_pa
     try:
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False, job="train-gnn")
         train, val = dt.loaders()
-        _trainer([Hang(), monitor]).fit(Paced(), train, val)
+        _trainer([Hang(), monitor]).fit(dt.Paced(), train, val)
         assert state["stalled"][0]["job"] == "train-gnn"
         wait_until(lambda: prometheus.query('up{job="train-gnn"} == 0'), 30, what="the ended run's target down")
         down = wait_until(lambda: firing(prometheus, "DGDNMonitoringTargetDown"), 30, what="the stack alert")
