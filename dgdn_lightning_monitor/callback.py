@@ -57,6 +57,7 @@ class _Run:
         self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
         self.batches = self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
         self.batch_start = self.epoch_start = self.eval_start = 0.0
+        self.traced_at = time.perf_counter()
         self.record: Optional[BatchRecord] = None
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False
@@ -82,8 +83,10 @@ class MonitoringCallback(Callback):
             events of ``TemporalData``, rows of a tensor) do not fit.
         graph_size_fn: ``batch -> (nodes, edges)``, overriding the built-in graph size rules.
         throughput_window: training batches over which ``samples_per_second`` is computed.
-        trace_every_n_steps: trace one training step (and one evaluation batch) in this many; phase timings of
-            those steps feed the phase histogram and :meth:`summary`.
+        trace_every_n_steps: trace one training step (and one evaluation batch) in this many, and a training step
+            whenever :attr:`trace_floor_s` seconds passed since the last traced one (so that slow steps are sampled
+            often enough for per-rank comparisons); phase timings of those steps feed the phase histogram and
+            :meth:`summary`.
         tracing: ``None`` (auto: follow the ``OTEL_*`` variables, an application-wide TracerProvider, or a
             receiver answering on ``localhost:4318``), ``True`` (export even if nothing answers yet) or ``False``.
         gpu_devices: ``"auto"`` (the CUDA devices this rank trains on), a list of GPU indices, or ``None``.
@@ -115,6 +118,10 @@ class MonitoringCallback(Callback):
         trainer = Trainer(max_epochs=5, callbacks=[MonitoringCallback(port=8000)])
         trainer.fit(model, datamodule)  # curl http://localhost:8000/metrics meanwhile
     """
+
+    #: Longest time between two traced training steps, whatever ``trace_every_n_steps`` says: a 5-minute window
+    #: holds 30 samples per rank at any step rate.
+    trace_floor_s: float = 10.0
 
     def __init__(
         self,
@@ -313,7 +320,8 @@ class MonitoringCallback(Callback):
         run = self._run
         if run is None:
             return
-        if self._train_batches % self.trace_every_n_steps == 0:
+        if self._train_batches % self.trace_every_n_steps == 0 or run.batch_start - run.traced_at > self.trace_floor_s:
+            run.traced_at = run.batch_start  # the previous batch's start: no extra clock read
             try:
                 record = run.record = _new_record("train", trainer, pl_module, batch_idx)
                 record.mark("fetch_start", run.fetch_start_ns)
@@ -365,8 +373,7 @@ class MonitoringCallback(Callback):
                 stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
         except Exception as error:
             self._degrade(error)
-        if self._train_batches % self.trace_every_n_steps == 0:  # the next batch is traced: time its fetch
-            run.fetch_start_ns = time.perf_counter_ns()
+        run.fetch_start_ns = time.perf_counter_ns()  # the next batch's fetch (when Lightning does not say)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
