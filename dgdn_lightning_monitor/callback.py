@@ -59,6 +59,7 @@ class _Run:
         self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
         self.batches = self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
         self.batch_start = self.epoch_start = self.eval_start = 0.0
+        self.traced_at = time.perf_counter()
         self.record: Optional[BatchRecord] = None
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False
@@ -84,8 +85,10 @@ class MonitoringCallback(Callback):
             events of ``TemporalData``, rows of a tensor) do not fit.
         graph_size_fn: ``batch -> (nodes, edges)``, overriding the built-in graph size rules.
         throughput_window: training batches over which ``samples_per_second`` is computed.
-        trace_every_n_steps: trace one training step (and one evaluation batch) in this many; phase timings of
-            those steps feed the phase histogram and :meth:`summary`.
+        trace_every_n_steps: trace one training step (and one evaluation batch) in this many, and a training step
+            whenever :attr:`trace_floor_s` seconds passed since the last traced one (so that slow steps are sampled
+            often enough for per-rank comparisons); phase timings of those steps feed the phase histogram and
+            :meth:`summary`.
         tracing: ``None`` (auto: follow the ``OTEL_*`` variables, an application-wide TracerProvider, or a
             receiver answering on ``localhost:4318``), ``True`` (export even if nothing answers yet) or ``False``.
         gpu_devices: ``"auto"`` (the CUDA devices this rank trains on), a list of GPU indices, or ``None``.
@@ -122,6 +125,10 @@ class MonitoringCallback(Callback):
         trainer = Trainer(max_epochs=5, callbacks=[MonitoringCallback(port=8000)])
         trainer.fit(model, datamodule)  # curl http://localhost:8000/metrics meanwhile
     """
+
+    #: Longest time between two traced training steps, whatever ``trace_every_n_steps`` says: a 5-minute window
+    #: holds 30 samples per rank at any step rate.
+    trace_floor_s: float = 10.0
 
     def __init__(
         self,
@@ -253,7 +260,8 @@ class MonitoringCallback(Callback):
         labels = RankLabels.from_trainer(trainer)
         self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
-        self.metrics.info = run_info(pl_module, self.run_id)
+        self.metrics.start_run()
+        self.metrics.info = run_info(pl_module, self.run_id, type(trainer.strategy).__name__)
         self.metrics.bind(trainer)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
         server = MetricsServer(self.registry, self.addr, port, self.web_config)
@@ -309,6 +317,7 @@ class MonitoringCallback(Callback):
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
+        self.metrics.enter_stage("idle")
         self.gpu.stop()
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
         self.tracer.finish(exception)
@@ -321,6 +330,7 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.epoch_start = time.perf_counter()
+        self.metrics.enter_stage("train", run.epoch_start)
         # What the module logged in its own on_train_epoch_end; after a first epoch, a key never logged is said.
         run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES, check=run.train_epochs > 0)
         if self._dist.rank == 0:
@@ -336,7 +346,8 @@ class MonitoringCallback(Callback):
         run = self._run
         if run is None:
             return
-        if self._train_batches % self.trace_every_n_steps == 0:
+        if self._train_batches % self.trace_every_n_steps == 0 or run.batch_start - run.traced_at > self.trace_floor_s:
+            run.traced_at = run.batch_start  # the previous batch's start: no extra clock read
             try:
                 record = run.record = _new_record("train", trainer, pl_module, batch_idx)
                 record.mark("fetch_start", run.fetch_start_ns)
@@ -390,8 +401,7 @@ class MonitoringCallback(Callback):
                 stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
         except Exception as error:
             self._degrade(error)
-        if self._train_batches % self.trace_every_n_steps == 0:  # the next batch is traced: time its fetch
-            run.fetch_start_ns = time.perf_counter_ns()
+        run.fetch_start_ns = time.perf_counter_ns()  # the next batch's fetch (when Lightning does not say)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -413,6 +423,7 @@ class MonitoringCallback(Callback):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.metrics.enter_stage(_stage(trainer))
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.start_epoch(_SPAN_STAGE[_stage(trainer)], trainer.current_epoch, {})
 
@@ -441,15 +452,16 @@ class MonitoringCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        run = self._run
-        if run is None or trainer.sanity_checking:
+        end, run = time.perf_counter(), self._run
+        if run is None:
             return
-        self.metrics.last_progress_perf = end = time.perf_counter()
+        if trainer.sanity_checking:
+            self.metrics.mark_progress("sanity_check", end)  # liveness only
+            return
         self._memory.batch_end()
-        seconds = end - run.eval_start
         try:
             size = self._sizer(batch)
-            self.metrics.observe_inference(_stage(trainer), seconds, size.samples)
+            self.metrics.observe_inference(_stage(trainer), end - run.eval_start, size.samples, end)
             record, run.eval_record = run.eval_record, None
             if record is not None:
                 record.mark("batch_end")
@@ -459,6 +471,7 @@ class MonitoringCallback(Callback):
             self._degrade(error)
 
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.metrics.enter_stage("train" if trainer.state.fn == "fit" else "idle")
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.end_epoch(_SPAN_STAGE[_stage(trainer)])
 
@@ -471,6 +484,10 @@ class MonitoringCallback(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._run is not None and not trainer.sanity_checking:  # after the module's own epoch-end logging
             self._run.stats.read_logged(trainer.callback_metrics, VALIDATION_GAUGES, check=True)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.metrics.mark_progress("checkpoint", time.perf_counter())
 
     # ------------------------------------------------------------------------------------------ helpers
     def _degrade(self, error: Exception) -> None:
