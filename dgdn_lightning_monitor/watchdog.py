@@ -2,16 +2,16 @@
 
 A daemon thread, :data:`THREAD_NAME`, reads the run's last progress time (a ``time.perf_counter()`` value the
 training thread stores anyway) every ``after_s / 10`` seconds. When nothing progressed for ``after_s`` seconds it
-writes the Python stack of every thread of this process to ``stall-<time>-<N>-rank<R>.txt`` in its directory (N counts
-the dumps of this rank), once per
-stall: a new dump needs progress first. A hang inside a collective, a data-loader wait, a lock or a sleep shows as
-the frame the thread waits in; native code that released the GIL (a gloo or NCCL collective) shows the Python call
-that entered it.
+writes the Python stack of every thread of this process to ``stall-<time>-<N>-rank<R>.txt`` in its directory (N
+counts the dumps of this rank), once per stall: a new dump needs progress first. A hang inside a collective, a
+data-loader wait, a lock or a sleep shows as the frame the thread waits in; native code that released the GIL (a
+gloo or NCCL collective) shows the Python call that entered it.
 
 With ``torch.distributed`` initialised and PyTorch's flight recorder switched on by the user
-(``TORCH_FR_BUFFER_SIZE`` or, for NCCL, ``TORCH_NCCL_TRACE_BUFFER_SIZE`` set above 0 before the process group
-is created), it also writes the recorder's trace of recent collectives to ``flight-recorder-<N>/rank_<R>`` (N: the
-stall's number on this rank), the layout ``python -m torch.distributed.flight_recorder.fr_trace`` reads.
+(``TORCH_NCCL_TRACE_BUFFER_SIZE`` for NCCL, ``TORCH_FR_BUFFER_SIZE`` for any backend, set above 0 before the
+process group is created), it also writes the recorder's trace of recent collectives (NCCL's own recorder when the
+default group uses NCCL) to ``flight-recorder-<N>/rank_<R>``, the layout
+``python -m torch.distributed.flight_recorder.fr_trace`` reads.
 
 Nothing here touches the training thread: a dump that fails is said once and the watchdog keeps going.
 """
@@ -77,8 +77,10 @@ def flight_recorder_trace() -> Optional[bytes]:
         return None
     from torch._C import _distributed_c10d as c10d
 
-    # _dump_fr_trace: any backend (PyTorch >= 2.8); _dump_nccl_trace: the NCCL-only name of older releases.
-    dump = getattr(c10d, "_dump_fr_trace", None) or getattr(c10d, "_dump_nccl_trace", None)
+    # NCCL keeps its own recorder (_dump_nccl_trace, CUDA builds); _dump_fr_trace has the other backends' (gloo).
+    nccl = "nccl" in str(dist.get_backend()).lower()
+    names = ("_dump_nccl_trace", "_dump_fr_trace") if nccl else ("_dump_fr_trace",)
+    dump = next((getattr(c10d, name) for name in names if hasattr(c10d, name)), None)
     return dump() if dump is not None else None
 
 
