@@ -101,13 +101,13 @@ def test_a_new_stall_after_progress_is_dumped_again(tmp_path):
 
 class SlowValidation(GraphClassifier):
     def validation_step(self, batch, batch_idx):
-        time.sleep(0.3)  # each batch well under the threshold, the whole validation over twice the threshold
+        time.sleep(0.5)  # each batch well under the threshold, the whole validation over twice the threshold
         return super().validation_step(batch, batch_idx)
 
 
 def test_a_long_validation_that_progresses_is_not_a_stall(tmp_path):
-    train, val, _, _ = graph_loaders(num_graphs=120, val_fraction=0.75)  # 12 validation batches: 3.6 s
-    after_s = 1.5
+    train, val, _, _ = graph_loaders(num_graphs=120, val_fraction=0.75)  # 12 validation batches: 6 s
+    after_s = 2.5
     callback = MonitoringCallback(port=0, gpu_devices=None, tracing=False, stall_dump_after_s=after_s)
     trainer = quiet_trainer(max_epochs=1, callbacks=[callback], default_root_dir=str(tmp_path),
                             num_sanity_val_steps=0, limit_train_batches=2)
