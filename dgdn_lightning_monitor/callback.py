@@ -32,9 +32,11 @@ from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer, sampled_per_h
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
+from dgdn_lightning_monitor.oom import MemoryWatch
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import StepStatistics, watch_fetches
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
+from dgdn_lightning_monitor.watchdog import StallWatchdog, check_after_s, dump_directory
 from dgdn_lightning_monitor.web_config import load_web_config
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class _Run:
         self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
         self.batches = self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
         self.batch_start = self.epoch_start = self.eval_start = 0.0
+        self.traced_at = time.perf_counter()
         self.record: Optional[BatchRecord] = None
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False
@@ -76,8 +79,10 @@ class MonitoringCallback(Callback):
             events of ``TemporalData``, rows of a tensor) do not fit.
         graph_size_fn: ``batch -> (nodes, edges)``, overriding the built-in graph size rules.
         throughput_window: training batches over which ``samples_per_second`` is computed.
-        trace_every_n_steps: trace one training step (and one evaluation batch) in this many; phase timings of
-            those steps feed the phase histogram and :meth:`summary`.
+        trace_every_n_steps: trace one training step (and one evaluation batch) in this many, and a training step
+            whenever :attr:`trace_floor_s` seconds passed since the last traced one (so that slow steps are sampled
+            often enough for per-rank comparisons); phase timings of those steps feed the phase histogram and
+            :meth:`summary`.
         tracing: ``None`` (auto: follow the ``OTEL_*`` variables, an application-wide TracerProvider, or a
             receiver answering on ``localhost:4318``), ``True`` (export even if nothing answers yet) or ``False``.
         gpu_devices: ``"auto"`` (the CUDA devices this rank trains on), a list of GPU indices, or ``None``.
@@ -96,6 +101,11 @@ class MonitoringCallback(Callback):
         job: Prometheus job name used in discovery files and pushes.
         web_config_file: a Prometheus web configuration file (TLS, client certificates, basic auth) for the
             endpoint, read here so that a bad file fails at construction; ``metrics_url`` then says ``https``.
+        stall_dump_after_s: when no stage made progress for this many seconds, write the stack of every thread
+            of this rank (and the flight recorder's trace when enabled) to ``dgdn-dumps/`` in ``trainer.log_dir``
+            (see :mod:`~dgdn_lightning_monitor.watchdog`); ``None`` turns the watchdog off.
+        memory_snapshot: on CUDA, record PyTorch's allocation history during the run and write it to
+            ``dgdn-dumps/`` when a step runs out of memory (see :mod:`~dgdn_lightning_monitor.oom`).
 
     Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints in one collective at set-up;
     every rank's spans of a training epoch join one trace whose ids derive from the run, with no collective
@@ -109,6 +119,10 @@ class MonitoringCallback(Callback):
         trainer = Trainer(max_epochs=5, callbacks=[MonitoringCallback(port=8000)])
         trainer.fit(model, datamodule)  # curl http://localhost:8000/metrics meanwhile
     """
+
+    #: Longest time between two traced training steps, whatever ``trace_every_n_steps`` says: a 5-minute window
+    #: holds 30 samples per rank at any step rate.
+    trace_floor_s: float = 10.0
 
     def __init__(
         self,
@@ -136,6 +150,8 @@ class MonitoringCallback(Callback):
         pushgateway_url: Optional[str] = None,
         job: str = DEFAULT_JOB,
         web_config_file: Optional[Union[str, os.PathLike]] = None,
+        stall_dump_after_s: Optional[float] = 600.0,
+        memory_snapshot: bool = False,
     ) -> None:
         super().__init__()
         self.port = check_int("port", port, 0, 65535)
@@ -167,6 +183,10 @@ class MonitoringCallback(Callback):
         self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider, errors=errors)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._register()
+        check("memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False")
+        self._memory = MemoryWatch(self.metrics, self._sizer, memory_snapshot)
+        after_s = check_after_s(stall_dump_after_s)
+        self._watchdog = StallWatchdog(after_s, self.metrics) if after_s is not None else None
         self._warn = WarnOnce(log)
         self._train_batches = 0  # across runs: drives trace sampling
         self._run: Optional[_Run] = None
@@ -186,13 +206,18 @@ class MonitoringCallback(Callback):
             throughput) and ``phase_seconds``: mean seconds per traced training step of ``data_fetch``,
             ``forward``, ``backward`` and ``optimizer_step`` (host time), leaving out the first traced step of
             each run, which carries one-time warm-up costs (its figures are given only when no other step was
-            traced).
+            traced); ``stall_dumps`` (paths of the stack dumps written), ``out_of_memory`` (the record of the last
+            out-of-memory error, or ``None``) and ``batch_capacity`` (estimated ``(nodes, edges)`` of the largest
+            batch that fits the device, or ``(None, None)``).
         """
         return {
             "steps": self._train_batches,
             "samples": self.metrics.samples_total,
             "samples_per_second": self.metrics.samples_per_second,
             "phase_seconds": self.metrics.phase_means(),
+            "stall_dumps": list(self._watchdog.dumps) if self._watchdog is not None else [],
+            "out_of_memory": self._memory.last_oom,
+            "batch_capacity": self.metrics.capacity(),
         }
 
     # ------------------------------------------------------------------------------------------ pickling
@@ -227,6 +252,7 @@ class MonitoringCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         labels = RankLabels.from_trainer(trainer)
         self.metrics.labels = labels
+        self.metrics.start_run()
         self.metrics.bind(trainer)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
         server = MetricsServer(self.registry, self.addr, port, self.web_config)
@@ -245,7 +271,8 @@ class MonitoringCallback(Callback):
         self.run_id = self._dist.exchange(
             labels, self.addr, server.bound_port if failure is None else None, self.run_id
         )
-        self.metrics.info = run_info(pl_module, self.run_id)
+        self.metrics.info = run_info(pl_module, self.run_id, type(trainer.strategy).__name__)
+        dumps = dump_directory(trainer)  # trainer.log_dir: a broadcast under DDP, so every rank takes it here
         if failure is not None:
             raise failure
         attributes = {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
@@ -256,6 +283,9 @@ class MonitoringCallback(Callback):
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
         self._dist.publish(labels, self.run_id)
+        self._memory.start(root, dumps, labels.rank)
+        if self._watchdog is not None:
+            self._watchdog.start(dumps, labels.rank)
         log.info("Serving training metrics at %s", self.metrics_url)
 
     @override
@@ -264,6 +294,7 @@ class MonitoringCallback(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._memory.on_exception(exception, trainer)  # an OOM: what failed, before the run's figures are final
         self._end_run(exception)
 
     def _end_run(self, exception: Optional[BaseException]) -> None:
@@ -272,11 +303,15 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.unwatch_fetches()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self._memory.stop()
         try:
             run.stats.finish()
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             self.metrics.errors.report("metrics", "Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
+        self.metrics.enter_stage("idle")
         self.gpu.stop()
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
         self.tracer.finish(exception)
@@ -289,6 +324,7 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.epoch_start = time.perf_counter()
+        self.metrics.enter_stage("train", run.epoch_start)
         # What the module logged in its own on_train_epoch_end; after a first epoch, a key never logged is said.
         run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES, check=run.train_epochs > 0)
         self.tracer.start_epoch("train", trainer.current_epoch)  # under DDP in the epoch's trace of every rank
@@ -299,7 +335,8 @@ class MonitoringCallback(Callback):
         run = self._run
         if run is None:
             return
-        if self._train_batches % self.trace_every_n_steps == 0:
+        if self._train_batches % self.trace_every_n_steps == 0 or run.batch_start - run.traced_at > self.trace_floor_s:
+            run.traced_at = run.batch_start  # the previous batch's start: no extra clock read
             try:
                 record = run.record = self._record("train", trainer, pl_module, batch_idx)
                 record.mark("fetch_start", run.fetch_start_ns)
@@ -308,6 +345,7 @@ class MonitoringCallback(Callback):
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
+        self._memory.train_batch_start(batch, batch_idx)
         run.batch_start = time.perf_counter()
 
     def _marker(boundary: str) -> Callable[..., None]:  # type: ignore[misc]  # builds hooks as the class is made
@@ -338,6 +376,7 @@ class MonitoringCallback(Callback):
                 record.size = size
                 trace_id = self.tracer.trace_id("train")
             self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id, sampled_per_hop(batch))
+            self._memory.train_batch_end(size)
             self._train_batches += 1
             run.batches += 1
             stats = run.stats
@@ -351,8 +390,7 @@ class MonitoringCallback(Callback):
                 stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
         except Exception as error:
             self._degrade(error)
-        if self._train_batches % self.trace_every_n_steps == 0:  # the next batch is traced: time its fetch
-            run.fetch_start_ns = time.perf_counter_ns()
+        run.fetch_start_ns = time.perf_counter_ns()  # the next batch's fetch (when Lightning does not say)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -374,6 +412,7 @@ class MonitoringCallback(Callback):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.metrics.enter_stage(_stage(trainer))
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.start_epoch(_SPAN_STAGE[_stage(trainer)], trainer.current_epoch)
 
@@ -390,18 +429,22 @@ class MonitoringCallback(Callback):
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
+        self._memory.batch_start(batch, batch_idx)
         run.eval_start = time.perf_counter()
 
     def _eval_batch_end(
         self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        run = self._run
-        if run is None or trainer.sanity_checking:
+        end, run = time.perf_counter(), self._run
+        if run is None:
             return
-        seconds = time.perf_counter() - run.eval_start
+        if trainer.sanity_checking:
+            self.metrics.mark_progress("sanity_check", end)  # liveness only
+            return
+        self._memory.batch_end()
         try:
             size = self._sizer(batch)
-            self.metrics.observe_inference(_stage(trainer), seconds, size.samples)
+            self.metrics.observe_inference(_stage(trainer), end - run.eval_start, size.samples, end)
             record, run.eval_record = run.eval_record, None
             if record is not None:
                 record.mark("batch_end")
@@ -413,6 +456,7 @@ class MonitoringCallback(Callback):
             self._degrade(error)
 
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.metrics.enter_stage("train" if trainer.state.fn == "fit" else "idle")
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.end_epoch(_SPAN_STAGE[_stage(trainer)])
 
@@ -425,6 +469,10 @@ class MonitoringCallback(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._run is not None and not trainer.sanity_checking:  # after the module's own epoch-end logging
             self._run.stats.read_logged(trainer.callback_metrics, VALIDATION_GAUGES, check=True)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.metrics.mark_progress("checkpoint", time.perf_counter())
 
     # ------------------------------------------------------------------------------------------ helpers
     def _record(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> BatchRecord:

@@ -76,6 +76,7 @@ from dgdn_lightning_monitor.guards import (
     check_namespace,
     forget_threads_after_fork,
 )
+from dgdn_lightning_monitor.oom import PEAKS_BEFORE_RESET
 
 __all__ = ["GPUMonitor", "THREAD_NAME", "LOGGER_NAME"]
 
@@ -116,6 +117,7 @@ _ALLOCATOR_FIGURES = {
     "gpu_memory_reserved_bytes": "reserved_bytes.all.current",
     "gpu_max_memory_allocated_bytes": "allocated_bytes.all.peak",
 }
+_PEAK_KEY = _ALLOCATOR_FIGURES["gpu_max_memory_allocated_bytes"]
 _LOOKUPS = {
     "uuid": "nvmlDeviceGetHandleByUUID",
     "pci": "nvmlDeviceGetHandleByPciBusId",
@@ -490,6 +492,8 @@ class GPUMonitor:
                     message = "reading the PyTorch CUDA allocator statistics of GPU %d failed: %s"
                     self._fail("allocator_failed", message, index, _describe(exc))
                     continue
+                if _PEAK_KEY in stats:  # the capacity sampling resets the peak: what it reset is kept
+                    stats[_PEAK_KEY] = max(stats[_PEAK_KEY], PEAKS_BEFORE_RESET.get(index, 0))
                 for suffix, key in _ALLOCATOR_FIGURES.items():
                     if key in stats:
                         allocator[suffix].add_metric([*values, str(index)], float(stats[key]))

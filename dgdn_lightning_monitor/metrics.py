@@ -8,11 +8,13 @@ attribute updates and keeps ``prometheus_client`` objects (and their locks) off 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 import weakref
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import add
 from typing import Any, Optional
 
@@ -52,6 +54,16 @@ METRICS: dict[str, tuple[str, str]] = {
     "nonfinite_loss_total": ("counter", "Training losses that were NaN or infinite."),
     "sampled_nodes_total": ("counter", "Nodes a neighbour sampler drew for training batches, per hop (0: seeds)."),
     "sampled_edges_total": ("counter", "Edges a neighbour sampler drew for training batches, per hop."),
+    "nonfinite_loss_streak": (
+        "gauge",
+        "Consecutive training losses up to the last counted one that were NaN or infinite.",
+    ),
+    "training_loss_min": ("gauge", "Lowest finite training loss logged in this run."),
+    "training_loss_max": ("gauge", "Highest finite training loss logged in this run."),
+    "validation_evaluations_since_best": (
+        "gauge",
+        "Validation evaluations of this run since the one with the lowest validation loss (0: the last was best).",
+    ),
     "graph_nodes": ("gauge", "Nodes in the last training batch."),
     "graph_edges": ("gauge", "Edges (events) in the last training batch."),
     "samples_per_second": ("gauge", "Training throughput over the recent batches."),
@@ -60,6 +72,15 @@ METRICS: dict[str, tuple[str, str]] = {
     "inference_time_seconds": ("histogram", "Per-sample latency of validation, test and predict batches."),
     "epoch_duration_seconds": ("gauge", "Wall time of the last finished training epoch."),
     "last_step_timestamp_seconds": ("gauge", "Unix time at which the last training batch finished."),
+    "progress_total": (
+        "counter",
+        "Units of progress by stage: training steps, validation/test/predict/sanity-check batches, checkpoint saves.",
+    ),
+    "last_progress_timestamp_seconds": ("gauge", "Unix time of the last progress in any stage."),
+    "run_start_timestamp_seconds": ("gauge", "Unix time at which the current run (fit, validate, test...) set up."),
+    "stage_start_timestamp_seconds": ("gauge", "Unix time at which the current stage began."),
+    "stage": ("gauge", "1 for the stage the run is in now, 0 for the others."),
+    "stage_seconds_total": ("counter", "Wall time spent in each stage."),
     "model_parameters": ("gauge", "Parameters of the model."),
     "model_trainable_parameters": ("gauge", "Parameters that require gradients."),
     "model_memory_usage_bytes": ("gauge", "Bytes held by the model's parameters and buffers."),
@@ -71,6 +92,10 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Errors the monitor degraded on (it skipped what it could not measure), by part.",
     ),
+    "stall_dumps_total": ("counter", "Stack dumps written because the run made no progress for stall_dump_after_s."),
+    "oom_total": ("counter", "Out-of-memory errors raised by a step of this process."),
+    "batch_capacity_nodes": ("gauge", "Estimated nodes of the largest batch that fits the device (linear fit)."),
+    "batch_capacity_edges": ("gauge", "Estimated edges of the largest batch that fits the device (linear fit)."),
 }
 _FAMILY_TYPES = {
     "gauge": GaugeMetricFamily,
@@ -88,6 +113,10 @@ LOGGED_GAUGES: dict[str, str] = {
 }
 TRAIN_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("training_"))
 VALIDATION_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("validation_"))
+
+#: The stages of :attr:`TrainingMetrics.stage` (Lightning's running stages, and ``idle`` before the first and after
+#: the last). ``<namespace>_progress_total`` also counts checkpoint saves, under ``stage="checkpoint"``.
+STAGES: tuple[str, ...] = ("idle", "sanity_check", "train", "validate", "test", "predict")
 
 #: The phases of a training step, in order: phase -> (the hook mark that starts it, the marks that may end it,
 #: the first one present wins). Metrics, spans, step statistics and the CLI all follow this table.
@@ -119,10 +148,12 @@ def learning_rates(trainer: Any) -> LearningRates:
     return rates
 
 
-def run_info(module: torch.nn.Module, run_id: str) -> dict[str, str]:
-    """The labels of ``<namespace>_training_info``: what is trained, with which library versions."""
+def run_info(module: torch.nn.Module, run_id: str, strategy: str = "") -> dict[str, str]:
+    """The labels of ``<namespace>_training_info``: what is trained, how (the Trainer's strategy class, e.g.
+    ``DDPStrategy``), with which library versions."""
     model = type(module)
     return {
+        "strategy": strategy,
         "model": f"{model.__module__}.{model.__qualname__}",
         "lightning_version": lightning.__version__,
         "torch_version": torch.__version__,
@@ -168,6 +199,11 @@ class TrainingMetrics:
         # Per hop (index), nodes and edges drawn by a neighbour sampler.
         self.sampled_nodes: tuple[int, ...] = ()
         self.sampled_edges: tuple[int, ...] = ()
+        self.nonfinite_streak = 0
+        # The run's own loss history, for alerts that hold at any loss scale (reset when a run sets up).
+        self.loss_range: Optional[tuple[float, float]] = None  # (lowest, highest) finite training loss
+        self.best_validation_loss: Optional[float] = None
+        self.evaluations_since_best: Optional[int] = None
         self.graph_nodes: Optional[int] = None
         self.graph_edges: Optional[int] = None
         self.batch_seconds = FastHistogram(BATCH_SECONDS_BUCKETS)
@@ -179,6 +215,18 @@ class TrainingMetrics:
         self.warm_up_phases: dict[str, float] = {}
         self._window: deque[tuple[float, int]] = deque(maxlen=max(2, throughput_window))
         self.last_step_perf: Optional[float] = None
+        # Progress in any stage (liveness): plain attributes, updated on the step path and read at scrape time.
+        self.last_progress_perf: Optional[float] = None
+        self.progress_counts: dict[str, int] = {}
+        self.run_start_perf: Optional[float] = None
+        self.stage: Optional[str] = None
+        self.stage_since = 0.0
+        self.stage_seconds: dict[str, float] = {}
+        self._stage_lock = threading.Lock()  # stage changes (not per step) against a scrape: a counter never drops
+        self.stall_dumps = 0
+        self.ooms = 0
+        # () -> (nodes, edges) of the largest batch estimated to fit the device, or None; called at scrape time.
+        self.batch_capacity: Optional[Callable[[], Optional[tuple[float, float]]]] = None
         self.epoch_duration: Optional[float] = None
         # Dicts the scrape thread iterates are replaced, never grown, by the training thread (see set_logged).
         # Evaluation batches, one histogram per stage (created when the stage first runs).
@@ -197,7 +245,10 @@ class TrainingMetrics:
         self._unix_offset = time.time() - time.perf_counter()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_trainer": None}  # the Trainer belongs to this process
+        return {**self.__dict__, "_trainer": None, "_stage_lock": None}  # the Trainer belongs to this process
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _stage_lock=threading.Lock())
 
     # ----------------------------------------------------------------- updates (training thread)
     def bind(self, trainer: Any) -> None:
@@ -242,10 +293,33 @@ class TrainingMetrics:
             self.sampled_nodes = _add_per_hop(self.sampled_nodes, hops[0])
             self.sampled_edges = _add_per_hop(self.sampled_edges, hops[1])
         self._window.append((end_perf, self.samples_total))
-        self.last_step_perf = end_perf
+        self.last_step_perf = self.last_progress_perf = end_perf
+        counts = self.progress_counts
+        counts["train"] = counts.get("train", 0) + 1
 
-    def observe_inference(self, stage: str, seconds: float, samples: Optional[int]) -> None:
-        """Fold one finished validation/test/predict batch in, as per-sample latency."""
+    def mark_progress(self, stage: str, end_perf: float) -> None:
+        """One unit of progress in ``stage`` (an evaluation batch, ``checkpoint`` for a checkpoint save)."""
+        self.last_progress_perf = end_perf
+        self.progress_counts[stage] = self.progress_counts.get(stage, 0) + 1
+
+    def enter_stage(self, stage: str, now: Optional[float] = None) -> None:
+        """The run moved to ``stage`` (one of :data:`STAGES`); at stage changes only, never per step."""
+        now = time.perf_counter() if now is None else now
+        with self._stage_lock:
+            if self.stage is not None:
+                self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0.0) + now - self.stage_since
+            self.stage, self.stage_since = stage, now
+
+    def start_run(self) -> None:
+        """A run (``fit``, ``validate``, ``test``, ``predict``) set up: it starts idle, with no loss history."""
+        self.run_start_perf = time.perf_counter()
+        self.loss_range = self.best_validation_loss = self.evaluations_since_best = None
+        self.nonfinite_streak = 0
+        self.enter_stage("idle", self.run_start_perf)
+
+    def observe_inference(self, stage: str, seconds: float, samples: Optional[int], end_perf: float) -> None:
+        """Fold one finished validation/test/predict batch in, as per-sample latency, and as progress."""
+        self.mark_progress(stage, end_perf)
         histogram = self.inference_seconds.get(stage)
         if histogram is None:  # a new stage: a new dict, so a scrape iterating the old one never sees it resize
             histogram = FastHistogram(INFERENCE_SECONDS_BUCKETS)
@@ -258,6 +332,16 @@ class TrainingMetrics:
             self.logged[key] = value  # same size: safe while a scrape iterates
         else:  # a new key: a new dict, so a scrape iterating the old one never sees it resize
             self.logged = {**self.logged, key: value}
+        if dataloader is not None and dataloader != "0" or not math.isfinite(value):
+            return  # the run's history follows the single (or first) loader, finite values only
+        if suffix == "training_loss":
+            low, high = self.loss_range or (value, value)
+            self.loss_range = (min(low, value), max(high, value))
+        elif suffix == "validation_loss":  # read once per validation evaluation, at its end
+            if self.best_validation_loss is None or value < self.best_validation_loss:
+                self.best_validation_loss, self.evaluations_since_best = value, 0
+            else:
+                self.evaluations_since_best = (self.evaluations_since_best or 0) + 1
 
     def observe_phases(self, host: dict[str, float], device: bool, warm_up: bool) -> None:
         """A traced step's phases in host seconds: into the phase histogram (on CUDA only ``data_fetch``, the
@@ -316,6 +400,13 @@ class TrainingMetrics:
         except Exception:  # a Trainer being torn down must not break a scrape
             return self.progress, self.learning_rates
 
+    def capacity(self) -> tuple[Optional[float], Optional[float]]:
+        try:
+            estimate = self.batch_capacity() if self.batch_capacity is not None else None
+        except Exception:  # a failing fit leaves the gauges out, never the scrape
+            estimate = None
+        return estimate if estimate is not None else (None, None)
+
     # ----------------------------------------------------------------- exposition (scrape thread)
     def describe(self) -> list[Metric]:
         """Every family this collector can export, without samples: lets a registry refuse duplicates up front
@@ -351,10 +442,16 @@ class TrainingMetrics:
             elif entries:
                 yield from single(suffix, entries[0][1])
 
-        last_step = self.last_step_perf + self._unix_offset if self.last_step_perf is not None else None
+        offset = self._unix_offset
+        last_step = self.last_step_perf + offset if self.last_step_perf is not None else None
+        last_progress = self.last_progress_perf + offset if self.last_progress_perf is not None else None
+        run_start = self.run_start_perf + offset if self.run_start_perf is not None else None
+        stage_start = self.stage_since + offset if self.stage is not None else None
+        loss_min, loss_max = self.loss_range or (None, None)
         parameters, trainable, memory = self.model_figures or (None, None, None)
         progress, rates = self._live()
         epoch, step = progress or (None, None)
+        capacity = self.capacity()
         for name, value in (
             ("samples_processed_total", self.samples_total),
             ("nodes_processed_total", self.nodes_total),
@@ -365,11 +462,22 @@ class TrainingMetrics:
             ("samples_per_second", self.samples_per_second),
             ("epoch_duration_seconds", self.epoch_duration),
             ("last_step_timestamp_seconds", last_step),
+            ("last_progress_timestamp_seconds", last_progress),
+            ("run_start_timestamp_seconds", run_start),
+            ("stage_start_timestamp_seconds", stage_start),
+            ("nonfinite_loss_streak", self.nonfinite_streak),
+            ("training_loss_min", loss_min),
+            ("training_loss_max", loss_max),
+            ("validation_evaluations_since_best", self.evaluations_since_best),
             ("model_parameters", parameters),
             ("model_trainable_parameters", trainable),
             ("model_memory_usage_bytes", memory),
             ("epoch", epoch),
             ("global_step", step),
+            ("stall_dumps_total", self.stall_dumps),
+            ("oom_total", self.ooms),
+            ("batch_capacity_nodes", capacity[0]),
+            ("batch_capacity_edges", capacity[1]),
         ):
             yield from single(name, value)
 
@@ -383,6 +491,7 @@ class TrainingMetrics:
                     per_hop.add_metric(values + [str(hop)], total)
                 yield per_hop
 
+        yield from self._stage_families(family, values)
         batch = family("batch_processing_seconds")
         self.batch_seconds.add_to(batch, values)
         yield batch
@@ -409,3 +518,20 @@ class TrainingMetrics:
             info = family("training")
             info.add_metric(values, self.info)
             yield info
+
+    def _stage_families(self, family: Callable[..., Any], values: list[str]) -> Iterator[Metric]:
+        with self._stage_lock:
+            stage, seconds = self.stage, dict(self.stage_seconds)
+            if stage is None:
+                return
+            seconds[stage] = seconds.get(stage, 0.0) + max(0.0, time.perf_counter() - self.stage_since)
+        current = family("stage", ["stage"])
+        spent = family("stage_seconds_total", ["stage"])
+        for name in STAGES:
+            current.add_metric(values + [name], 1.0 if name == stage else 0.0)
+            spent.add_metric(values + [name], seconds.get(name, 0.0))
+        progress = family("progress_total", ["stage"])
+        counts = dict(self.progress_counts)
+        for name in (*STAGES[1:], "checkpoint"):
+            progress.add_metric(values + [name], float(counts.get(name, 0)))
+        yield from (current, spent, progress)

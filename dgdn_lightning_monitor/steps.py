@@ -110,14 +110,24 @@ class StepStatistics:
         losses, self.losses = self.losses, []
         if not losses:
             return
+        metrics = self.metrics
         if not losses[0].is_cuda:  # host values: read in one tight loop, cheaper than a read per step
-            self.metrics.nonfinite_losses += sum(1 for loss in losses if not math.isfinite(loss.item()))
+            for loss in losses:
+                finite = math.isfinite(loss.item())
+                metrics.nonfinite_losses += not finite
+                metrics.nonfinite_streak = 0 if finite else metrics.nonfinite_streak + 1
             return
-        nonfinite = torch.isfinite(torch.stack([loss.reshape(()) for loss in losses])).logical_not_().sum()
-        self.submit(nonfinite, self._add_nonfinite)
+        flags = torch.isfinite(torch.stack([loss.reshape(()) for loss in losses])).logical_not_()
+        self.submit(flags.sum(), self._add_nonfinite)
+        # The trailing run of non-finite losses: the whole fold extends the streak, a shorter one replaces it.
+        self.submit(flags.flip(0).cumprod(0).sum(), functools.partial(self._extend_streak, len(losses)))
 
     def _add_nonfinite(self, count: float) -> None:
         self.metrics.nonfinite_losses += int(count)
+
+    def _extend_streak(self, folded: int, trailing: float) -> None:
+        metrics = self.metrics
+        metrics.nonfinite_streak = metrics.nonfinite_streak + folded if trailing == folded else int(trailing)
 
     # ------------------------------------------------------------------------------------------ phases
     def add_phases(self, record: BatchRecord) -> None:

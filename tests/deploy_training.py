@@ -3,6 +3,7 @@ while the run's metrics endpoint is up."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,49 @@ class LiveGCN(GraphClassifier):
         self, loss_offset: float = 0.0, nan_after_step: Optional[int] = None, step_sleep_s: float = 0.02
     ) -> None:
         super().__init__(nan_after=nan_after_step, step_sleep_s=step_sleep_s, loss_offset=loss_offset)
+
+
+class Paced(GraphClassifier):
+    """The tests' GCN with a slow first training step and slow evaluation batches.
+
+    Args:
+        first_step_s: extra seconds in the first training step (a compile, a warm-up).
+        eval_batch_s: seconds of every validation/test/predict batch.
+        offsets: training step -> loss offset (a constant offset leaves gradients alone); the last one holds on.
+        nan_steps: training steps whose loss is NaN: logged, and the step skipped (the module returns no loss), as
+            fp16 loss scaling skips a step whose gradients overflowed.
+    """
+
+    def __init__(
+        self,
+        first_step_s: float = 0.0,
+        eval_batch_s: float = 0.0,
+        offsets: Optional[list[float]] = None,
+        nan_steps: frozenset[int] = frozenset(),
+        step_sleep_s: float = 0.02,
+    ) -> None:
+        super().__init__(step_sleep_s=step_sleep_s)
+        self.first_step_s, self.eval_batch_s = first_step_s, eval_batch_s
+        self.offsets, self.nan_steps = offsets, nan_steps
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.steps == 0:
+            time.sleep(self.first_step_s)
+        if self.offsets:
+            self.loss_offset = self.offsets[min(self.steps, len(self.offsets) - 1)]
+        if self.steps in self.nan_steps:
+            self.steps += 1
+            self.log("train_loss", torch.tensor(float("nan")), batch_size=batch.num_graphs)
+            return None  # type: ignore[return-value]  # Lightning skips the optimizer step
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        time.sleep(self.eval_batch_s)
+        super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        time.sleep(self.eval_batch_s)
+        super().test_step(batch, batch_idx)
 
 
 def loaders(train_graphs: int = 32, val_graphs: int = 8) -> tuple[DataLoader, DataLoader]:

@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
@@ -59,6 +61,14 @@ CALLBACK_GAUGES = {
     "dgdn_global_step",
     "dgdn_learning_rate",
     "dgdn_last_step_timestamp_seconds",
+    "dgdn_last_progress_timestamp_seconds",
+    "dgdn_run_start_timestamp_seconds",
+    "dgdn_stage",
+    "dgdn_stage_start_timestamp_seconds",
+    "dgdn_nonfinite_loss_streak",
+    "dgdn_training_loss_min",
+    "dgdn_training_loss_max",
+    "dgdn_validation_evaluations_since_best",
     "dgdn_gpu_memory_allocated_bytes",
     "dgdn_gpu_memory_reserved_bytes",
     "dgdn_gpu_max_memory_allocated_bytes",
@@ -69,6 +79,8 @@ CALLBACK_GAUGES = {
     "dgdn_gpu_power_watts",
     "dgdn_gpu_monitoring_up",
     "dgdn_training_info",
+    "dgdn_batch_capacity_nodes",
+    "dgdn_batch_capacity_edges",
 }
 CALLBACK_COUNTERS = {
     "dgdn_samples_processed_total",
@@ -76,6 +88,10 @@ CALLBACK_COUNTERS = {
     "dgdn_edges_processed_total",
     "dgdn_nonfinite_loss_total",
     "dgdn_monitor_errors_total",
+    "dgdn_stall_dumps_total",
+    "dgdn_oom_total",
+    "dgdn_progress_total",
+    "dgdn_stage_seconds_total",
 }
 CALLBACK_HISTOGRAMS = {"dgdn_batch_processing_seconds", "dgdn_inference_time_seconds", "dgdn_step_phase_seconds"}
 CALLBACK_METRICS = (
@@ -181,6 +197,37 @@ def run_tool(
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{output}"
     return result.stdout if stdout_only else output
+
+
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+_DURATION = re.compile(r"(\d+)(ms|s|m|h)")
+
+
+def _scaled(duration: str, scale: float) -> str:
+    seconds = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(duration))
+    return f"{max(1, round(seconds * 1000 / scale))}ms"
+
+
+def scaled_rules(workdir: Path, scale: float, source: Path = RULES_FILE) -> Path:
+    """The shipped rules of ``source``, time-compressed: every duration (range windows, offsets, ``for:``) and
+    every ``time() - x > N`` budget divided by ``scale``; the expressions are otherwise the shipped ones."""
+    rules = yaml.safe_load(source.read_text())
+    budgets = 0
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = _scaled(rule["for"], scale)
+            expr = re.sub(r"\[(\w+)\]", lambda m: f"[{_scaled(m.group(1), scale)}]", rule["expr"])
+            expr = re.sub(r"offset (\w+)", lambda m: f"offset {_scaled(m.group(1), scale)}", expr)
+            expr, count = re.subn(
+                r"(time\(\) - [a-z_]+\{[^}]*\} > )(\d+)", lambda m: f"{m.group(1)}{int(m.group(2)) / scale:g}", expr
+            )
+            budgets += count
+            rule["expr"] = expr
+    assert source != RULES_FILE or budgets == 3, "the liveness budgets are no longer written time() - x > N"
+    path = workdir / source.name
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    return path
 
 
 def metric_names(expr: str) -> set[str]:

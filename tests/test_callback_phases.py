@@ -4,6 +4,7 @@ answers many scrapes at once (real Trainer runs on CPU)."""
 from __future__ import annotations
 
 import subprocess
+import math
 import sys
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, Dataset
 
 from dgdn_lightning_monitor import MonitoringCallback
-from dgdn_testing.models import TensorRegressor, quiet_trainer, tensor_loader
+from dgdn_testing.models import GraphClassifier, TensorRegressor, graph_loaders, quiet_trainer, tensor_loader
 from exposition import exposition, samples, value
 
 FETCH_S, LOG_S = 0.02, 0.06
@@ -131,3 +132,19 @@ def test_fifty_concurrent_scrapes_from_another_process_are_all_answered_while_tr
     out, err = storm["process"].communicate(timeout=60)
     assert out.strip() == "ok", err  # 3 rounds of 50 concurrent scrapes, every one answered with 200
     assert storm["steps"] >= 1  # the scrapes were answered while training steps ran
+
+
+def test_slow_steps_are_traced_at_least_every_trace_floor_seconds(monkeypatch) -> None:
+    """Besides one step in trace_every_n_steps, a step is traced once trace_floor_s passed since the last traced
+    one: slow runs get enough per-rank samples for the straggler comparison."""
+    monkeypatch.setattr(MonitoringCallback, "trace_floor_s", 0.25)
+    callback = MonitoringCallback(port=0, tracing=False, trace_every_n_steps=1000)
+    train, _, train_set, _ = graph_loaders()
+    model = GraphClassifier(step_sleep_s=0.1)
+    started = time.perf_counter()
+    quiet_trainer(max_epochs=4, callbacks=[callback], limit_val_batches=0).fit(model, train)
+    elapsed = time.perf_counter() - started
+    steps = 4 * math.ceil(len(train_set) / 8)
+    traced = value(exposition(callback.registry), "dgdn_step_phase_seconds_count", phase="forward")
+    # By count alone only the first step would be; with steps over 0.1 s, about every third one is.
+    assert 4 <= traced <= min(steps, 2 + elapsed / 0.25)

@@ -1,4 +1,4 @@
-"""The alert path end to end: a real Prometheus evaluates the shipped rules (with `for:` shortened) on a real
+"""The alert path end to end: a real Prometheus evaluates the shipped rules (time-compressed) on a real
 Lightning run, sends to a real Alertmanager running the shipped routing, whose webhooks reach a receiver in the
 test."""
 
@@ -15,17 +15,19 @@ import yaml
 from conftest import free_port, require_tool
 from prom_helpers import (
     ALERTMANAGER_EXAMPLES,
-    RULES_FILE,
     Alertmanager,
     HttpSink,
     Prometheus,
+    scaled_rules,
     webhook_alerts,
 )
 
 pytestmark = pytest.mark.slow
 
-#: Training steps with a loss above the DGDNHighTrainingLoss threshold before the loss turns NaN.
-HIGH_LOSS_STEPS = 12
+#: The shipped rules' durations are divided by this (``prom_helpers.scaled_rules``).
+SCALE = 150
+#: Training steps whose loss decreases (8 per epoch); then it climbs back up, and from NAN_FROM on it is NaN.
+DECREASING_STEPS, NAN_FROM = 16, 24
 ALERT_TIMEOUT_S = 60.0
 
 
@@ -45,18 +47,6 @@ def local_alertmanager_config(sink_url: str, workdir: Path) -> Path:
         route.update(group_wait="1s", group_interval="1s")
     path = workdir / "alertmanager.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def shortened_rules(workdir: Path) -> Path:
-    """The shipped rules with every ``for:`` cut to 1 s, so that a test run fires them within seconds."""
-    rules = yaml.safe_load(RULES_FILE.read_text())
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            if "for" in rule:
-                rule["for"] = "1s"
-    path = workdir / "dgdn-alerts.yml"
-    path.write_text(yaml.safe_dump(rules, sort_keys=False))
     return path
 
 
@@ -119,8 +109,8 @@ def test_critical_alert_inhibits_the_warning_of_the_same_instance(alert_path):
 
 
 def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
-    """A run whose loss is far above 10 and then NaN: DGDNHighTrainingLoss reaches the default webhook and
-    DGDNTrainingLossNotFinite the critical one, from the shipped rules and routing."""
+    """A run whose loss decreases, climbs back up, then is NaN in every step: DGDNHighTrainingLoss reaches the
+    default webhook and DGDNTrainingLossNotFinite the critical one, from the shipped rules and routing."""
     prometheus_binary = require_tool("prometheus")
     import deploy_training as dt
 
@@ -135,7 +125,7 @@ def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
         config = dt.write_prometheus_config(
             tmp_path / "prometheus.yml",
             state["target"],
-            rule_file=shortened_rules(tmp_path),
+            rule_file=scaled_rules(tmp_path, SCALE),
             alertmanager=f"127.0.0.1:{alertmanager.port}",
         )
         prometheus = state["prometheus"] = Prometheus(prometheus_binary, config, tmp_path, free_port())
@@ -143,7 +133,7 @@ def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
         dt.wait_for_target_up(prometheus)
 
     def batch(trainer) -> None:
-        if trainer.global_step == HIGH_LOSS_STEPS:  # the last step before the loss turns NaN
+        if trainer.global_step == DECREASING_STEPS + 2:  # the loss is back up
             state["high"] = sink.wait_for(
                 lambda r: _firing(r, "DGDNHighTrainingLoss"), ALERT_TIMEOUT_S, "DGDNHighTrainingLoss at the webhook"
             )
@@ -155,16 +145,17 @@ def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
             "DGDNTrainingLossNotFinite at the webhook",
         )
 
-    model = dt.LiveGCN(loss_offset=50.0, nan_after_step=HIGH_LOSS_STEPS, step_sleep_s=0.02)
+    offsets = [100.0 - 5 * step for step in range(DECREASING_STEPS)] + [100.0]
+    model = dt.Paced(offsets=offsets, nan_steps=frozenset(range(NAN_FROM, 1000)), step_sleep_s=0.02)
     train, val = dt.loaders()
     try:
-        # 8 batches per epoch: 3 epochs cover the high-loss steps and a few NaN steps.
-        dt.trainer([dt.Hooks(start, batch, end), monitor], max_epochs=3).fit(model, train, val)
+        # 8 batches per epoch: the non-finite losses are counted at the end of the fourth.
+        dt.trainer([dt.Hooks(start, batch, end), monitor], max_epochs=4).fit(model, train, val)
 
         high = state["high"][0]
         assert high["labels"]["severity"] == "warning"
         assert high["labels"]["instance"] == state["target"] and high["labels"]["rank"] == "0"
-        assert high["annotations"]["summary"].startswith("Training loss above 10")
+        assert high["annotations"]["summary"].startswith("Training loss rose back above half its range")
         assert _firing(sink.snapshot(), "DGDNHighTrainingLoss", "/alerts")
 
         nonfinite = state["nonfinite"][0]

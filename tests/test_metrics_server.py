@@ -39,7 +39,7 @@ def filled() -> TrainingMetrics:
         )
     for phase, seconds in (("data_fetch", 0.002), ("forward", 0.01)):
         metrics.phase_seconds[phase].observe(seconds)
-    metrics.observe_inference("validate", 0.5, 100)
+    metrics.observe_inference("validate", 0.5, 100, 1.0)
     metrics.set_logged("training_loss", float("nan"))
     metrics.set_logged("validation_loss", 0.25, dataloader="0")
     metrics.set_logged("validation_loss", 0.5, dataloader="1")

@@ -260,7 +260,7 @@ def test_native_stack_scrapes_a_run_evaluates_the_rules_and_stops(tmp_path):
         seen: dict[str, Any] = {}
 
         def scraped_and_alerting(trainer) -> None:
-            if seen or trainer.global_step < 2:
+            if seen or trainer.global_step < 9:  # after the first epoch, whose end counts its NaN losses
                 return
             seen["target"] = dt.host_port(monitor.metrics_url)
             wait_until(
@@ -268,15 +268,15 @@ def test_native_stack_scrapes_a_run_evaluates_the_rules_and_stops(tmp_path):
                 60,
                 what="Prometheus to discover the run through file-SD and scrape it",
             )
-            # The shipped rules evaluate the scraped loss (far above 10 here): the alert is pending.
+            # The shipped rules evaluate the scraped figures (NaN in every step here): the alert is pending.
             seen["pending"] = wait_until(
                 lambda: _api(
-                    urls["prometheus"], "query", query='ALERTS{alertname="DGDNHighTrainingLoss",alertstate="pending"}'
+                    urls["prometheus"], "query", query='ALERTS{alertname="DGDNTrainingLossNotFinite",alertstate="pending"}'
                 )["result"],
                 90,
-                what="DGDNHighTrainingLoss pending",
+                what="DGDNTrainingLossNotFinite pending",
             )
-            seen["loss"] = _api(urls["prometheus"], "query", query="dgdn_training_loss")["result"]
+            seen["streak"] = _api(urls["prometheus"], "query", query="dgdn_nonfinite_loss_streak")["result"]
 
         monitor = MonitoringCallback(
             port=0,
@@ -286,7 +286,7 @@ def test_native_stack_scrapes_a_run_evaluates_the_rules_and_stops(tmp_path):
             targets_host="127.0.0.1",
             pushgateway_url=urls["pushgateway"],
         )
-        model = dt.LiveGCN(loss_offset=50.0, step_sleep_s=0.01)
+        model = dt.LiveGCN(nan_after_step=0, step_sleep_s=0.01)
         train, val = dt.loaders()
         # After the monitor: it has taken the batch's loss when the hook waits for Prometheus.
         dt.trainer([monitor, dt.Hooks(lambda t: None, scraped_and_alerting, lambda t: None)], max_epochs=2).fit(
@@ -294,7 +294,7 @@ def test_native_stack_scrapes_a_run_evaluates_the_rules_and_stops(tmp_path):
         )
 
         assert seen["pending"][0]["metric"]["instance"] == seen["target"]
-        assert float(seen["loss"][0]["value"][1]) > 10
+        assert float(seen["streak"][0]["value"][1]) >= 8
         groups = _api(urls["prometheus"], "rules")["groups"]
         assert groups and all(g["file"].startswith(str(RULES_FILE.parent)) for g in groups)
         rules = [rule for group in groups for rule in group["rules"]]
