@@ -52,8 +52,9 @@ class _Run:
         self.server, self.stats = server, stats
         self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
         self.batches = self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
-        self.batch_start = self.epoch_start = self.eval_start = 0.0
-        self.traced_at = time.perf_counter()
+        self.epoch_start = self.eval_start = 0.0
+        # The time-based trace sampling compares the previous batch's start: set-up counts as one before the first.
+        self.batch_start = self.traced_at = time.perf_counter()
         self.record: Optional[BatchRecord] = None
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False

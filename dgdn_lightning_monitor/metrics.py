@@ -217,7 +217,7 @@ class TrainingMetrics:
         self.last_step_perf: Optional[float] = None
         # Progress in any stage (liveness): plain attributes, updated on the step path and read at scrape time.
         self.last_progress_perf: Optional[float] = None
-        self.progress_counts: dict[str, int] = {}
+        self.progress_counts: dict[str, int] = dict.fromkeys((*STAGES[1:], "checkpoint"), 0)
         self.run_start_perf: Optional[float] = None
         self.stage: Optional[str] = None
         self.stage_since = 0.0
@@ -294,13 +294,16 @@ class TrainingMetrics:
             self.sampled_edges = _add_per_hop(self.sampled_edges, hops[1])
         self._window.append((end_perf, self.samples_total))
         self.last_step_perf = self.last_progress_perf = end_perf
-        counts = self.progress_counts
-        counts["train"] = counts.get("train", 0) + 1
+        self.progress_counts["train"] += 1
 
     def mark_progress(self, stage: str, end_perf: float) -> None:
         """One unit of progress in ``stage`` (an evaluation batch, ``checkpoint`` for a checkpoint save)."""
         self.last_progress_perf = end_perf
-        self.progress_counts[stage] = self.progress_counts.get(stage, 0) + 1
+        counts = self.progress_counts
+        if stage in counts:
+            counts[stage] += 1
+        else:  # a new stage: a new dict, so a scrape copying the old one never sees it resize
+            self.progress_counts = {**counts, stage: 1}
 
     def enter_stage(self, stage: str, now: Optional[float] = None) -> None:
         """The run moved to ``stage`` (one of :data:`STAGES`); at stage changes only, never per step."""
@@ -531,7 +534,7 @@ class TrainingMetrics:
             current.add_metric(values + [name], 1.0 if name == stage else 0.0)
             spent.add_metric(values + [name], seconds.get(name, 0.0))
         progress = family("progress_total", ["stage"])
-        counts = dict(self.progress_counts)
+        counts = self.progress_counts
         for name in (*STAGES[1:], "checkpoint"):
             progress.add_metric(values + [name], float(counts.get(name, 0)))
         yield from (current, spent, progress)

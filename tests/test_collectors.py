@@ -85,7 +85,7 @@ def test_scrapes_while_the_training_thread_adds_keys():
             metrics.set_logged("validation_loss", float(i), dataloader=str(i))
             metrics.set_logged("validation_loss", float(i) + 0.5, dataloader=str(i))
             if i % 20 == 0:
-                metrics.observe_inference(f"stage{i}", 0.01, 2)
+                metrics.observe_inference(f"stage{i}", 0.01, 2, time.perf_counter())
             time.sleep(0.0002)  # a training step between two new keys
     finally:
         done.set()
