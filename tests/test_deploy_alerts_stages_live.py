@@ -1,7 +1,8 @@
-"""The shipped alert rules, time-compressed (``prom_helpers.scaled_rules``), on real Lightning runs scraped by a real Prometheus: quiet through every
-stage of a healthy run (a slow first step, long validation, fit then test, an eval-only run, a large-scale loss, a
-single NaN, a memory spike the allocator gives back, a training job of another name), loud for the real faults (a
-hang in any stage, a diverging loss, persisting NaN, a throughput drop, memory that keeps reaching the limit).
+"""The shipped alert rules, time-compressed (``prom_helpers.scaled_rules``), on real Lightning runs scraped by a real
+Prometheus: quiet through every stage of a healthy run (a slow first step, long validation, fit then test, an
+eval-only run, a large-scale loss, a single NaN, a memory spike the allocator gives back, a training job of another
+name), loud for the real faults (a hang in any stage, a diverging loss, persisting NaN, a throughput drop, memory
+that keeps reaching the limit).
 
 The rules are the shipped expressions with every duration (range windows, offsets, ``for:``) and every
 ``time() - ... > N`` budget divided by ``SCALE``, so that a 15-minute budget is 6 s here.
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 from typing import Any, Optional
 
+import deploy_training as dt
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -20,7 +23,6 @@ import yaml
 from conftest import free_port, require_tool
 from prom_helpers import STACK_RULES_FILE, Prometheus, scaled_rules, wait_until
 
-import deploy_training as dt
 from dgdn_lightning_monitor import MonitoringCallback
 from dgdn_lightning_monitor import callback as callback_module
 from dgdn_lightning_monitor.gpu import GPUMonitor

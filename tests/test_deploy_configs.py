@@ -621,7 +621,7 @@ def test_secured_pushgateway_persists_into_its_volume():
 def test_project_bind_mounts_carry_the_shared_selinux_label_and_system_paths_none(override):
     services = compose_config(*(OVERRIDES[override] if override else []), env=OVERRIDE_ENV)["services"]
     for name, service in services.items():
-        for source, target, options in _mounts(service):
+        for source, _, options in _mounts(service):
             if source.startswith(str(DEPLOY)):
                 assert "z" in options.split(","), f"{name}: {source} without the z label"
             elif source.startswith("/"):  # the host's own paths must never be relabelled
