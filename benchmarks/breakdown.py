@@ -103,8 +103,12 @@ class _Probe(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step != 30:
             return
+        import torch
+        from torch_geometric.data import Data
+
         from benchmarks.driver import graph_batches
         from dgdn_lightning_monitor.graph_size import GraphSize
+        from dgdn_lightning_monitor.graph_size import sampled_per_hop as hops
         from dgdn_lightning_monitor.tracing import BatchRecord
 
         cb, n = self.callback, self.calls
@@ -141,6 +145,11 @@ class _Probe(Callback):
         part("batch size: _sizer(batch), PyG Batch of 32 graphs", lambda: per_call_us(lambda: cb._sizer(graph), n))
         if temporal is not None:
             part("batch size: _sizer(batch), DGDN TemporalData", lambda: per_call_us(lambda: cb._sizer(temporal), n))
+        part("per-hop counts: sampled_per_hop(batch), [x, y] tensors", lambda: per_call_us(lambda: hops(batch), n))
+        sampled = Data(x=torch.empty(1232, 8), num_sampled_nodes=[32, 300, 900], num_sampled_edges=[320, 900])
+        part(
+            "per-hop counts: sampled_per_hop(batch), 2-hop sampled Data", lambda: per_call_us(lambda: hops(sampled), n)
+        )
         part(
             "stats.keep_loss(outputs, trainer) (with its non-finite fold every 50 steps)",
             lambda: per_call_us(lambda: cb._run.stats.keep_loss(outputs, trainer), n),
@@ -148,6 +157,10 @@ class _Probe(Callback):
         part(
             "metrics.observe_train_batch(...)",
             lambda: per_call_us(lambda: cb.metrics.observe_train_batch(0.001, now, size, None), n),
+        )
+        part(
+            "metrics.observe_train_batch(...) of a 2-hop sampled batch",
+            lambda: per_call_us(lambda: cb.metrics.observe_train_batch(0.001, now, size, None, hops(sampled)), n),
         )
         part(
             "metrics.count_model(module) (each epoch end), tiny model",

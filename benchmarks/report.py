@@ -11,6 +11,7 @@ OK, MISS, NONE = "✅", "❌", "—"
 # Eight ranks on one endpoint: a reference, since every rank serves its own port.
 PER_RANK = "(reference: each rank serves its own port)"
 
+
 def _mark(met: Optional[bool]) -> str:
     return NONE if met is None else (OK if met else MISS)
 
@@ -119,21 +120,14 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": data["met"],
                 }
             )
-        shared = scrape.get("shared_render")
-        if shared:
-            rows.append(
-                {
-                    "benchmark": "Scrape /metrics",
-                    "figure": f"1 rank, openmetrics, shared render ({shared['cache_ttl_s']:g} s): median / p99",
-                    "value": f"{shared['ms']['median']:.2f} / {shared['p99_ms']:.2f} ms",
-                    "target": NONE,
-                    "met": None,
-                }
-            )
         storm = scrape.get("storm")
         if storm and "cases" in storm:
             for name, data in storm["cases"].items():
-                label = "defaults (shared render)" if name == "shared_render" else "shared render off (reference)"
+                label = (
+                    "the endpoint (one render at a time)"
+                    if name == "one_render_at_a_time"
+                    else "prometheus_client's server, parallel renders (reference)"
+                )
                 rows.append(
                     {
                         "benchmark": "Scrape storm",
@@ -142,8 +136,8 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "value": f"**{data['ratio_mean']:.3f}×** (median {data['ratio_median']:.3f}×); "
                         f"{storm['step_ms_quiet_mean']:.2f} → {data['step_ms_storm_mean']:.2f} ms / step; "
                         f"{data['scrapes_answered_200']}/{data['scrapes_sent']} answered",
-                        "target": f"≤ {storm['target']:.2f}×, all answered" if name == "shared_render" else NONE,
-                        "met": data["met"] if name == "shared_render" else None,
+                        "target": f"≤ {storm['target']:.2f}×, all answered" if name == "one_render_at_a_time" else NONE,
+                        "met": data["met"] if name == "one_render_at_a_time" else None,
                     }
                 )
     memory = results.get("memory")
@@ -386,13 +380,6 @@ def _details(results: dict[str, Any]) -> list[str]:
                 f"| {name} | {ms['median']:.2f} | {ms['q1']:.2f}–{ms['q3']:.2f} | {data['p99_ms']:.2f} | "
                 f"{ms['max']:.2f} | {data['body_bytes']} | {in_process} | {collect} |"
             )
-        shared = scrape.get("shared_render")
-        if shared:
-            ms = shared["ms"]
-            out.append(
-                f"| shared render: {shared['what']} | {ms['median']:.2f} | {ms['q1']:.2f}–{ms['q3']:.2f} | "
-                f"{shared['p99_ms']:.2f} | {ms['max']:.2f} | — | — | — |"
-            )
         storm = scrape.get("storm")
         if storm and "cases" in storm:
             out += [
@@ -411,7 +398,7 @@ def _details(results: dict[str, Any]) -> list[str]:
             for name, data in storm["cases"].items():
                 p99 = data.get("scrape_p99_ms")
                 out.append(
-                    f"| {name} (cache_ttl_s={data['cache_ttl_s']:g}) | {data['step_ms_storm_mean']:.2f} | "
+                    f"| {name} | {data['step_ms_storm_mean']:.2f} | "
                     f"{_spread(data['step_ms_storm'], '{:.2f}')} | {data['ratio_mean']:.3f} | "
                     f"{data['ratio_median']:.3f} | {data['scrapes_answered_200']}/{data['scrapes_sent']} | "
                     f"{data['scrape_ms']['median']:.1f} / {p99:.1f} |"

@@ -1,17 +1,11 @@
-"""``MonitoringCallback``: a thin adapter from Lightning's hooks to the monitoring parts.
+"""``MonitoringCallback``: a thin adapter from Lightning's hooks to the monitoring parts, hook -> part -> sink:
 
-Data flows one way, hook -> part -> sink:
-
-* training batch hooks -> :class:`~dgdn_lightning_monitor.graph_size.GraphSizer` and the hook timestamps ->
-  :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics` -> Prometheus (``/metrics`` via
-  :class:`~dgdn_lightning_monitor.server.MetricsServer`, a final Pushgateway push via
-  :class:`~dgdn_lightning_monitor.distributed.DistributedRun`);
-* sampled steps -> a :class:`~dgdn_lightning_monitor.tracing.BatchRecord` -> the phase histogram and
-  :class:`~dgdn_lightning_monitor.tracing.TrainingTracer` -> OpenTelemetry spans;
-* the step's loss, the phases of traced steps and ``trainer.callback_metrics`` at the callback's own points ->
-  :class:`~dgdn_lightning_monitor.steps.StepStatistics` (asynchronous reads on a GPU) -> the non-finite count, the
-  phase histogram, :meth:`MonitoringCallback.summary` and the loss and accuracy gauges;
-* GPU figures -> :class:`~dgdn_lightning_monitor.gpu.GPUMonitor`'s own thread.
+* batch hooks -> ``GraphSizer`` and hook timestamps -> ``TrainingMetrics`` -> ``/metrics`` (``MetricsServer``)
+  and a final push (``DistributedRun``);
+* sampled steps -> ``BatchRecord`` -> ``StepStatistics`` (phase histogram; on CUDA once its events completed) ->
+  ``TrainingTracer`` -> OpenTelemetry spans;
+* losses and ``trainer.callback_metrics`` -> ``StepStatistics`` (asynchronous reads on a GPU) -> the non-finite
+  count and the loss and accuracy gauges; GPU figures -> ``GPUMonitor``'s own thread.
 
 Nothing on the step path synchronises the device or touches a Prometheus object.
 """
@@ -34,13 +28,15 @@ from typing_extensions import override
 
 from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
-from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
+from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer, sampled_per_hop
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
-from dgdn_lightning_monitor.metrics import TrainingMetrics, run_info
+from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
+from dgdn_lightning_monitor.oom import MemoryWatch
 from dgdn_lightning_monitor.server import MetricsServer
-from dgdn_lightning_monitor.steps import KEY_ARGUMENTS, TRAIN_GAUGES, VALIDATION_GAUGES, StepStatistics
+from dgdn_lightning_monitor.steps import StepStatistics, watch_fetches
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
+from dgdn_lightning_monitor.watchdog import StallWatchdog, check_after_s, dump_directory
 from dgdn_lightning_monitor.web_config import load_web_config
 
 log = logging.getLogger(__name__)
@@ -61,7 +57,7 @@ class _Run:
         self.record: Optional[BatchRecord] = None
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False
-        self.unwatch_fetches = _watch_fetches(trainer, self)
+        self.unwatch_fetches = watch_fetches(trainer, self)
 
 
 class MonitoringCallback(Callback):
@@ -105,10 +101,15 @@ class MonitoringCallback(Callback):
         job: Prometheus job name used in discovery files and pushes.
         web_config_file: a Prometheus web configuration file (TLS, client certificates, basic auth) for the
             endpoint, read here so that a bad file fails at construction; ``metrics_url`` then says ``https``.
+        stall_dump_after_s: when no stage made progress for this many seconds, write the stack of every thread
+            of this rank (and the flight recorder's trace when enabled) to ``dgdn-dumps/`` in ``trainer.log_dir``
+            (see :mod:`~dgdn_lightning_monitor.watchdog`); ``None`` turns the watchdog off.
+        memory_snapshot: on CUDA, record PyTorch's allocation history during the run and write it to
+            ``dgdn-dumps/`` when a step runs out of memory (see :mod:`~dgdn_lightning_monitor.oom`).
 
-    Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints at set-up, and, when rank 0
-    traces, rank 0 shares its ``train_epoch`` span once per epoch so that every rank's spans of that epoch
-    join one trace: no collective is added to the training step.
+    Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints in one collective at set-up;
+    every rank's spans of a training epoch join one trace whose ids derive from the run, with no collective
+    per epoch or step.
 
     Example::
 
@@ -149,20 +150,21 @@ class MonitoringCallback(Callback):
         pushgateway_url: Optional[str] = None,
         job: str = DEFAULT_JOB,
         web_config_file: Optional[Union[str, os.PathLike]] = None,
+        stall_dump_after_s: Optional[float] = 600.0,
+        memory_snapshot: bool = False,
     ) -> None:
         super().__init__()
         self.port = check_int("port", port, 0, 65535)
         self.addr = check("addr", addr, isinstance(addr, str) and bool(addr.strip()), "a host name or IP address")
         self.namespace = check_namespace(namespace)
         check_optional("registry", registry, CollectorRegistry, "a prometheus_client.CollectorRegistry")
-        keys = zip(KEY_ARGUMENTS.items(), (train_loss_key, val_loss_key, train_acc_key, val_acc_key))
+        keys = zip(LOGGED_GAUGES.items(), (train_loss_key, val_loss_key, train_acc_key, val_acc_key))
         self.keys = {
             gauge: check(name, key, isinstance(key, str) and bool(key), "a non-empty string")
             for (gauge, name), key in keys
         }
         check_optional("batch_size_fn", batch_size_fn, Callable, "a callable")
         check_optional("graph_size_fn", graph_size_fn, Callable, "a callable")
-        self._sizer = GraphSizer(batch_size_fn, graph_size_fn).resolve()
         self.trace_every_n_steps = check_int("trace_every_n_steps", trace_every_n_steps, 1)
         check_optional("tracing", tracing, bool, "True, False")
         check("run_id", run_id, run_id != "" and isinstance(run_id, (str, type(None))), "a non-empty string or None")
@@ -172,15 +174,19 @@ class MonitoringCallback(Callback):
         check_optional("tracer_provider", tracer_provider, TracerProvider, "an opentelemetry TracerProvider")
         self._web_config_file = web_config_file
         self.web_config: Any = load_web_config(web_config_file) if web_config_file is not None else None
-        self._dist = DistributedRun(
-            job=job, targets_dir=targets_dir, targets_host=targets_host, pushgateway_url=pushgateway_url
-        )
-        self._dist.https = self.web_config is not None and self.web_config.scheme == "https"
         self.metrics = TrainingMetrics(namespace, check_int("throughput_window", throughput_window, 2))
-        self.gpu = GPUMonitor(namespace, devices=gpu_devices, poll_interval_s=gpu_poll_interval_s)
-        self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider)
+        errors = self.metrics.errors  # every part counts the errors it degrades on here
+        self._sizer = GraphSizer(batch_size_fn, graph_size_fn, errors).resolve()
+        https = self.web_config is not None and self.web_config.scheme == "https"
+        self._dist = DistributedRun(job, targets_dir, targets_host, pushgateway_url, https, errors)
+        self.gpu = GPUMonitor(namespace, devices=gpu_devices, poll_interval_s=gpu_poll_interval_s, errors=errors)
+        self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider, errors=errors)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._register()
+        check("memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False")
+        self._memory = MemoryWatch(self.metrics, self._sizer, memory_snapshot)
+        after_s = check_after_s(stall_dump_after_s)
+        self._watchdog = StallWatchdog(after_s, self.metrics) if after_s is not None else None
         self._warn = WarnOnce(log)
         self._train_batches = 0  # across runs: drives trace sampling
         self._run: Optional[_Run] = None
@@ -200,13 +206,18 @@ class MonitoringCallback(Callback):
             throughput) and ``phase_seconds``: mean seconds per traced training step of ``data_fetch``,
             ``forward``, ``backward`` and ``optimizer_step`` (host time), leaving out the first traced step of
             each run, which carries one-time warm-up costs (its figures are given only when no other step was
-            traced).
+            traced); ``stall_dumps`` (paths of the stack dumps written), ``out_of_memory`` (the record of the last
+            out-of-memory error, or ``None``) and ``batch_capacity`` (estimated ``(nodes, edges)`` of the largest
+            batch that fits the device, or ``(None, None)``).
         """
         return {
             "steps": self._train_batches,
             "samples": self.metrics.samples_total,
             "samples_per_second": self.metrics.samples_per_second,
             "phase_seconds": self.metrics.phase_means(),
+            "stall_dumps": list(self._watchdog.dumps) if self._watchdog is not None else [],
+            "out_of_memory": self._memory.last_oom,
+            "batch_capacity": self.metrics.capacity(),
         }
 
     # ------------------------------------------------------------------------------------------ pickling
@@ -240,10 +251,8 @@ class MonitoringCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         labels = RankLabels.from_trainer(trainer)
-        self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
         self.metrics.start_run()
-        self.metrics.info = run_info(pl_module, self.run_id, type(trainer.strategy).__name__)
         self.metrics.bind(trainer)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
         server = MetricsServer(self.registry, self.addr, port, self.web_config)
@@ -257,19 +266,26 @@ class MonitoringCallback(Callback):
             server.start()  # a taken port fails here, before any training step
         except (OSError, OverflowError, ValueError) as error:
             failure = error
-        else:
-            self.tracer.start(
-                {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
-            )
-        # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever.
-        self._dist.exchange(labels, self.addr, server.bound_port if failure is None else None, self.tracer.active)
+        # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever;
+        # under DDP every rank adopts rank 0's run id.
+        self.run_id = self._dist.exchange(
+            labels, self.addr, server.bound_port if failure is None else None, self.run_id
+        )
+        self.metrics.info = run_info(pl_module, self.run_id, type(trainer.strategy).__name__)
+        dumps = dump_directory(trainer)  # trainer.log_dir: a broadcast under DDP, so every rank takes it here
         if failure is not None:
             raise failure
-        run = self._run = _Run(trainer, server, StepStatistics(self.metrics, self.keys, self._warn))
+        attributes = {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
+        self.tracer.start(attributes, share=self._dist.trace_key)
+        stats = StepStatistics(self.metrics, self.keys, self._warn if labels.rank == 0 else None)  # rank 0 says it
+        run = self._run = _Run(trainer, server, stats)
         run.model_figures_final = self.metrics.count_model(pl_module)
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
         self._dist.publish(labels, self.run_id)
+        self._memory.start(root, dumps, labels.rank)
+        if self._watchdog is not None:
+            self._watchdog.start(dumps, labels.rank)
         log.info("Serving training metrics at %s", self.metrics_url)
 
     @override
@@ -278,6 +294,7 @@ class MonitoringCallback(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._memory.on_exception(exception, trainer)  # an OOM: what failed, before the run's figures are final
         self._end_run(exception)
 
     def _end_run(self, exception: Optional[BaseException]) -> None:
@@ -286,10 +303,13 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.unwatch_fetches()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self._memory.stop()
         try:
             run.stats.finish()
         except Exception as error:  # a lost device must not turn the end of a run into a crash
-            log.warning("Could not read the last training values: %s", error)
+            self.metrics.errors.report("metrics", "Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
         self.metrics.enter_stage("idle")
         self.gpu.stop()
@@ -307,12 +327,7 @@ class MonitoringCallback(Callback):
         self.metrics.enter_stage("train", run.epoch_start)
         # What the module logged in its own on_train_epoch_end; after a first epoch, a key never logged is said.
         run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES, check=run.train_epochs > 0)
-        if self._dist.rank == 0:
-            self.tracer.start_epoch("train", trainer.current_epoch, {})
-            self._dist.share_span_context(self.tracer.span_context("train"))  # no-op unless DDP and rank 0 traces
-        else:
-            parent = self._dist.share_span_context(None)
-            self.tracer.start_epoch("train", trainer.current_epoch, {}, remote_parent=parent)
+        self.tracer.start_epoch("train", trainer.current_epoch)  # under DDP in the epoch's trace of every rank
         run.fetch_start_ns = time.perf_counter_ns()
 
     @override
@@ -323,13 +338,14 @@ class MonitoringCallback(Callback):
         if self._train_batches % self.trace_every_n_steps == 0 or run.batch_start - run.traced_at > self.trace_floor_s:
             run.traced_at = run.batch_start  # the previous batch's start: no extra clock read
             try:
-                record = run.record = _new_record("train", trainer, pl_module, batch_idx)
+                record = run.record = self._record("train", trainer, pl_module, batch_idx)
                 record.mark("fetch_start", run.fetch_start_ns)
                 if run.fetch_end_ns > run.fetch_start_ns:
                     record.mark("fetch_end", run.fetch_end_ns)
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
+        self._memory.train_batch_start(batch, batch_idx)
         run.batch_start = time.perf_counter()
 
     def _marker(boundary: str) -> Callable[..., None]:  # type: ignore[misc]  # builds hooks as the class is made
@@ -359,13 +375,14 @@ class MonitoringCallback(Callback):
                 record.mark("batch_end")
                 record.size = size
                 trace_id = self.tracer.trace_id("train")
-            self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id)
+            self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id, sampled_per_hop(batch))
+            self._memory.train_batch_end(size)
             self._train_batches += 1
             run.batches += 1
             stats = run.stats
             if record is not None:
                 stats.add_phases(record)
-                self.tracer.add_batch(record)
+                stats.when_ready(record, self.tracer.add_batch)  # on CUDA once its events completed
             stats.keep_loss(outputs, trainer)
             if stats.pending:
                 stats.poll()
@@ -397,7 +414,7 @@ class MonitoringCallback(Callback):
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.metrics.enter_stage(_stage(trainer))
         if self._run is not None and not trainer.sanity_checking:
-            self.tracer.start_epoch(_SPAN_STAGE[_stage(trainer)], trainer.current_epoch, {})
+            self.tracer.start_epoch(_SPAN_STAGE[_stage(trainer)], trainer.current_epoch)
 
     def _eval_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -408,20 +425,15 @@ class MonitoringCallback(Callback):
         run.eval_record = None
         if batch_idx % self.trace_every_n_steps == 0:
             try:
-                record = run.eval_record = _new_record(_SPAN_STAGE[_stage(trainer)], trainer, pl_module, batch_idx)
+                record = run.eval_record = self._record(_SPAN_STAGE[_stage(trainer)], trainer, pl_module, batch_idx)
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
+        self._memory.batch_start(batch, batch_idx)
         run.eval_start = time.perf_counter()
 
     def _eval_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         end, run = time.perf_counter(), self._run
         if run is None:
@@ -429,6 +441,7 @@ class MonitoringCallback(Callback):
         if trainer.sanity_checking:
             self.metrics.mark_progress("sanity_check", end)  # liveness only
             return
+        self._memory.batch_end()
         try:
             size = self._sizer(batch)
             self.metrics.observe_inference(_stage(trainer), end - run.eval_start, size.samples, end)
@@ -436,7 +449,9 @@ class MonitoringCallback(Callback):
             if record is not None:
                 record.mark("batch_end")
                 record.size = size
-                self.tracer.add_batch(record)
+                run.stats.when_ready(record, self.tracer.add_batch)
+            if run.stats.pending:
+                run.stats.poll()
         except Exception as error:
             self._degrade(error)
 
@@ -460,55 +475,17 @@ class MonitoringCallback(Callback):
         self.metrics.mark_progress("checkpoint", time.perf_counter())
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _record(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> BatchRecord:
+        cuda, parent = pl_module.device.type == "cuda", self.tracer.epoch_span(stage)  # its spans go there, later
+        return BatchRecord(stage, trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN, cuda, parent)
+
     def _degrade(self, error: Exception) -> None:
-        """A monitoring fault never stops training: say so once, keep going."""
-        self._warn(
-            "fault",
-            "Monitoring hit an error and skips what it could not measure; training continues (%s: %s)",
-            type(error).__name__,
-            error,
-            exc_info=error,
-        )
+        """A monitoring fault never stops training: counted, said once, training goes on."""
+        message = "Monitoring hit an error and skips what it could not measure; training continues (%s: %s)"
+        self.metrics.errors.report("metrics", message, type(error).__name__, error, exc_info=error)
 
 
 def _stage(trainer: Trainer) -> str:
     """Lightning's running stage: ``validate``, ``test`` or ``predict`` in the evaluation hooks."""
     stage = trainer.state.stage
     return stage.value if stage is not None else "validate"
-
-
-def _new_record(stage: str, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> BatchRecord:
-    cuda = pl_module.device.type == "cuda"
-    return BatchRecord(stage, trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN, cuda=cuda)
-
-
-def _watch_fetches(trainer: Any, run: _Run) -> Callable[[], None]:
-    """Time the training loop's own fetch of each batch, and return how to stop.
-
-    Lightning offers no public hook around the fetch; its training epoch loop calls ``_on_before_fetch`` and
-    ``_on_after_fetch`` (the profiler's ``train_dataloader_next`` boundaries) right around it. They are wrapped on
-    this Trainer's loop object only, so ``data_fetch`` excludes the logger writes, mid-epoch validation and
-    checkpointing that run between two batches. A Lightning without them leaves ``data_fetch`` measured from the
-    end of the previous batch (a test fails loudly when that happens).
-    """
-    loop: Any = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    before, after = getattr(loop, "_on_before_fetch", None), getattr(loop, "_on_after_fetch", None)
-    if not (callable(before) and callable(after)):
-        return lambda: None
-    clock = time.perf_counter_ns
-
-    def before_fetch() -> None:
-        run.fetch_start_ns = clock()
-        before()
-
-    def after_fetch() -> None:
-        after()
-        run.fetch_end_ns = clock()
-
-    loop._on_before_fetch, loop._on_after_fetch = before_fetch, after_fetch
-
-    def unwatch() -> None:
-        for name in ("_on_before_fetch", "_on_after_fetch"):
-            loop.__dict__.pop(name, None)
-
-    return unwatch

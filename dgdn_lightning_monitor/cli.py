@@ -30,13 +30,13 @@ from dgdn_lightning_monitor.dgdn import (
     TemporalGraphDataModule,
     load_dataset,
 )
+from dgdn_lightning_monitor.metrics import PHASES
 
 PROG = "dgdn-monitor"
 GRAFANA_URL = "http://localhost:3000"
 JAEGER_URL = "http://localhost:16686"
 PROMETHEUS_URL = "http://localhost:9090"
 
-_PHASES = ("data_fetch", "forward", "backward", "optimizer_step")
 _COMMANDS = {
     "demo": "train on a synthetic temporal graph (no download); the same options as train",
     "train": "train on a dataset (the JODIE benchmarks are downloaded into --data.root)",
@@ -169,17 +169,14 @@ def trainer_defaults() -> dict[str, Any]:
 
 
 class _Notices(logging.Handler):
-    """The package's one-line notices (where metrics are served, whether tracing is on), to ``out``, kept."""
+    """The package's one-line notices (where metrics are served, whether tracing is on), to ``out``."""
 
     def __init__(self, out: Any) -> None:
         super().__init__(logging.INFO)
         self.out = out
-        self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = record.getMessage()
-        self.lines.append(line)
-        print(line, file=self.out, flush=True)
+        print(record.getMessage(), file=self.out, flush=True)
 
 
 class _LightningTips(logging.Filter):
@@ -285,20 +282,12 @@ def run_training(cli: DGDNMonitorCLI, out: Any = None) -> dict[str, Any]:
         "metrics": {key: float(value) for key, value in trainer.callback_metrics.items()},
         "monitor": monitor.summary() if monitor is not None else {},
         "metrics_url": url["metrics"],
-        "tracing": _tracing_notice(notices.lines)
-        or (
-            "Tracing is off (--monitor.tracing false)."
-            if cli.config.get("monitor", {}).get("tracing") is False
-            else None
-        ),
+        "tracing": monitor.tracer.description if monitor is not None else None,  # where spans went; None: off
+        "tracing_option": monitor.tracer.enabled if monitor is not None else None,
         "prepare_seconds": 0.0,
         "fit_seconds": fit_seconds,
         "total_seconds": time.perf_counter() - started,
     }
-
-
-def _tracing_notice(lines: list[str]) -> Optional[str]:
-    return next((line for line in lines if line.startswith("Tracing")), None)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -351,8 +340,8 @@ def format_summary(result: dict[str, Any], probe: Any = _answers) -> str:
         f"total {_format_seconds(result['total_seconds'])}"
     )
     phases = monitor.get("phase_seconds") or {}
-    known = [(name, phases[name]) for name in _PHASES if name in phases]
-    known += [(name, value) for name, value in phases.items() if name not in _PHASES]
+    known = [(name, phases[name]) for name in PHASES if name in phases]
+    known += [(name, value) for name, value in phases.items() if name not in PHASES]
     step_total = sum(value for _, value in known)
     if known and step_total > 0:
         lines.append("per training step (mean of traced steps, the first one, a warm-up, left out):")
@@ -365,13 +354,12 @@ def format_summary(result: dict[str, Any], probe: Any = _answers) -> str:
     if result.get("metrics_url"):  # the endpoint closed with the run: its port, not a link that no longer answers
         port = result["metrics_url"].split("//", 1)[1].split("/", 1)[0].rpartition(":")[2]
         lines.append(f"metrics: were served on port {port} while the run trained (the endpoint closed with it)")
-    tracing = result.get("tracing") or ""
-    if tracing.startswith("Tracing is off (--monitor.tracing false)"):
+    if result.get("tracing"):
+        lines.append(f"tracing: {result['tracing']}")
+    elif result.get("tracing_option") is False:
         lines.append("tracing: was off (--monitor.tracing false); drop that option to send spans to Jaeger")
-    elif tracing.startswith("Tracing is off"):
+    else:
         lines.append("tracing: was off; to turn it on, start Jaeger (make stack) or set OTEL_EXPORTER_OTLP_ENDPOINT")
-    elif tracing:
-        lines.append(f"tracing: {tracing.removeprefix('Tracing: ')}")
 
     live = [
         (name, url, hint) for name, url, hint in (

@@ -1,19 +1,14 @@
-"""The multi-process side of a monitored run: discovery files, a final Pushgateway push, one trace per epoch.
+"""The multi-process side of a monitored run. Under Lightning's DDP every rank serves its own ``/metrics``;
+:class:`DistributedRun` adds what needs the other ranks or the outside world:
 
-Under Lightning's DDP every rank runs its own :class:`~dgdn_lightning_monitor.MonitoringCallback` and serves its
-own ``/metrics`` endpoint. :class:`DistributedRun` adds what needs the other ranks or the outside world:
+* **One small collective at set-up** (none per step or epoch): the ranks exchange their endpoints and adopt rank
+  0's run id and trace key (from which every rank derives each epoch's trace ids); a rank whose part failed
+  still takes part, with the cause.
+* **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing its node's endpoints
+  (written atomically, removed when the run ends, also after an exception).
+* **Pushgateway**: at the end of a run every rank pushes its final figures (job, run id, rank), in bounded time.
 
-* **Two small collectives at set-up** (none per step): the ranks adopt rank 0's run id, then exchange where
-  their endpoints listen and whether rank 0 traces.
-* **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing the endpoints of its
-  node's ranks (written atomically, removed when the run ends, also after an exception).
-* **Pushgateway**: at the end of a run every rank pushes its final figures, grouped by job, run id and rank,
-  within a bounded time.
-* **Joined traces**: when rank 0 traces, it shares the span context of its ``train_epoch`` span with one
-  broadcast per epoch; the other ranks open their own ``train_epoch`` span as its child, so one trace per
-  epoch holds the batch spans of every rank.
-
-Monitoring never stops training: a failed write, push or collective is reported once and the feature is dropped.
+A failed write, push or exchange is counted, warned once, and the feature dropped; training goes on.
 """
 
 from __future__ import annotations
@@ -25,19 +20,20 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 import torch.distributed as dist
-from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, push_to_gateway
 from prometheus_client.exposition import default_handler
 
-from dgdn_lightning_monitor.guards import WarnOnce, check
+from dgdn_lightning_monitor.guards import MonitorErrors, check
 from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.server import host_port, reachable_host
 from dgdn_lightning_monitor.web_config import push_handler_from_env
 
 log = logging.getLogger(__name__)
@@ -50,7 +46,6 @@ PUSH_TIMEOUT_S = 2.0
 _JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
-_WILDCARD_ADDRS = ("0.0.0.0", "", "::")
 
 
 def _is_url(value: Any) -> bool:
@@ -67,35 +62,19 @@ def _is_url(value: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- endpoints
 @dataclass(frozen=True)
 class Endpoint:
-    """Where one rank serves its metrics, and whether it traces.
-
-    Args:
-        rank, local_rank, node_rank: the rank's place in the run.
-        host: the host name Prometheus should use to reach it.
-        port: the bound port, or ``None`` when its server did not start.
-        tracing: whether the rank exports spans.
-    """
+    """Where one rank serves its metrics: its place in the run, the host Prometheus reaches it by, and its bound
+    port (``None`` when its server did not start)."""
 
     rank: int
     local_rank: int
     node_rank: int
     host: str
     port: Optional[int]
-    tracing: bool = False
 
     @property
     def target(self) -> Optional[str]:
         """``host:port`` as Prometheus writes a target (IPv6 literals in brackets)."""
-        if self.port is None:
-            return None
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
-
-
-def advertised_host(addr: str, override: Optional[str] = None) -> str:
-    """The host name written into discovery files: ``override`` (``targets_host``) when given, else this machine's
-    name when ``addr`` (the interface the metrics server binds) is every interface, else ``addr``."""
-    return override or (socket.gethostname() if addr in _WILDCARD_ADDRS else addr)
+        return host_port(self.host, self.port) if self.port is not None else None
 
 
 # ---------------------------------------------------------------------------------------------- file SD
@@ -112,6 +91,7 @@ class FileSDTargets:
         node_rank: the node's index in the run.
         run_id: the run's id.
         hostname: the machine's name for the file name; ``socket.gethostname()`` by default.
+        errors: where a file that cannot be removed is counted (as ``discovery``).
 
     Example::
 
@@ -121,8 +101,10 @@ class FileSDTargets:
         sd.remove()
     """
 
-    def __init__(self, directory: Path, job: str, node_rank: int, run_id: str, hostname: Optional[str] = None) -> None:
-        self.directory = Path(directory)
+    def __init__(
+        self, directory: Path, job: str, node_rank: int, run_id: str, hostname: Optional[str] = None, errors: Any = None
+    ) -> None:
+        self.directory, self.errors = Path(directory), errors if errors is not None else MonitorErrors(log)
         parts = (job, hostname or socket.gethostname(), f"node{int(node_rank)}", run_id)
         name = "-".join(_FILE_PART.sub("_", part).strip("_") or "_" for part in parts)
         self.path = self.directory / f"{name}.json"
@@ -176,7 +158,7 @@ class FileSDTargets:
         except FileNotFoundError:
             return False
         except OSError as error:
-            log.warning("Could not remove the discovery file %s: %s", self.path, error)
+            self.errors.report("discovery", "Could not remove the discovery file %s: %s", self.path, error)
             return False
 
 
@@ -188,17 +170,10 @@ def push_final_metrics(
     grouping_key: Mapping[str, str],
     timeout_s: float = PUSH_TIMEOUT_S,
 ) -> Optional[str]:
-    """Push ``registry`` to a Pushgateway (replacing the group), waiting at most about ``timeout_s``.
-
-    Args:
-        url: the Pushgateway, ``host:port`` or ``http(s)://host:port``.
-        job: the ``job`` of the group.
-        registry: what to push.
-        grouping_key: the other labels of the group, e.g. ``{"run_id": "4f1c2a", "rank": "0"}``.
-        timeout_s: per-request timeout; the push runs in a helper thread that is waited for this long.
-
-    TLS and basic-auth settings come from the ``DGDN_MONITOR_PUSHGATEWAY_*`` environment variables (see
-    :func:`~dgdn_lightning_monitor.web_config.push_handler_from_env`); a bad setting is reported like a failed push.
+    """Push ``registry`` to the Pushgateway at ``url`` (``host:port`` or ``http(s)://host:port``) as the group of
+    ``job`` and ``grouping_key`` (replacing it), from a helper thread waited for about ``timeout_s``, with the TLS and
+    basic-auth settings of the ``DGDN_MONITOR_PUSHGATEWAY_*`` variables (see
+    :func:`~dgdn_lightning_monitor.web_config.push_handler_from_env`; a bad setting fails like a push).
 
     Returns:
         ``None`` when the push succeeded, else a short reason.
@@ -227,7 +202,7 @@ def push_final_metrics(
 
 # ---------------------------------------------------------------------------------------------- collectives
 class DistributedRun:
-    """Discovery file, final push and trace-context sharing for one :class:`MonitoringCallback`.
+    """Set-up exchange, discovery file and final push for one :class:`MonitoringCallback`.
 
     Outside ``torch.distributed`` (or with one process) no collective runs and every method still works.
 
@@ -235,8 +210,11 @@ class DistributedRun:
         job: Prometheus job name for discovery files and pushes (``dgdn-training``, what the deploy stack
             scrapes).
         targets_dir: directory for file-SD files, or ``None`` for none.
-        targets_host: host name written into them; see :func:`advertised_host`.
+        targets_host: host name written into them; by default this machine's name when the endpoints bind every
+            interface, else the address they bind.
         pushgateway_url: Pushgateway to push final figures to, or ``None``.
+        https: whether the endpoints serve TLS (Prometheus must then scrape them with ``https``).
+        errors: where failures are counted (``discovery``, ``push``, ``exchange``) and first warned.
 
     Raises:
         ValueError: naming the argument that is not valid.
@@ -244,10 +222,8 @@ class DistributedRun:
     Example::
 
         run = DistributedRun(targets_dir="deploy/prometheus/targets")
-        run_id = run.agree_run_id("4f1c2a")           # every rank, at set-up
-        run.exchange(labels, "0.0.0.0", 8000, tracing=True)
+        run_id = run.exchange(labels, "0.0.0.0", 8000, "4f1c2a")  # every rank, at set-up
         run.publish(labels, run_id)
-        parent = run.share_span_context(my_epoch_context)   # every rank, once per epoch
         run.finish(registry, labels, run_id)
     """
 
@@ -257,6 +233,8 @@ class DistributedRun:
         targets_dir: Optional[Union[str, os.PathLike[str]]] = None,
         targets_host: Optional[str] = None,
         pushgateway_url: Optional[str] = None,
+        https: bool = False,
+        errors: Optional[MonitorErrors] = None,
     ) -> None:
         valid = isinstance(job, str) and bool(_JOB.match(job))
         self.job = check("job", job, valid, "a non-empty name of letters, digits, '_', '.', ':' or '-'")
@@ -271,50 +249,58 @@ class DistributedRun:
         expected = "a URL such as 'http://pushgateway:9091' or None"
         self.pushgateway_url = check("pushgateway_url", pushgateway_url, valid, expected)
         self.peers: list[Endpoint] = []
-        self.share_traces = False
-        self.https = False  # endpoints served over TLS: Prometheus must scrape them with https
-        self.rank = 0
-        self._collective = False
-        self._world_size = 1
+        self.trace_key: Optional[str] = None
+        self.https = https
         self._sd: Optional[FileSDTargets] = None
-        self._warn_once = WarnOnce(log)
+        self.errors = errors if errors is not None else MonitorErrors(log)
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
-    def agree_run_id(self, run_id: str) -> str:
-        """Every rank adopts rank 0's run id (one broadcast under DDP), so all ranks label the same run."""
-        self._world_size = int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
-        self._collective = self._world_size > 1
-        self.rank = int(dist.get_rank()) if self._collective else 0
-        payload: list[Any] = [run_id]
-        if self._collective and self._collect("run id", lambda: dist.broadcast_object_list(payload, src=0)):
-            return payload[0] if isinstance(payload[0], str) and payload[0] else run_id
-        return run_id
-
-    def exchange(self, labels: RankLabels, addr: str, port: Optional[int], tracing: bool) -> None:
-        """Learn every rank's endpoint (one all-gather under DDP) and whether rank 0's traces are shared.
+    def exchange(self, labels: RankLabels, addr: str, port: Optional[int], run_id: str) -> str:
+        """Learn every rank's endpoint and agree on one run id (one all-gather under DDP, none alone). A rank whose
+        part failed still enters it, sending the cause; every rank then takes the same decision from the same
+        list (run id and trace key of the lowest rank that took part, endpoints of those that did).
 
         Args:
             labels: this rank's labels.
             addr: the interface its server binds (for the advertised host).
             port: the port it serves on, or ``None`` when its server did not start.
-            tracing: whether it exports spans.
+            run_id: this rank's run id.
+
+        Returns:
+            The run id every rank uses.
         """
-        host = advertised_host(addr, self.targets_host)
-        peers = [Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port, bool(tracing))]
-        gathered: list[Any] = [None] * self._world_size
-        if self._collective and self._collect("endpoints", lambda: dist.all_gather_object(gathered, peers[0])):
-            peers = [peer for peer in gathered if isinstance(peer, Endpoint)]
-        self.peers = sorted(peers, key=lambda peer: peer.rank)
-        leader = next((peer for peer in self.peers if peer.rank == 0), None)
-        # Every rank sees the same list, so every rank takes the same decision: broadcast each epoch or not.
-        self.share_traces = self._collective and leader is not None and leader.tracing
+        world_size = int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
+        rank = int(dist.get_rank()) if world_size > 1 else 0
+        mine: Any
+        try:
+            host = self.targets_host or reachable_host(addr, local=False)
+            mine = (run_id, uuid.uuid4().hex, Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port))
+        except Exception as error:  # still enter the collective below, with the cause in place of the endpoint
+            mine = f"{type(error).__name__}: {error}"
+            self._failed("this rank's part", mine)
+        gathered: list[Any] = [mine]
+        if world_size > 1:
+            gathered = [None] * world_size
+            try:
+                dist.all_gather_object(gathered, mine)
+            except Exception as error:  # a broken process group: go on with what this rank knows
+                gathered = [mine]
+                self._failed("endpoints", f"{type(error).__name__}: {error}")
+        for other, entry in enumerate(gathered):
+            if isinstance(entry, str) and other != rank:  # this rank's own failure is counted above
+                self._failed(f"rank {other}'s part", entry)
+        taking_part = [entry for entry in gathered if isinstance(entry, tuple)]
+        self.peers = sorted((entry[2] for entry in taking_part), key=lambda peer: peer.rank)
+        # Under DDP, a key every rank of this set-up shares: each epoch's trace id is derived from it.
+        self.trace_key = taking_part[0][1] if world_size > 1 and taking_part else None
+        return str(taking_part[0][0]) if taking_part else run_id
 
     def publish(self, labels: RankLabels, run_id: str) -> None:
         """On a node's local rank 0, write the node's discovery file (when ``targets_dir`` is set)."""
         if self.targets_dir is None or labels.local_rank != 0:
             return
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
-        wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id)
+        wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id, errors=self.errors)
         if self._sd is None or self._sd.path != wanted.path:
             if self._sd is not None:
                 self._sd.remove()
@@ -324,31 +310,7 @@ class DistributedRun:
             self._sd.write([peer.target for peer in node if peer.target is not None], labels_out)
         except OSError as error:
             message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "
-            self._warn_once("file-sd", message + "by hand.", self._sd.path, error)
-
-    # ------------------------------------------------------------------ per epoch (every rank, same order)
-    def share_span_context(self, local: Optional[SpanContext]) -> Optional[SpanContext]:
-        """Rank 0 passes its ``train_epoch`` context, the others receive it (one broadcast per epoch).
-
-        Runs a collective only when rank 0 traces (decided identically on every rank at set-up), so a rank
-        whose own tracing is off still takes part.
-
-        Returns:
-            Rank 0's epoch context on the other ranks; ``None`` on rank 0 and when nothing is shared.
-        """
-        if not self.share_traces:
-            return None
-        # (trace_id, span_id, trace_flags): three ints, small to broadcast; an invalid context stays None.
-        payload: list[Any] = [None]
-        if self.rank == 0 and local is not None and local.is_valid:
-            payload[0] = (local.trace_id, local.span_id, int(local.trace_flags))
-        if not self._collect("trace context", lambda: dist.broadcast_object_list(payload, src=0)):
-            self.share_traces = False
-            return None
-        if self.rank == 0 or payload[0] is None:
-            return None
-        trace_id, span_id, flags = payload[0]
-        return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+            self.errors.report("discovery", message + "by hand.", self._sd.path, error)
 
     # ------------------------------------------------------------------ end of run (never raises)
     def finish(self, registry: CollectorRegistry, labels: RankLabels, run_id: str) -> None:
@@ -361,14 +323,9 @@ class DistributedRun:
         reason = push_final_metrics(self.pushgateway_url, self.job, registry, grouping)
         if reason is not None:
             message = "Could not push the final metrics to the Pushgateway at %s (%s); they are only on this rank's "
-            self._warn_once("push", message + "/metrics endpoint.", self.pushgateway_url, reason)
+            self.errors.report("push", message + "/metrics endpoint.", self.pushgateway_url, reason)
 
     # ------------------------------------------------------------------ helpers
-    def _collect(self, what: str, call: Callable[[], object]) -> bool:
-        try:
-            call()
-            return True
-        except Exception as error:  # a broken process group: monitoring goes on without this exchange
-            message = "Could not exchange the %s with the other ranks (%s: %s); continuing without it."
-            self._warn_once(f"collective-{what}", message, what, type(error).__name__, error)
-            return False
+    def _failed(self, what: str, cause: str) -> None:
+        message = "Could not exchange %s with the other ranks (%s); continuing without it."
+        self.errors.report("exchange", message, what, cause)

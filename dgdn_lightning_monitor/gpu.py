@@ -44,7 +44,7 @@ Example:
     >>> from prometheus_client import CollectorRegistry
     >>> monitor = GPUMonitor(namespace="dgdn", devices="auto", poll_interval_s=5.0)
     >>> registry = CollectorRegistry()
-    >>> registry.register(monitor)  # describe() is empty, so this samples nothing
+    >>> registry.register(monitor)  # describe() names the families; nothing is sampled
     >>> monitor.start(cuda_devices=[], labels={"rank": "0"})  # CPU run: nothing to watch
     >>> list(monitor.collect())
     []
@@ -68,7 +68,15 @@ from typing import Any, Literal
 import torch
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from dgdn_lightning_monitor.guards import NAMESPACE, WarnOnce, check, check_namespace, forget_threads_after_fork
+from dgdn_lightning_monitor.guards import (
+    NAMESPACE,
+    MonitorErrors,
+    WarnOnce,
+    check,
+    check_namespace,
+    forget_threads_after_fork,
+)
+from dgdn_lightning_monitor.oom import PEAKS_BEFORE_RESET
 
 __all__ = ["GPUMonitor", "THREAD_NAME", "LOGGER_NAME"]
 
@@ -109,6 +117,7 @@ _ALLOCATOR_FIGURES = {
     "gpu_memory_reserved_bytes": "reserved_bytes.all.current",
     "gpu_max_memory_allocated_bytes": "allocated_bytes.all.peak",
 }
+_PEAK_KEY = _ALLOCATOR_FIGURES["gpu_max_memory_allocated_bytes"]
 _LOOKUPS = {
     "uuid": "nvmlDeviceGetHandleByUUID",
     "pci": "nvmlDeviceGetHandleByPciBusId",
@@ -202,10 +211,10 @@ class _Sampler(threading.Thread):
         nvml: the ``pynvml`` module (or a stand-in with its functions and error classes).
         targets: the watched GPUs.
         interval: seconds between two samples.
-        warn: the monitor's warn-once helper.
+        warn: the monitor's failure report (counted, warned once per kind).
     """
 
-    def __init__(self, nvml: Any, targets: list[_Target], interval: float, warn: WarnOnce) -> None:
+    def __init__(self, nvml: Any, targets: list[_Target], interval: float, warn: Callable[..., None]) -> None:
         super().__init__(name=THREAD_NAME, daemon=True)
         self.nvml, self.targets, self.interval, self.warn = nvml, targets, interval, warn
         self.stopping = threading.Event()
@@ -326,6 +335,7 @@ class GPUMonitor:
             monitoring off entirely (no NVML, no allocator figures).
         poll_interval_s: Seconds between two NVML samples; a real number > 0.
         nvml: The ``pynvml`` module to use; ``None`` imports ``pynvml`` in :meth:`start`.
+        errors: Where every failure is counted (as ``gpu``); by default the monitor's own.
 
     Raises:
         ValueError: ``devices`` (``gpu_devices`` on the callback) is neither ``"auto"``, ``None`` nor a
@@ -344,6 +354,7 @@ class GPUMonitor:
         devices: Literal["auto"] | Sequence[int] | None = "auto",
         poll_interval_s: float = 5.0,
         nvml: ModuleType | None = None,
+        errors: MonitorErrors | None = None,
     ) -> None:
         self._namespace = check_namespace(namespace)
         #: The watched devices as configured: ``"auto"``, a tuple of indices, or ``None`` (off).
@@ -359,6 +370,7 @@ class GPUMonitor:
         valid = nvml is None or callable(getattr(nvml, "nvmlInit", None))
         self._nvml_module = check("nvml", nvml, valid, "the pynvml module or a stand-in with nvmlInit")
         self._warn_once = WarnOnce(logger)
+        self.errors = errors if errors is not None else MonitorErrors(logger)
         self._run: _Run | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -418,12 +430,12 @@ class GPUMonitor:
                 nvml = importlib.import_module("pynvml")
             except Exception as exc:
                 message = "GPU monitoring is off: nvidia-ml-py (pynvml) cannot be imported: %s"
-                self._warn_once("nvml_missing", message, _describe(exc))
+                self._fail("nvml_missing", message, _describe(exc))
                 self._run = _Run(names, values, cuda, None)
                 return
         ask_torch = self.devices == "auto" or torch.cuda.is_initialized()
         targets = [_Target(gpu=index, keys=_lookup_keys(index, ask_torch)) for index in watched]
-        sampler = _Sampler(nvml, targets, self.poll_interval_s, self._warn_once)
+        sampler = _Sampler(nvml, targets, self.poll_interval_s, self._fail)
         self._run = _Run(names, values, cuda, sampler)
         forget_threads_after_fork(self)  # only a monitor with a thread has something to forget after fork
         sampler.start()
@@ -447,9 +459,10 @@ class GPUMonitor:
                 "the GPU sampling thread did not finish within %.0f s (an NVML call hangs)", self.STOP_TIMEOUT_S
             )
 
-    def describe(self) -> list:
-        """Nothing, so that registering the collector does not call :meth:`collect`."""
-        return []
+    def describe(self) -> list[Metric]:
+        """Every family this collector can export, without samples: the registry learns the names (for the
+        ``name[]`` filter and duplicate checks) without sampling."""
+        return [GaugeMetricFamily(f"{self._namespace}_{suffix}", doc) for suffix, doc in _HELP.items()]
 
     def collect(self) -> Iterable[Metric]:
         """The GPU series of the current run: the last NVML sample and the allocator figures right now.
@@ -477,12 +490,19 @@ class GPUMonitor:
                     stats = torch.cuda.memory_stats(index)
                 except Exception as exc:
                     message = "reading the PyTorch CUDA allocator statistics of GPU %d failed: %s"
-                    self._warn_once("allocator_failed", message, index, _describe(exc))
+                    self._fail("allocator_failed", message, index, _describe(exc))
                     continue
+                if _PEAK_KEY in stats:  # the capacity sampling resets the peak: what it reset is kept
+                    stats[_PEAK_KEY] = max(stats[_PEAK_KEY], PEAKS_BEFORE_RESET.get(index, 0))
                 for suffix, key in _ALLOCATOR_FIGURES.items():
                     if key in stats:
                         allocator[suffix].add_metric([*values, str(index)], float(stats[key]))
         return [family for family in families if family.samples]
+
+    def _fail(self, kind: str, message: str, *args: Any) -> None:
+        """A GPU figure could not be read: counted as a ``gpu`` error, warned once per kind."""
+        self.errors.report("gpu")
+        self._warn_once(kind, message, *args)
 
     def _gauge(self, suffix: str, label_names: list[str]) -> GaugeMetricFamily:
         return GaugeMetricFamily(f"{self._namespace}_{suffix}", _HELP[suffix], labels=label_names)

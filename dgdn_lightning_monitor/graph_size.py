@@ -1,4 +1,5 @@
-"""Sizes of a training batch (samples, nodes, edges) read from host-side facts only.
+"""Sizes of a training batch (samples, nodes, edges, and per hop what a neighbour sampler drew) read from
+host-side facts only.
 
 Everything here reads stored counts and tensor shapes. Nothing calls ``.item()``, ``max()`` or ``unique()`` on a
 tensor, so a batch that lives on a GPU is never synchronised. PyG's own ``num_nodes`` is deliberately not used:
@@ -8,13 +9,13 @@ when it cannot find a node-level attribute it falls back to ``edge_index.max() +
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 import torch
 from torch_geometric.data import Batch, Data, HeteroData, TemporalData
 
-from dgdn_lightning_monitor.guards import WarnOnce
+from dgdn_lightning_monitor.guards import MonitorErrors
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class GraphSize(NamedTuple):
 
 
 UNKNOWN = GraphSize(None, None, None)
+# tuple.__new__ builds a GraphSize without the Python-level constructor a NamedTuple call goes through.
+_new = tuple.__new__
 
 
 def _store_nodes(store: Any) -> Optional[int]:
@@ -69,24 +72,52 @@ def _sum_known(values: list[Optional[int]]) -> Optional[int]:
     return sum(known) if known else None
 
 
+def _seedless_samples(mapping: Mapping[str, Any], nodes: Optional[int]) -> Optional[int]:
+    """Samples of a single graph that names no seed nodes: its seed edges, else its nodes."""
+    seeds = mapping.get("input_id")  # link loaders: one id per seed edge, negatives not included
+    if isinstance(seeds, torch.Tensor) and seeds.dim() == 1:
+        return int(seeds.shape[0])
+    label_index = mapping.get("edge_label_index")  # a full-batch link graph: every labelled pair
+    if isinstance(label_index, torch.Tensor) and label_index.dim() == 2:
+        return int(label_index.shape[1])
+    return nodes  # a (sub)graph trained on as a whole (ClusterLoader, GraphSAINT, RandomNodeLoader, full batch)
+
+
 def _data_size(data: Data) -> GraphSize:
     store = data._store
-    samples = store._mapping.get("batch_size")  # set by NeighborLoader / LinkNeighborLoader: the seed count
+    nodes = _store_nodes(store)
+    samples = store._mapping.get("batch_size")  # set by node loaders (NeighborLoader): the seed count
     if not isinstance(samples, int):
-        samples = data.num_graphs if isinstance(data, Batch) else 1
-    return GraphSize(samples, _store_nodes(store), _store_edges(store))
+        samples = _seedless_samples(store._mapping, nodes)
+    return _new(GraphSize, (samples, nodes, _store_edges(store)))
+
+
+def _num_graphs(batch: Batch) -> Optional[int]:
+    """Graphs of a ``Batch`` from what it stores; ``Batch.num_graphs`` would fall back to ``batch.max()``."""
+    store = batch._store
+    graphs = store.__dict__.get("_num_graphs")  # set by Batch.from_data_list
+    if isinstance(graphs, int):
+        return graphs
+    ptr = store._mapping.get("ptr")  # a Batch built from parts (ShaDowKHopSampler) keeps its offsets
+    return int(ptr.shape[0]) - 1 if isinstance(ptr, torch.Tensor) and ptr.dim() == 1 else None
+
+
+def _batch_size(batch: Batch) -> GraphSize:
+    store = batch._store
+    return _new(GraphSize, (_num_graphs(batch), _store_nodes(store), _store_edges(store)))
 
 
 def _hetero_size(data: HeteroData) -> GraphSize:
     nodes = _sum_known([_store_nodes(s) for s in data.node_stores])
     edges = _sum_known([_store_edges(s) for s in data.edge_stores])
     if isinstance(data, Batch):
-        samples: Optional[int] = data.num_graphs
-    else:
-        seeds = [s._mapping.get("batch_size") for s in data.node_stores]
-        seeds = [s for s in seeds if isinstance(s, int)]
-        samples = sum(seeds) if seeds else 1
-    return GraphSize(samples, nodes, edges)
+        return GraphSize(_num_graphs(data), nodes, edges)
+    seeds = [s._mapping.get("batch_size") for s in data.node_stores]  # on the input node type
+    seeds = [s for s in seeds if isinstance(s, int)]
+    if seeds:
+        return GraphSize(sum(seeds), nodes, edges)
+    seed_edges = _sum_known([_seedless_samples(s._mapping, None) for s in data.edge_stores])  # input edge type
+    return GraphSize(nodes if seed_edges is None else seed_edges, nodes, edges)
 
 
 def _temporal_size(data: TemporalData) -> GraphSize:
@@ -96,10 +127,6 @@ def _temporal_size(data: TemporalData) -> GraphSize:
     n_id, stored = mapping.get("n_id"), mapping.get("num_nodes")
     nodes = int(n_id.numel()) if isinstance(n_id, torch.Tensor) else stored if isinstance(stored, int) else None
     return GraphSize(events, nodes, events)
-
-
-# tuple.__new__ builds a GraphSize without the Python-level constructor a NamedTuple call goes through.
-_new = tuple.__new__
 
 
 def _tensor_size(tensor: torch.Tensor) -> GraphSize:
@@ -137,7 +164,7 @@ def _mapping_size(mapping: Mapping) -> GraphSize:
     return _sequence_size(tuple(mapping.values()))
 
 
-_GRAPH_HANDLERS = (_hetero_size, _temporal_size, _data_size)
+_GRAPH_HANDLERS = (_hetero_size, _temporal_size, _batch_size, _data_size)
 # Batch type -> handler, and element types of a tuple/list/dict batch -> (element index, handler): filled on
 # first sight, so the step path pays a dict lookup instead of a chain of isinstance checks against abstract
 # classes. Both stay as small as the number of batch layouts a program uses.
@@ -151,6 +178,7 @@ def _handler(kind: type) -> Callable[[Any], GraphSize]:
         rules: tuple[tuple[Any, Callable[[Any], GraphSize]], ...] = (
             (HeteroData, _hetero_size),
             (TemporalData, _temporal_size),
+            (Batch, _batch_size),
             (Data, _data_size),
             (torch.Tensor, _tensor_size),
             (Mapping, _mapping_size),
@@ -163,9 +191,20 @@ def _handler(kind: type) -> Callable[[Any], GraphSize]:
 def extract_graph_size(batch: Any) -> GraphSize:
     """Tell how many samples, nodes and edges a batch holds, without touching the device.
 
-    Samples are graphs of a PyG ``Batch``, seed nodes of a sampled ``Data`` (its ``batch_size``), events of a
-    ``TemporalData`` and rows of a tensor. ``HeteroData`` sizes are summed over node and edge types. Tuples, lists
-    and dicts are searched (one level) for the first graph, else the first tensor. Anything else is unknown.
+    Samples are:
+
+    * graphs of a PyG ``Batch`` (``DataLoader``, ``DynamicBatchSampler``, ``ShaDowKHopSampler``);
+    * seed nodes of a node-sampled graph (its ``batch_size``: ``NeighborLoader``, ``HGTLoader``; for
+      ``HeteroData`` the input node type's);
+    * seed edges of a link-sampled graph (its ``input_id``: ``LinkNeighborLoader``, ``LinkLoader``), without the
+      negatives a loader adds; a graph with ``edge_label_index`` but no ``input_id`` (full-batch link
+      prediction) counts every column of it;
+    * nodes of any other single graph, trained on as a whole (``ClusterLoader``, ``GraphSAINT*``,
+      ``RandomNodeLoader``, full-batch training; summed over types for ``HeteroData``);
+    * events of a ``TemporalData`` and rows of a tensor.
+
+    ``HeteroData`` nodes and edges are summed over types. Tuples, lists and dicts are searched (one level) for the
+    first graph, else the first tensor. Anything else is unknown.
 
     Args:
         batch: what the ``DataLoader`` yielded.
@@ -178,6 +217,79 @@ def extract_graph_size(batch: Any) -> GraphSize:
     return (_HANDLERS.get(kind) or _handler(kind))(batch)
 
 
+#: Per hop, the nodes (seeds first) and the edges a neighbour sampler drew for one batch.
+HopCounts = tuple[Optional[Sequence[int]], Optional[Sequence[int]]]
+
+
+def _host_counts(value: Any) -> Optional[Sequence[int]]:
+    """Per-hop counts as PyG's samplers store them (a list of ints); a tensor only when it is on the CPU."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return value if not value or type(value[0]) is int else None
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() == 1:
+        return value.tolist()  # a host read, no device involved
+    return None
+
+
+def _sum_per_hop(counts: list[Optional[Sequence[int]]]) -> Optional[list[int]]:
+    known = [c for c in counts if c is not None]
+    if not known:
+        return None
+    total = [0] * max(map(len, known))
+    for per_hop in known:
+        for hop, count in enumerate(per_hop):
+            total[hop] += count
+    return total
+
+
+def _data_hops(data: Data) -> Optional[HopCounts]:
+    mapping = data._store._mapping
+    nodes, edges = mapping.get("num_sampled_nodes"), mapping.get("num_sampled_edges")
+    if nodes is None and edges is None:
+        return None
+    return _host_counts(nodes), _host_counts(edges)
+
+
+def _hetero_hops(data: HeteroData) -> Optional[HopCounts]:
+    nodes = _sum_per_hop([_host_counts(s._mapping.get("num_sampled_nodes")) for s in data.node_stores])
+    edges = _sum_per_hop([_host_counts(s._mapping.get("num_sampled_edges")) for s in data.edge_stores])
+    return None if nodes is None and edges is None else (nodes, edges)
+
+
+def _no_hops(batch: Any) -> None:
+    return None
+
+
+_HOP_HANDLERS: dict[type, Callable[[Any], Optional[HopCounts]]] = {}
+
+
+def sampled_per_hop(batch: Any) -> Optional[HopCounts]:
+    """Nodes and edges a neighbour sampler drew at each hop, from the ``num_sampled_nodes`` and
+    ``num_sampled_edges`` that PyG's ``NeighborLoader`` and ``LinkNeighborLoader`` put on a sampled batch.
+
+    Nodes come per hop from hop 0 (the seed nodes; for a link batch the ends of its seed edges, negatives
+    included); edges from hop 1. A ``HeteroData`` batch is summed over node and edge types, hop by hop. Host-side
+    only: lists are used as they are, a tensor only when it lives on the CPU. Batches that are not sampled
+    subgraphs (graphs of a ``Batch``, tensors, containers) give ``None``.
+
+    Args:
+        batch: what the ``DataLoader`` yielded.
+
+    Example::
+
+        sampled_per_hop(next(iter(NeighborLoader(data, num_neighbors=[10, 5], batch_size=32))))
+        # ([32, 291, 1254], [320, 1455])
+    """
+    kind = type(batch)
+    handler = _HOP_HANDLERS.get(kind)
+    if handler is None:
+        sampled = issubclass(kind, (Data, HeteroData)) and not issubclass(kind, Batch)
+        handler = _HOP_HANDLERS[kind] = (
+            (_hetero_hops if issubclass(kind, HeteroData) else _data_hops) if sampled else _no_hops
+        )
+    return handler(batch)
+
+
 class GraphSizer:
     """Applies the user's overrides on top of :func:`extract_graph_size`.
 
@@ -187,6 +299,7 @@ class GraphSizer:
     Args:
         batch_size_fn: ``batch -> int`` giving the number of samples.
         graph_size_fn: ``batch -> (nodes, edges)``.
+        errors: where a failure is counted (as ``graph_size``) and first warned.
 
     Example::
 
@@ -198,10 +311,11 @@ class GraphSizer:
         self,
         batch_size_fn: Optional[Callable[[Any], int]] = None,
         graph_size_fn: Optional[Callable[[Any], tuple[int, int]]] = None,
+        errors: Optional[MonitorErrors] = None,
     ) -> None:
         self.batch_size_fn = batch_size_fn
         self.graph_size_fn = graph_size_fn
-        self._warn = WarnOnce(log)
+        self.errors = errors if errors is not None else MonitorErrors(log)
 
     def resolve(self) -> Callable[[Any], GraphSize]:
         """The cheapest callable that applies these overrides (the plain extractor when there are none)."""
@@ -217,7 +331,10 @@ class GraphSizer:
                 nodes, edges = (int(v) for v in self.graph_size_fn(batch))
             return GraphSize(samples, nodes, edges)
         except Exception as error:
-            self._warn(
-                "size", "Could not size a batch (%s: %s); graph metrics are not updated.", type(error).__name__, error
+            self.errors.report(
+                "graph_size",
+                "Could not size a batch (%s: %s); graph metrics are not updated.",
+                type(error).__name__,
+                error,
             )
             return UNKNOWN

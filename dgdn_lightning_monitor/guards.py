@@ -80,6 +80,43 @@ class WarnOnce:
         return WarnOnce, (self.logger,)  # a copy starts with nothing said; loggers pickle by name
 
 
+#: The parts of the monitor whose errors are counted in ``<namespace>_monitor_errors_total{part}``.
+ERROR_PARTS: tuple[str, ...] = ("graph_size", "metrics", "tracing", "gpu", "discovery", "push", "exchange")
+
+
+class MonitorErrors:
+    """The errors the monitor degraded on, counted by part; the first of each part is warned with its cause,
+    later ones are only counted, so a monitor that stopped measuring shows in its own metrics.
+
+    Args:
+        logger: where the first error of each part is warned.
+
+    Example::
+
+        errors = MonitorErrors(logging.getLogger(__name__))
+        errors.report("push", "Could not push the final metrics to %s (%s)", url, reason)  # warned, counted
+        errors.report("push", "Could not push the final metrics to %s (%s)", url, reason)  # counted
+        errors.counts["push"]  # 2
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.counts = dict.fromkeys(ERROR_PARTS, 0)  # fixed keys: a scrape reads it while parts report
+        self._lock = threading.Lock()
+
+    def report(self, part: str, message: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
+        """Count one error of ``part``; warn ``message % args`` if it is the part's first (without a message the
+        error is only counted: its part warns in its own words)."""
+        with self._lock:
+            self.counts[part] += 1
+            first = self.counts[part] == 1
+        if first and message is not None:
+            self.logger.warning(message, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[type[MonitorErrors], tuple[logging.Logger]]:
+        return MonitorErrors, (self.logger,)  # a copy in another process counts its own errors
+
+
 _FORK_AWARE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 

@@ -7,13 +7,15 @@ attribute updates and keeps ``prometheus_client`` objects (and their locks) off 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 import weakref
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import add
 from typing import Any, Optional
 
 import lightning
@@ -27,7 +29,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from dgdn_lightning_monitor.graph_size import GraphSize
+from dgdn_lightning_monitor.graph_size import GraphSize, HopCounts
+from dgdn_lightning_monitor.guards import MonitorErrors
 from dgdn_lightning_monitor.histogram import (
     BATCH_SECONDS_BUCKETS,
     INFERENCE_SECONDS_BUCKETS,
@@ -42,10 +45,15 @@ METRICS: dict[str, tuple[str, str]] = {
     "validation_loss": ("gauge", "Last logged validation loss."),
     "training_accuracy": ("gauge", "Last logged training accuracy (ratio)."),
     "validation_accuracy": ("gauge", "Last logged validation accuracy (ratio)."),
-    "samples_processed_total": ("counter", "Training samples processed (graphs, events or rows)."),
+    "samples_processed_total": (
+        "counter",
+        "Training samples processed (graphs, seed nodes, seed edges, events or rows).",
+    ),
     "nodes_processed_total": ("counter", "Nodes in processed training batches."),
     "edges_processed_total": ("counter", "Edges (events) in processed training batches."),
     "nonfinite_loss_total": ("counter", "Training losses that were NaN or infinite."),
+    "sampled_nodes_total": ("counter", "Nodes a neighbour sampler drew for training batches, per hop (0: seeds)."),
+    "sampled_edges_total": ("counter", "Edges a neighbour sampler drew for training batches, per hop."),
     "nonfinite_loss_streak": (
         "gauge",
         "Consecutive training losses up to the last counted one that were NaN or infinite.",
@@ -80,6 +88,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "global_step": ("gauge", "Optimizer steps taken so far."),
     "learning_rate": ("gauge", "Learning rate of each optimizer parameter group."),
     "training": ("info", "Model and library versions of this training run."),
+    "monitor_errors_total": (
+        "counter",
+        "Errors the monitor degraded on (it skipped what it could not measure), by part.",
+    ),
+    "stall_dumps_total": ("counter", "Stack dumps written because the run made no progress for stall_dump_after_s."),
+    "oom_total": ("counter", "Out-of-memory errors raised by a step of this process."),
+    "batch_capacity_nodes": ("gauge", "Estimated nodes of the largest batch that fits the device (linear fit)."),
+    "batch_capacity_edges": ("gauge", "Estimated edges of the largest batch that fits the device (linear fit)."),
 }
 _FAMILY_TYPES = {
     "gauge": GaugeMetricFamily,
@@ -88,15 +104,28 @@ _FAMILY_TYPES = {
     "info": InfoMetricFamily,
 }
 
-#: Gauges fed from what the LightningModule logs.
-LOGGED_GAUGES: tuple[str, ...] = ("training_loss", "validation_loss", "training_accuracy", "validation_accuracy")
+#: Gauges fed from what the LightningModule logs -> the ``MonitoringCallback`` argument naming the logged key.
+LOGGED_GAUGES: dict[str, str] = {
+    "training_loss": "train_loss_key",
+    "validation_loss": "val_loss_key",
+    "training_accuracy": "train_acc_key",
+    "validation_accuracy": "val_acc_key",
+}
+TRAIN_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("training_"))
+VALIDATION_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("validation_"))
 
 #: The stages of :attr:`TrainingMetrics.stage` (Lightning's running stages, and ``idle`` before the first and after
 #: the last). ``<namespace>_progress_total`` also counts checkpoint saves, under ``stage="checkpoint"``.
 STAGES: tuple[str, ...] = ("idle", "sanity_check", "train", "validate", "test", "predict")
 
-#: The phases of a training step, in order.
-PHASES: tuple[str, ...] = ("data_fetch", "forward", "backward", "optimizer_step")
+#: The phases of a training step, in order: phase -> (the hook mark that starts it, the marks that may end it,
+#: the first one present wins). Metrics, spans, step statistics and the CLI all follow this table.
+PHASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "data_fetch": ("fetch_start", ("fetch_end", "batch_start")),
+    "forward": ("batch_start", ("backward_start", "optimizer_start", "batch_end")),
+    "backward": ("backward_start", ("backward_end",)),
+    "optimizer_step": ("optimizer_start", ("batch_end",)),
+}
 
 LearningRates = list[tuple[str, str, float]]  # (optimizer, param_group, lr)
 
@@ -133,6 +162,17 @@ def run_info(module: torch.nn.Module, run_id: str, strategy: str = "") -> dict[s
     }
 
 
+def _add_per_hop(totals: tuple[int, ...], counts: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """``totals`` plus ``counts``, hop by hop (a new tuple: a scrape reads whole tuples, never one half-updated)."""
+    if counts is None:
+        return totals
+    if len(counts) > len(totals):
+        totals += (0,) * (len(counts) - len(totals))
+    elif len(counts) < len(totals):
+        counts = (*counts, *(0,) * (len(totals) - len(counts)))
+    return tuple(map(add, totals, counts))
+
+
 class TrainingMetrics:
     """Everything the callback measures, exported under ``namespace``.
 
@@ -150,11 +190,15 @@ class TrainingMetrics:
     def __init__(self, namespace: str = "dgdn", throughput_window: int = 50) -> None:
         self.namespace = namespace
         self.labels = RankLabels()  # a single process until the callback's setup knows the Trainer's ranks
+        self.errors = MonitorErrors(logging.getLogger("dgdn_lightning_monitor"))  # every part reports here
         # Training batches.
         self.samples_total = 0
         self.nodes_total = 0
         self.edges_total = 0
         self.nonfinite_losses = 0
+        # Per hop (index), nodes and edges drawn by a neighbour sampler.
+        self.sampled_nodes: tuple[int, ...] = ()
+        self.sampled_edges: tuple[int, ...] = ()
         self.nonfinite_streak = 0
         # The run's own loss history, for alerts that hold at any loss scale (reset when a run sets up).
         self.loss_range: Optional[tuple[float, float]] = None  # (lowest, highest) finite training loss
@@ -179,7 +223,12 @@ class TrainingMetrics:
         self.stage_since = 0.0
         self.stage_seconds: dict[str, float] = {}
         self._stage_lock = threading.Lock()  # stage changes (not per step) against a scrape: a counter never drops
+        self.stall_dumps = 0
+        self.ooms = 0
+        # () -> (nodes, edges) of the largest batch estimated to fit the device, or None; called at scrape time.
+        self.batch_capacity: Optional[Callable[[], Optional[tuple[float, float]]]] = None
         self.epoch_duration: Optional[float] = None
+        # Dicts the scrape thread iterates are replaced, never grown, by the training thread (see set_logged).
         # Evaluation batches, one histogram per stage (created when the stage first runs).
         self.inference_seconds: dict[str, FastHistogram] = {}
         # Logged values: (metric suffix, dataloader index or None for a single loader) -> float.
@@ -215,9 +264,15 @@ class TrainingMetrics:
         self._trainer = None
 
     def observe_train_batch(
-        self, seconds: float, end_perf: float, size: GraphSize, trace_id: Optional[str] = None
+        self,
+        seconds: float,
+        end_perf: float,
+        size: GraphSize,
+        trace_id: Optional[str] = None,
+        hops: Optional[HopCounts] = None,
     ) -> None:
-        """Fold one finished training batch in (runs on every step: kept to plain attribute updates)."""
+        """Fold one finished training batch in (runs on every step: kept to plain attribute updates); ``hops`` are
+        the per-hop counts of a sampled batch (:func:`~dgdn_lightning_monitor.graph_size.sampled_per_hop`)."""
         histogram = self.batch_seconds
         if trace_id is None:
             # FastHistogram.observe without the call: first bound >= value, Prometheus buckets are "less or equal".
@@ -234,6 +289,9 @@ class TrainingMetrics:
         if edges is not None:
             self.edges_total += edges
             self.graph_edges = edges
+        if hops is not None:
+            self.sampled_nodes = _add_per_hop(self.sampled_nodes, hops[0])
+            self.sampled_edges = _add_per_hop(self.sampled_edges, hops[1])
         self._window.append((end_perf, self.samples_total))
         self.last_step_perf = self.last_progress_perf = end_perf
         counts = self.progress_counts
@@ -263,12 +321,17 @@ class TrainingMetrics:
         """Fold one finished validation/test/predict batch in, as per-sample latency, and as progress."""
         self.mark_progress(stage, end_perf)
         histogram = self.inference_seconds.get(stage)
-        if histogram is None:
-            histogram = self.inference_seconds[stage] = FastHistogram(INFERENCE_SECONDS_BUCKETS)
+        if histogram is None:  # a new stage: a new dict, so a scrape iterating the old one never sees it resize
+            histogram = FastHistogram(INFERENCE_SECONDS_BUCKETS)
+            self.inference_seconds = {**self.inference_seconds, stage: histogram}
         histogram.observe(seconds / samples if samples else seconds)
 
     def set_logged(self, suffix: str, value: float, dataloader: Optional[str] = None) -> None:
-        self.logged[(suffix, dataloader)] = value
+        key = (suffix, dataloader)
+        if key in self.logged:
+            self.logged[key] = value  # same size: safe while a scrape iterates
+        else:  # a new key: a new dict, so a scrape iterating the old one never sees it resize
+            self.logged = {**self.logged, key: value}
         if dataloader is not None and dataloader != "0" or not math.isfinite(value):
             return  # the run's history follows the single (or first) loader, finite values only
         if suffix == "training_loss":
@@ -337,6 +400,13 @@ class TrainingMetrics:
         except Exception:  # a Trainer being torn down must not break a scrape
             return self.progress, self.learning_rates
 
+    def capacity(self) -> tuple[Optional[float], Optional[float]]:
+        try:
+            estimate = self.batch_capacity() if self.batch_capacity is not None else None
+        except Exception:  # a failing fit leaves the gauges out, never the scrape
+            estimate = None
+        return estimate if estimate is not None else (None, None)
+
     # ----------------------------------------------------------------- exposition (scrape thread)
     def describe(self) -> list[Metric]:
         """Every family this collector can export, without samples: lets a registry refuse duplicates up front
@@ -381,6 +451,7 @@ class TrainingMetrics:
         parameters, trainable, memory = self.model_figures or (None, None, None)
         progress, rates = self._live()
         epoch, step = progress or (None, None)
+        capacity = self.capacity()
         for name, value in (
             ("samples_processed_total", self.samples_total),
             ("nodes_processed_total", self.nodes_total),
@@ -403,8 +474,22 @@ class TrainingMetrics:
             ("model_memory_usage_bytes", memory),
             ("epoch", epoch),
             ("global_step", step),
+            ("stall_dumps_total", self.stall_dumps),
+            ("oom_total", self.ooms),
+            ("batch_capacity_nodes", capacity[0]),
+            ("batch_capacity_edges", capacity[1]),
         ):
             yield from single(name, value)
+
+        for name, totals, first_hop in (
+            ("sampled_nodes_total", self.sampled_nodes, 0),
+            ("sampled_edges_total", self.sampled_edges, 1),
+        ):
+            if totals:
+                per_hop = family(name, ["hop"])
+                for hop, total in enumerate(totals, first_hop):
+                    per_hop.add_metric(values + [str(hop)], total)
+                yield per_hop
 
         yield from self._stage_families(family, values)
         batch = family("batch_processing_seconds")
@@ -425,6 +510,10 @@ class TrainingMetrics:
             for optimizer, group, rate in rates:
                 lr.add_metric(values + [optimizer, group], rate)
             yield lr
+        errors = family("monitor_errors_total", ["part"])
+        for part, count in self.errors.counts.items():
+            errors.add_metric(values + [part], count)
+        yield errors
         if self.info:
             info = family("training")
             info.add_metric(values, self.info)

@@ -1,23 +1,22 @@
 """The HTTP endpoint that serves ``/metrics`` from a registry with ``prometheus_client``'s own WSGI app (text and
 OpenMetrics negotiation, gzip, exemplars), adding what a training process needs: a clear error when the port is
-taken, a deep listen backlog, one render shared by simultaneous scrapes, an optional TLS / basic-auth web
+taken, a deep listen backlog, renders one at a time (each after its request arrived), an optional TLS / basic-auth web
 configuration, and a fast stop."""
 
 from __future__ import annotations
 
 import errno
-import math
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from dgdn_lightning_monitor.guards import check, forget_threads_after_fork
+from dgdn_lightning_monitor.guards import forget_threads_after_fork
+from dgdn_lightning_monitor.web_config import WebConfig
 
 # How often the serving loop checks for shutdown; stopping waits up to this long (the library's default is
 # 0.5 s, which would be most of the run-end budget).
@@ -25,79 +24,21 @@ _POLL_INTERVAL_S = 0.05
 # Connections the kernel queues while every handler is busy: several Prometheus servers, federation and a user's
 # curl loop at once must not be refused (the socketserver default is 5).
 LISTEN_BACKLOG = 128
-#: How long one rendering of ``/metrics`` answers the scrapes that ask for the same variant. Prometheus scrapes
-#: every 15 s by default, so a second-old page costs it nothing, while a burst of scrapers costs one render.
-CACHE_TTL_S = 1.0
-# Variants kept at most; a client varying its query or headers cannot grow memory.
-_MAX_VARIANTS = 32
 
 StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-class WebConfig(Protocol):
-    """What the server needs of a web configuration (see ``dgdn_lightning_monitor.web_config``)."""
+def reachable_host(addr: str, local: bool = True) -> str:
+    """The host by which a server bound to ``addr`` is reached: ``addr`` itself, unless it is a wildcard (every
+    interface), reached through this machine: by its loopback name from here (``local``), else by its host name."""
+    if addr not in ("0.0.0.0", "::", ""):
+        return addr
+    return {"0.0.0.0": "localhost", "::": "::1"}.get(addr, socket.gethostname()) if local else socket.gethostname()
 
-    scheme: str
-    ssl_context: Any
 
-    def wrap(self, app: Any) -> Any: ...
-
-
-class SharedRender:
-    """A WSGI app answering ``GET`` requests that ask for the same variant with one rendering of ``app`` for
-    ``ttl_s`` seconds.
-
-    The variant is the request's path, query (``name[]`` filter), ``Accept`` and ``Accept-Encoding`` headers, so
-    text, OpenMetrics and gzip are never mixed. Renders run one at a time: a request that arrives while one runs
-    waits for it and shares it, so a burst of scrapers costs the training process one collection, one exposition
-    and one compression. Otherwise a request is answered from a rendering that started at most ``ttl_s`` before it
-    arrived. A render that raises is not kept.
-
-    Args:
-        app: the WSGI app to render with, e.g. ``prometheus_client.make_wsgi_app(registry)``.
-        ttl_s: how long one rendering answers; ``0`` renders every request.
-
-    Example::
-
-        app = SharedRender(make_wsgi_app(registry), ttl_s=1.0)
-    """
-
-    def __init__(self, app: WSGIApp, ttl_s: float = CACHE_TTL_S) -> None:
-        self.app = app
-        self.ttl_s = ttl_s
-        # variant -> (render started, render finished, status, headers, body)
-        self._pages: dict[tuple[str, ...], tuple[float, float, str, list[tuple[str, str]], bytes]] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if self.ttl_s <= 0 or environ.get("REQUEST_METHOD") != "GET":
-            return self.app(environ, start_response)
-        names = ("PATH_INFO", "QUERY_STRING", "HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING")
-        key = tuple(environ.get(name, "") for name in names)
-        arrived = time.monotonic()
-        with self._lock:
-            page = self._pages.get(key)
-            if page is None or (page[1] < arrived and page[0] < arrived - self.ttl_s):
-                if len(self._pages) >= _MAX_VARIANTS:
-                    self._pages.clear()
-                started = time.monotonic()
-                status, headers, body = self._render(environ)
-                page = self._pages[key] = (started, time.monotonic(), status, headers, body)
-        _, _, status, headers, body = page
-        start_response(status, list(headers))
-        return [body]
-
-    def _render(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
-        answer: list[Any] = []
-
-        def keep(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
-            answer[:] = [status, headers]
-            return lambda data: None  # prometheus_client returns its body, it never writes
-
-        body = b"".join(self.app(environ, keep))
-        status, headers = answer
-        return status, [*headers, ("Content-Length", str(len(body)))], body
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -120,9 +61,6 @@ class MetricsServer:
         addr: interface to bind; ``0.0.0.0`` for all (so a Prometheus container can reach it).
         port: TCP port; ``0`` picks a free one.
         web_config: TLS and basic auth to apply, or ``None`` for plain HTTP.
-        cache_ttl_s: scrapes of the same variant within this many seconds share one rendering (see
-            :class:`SharedRender`), so served values are at most this old; ``0`` renders every request. Basic auth
-            is still checked on every request.
 
     Example::
 
@@ -138,11 +76,7 @@ class MetricsServer:
         addr: str = "0.0.0.0",
         port: int = 8000,
         web_config: Optional[WebConfig] = None,
-        cache_ttl_s: float = CACHE_TTL_S,
     ) -> None:
-        valid = isinstance(cache_ttl_s, (int, float)) and not isinstance(cache_ttl_s, bool)
-        valid = valid and 0 <= cache_ttl_s < math.inf
-        self.cache_ttl_s = check("cache_ttl_s", cache_ttl_s, valid, "a finite number of seconds >= 0")
         self.registry = registry
         self.addr = addr
         self.port = port
@@ -159,11 +93,8 @@ class MetricsServer:
     def url(self) -> Optional[str]:
         if self.bound_port is None:
             return None
-        # A wildcard address is reached through the local host; an IPv6 literal goes in brackets.
-        wildcards = {"0.0.0.0": "localhost", "::": "[::1]", "": socket.gethostname()}
-        host = wildcards.get(self.addr, f"[{self.addr}]" if ":" in self.addr else self.addr)
         scheme = self.web_config.scheme if self.web_config is not None else "http"
-        return f"{scheme}://{host}:{self.bound_port}/metrics"
+        return f"{scheme}://{host_port(reachable_host(self.addr), self.bound_port)}/metrics"
 
     def start(self) -> None:
         if self._httpd is not None:
@@ -174,11 +105,15 @@ class MetricsServer:
             address_family = info[0][0]
             request_queue_size = LISTEN_BACKLOG
 
-        app: WSGIApp = SharedRender(make_wsgi_app(self.registry), self.cache_ttl_s)
-        if self.web_config is not None:  # outside the shared render: every request is authenticated
-            app = self.web_config.wrap(app)
+        render, lock = make_wsgi_app(self.registry), threading.Lock()
+
+        def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            with lock:  # one render at a time, each after its request arrived (the library renders in the call)
+                return render(environ, start_response)
+
+        served = self.web_config.wrap(app) if self.web_config is not None else app  # authenticated before the lock
         try:
-            httpd = make_server(self.addr, self.port, app, Server, handler_class=_QuietHandler)
+            httpd = make_server(self.addr, self.port, served, Server, handler_class=_QuietHandler)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise PortInUseError(

@@ -12,25 +12,16 @@ import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from dgdn_lightning_monitor.guards import WarnOnce
-from dgdn_lightning_monitor.metrics import TrainingMetrics
+from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, TrainingMetrics
 from dgdn_lightning_monitor.tracing import BatchRecord
 
 #: Training losses are checked for NaN/inf together, every this many steps (and at epoch and run ends).
 FOLD_EVERY = 50
-TRAIN_GAUGES = ("training_loss", "training_accuracy")
-VALIDATION_GAUGES = ("validation_loss", "validation_accuracy")
-#: The argument of ``MonitoringCallback`` that names the logged key of each gauge.
-KEY_ARGUMENTS = {
-    "training_loss": "train_loss_key",
-    "validation_loss": "val_loss_key",
-    "training_accuracy": "train_acc_key",
-    "validation_accuracy": "val_acc_key",
-}
 
 Apply = Callable[[float], None]
 
@@ -40,8 +31,9 @@ class StepStatistics:
 
     Args:
         metrics: where the figures go.
-        keys: the key the module logs for each gauge of :data:`KEY_ARGUMENTS`.
-        warn: the owner's warn-once helper (says once that a configured key is never logged).
+        keys: the key the module logs for each gauge of :data:`~dgdn_lightning_monitor.metrics.LOGGED_GAUGES`.
+        warn: the owner's warn-once helper (says once that a configured key is never logged); ``None`` on the
+            ranks other than 0, which would only repeat it.
 
     Example::
 
@@ -51,7 +43,7 @@ class StepStatistics:
         stats.finish()
     """
 
-    def __init__(self, metrics: TrainingMetrics, keys: Mapping[str, str], warn: WarnOnce) -> None:
+    def __init__(self, metrics: TrainingMetrics, keys: Mapping[str, str], warn: Optional[WarnOnce]) -> None:
         self.metrics, self.keys, self.warn = metrics, keys, warn
         # Device work still running, as (is it done, deliver its result): copied values and traced CUDA steps. A
         # plain list, so the step path tests it without a call.
@@ -144,7 +136,15 @@ class StepStatistics:
         self.metrics.observe_phases(host, device=record.events is not None, warm_up=not self.warmed_up)
         self.warmed_up = True
         if record.events is not None:
-            self.pending.append((record.device_ready, functools.partial(self._add_device_phases, record)))
+            self.when_ready(record, self._add_device_phases)
+
+    def when_ready(self, record: BatchRecord, deliver: Callable[[BatchRecord], None]) -> None:
+        """Hand a traced record to ``deliver`` (e.g. the tracer) once its CUDA events completed: at once on the CPU,
+        else when :meth:`poll` finds them done. (A record still on the device when the run ends is dropped.)"""
+        if record.events is None:
+            deliver(record)
+        else:
+            self.pending.append((record.device_ready, functools.partial(deliver, record)))
 
     def _add_device_phases(self, record: BatchRecord) -> None:
         for name, milliseconds in record.device_milliseconds().items():
@@ -169,7 +169,7 @@ class StepStatistics:
                     self.submit(value, functools.partial(self.metrics.set_logged, gauge, dataloader=loader))
                 if not loaders:
                     missing.append(gauge)
-        if check and tuple(gauges) not in self.checked:
+        if check and self.warn is not None and tuple(gauges) not in self.checked:
             self.checked.add(tuple(gauges))
             if missing:
                 self.warn(
@@ -180,7 +180,7 @@ class StepStatistics:
                     "training epoch" if gauges == TRAIN_GAUGES else "validation",
                     ", ".join(f"{self.metrics.namespace}_{gauge}" for gauge in missing),
                     ", ".join(sorted(logged)) or "nothing",
-                    " / ".join(KEY_ARGUMENTS[gauge] for gauge in missing),
+                    " / ".join(LOGGED_GAUGES[gauge] for gauge in missing),
                 )
 
     def finish(self, timeout_s: float = 1.0) -> None:
@@ -197,3 +197,32 @@ class StepStatistics:
             time.sleep(0.001)
             self.poll()
         self.pending = []
+
+
+def watch_fetches(trainer: Any, run: Any) -> Callable[[], None]:
+    """Time the training loop's own fetch of each batch into ``run.fetch_start_ns`` / ``run.fetch_end_ns``, and
+    return how to stop. Lightning has no public hook around the fetch; its epoch loop's ``_on_before_fetch`` and
+    ``_on_after_fetch`` (the profiler's boundaries) are wrapped on this Trainer's loop only, so ``data_fetch``
+    excludes logging, mid-epoch validation and checkpointing. Without them ``data_fetch`` runs from the end of the
+    previous batch (a test fails loudly when that happens)."""
+    loop: Any = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    before, after = getattr(loop, "_on_before_fetch", None), getattr(loop, "_on_after_fetch", None)
+    if not (callable(before) and callable(after)):
+        return lambda: None
+    clock = time.perf_counter_ns
+
+    def before_fetch() -> None:
+        run.fetch_start_ns = clock()
+        before()
+
+    def after_fetch() -> None:
+        after()
+        run.fetch_end_ns = clock()
+
+    loop._on_before_fetch, loop._on_after_fetch = before_fetch, after_fetch
+
+    def unwatch() -> None:
+        for name in ("_on_before_fetch", "_on_after_fetch"):
+            loop.__dict__.pop(name, None)
+
+    return unwatch

@@ -16,7 +16,13 @@ It trains a small two-layer GCN (PyTorch Geometric) on random graphs for one epo
 4. baseline again (shows whether the synchronisation count is stable);
 5. with ``MonitoringCallback(trace_every_n_steps=1)`` followed by a callback that records its own CUDA events
    at the same hooks: the ``dgdn_step_phase_seconds`` device times of ``forward``, ``backward`` and
-   ``optimizer_step`` must match those hand-timed events (one observation per step, means within 10 %).
+   ``optimizer_step`` must match those hand-timed events (one observation per step, means within 10 %);
+6. out of memory on purpose: with ``MonitoringCallback(memory_snapshot=True)``, one random graph per step, each
+   ``--oom-growth`` times larger than the one before (``--degree`` edges per node, a GCN ``--oom-hidden`` wide),
+   until a step raises ``torch.OutOfMemoryError``. The error must reach the caller unchanged, the callback's
+   record must name the failing batch's nodes and edges (as the loader made them), ``dgdn_oom_total`` must be 1,
+   the memory snapshot must be a readable allocator snapshot, and the capacity estimate
+   (``dgdn_batch_capacity_nodes``) must lie within 20 % of the nodes of the batch that ran out of memory.
 
 Runs 2-4 are made under ``torch.cuda.set_sync_debug_mode("warn")``; every "synchronizing CUDA
 operation" warning (from any thread) is counted. The check passes when run 3 has no more of them
@@ -268,6 +274,28 @@ def phase_verdict(
         elif not abs(mine - hand) <= max(tolerance * hand, 0.05):
             failures.append(f"{phase}: exported {mine:.3f} ms per step, CUDA events timed by hand {hand:.3f} ms")
     return table, failures
+
+
+def capacity_verdict(capacity_nodes: float | None, oom_nodes: int, tolerance: float = 0.2) -> list[str]:
+    """Compare the capacity estimate with the nodes of the batch that ran out of memory.
+
+    Example:
+        >>> capacity_verdict(1.1e6, 1_000_000)
+        []
+        >>> capacity_verdict(1.5e6, 1_000_000)
+        ['capacity estimate 1500000 nodes is 50.0 % off the 1000000 nodes of the batch that ran out of memory']
+        >>> capacity_verdict(None, 1_000_000)
+        ['no capacity estimate before the out-of-memory error']
+    """
+    if capacity_nodes is None:
+        return ["no capacity estimate before the out-of-memory error"]
+    off = abs(capacity_nodes - oom_nodes) / oom_nodes
+    if off > tolerance:
+        return [
+            f"capacity estimate {capacity_nodes:.0f} nodes is {100 * off:.1f} % off the {oom_nodes} nodes of the "
+            "batch that ran out of memory"
+        ]
+    return []
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -572,7 +600,87 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     exported = phase_histogram(generate_latest(phased.registry).decode())
     summary["phase_device_ms"], phase_failures = phase_verdict(hand_ms, exported)
     failures += phase_failures
+
+    summary["out_of_memory"], oom_failures = _oom_check(m, args)
+    failures += oom_failures
     return summary, failures
+
+
+def _oom_check(m: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """Grow the batch until a step runs out of memory; check the record, the snapshot and the capacity estimate."""
+    import pickle
+    import tempfile
+
+    torch, pl, data_class = m["torch"], m["pl"], m["Data"]
+    from prometheus_client import generate_latest
+
+    made: list[dict[str, int]] = []  # every batch the loader made, in order
+
+    class Growing(torch.utils.data.IterableDataset):
+        """One random graph per step, each ``--oom-growth`` times larger; made on the fly (host memory)."""
+
+        def __iter__(self) -> Any:
+            generator = torch.Generator().manual_seed(0)
+            nodes = float(args.oom_start_nodes)
+            while True:
+                n = int(nodes)
+                made.append({"nodes": n, "edges": n * args.degree})
+                yield data_class(
+                    x=torch.randn(n, args.features, generator=generator),
+                    edge_index=torch.randint(0, n, (2, n * args.degree), generator=generator),
+                    y=torch.randint(0, args.classes, (n,), generator=generator),
+                )
+                nodes *= args.oom_growth
+
+    torch.cuda.empty_cache()
+    dumps = Path(tempfile.mkdtemp(prefix="gpu-check-oom-"))
+    callback = m["MonitoringCallback"](port=0, addr="127.0.0.1", gpu_devices=None, tracing=False, memory_snapshot=True)
+    model = _make_model_class(m)(args.features, args.oom_hidden, args.classes)
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, max_epochs=1, max_steps=args.oom_max_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[callback], default_root_dir=str(dumps),
+    )  # fmt: skip
+    loader = m["DataLoader"](Growing(), batch_size=1)  # one graph per step, as a Batch
+    raised: BaseException | None = None
+    try:
+        trainer.fit(model, loader)
+    except torch.OutOfMemoryError as exc:
+        raised = exc
+    finally:
+        del trainer, model
+        torch.cuda.empty_cache()
+    failures: list[str] = []
+    record = callback.summary()["out_of_memory"]
+    capacity_nodes, capacity_edges = callback.summary()["batch_capacity"]
+    seen: dict[str, Any] = {"steps": callback.summary()["steps"], "record": record,
+                            "capacity": {"nodes": capacity_nodes, "edges": capacity_edges}}  # fmt: skip
+    if raised is None or type(raised) is not torch.OutOfMemoryError:
+        return seen, [f"no torch.OutOfMemoryError reached the caller within {args.oom_max_steps} steps"]
+    if record is None:
+        return seen, ["the callback recorded no out-of-memory error"]
+    failing = made[record["batch_idx"]] if record["batch_idx"] is not None else None
+    seen["failing_batch"] = failing
+    if failing is None or (record["batch"]["nodes"], record["batch"]["edges"]) != (failing["nodes"], failing["edges"]):
+        failures.append(f"the record names batch {record['batch']}, the loader made {failing}")
+    oom_total = [
+        line for line in generate_latest(callback.registry).decode().splitlines() if line.startswith("dgdn_oom_total{")
+    ]
+    seen["oom_total"] = oom_total
+    if len(oom_total) != 1 or float(oom_total[0].rsplit(" ", 1)[1]) != 1.0:
+        failures.append(f"dgdn_oom_total is not 1: {oom_total}")
+    snapshot = record.get("snapshot")
+    try:
+        with open(snapshot, "rb") as handle:
+            segments = len(pickle.load(handle)["segments"])
+        seen["snapshot"] = {"path": snapshot, "bytes": Path(snapshot).stat().st_size, "segments": segments}
+    except Exception as exc:
+        failures.append(f"memory snapshot {snapshot!r} unreadable: {exc!r}")
+    if failing is not None:
+        failures += capacity_verdict(capacity_nodes, failing["nodes"])
+        if capacity_nodes is not None:
+            seen["capacity_vs_oom_nodes"] = round(capacity_nodes / failing["nodes"], 3)
+    return seen, failures
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -586,7 +694,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--poll-interval", type=float, default=0.2, help="gpu_poll_interval_s of the callback")
     parser.add_argument("--scrape-interval", type=float, default=0.1, help="seconds between background scrapes")
-    parser.add_argument("--max-seconds", type=float, default=300, help="abort (with tracebacks) after this long")
+    parser.add_argument("--oom-start-nodes", type=int, default=50_000, help="nodes of the first growing batch")
+    parser.add_argument("--oom-growth", type=float, default=1.05, help="each growing batch this many times larger")
+    parser.add_argument("--oom-hidden", type=int, default=1024, help="GCN width of the out-of-memory run")
+    parser.add_argument("--oom-max-steps", type=int, default=400, help="give up growing after this many steps")
+    parser.add_argument("--max-seconds", type=float, default=420, help="abort (with tracebacks) after this long")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary to this file")
     return parser.parse_args(argv)
 

@@ -16,7 +16,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -30,11 +31,33 @@ from dgdn_lightning_monitor import MonitoringCallback
 HOLD_TIMEOUT_S = 90.0
 
 
-class TinyGCN(pl.LightningModule):
-    """Two GCN layers and a linear head over mean-pooled node features."""
+STALL_AT_BATCH = 1
 
-    def __init__(self) -> None:
+
+def enter_collective_alone() -> None:
+    """An all_reduce the other rank never enters: this rank waits in it (until the process group's timeout)."""
+    torch.distributed.all_reduce(torch.ones(1))
+
+
+def skip_the_collective(group: Any) -> None:
+    """This rank skips that all_reduce and waits in another one, on a second process group, that the other rank
+    never enters. (Going on to the gradients' all_reduce instead would pair it with the skipped one: gloo aborts
+    on the size mismatch rather than hang.)"""
+    torch.distributed.all_reduce(torch.ones(2), group=group)
+
+
+class TinyGCN(pl.LightningModule):
+    """Two GCN layers and a linear head over mean-pooled node features; with ``stall_rank``, that rank skips a
+    collective the others enter in the second training step (a hang)."""
+
+    def __init__(self, stall_rank: Optional[int] = None) -> None:
         super().__init__()
+        self.stall_rank = stall_rank
+        self.side_group: Any = None
+
+    def setup(self, stage: str) -> None:
+        if self.stall_rank is not None:
+            self.side_group = torch.distributed.new_group(backend="gloo")  # every rank takes part in creating it
         self.conv1 = GCNConv(8, 16)
         self.conv2 = GCNConv(16, 16)
         self.head = torch.nn.Linear(16, 2)
@@ -45,6 +68,11 @@ class TinyGCN(pl.LightningModule):
         return self.head(global_mean_pool(h, batch.batch))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == STALL_AT_BATCH and self.current_epoch == 0 and self.stall_rank is not None:
+            if self.global_rank == self.stall_rank:
+                skip_the_collective(self.side_group)
+            else:
+                enter_collective_alone()
         loss = F.cross_entropy(self(batch), batch.y)
         self.log("train_loss", loss, batch_size=batch.num_graphs)
         return loss
@@ -66,7 +94,8 @@ class ReportAndHold(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         monitor = next(cb for cb in trainer.callbacks if isinstance(cb, MonitoringCallback))
         report = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "url": monitor.metrics_url,
-                  "run_id": monitor.run_id, "samples": monitor.metrics.samples_total, "pid": os.getpid()}
+                  "run_id": monitor.run_id, "samples": monitor.metrics.samples_total, "pid": os.getpid(),
+                  "errors": monitor.metrics.errors.counts}
         out = Path(self.out)
         temporary = out / f".ready-rank{trainer.global_rank}.tmp"
         temporary.write_text(json.dumps(report))
@@ -91,6 +120,9 @@ def main() -> None:
     parser.add_argument("--pushgateway")
     parser.add_argument("--trace-ranks", default="all", help="'all', 'none' or comma-separated global ranks")
     parser.add_argument("--hold", action="store_true")
+    parser.add_argument("--fail-exchange-rank", type=int, help="this global rank's part of the set-up exchange raises")
+    parser.add_argument("--stall-rank", type=int, help="this rank skips a collective the others enter")
+    parser.add_argument("--stall-dump-after-s", type=float, default=600.0)
     args = parser.parse_args()
 
     # Global rank as Lightning will assign it (its launcher sets these variables for the processes it starts;
@@ -103,6 +135,14 @@ def main() -> None:
     else:
         tracing = None if rank in {int(r) for r in args.trace_ranks.split(",")} else False
 
+    if args.fail_exchange_rank == rank:
+        import dgdn_lightning_monitor.distributed as distributed
+
+        def broken(*args: Any) -> str:
+            raise RuntimeError("injected failure of this rank's exchange")
+
+        distributed.uuid = SimpleNamespace(uuid4=broken)  # this rank's part raises before it enters the collective
+
     torch.manual_seed(0)
     dataset = FakeDataset(num_graphs=args.graphs, avg_num_nodes=12, avg_degree=3, num_channels=8, num_classes=2)
     train = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
@@ -110,14 +150,15 @@ def main() -> None:
     monitor = MonitoringCallback(
         port=args.port, addr="127.0.0.1", trace_every_n_steps=1, tracing=tracing, gpu_devices=None,
         targets_dir=args.targets_dir, targets_host=args.targets_host, pushgateway_url=args.pushgateway,
+        stall_dump_after_s=args.stall_dump_after_s,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         max_epochs=args.epochs, callbacks=[monitor, ReportAndHold(args.out, args.hold)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=1,
+        log_every_n_steps=1, default_root_dir=args.out,
     )
-    trainer.fit(TinyGCN(), train, val)
+    trainer.fit(TinyGCN(args.stall_rank), train, val)
 
 
 if __name__ == "__main__":

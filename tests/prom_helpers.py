@@ -79,12 +79,17 @@ CALLBACK_GAUGES = {
     "dgdn_gpu_power_watts",
     "dgdn_gpu_monitoring_up",
     "dgdn_training_info",
+    "dgdn_batch_capacity_nodes",
+    "dgdn_batch_capacity_edges",
 }
 CALLBACK_COUNTERS = {
     "dgdn_samples_processed_total",
     "dgdn_nodes_processed_total",
     "dgdn_edges_processed_total",
     "dgdn_nonfinite_loss_total",
+    "dgdn_monitor_errors_total",
+    "dgdn_stall_dumps_total",
+    "dgdn_oom_total",
     "dgdn_progress_total",
     "dgdn_stage_seconds_total",
 }

@@ -181,6 +181,7 @@ def test_failing_size_function_degrades_with_one_warning(caplog):
         fit(callback, epochs=1)
     assert sum("Could not size a batch" in r.message for r in caplog.records) == 1
     assert value(exposition(callback.registry), "dgdn_batch_processing_seconds_count") == 5
+    assert value(exposition(callback.registry), "dgdn_monitor_errors_total", part="graph_size") == 5 + 2  # train, val
 
 
 def test_test_and_predict_batches_feed_inference_latency():
@@ -307,6 +308,7 @@ def test_a_fault_inside_monitoring_never_stops_training(caplog):
     assert trainer.global_step == 10
     assert sum("training continues" in r.getMessage() for r in caplog.records) == 1
     assert value(exposition(callback.registry), "dgdn_samples_processed_total") == 72
+    assert value(exposition(callback.registry), "dgdn_monitor_errors_total", part="metrics") == 10 + 4  # train, val
 
 
 def test_lazy_layers_are_counted_once_initialised():
@@ -320,3 +322,55 @@ def test_lazy_layers_are_counted_once_initialised():
     text = exposition(callback.registry)
     assert value(text, "dgdn_model_parameters") == 4 + 1
     assert value(text, "dgdn_model_memory_usage_bytes") == 5 * 4
+
+
+class ScrapeAt(pl.Callback):
+    """Scrapes the monitor's endpoint at the start and at the end of a stage (before the endpoint stops)."""
+
+    def __init__(self, callback: MonitoringCallback) -> None:
+        self.callback, self.texts = callback, {}
+
+    def _scrape(self, when: str) -> None:
+        self.texts[when] = scrape(self.callback.metrics_url)
+
+    def on_train_start(self, trainer, pl_module):
+        self._scrape("start")
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.stage == "validate":
+            self._scrape("start")
+
+    def on_train_end(self, trainer, pl_module):
+        self._scrape("end")
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.stage == "validate":
+            self._scrape("end")
+
+
+def test_every_scrape_serves_the_state_at_its_arrival():
+    # Scraped at the start and again at the end, a short stage's last scrape shows its exact final figures.
+    callback = MonitoringCallback(port=0, addr="127.0.0.1")
+    probe = ScrapeAt(callback)
+    _, val, _, val_set = graph_loaders()
+    quiet_trainer(callbacks=[callback, probe]).validate(GraphClassifier(), val, verbose=False)
+    assert value(probe.texts["start"], "dgdn_inference_time_seconds_count", stage="validate") is None
+    assert value(probe.texts["end"], "dgdn_inference_time_seconds_count", stage="validate") == math.ceil(
+        len(val_set) / 8
+    )
+
+    train, _, train_set, _ = graph_loaders(num_graphs=200, val_fraction=0.2)  # 20 batches of 8 graphs
+    callback = MonitoringCallback(port=free_port(), addr="127.0.0.1")
+    probe = ScrapeAt(callback)
+    quiet_trainer(max_epochs=1, callbacks=[callback, probe], limit_val_batches=0).fit(GraphClassifier(), train)
+    assert value(probe.texts["start"], "dgdn_samples_processed_total") == 0
+    assert value(probe.texts["end"], "dgdn_samples_processed_total") == len(train_set) == 160
+    assert value(probe.texts["end"], "dgdn_batch_processing_seconds_count") == 20
+
+    # A second Trainer on the same port serves its own figures, not the first one's.
+    second = MonitoringCallback(port=callback.port, addr="127.0.0.1")
+    probe = ScrapeAt(second)
+    small, _, small_set, _ = graph_loaders(num_graphs=24)
+    quiet_trainer(max_epochs=1, callbacks=[second, probe], limit_val_batches=0).fit(GraphClassifier(), small)
+    assert value(probe.texts["end"], "dgdn_samples_processed_total") == len(small_set) == 18
+    assert value(probe.texts["end"], "dgdn_training_info", run_id=second.run_id) == 1

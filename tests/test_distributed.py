@@ -3,6 +3,7 @@ for ``ddp_spawn`` and the per-local-rank port. Real multi-process runs are in te
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -20,7 +21,6 @@ import torch
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, generate_latest
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -30,11 +30,13 @@ from dgdn_lightning_monitor.distributed import (
     DistributedRun,
     Endpoint,
     FileSDTargets,
-    advertised_host,
     push_final_metrics,
 )
 from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.server import MetricsServer, reachable_host
 from dgdn_lightning_monitor.tracing import TracingSetup, TrainingTracer
+from dgdn_lightning_monitor.tracing.provider import GivenIds
+from dgdn_lightning_monitor.tracing.tracer import epoch_ids
 
 
 class Regressor(pl.LightningModule):
@@ -143,21 +145,26 @@ def test_first_write_removes_files_of_killed_runs_listing_the_same_endpoint(tmp_
 
 
 def test_advertised_host_and_target_format() -> None:
-    assert advertised_host("0.0.0.0") == socket.gethostname()
-    assert advertised_host("::") == socket.gethostname()
-    assert advertised_host("10.0.0.5") == "10.0.0.5"
-    assert advertised_host("0.0.0.0", "host.docker.internal") == "host.docker.internal"
+    assert reachable_host("0.0.0.0", local=False) == reachable_host("::", local=False) == socket.gethostname()
+    assert reachable_host("10.0.0.5", local=False) == "10.0.0.5"
     assert Endpoint(0, 0, 0, "::1", 8000).target == "[::1]:8000"
     assert Endpoint(0, 0, 0, "node-1", 8001).target == "node-1:8001"
+    # The endpoint's own URL and the discovery files read the same wildcard table: loopback from here.
+    assert (reachable_host("0.0.0.0"), reachable_host("::"), reachable_host("10.0.0.5")) == ("localhost", "::1", "10.0.0.5")
+    server = MetricsServer(CollectorRegistry(), "0.0.0.0", 0)
+    server.start()
+    try:
+        assert server.url == f"http://localhost:{server.bound_port}/metrics"
+    finally:
+        server.stop()
     assert Endpoint(0, 0, 0, "node-1", None).target is None
 
 
 def test_single_process_writes_one_file_listing_its_endpoint(tmp_path: Path) -> None:
     run = DistributedRun(targets_dir=tmp_path, targets_host="127.0.0.1")
     labels = RankLabels()
-    assert run.agree_run_id("r1") == "r1"
-    run.exchange(labels, "0.0.0.0", 9000, tracing=True)
-    assert run.share_traces is False  # nothing to share with
+    assert run.exchange(labels, "0.0.0.0", 9000, "r1") == "r1"
+    assert run.trace_key is None  # nothing to share with
     run.publish(labels, "r1")
     (path,) = tmp_path.glob("*.json")
     assert json.loads(path.read_text())[0]["targets"] == ["127.0.0.1:9000"]
@@ -168,7 +175,7 @@ def test_single_process_writes_one_file_listing_its_endpoint(tmp_path: Path) -> 
 def test_only_local_rank_zero_writes_the_node_file(tmp_path: Path) -> None:
     run = DistributedRun(targets_dir=tmp_path)
     labels = RankLabels(rank=3, local_rank=1, node_rank=1, world_size=4)
-    run.exchange(labels, "0.0.0.0", 9001, tracing=False)
+    run.exchange(labels, "0.0.0.0", 9001, "r1")
     run.publish(labels, "r1")
     assert not list(tmp_path.iterdir())
 
@@ -246,59 +253,100 @@ def test_failed_push_warns_once_and_training_completes(caplog) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- traces
-def test_span_context_travels_as_a_small_tuple_of_ints(monkeypatch: pytest.MonkeyPatch) -> None:
+def gathering(monkeypatch: pytest.MonkeyPatch, others: list[Any]) -> list[Any]:
+    """A two-or-more-rank process group in this process: this rank's all-gather payload is recorded, the other
+    ranks' payloads are ``others`` (pickled copies, as the collective delivers them)."""
     sent: list[Any] = []
 
-    def broadcast(payload: list[Any], src: int) -> None:  # rank 0's call records, rank 1's receives a pickled copy
-        assert src == 0
-        if payload[0] is not None or not sent:
-            sent[:] = payload
-        else:
-            payload[:] = pickle.loads(pickle.dumps(sent))
+    def all_gather_object(gathered: list[Any], payload: Any) -> None:
+        sent.append(pickle.loads(pickle.dumps(payload)))
+        gathered[:] = [sent[-1], *(pickle.loads(pickle.dumps(other)) for other in others)]
 
-    monkeypatch.setattr("dgdn_lightning_monitor.distributed.dist.broadcast_object_list", broadcast)
-    leader, follower = DistributedRun(), DistributedRun()
-    leader.share_traces = follower.share_traces = True
-    follower.rank = 1
-    context = SpanContext(trace_id=0xABC, span_id=0x123, is_remote=False, trace_flags=TraceFlags(1))
-    assert leader.share_span_context(context) is None
-    assert sent == [(0xABC, 0x123, 1)]
-    remote = follower.share_span_context(None)
-    assert remote is not None and remote.is_remote
-    assert (remote.trace_id, remote.span_id, remote.trace_flags.sampled) == (0xABC, 0x123, True)
-    sent.clear()
-    assert leader.share_span_context(SpanContext(0, 0, is_remote=False)) is None  # an invalid context: nothing
-    assert sent == [None]
-    assert follower.share_span_context(None) is None
+    monkeypatch.setattr("dgdn_lightning_monitor.distributed.dist.is_initialized", lambda: True)
+    monkeypatch.setattr("dgdn_lightning_monitor.distributed.dist.get_world_size", lambda: 1 + len(others))
+    monkeypatch.setattr("dgdn_lightning_monitor.distributed.dist.get_rank", lambda: 0)
+    monkeypatch.setattr("dgdn_lightning_monitor.distributed.dist.all_gather_object", all_gather_object)
+    return sent
 
 
-def test_without_a_process_group_no_context_is_shared() -> None:
+def test_one_all_gather_gives_every_rank_the_endpoints_run_id_and_trace_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    peer = ("rank-1-id", "key-of-rank-1", Endpoint(1, 1, 0, "node-0", 8001))
+    sent = gathering(monkeypatch, [peer])
     run = DistributedRun()
-    run.agree_run_id("r")
-    run.exchange(RankLabels(), "0.0.0.0", 1, tracing=True)
-    context = SpanContext(trace_id=1, span_id=2, is_remote=False)
-    assert run.share_span_context(context) is None
+    assert run.exchange(RankLabels(world_size=2), "127.0.0.1", 8000, "rank-0-id") == "rank-0-id"
+    (payload,) = sent
+    assert payload[0] == "rank-0-id" and payload[2] == Endpoint(0, 0, 0, "127.0.0.1", 8000)
+    assert run.trace_key == payload[1] and [p.target for p in run.peers] == ["127.0.0.1:8000", "node-0:8001"]
 
 
-def test_remote_parent_makes_the_epoch_span_join_rank_zeros_trace() -> None:
+def test_a_rank_whose_part_fails_still_enters_the_exchange_and_all_decide_alike(
+    monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    # This rank's part raises before the collective: it still enters it, with the cause in place of its endpoint,
+    # and adopts the run id and trace key of the lowest rank that took part, as every other rank does.
+    def broken(addr: str, local: bool = True) -> str:
+        raise OSError("no host name")
+
+    monkeypatch.setattr("dgdn_lightning_monitor.distributed.reachable_host", broken)
+    peer = ("rank-1-id", "key-of-rank-1", Endpoint(1, 1, 0, "node-0", 8001))
+    sent = gathering(monkeypatch, [peer])
+    run = DistributedRun()
+    with caplog.at_level(logging.WARNING, logger="dgdn_lightning_monitor"):
+        assert run.exchange(RankLabels(world_size=2), "0.0.0.0", 8000, "rank-0-id") == "rank-1-id"
+    assert sent == ["OSError: no host name"]
+    assert run.trace_key == "key-of-rank-1" and [p.rank for p in run.peers] == [1]
+    assert run.errors.counts["exchange"] == 1
+    assert sum("no host name" in r.getMessage() for r in caplog.records) == 1
+    # The other side: a peer's failure marker is counted, its endpoint left out, this rank's id kept.
+    monkeypatch.undo()
+    gathering(monkeypatch, ["RuntimeError: injected"])
+    other = DistributedRun()
+    assert other.exchange(RankLabels(world_size=2), "127.0.0.1", 8000, "rank-0-id") == "rank-0-id"
+    assert [p.rank for p in other.peers] == [0] and other.errors.counts["exchange"] == 1
+
+
+def test_without_a_process_group_there_is_no_trace_key() -> None:
+    run = DistributedRun()
+    run.exchange(RankLabels(), "0.0.0.0", 1, "r")
+    assert run.trace_key is None
+
+
+def test_epoch_spans_of_every_rank_join_one_trace_derived_from_the_key() -> None:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = TrainingTracer(enabled=True)
-    tracer.setup = TracingSetup(provider.get_tracer("test"), "in memory")
-    tracer._attributes = {"training.rank": 1}
-    remote = SpanContext(trace_id=0x1234, span_id=0x5678, is_remote=True, trace_flags=TraceFlags(1))
-    tracer.start_epoch("train", 0, {}, remote_parent=remote)
-    own = tracer.span_context("train")
-    assert own is not None and own.trace_id == 0x1234
-    tracer.start_epoch("validation", 0, {}, remote_parent=remote)  # a local parent wins
-    tracer.end_epoch("validation")
-    tracer.end_epoch("train")
-    spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert spans["train_epoch"].parent.span_id == 0x5678
-    assert spans["train_epoch"].context.trace_id == 0x1234
-    assert spans["validation_epoch"].parent.span_id == own.span_id
-    assert tracer.span_context("train") is None
+    tracers = []
+    for rank in (0, 1):
+        tracer = TrainingTracer(enabled=True)
+        provider = TracerProvider(id_generator=GivenIds())
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracer.setup = TracingSetup(provider.get_tracer("test"), "in memory", ids=provider.id_generator)
+        tracer._attributes, tracer._share = {"training.rank": rank}, "shared-key"
+        tracers.append(tracer)
+    for tracer in tracers:
+        tracer.start_epoch("train", 3)
+        tracer.start_epoch("validation", 3)  # a local parent: the rank's own train_epoch
+        tracer.end_epoch("validation")
+        tracer.end_epoch("train")
+    spans = exporter.get_finished_spans()
+    epochs = {s.attributes["training.rank"]: s for s in spans if s.name == "train_epoch"}
+    digest = hashlib.sha256(b"shared-key/train/3").digest()  # the documented derivation, computed here
+    trace_id, span_id = int.from_bytes(digest[:16], "big"), int.from_bytes(digest[16:24], "big")
+    assert epoch_ids("shared-key", 3) == (trace_id, span_id)
+    assert epochs[0].parent is None and (epochs[0].context.trace_id, epochs[0].context.span_id) == (trace_id, span_id)
+    assert epochs[1].parent.span_id == span_id and epochs[1].context.trace_id == trace_id
+    assert epochs[1].context.span_id != span_id
+    validations = {s.attributes["training.rank"]: s for s in spans if s.name == "validation_epoch"}
+    for rank in (0, 1):
+        assert validations[rank].parent.span_id == epochs[rank].context.span_id
+    # With a provider that is not ours rank 0 cannot take given ids: every rank joins as a child of them.
+    borrowed = TrainingTracer(enabled=True)
+    plain = TracerProvider()
+    plain.add_span_processor(SimpleSpanProcessor(exporter))
+    borrowed.setup = TracingSetup(plain.get_tracer("test"), "borrowed")
+    borrowed._attributes, borrowed._share = {"training.rank": 0}, "shared-key"
+    borrowed.start_epoch("train", 3)
+    borrowed.end_epoch("train")
+    last = exporter.get_finished_spans()[-1]
+    assert last.context.trace_id == trace_id and last.parent.span_id == span_id
 
 
 # ---------------------------------------------------------------------------------------------- ddp_spawn
@@ -311,6 +359,9 @@ def test_callback_survives_pickling_with_its_settings_and_counters(tmp_path: Pat
     assert copy._dist.targets_dir == tmp_path and copy._dist.pushgateway_url == "localhost:9091"
     assert copy.metrics.samples_total == 32
     assert copy.registry is not callback.registry
+    # One error count for every part of the copy, as in the original (the failed push was counted there).
+    assert copy.metrics.errors is copy._dist.errors is copy.gpu.errors is copy.tracer.errors
+    assert callback.metrics.errors.counts["push"] == 1 and copy.metrics.errors.counts["push"] == 0
     text = generate_latest(copy.registry).decode()
     assert 'dgdn_samples_processed_total{local_rank="0",node_rank="0",rank="0",world_size="1"} 32.0' in text
     trainer(copy, epochs=1).fit(Regressor(), loader())  # a working callback: threads and server rebuilt
@@ -370,7 +421,7 @@ def test_taken_port_of_a_local_rank_fails_its_setup_naming_the_port() -> None:
         callback = monitor(port=port - 1)
         with pytest.raises(PortInUseError, match=str(port)):
             callback.setup(fake_trainer(1), Regressor(), "fit")
-        assert callback.metrics_url is None and not callback.tracer.active
+        assert callback.metrics_url is None and callback.tracer.setup is None
 
 
 def test_port_above_the_range_after_the_offset_fails_naming_the_port() -> None:

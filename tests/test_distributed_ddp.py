@@ -325,8 +325,7 @@ def test_two_nodes_on_one_machine_have_distinct_node_ranks(tmp_path: Path) -> No
             env = clean_env(NODE_RANK=str(node), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=master_port, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint)
             del env["OTEL_TRACES_EXPORTER"]
-            # Both "nodes" share this machine, so port 0; only rank 0 traces: rank 1 must still take part in
-            # the per-epoch exchange.
+            # Both "nodes" share this machine, so port 0; only rank 0 traces.
             group.start("--strategy", "ddp", "--devices", "1", "--num-nodes", "2", "--port", "0",
                         "--targets-dir", str(targets), "--targets-host", "127.0.0.1", "--trace-ranks", "0",
                         "--hold", env=env, name=f"node{node}")
@@ -349,6 +348,32 @@ def test_two_nodes_on_one_machine_have_distinct_node_ranks(tmp_path: Path) -> No
     epochs = receiver.named("train_epoch")
     assert sorted(s.attributes["training.rank"] for s in epochs) == [0] * EPOCHS
     assert {s.attributes["training.rank"] for s in receiver.named("train_batch")} == {0}
+
+
+def test_a_rank_whose_exchange_raises_leaves_no_rank_waiting(tmp_path: Path) -> None:
+    # Rank 1's part of the set-up exchange raises before the collective: both ranks still finish the run at once,
+    # agree on rank 0's run id, leave rank 1's endpoint out of the discovery file and count the error.
+    targets = tmp_path / "targets"
+    base = free_port_pair()
+    with runs(tmp_path) as group:
+        started = time.monotonic()
+        group.start("--strategy", "ddp", "--devices", "2", "--port", str(base), "--targets-dir", str(targets),
+                    "--targets-host", "127.0.0.1", "--fail-exchange-rank", "1", "--hold", env=clean_env())
+        reports = group.ready([0, 1])
+        assert time.monotonic() - started < RUN_TIMEOUT_S  # far below the process group's 30-minute timeout
+        assert reports[0]["run_id"] == reports[1]["run_id"]
+        for rank in (0, 1):
+            assert reports[rank]["samples"] == GRAPHS // 2 * EPOCHS
+            assert reports[rank]["errors"]["exchange"] == 1  # its own failure on rank 1, rank 1's marker on rank 0
+            _, counted = only(scrape(reports[rank]["url"])["dgdn_monitor_errors_total"], part="exchange")
+            assert counted == 1
+        (listed,) = discovery_files(targets).values()
+        assert listed[0]["targets"] == [f"127.0.0.1:{base}"]
+        group.release_and_wait()
+    log = (tmp_path / "run.log").read_text()
+    assert "injected failure of this rank's exchange" in log
+    # The module logs no 'train_acc': said by rank 0 only, not once per rank.
+    assert log.count("the module has not logged 'train_acc'") == 1, log
 
 
 def expected_file(node_rank: int, run_id: str) -> str:

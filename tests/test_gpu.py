@@ -230,7 +230,8 @@ def test_handles_are_looked_up_once(make_monitor: Callable[..., GPUMonitor]) -> 
 def test_register_and_describe_do_not_sample(make_monitor: Callable[..., GPUMonitor]) -> None:
     nvml = FakeNVML(1)
     monitor = make_monitor(devices=[0], nvml=nvml)
-    assert monitor.describe() == []
+    assert {family.name for family in monitor.describe()} == {f"dgdn_{suffix}" for suffix in gpu_module._HELP}
+    assert all(not family.samples for family in monitor.describe())
     CollectorRegistry().register(monitor)
     assert nvml.calls == []
     assert list(monitor.collect()) == []  # not started

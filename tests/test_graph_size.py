@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data, HeteroData, TemporalData
 
-from dgdn_lightning_monitor.graph_size import GraphSize, GraphSizer, extract_graph_size
+from dgdn_lightning_monitor.graph_size import GraphSize, GraphSizer, extract_graph_size, sampled_per_hop
 
 META = torch.device("meta")
 
@@ -15,8 +15,9 @@ def graph(nodes: int, edges: int, device: torch.device = META) -> Data:
                 edge_index=torch.empty(2, edges, dtype=torch.long, device=device))
 
 
-def test_single_graph_counts_one_sample():
-    assert extract_graph_size(graph(7, 12)) == GraphSize(1, 7, 12)
+def test_single_graph_without_seeds_counts_its_nodes():
+    # ClusterLoader, GraphSAINT, RandomNodeLoader and full-batch training yield one (sub)graph trained as a whole.
+    assert extract_graph_size(graph(7, 12)) == GraphSize(7, 7, 12)
 
 
 def test_batch_counts_graphs_nodes_edges():
@@ -32,12 +33,38 @@ def test_neighbor_sampled_subgraph_counts_seed_nodes():
 
 def test_stored_num_nodes_wins_without_node_features():
     data = Data(edge_index=torch.empty(2, 6, dtype=torch.long, device=META), num_nodes=11)
-    assert extract_graph_size(data) == GraphSize(1, 11, 6)
+    assert extract_graph_size(data) == GraphSize(11, 11, 6)
 
 
 def test_edges_only_graph_leaves_nodes_unknown_instead_of_reading_edge_index():
     data = Data(edge_index=torch.empty(2, 6, dtype=torch.long, device=META))
-    assert extract_graph_size(data) == GraphSize(1, None, 6)
+    assert extract_graph_size(data) == GraphSize(None, None, 6)
+
+
+def test_link_sampled_subgraph_counts_seed_edges_without_negatives():
+    data = graph(30, 90)
+    data.input_id = torch.empty(8, dtype=torch.long, device=META)  # what LinkNeighborLoader sets: the seed edges
+    data.edge_label_index = torch.empty(2, 24, dtype=torch.long, device=META)  # seeds and 2 negatives each
+    assert extract_graph_size(data) == GraphSize(8, 30, 90)
+    del data.edge_label_index  # triplet negatives: src_index / dst_pos_index / dst_neg_index instead
+    data.dst_neg_index = torch.empty(8, 3, dtype=torch.long, device=META)
+    assert extract_graph_size(data) == GraphSize(8, 30, 90)
+
+
+def test_full_batch_link_graph_counts_its_labelled_pairs():
+    data = graph(30, 90)
+    data.edge_label_index = torch.empty(2, 40, dtype=torch.long, device=META)
+    assert extract_graph_size(data) == GraphSize(40, 30, 90)
+
+
+def test_batch_built_from_parts_counts_graphs_from_its_offsets():
+    # ShaDowKHopSampler (it needs torch-sparse) assembles Batch(batch=..., ptr=...) itself, one graph per root.
+    index = dict(dtype=torch.long, device=META)
+    batch = Batch(x=torch.empty(12, 2, device=META), edge_index=torch.empty(2, 20, **index),
+                  batch=torch.empty(12, **index), ptr=torch.empty(4, **index), root_n_id=torch.empty(3, **index))
+    assert extract_graph_size(batch) == GraphSize(3, 12, 20)
+    del batch.ptr  # nothing host-side tells the graphs: unknown rather than batch.max()
+    assert extract_graph_size(batch) == GraphSize(None, 12, 20)
 
 
 def test_hetero_data_sums_over_types():
@@ -46,7 +73,13 @@ def test_hetero_data_sums_over_types():
     data["author"].x = torch.empty(4, 3, device=META)
     data["author", "writes", "paper"].edge_index = torch.empty(2, 15, dtype=torch.long, device=META)
     data["paper", "cites", "paper"].edge_index = torch.empty(2, 5, dtype=torch.long, device=META)
-    assert extract_graph_size(data) == GraphSize(1, 14, 20)
+    assert extract_graph_size(data) == GraphSize(14, 14, 20)  # no seeds: the nodes of every type
+    data["paper"].batch_size = 6  # a hetero node loader: the input type's seeds
+    assert extract_graph_size(data) == GraphSize(6, 14, 20)
+    del data["paper"].batch_size
+    data["author", "writes", "paper"].input_id = torch.empty(5, dtype=torch.long, device=META)  # a link loader
+    data["author", "writes", "paper"].edge_label_index = torch.empty(2, 10, dtype=torch.long, device=META)
+    assert extract_graph_size(data) == GraphSize(5, 14, 20)
 
 
 def test_temporal_data_counts_events_as_samples_and_edges():
@@ -62,7 +95,7 @@ def test_temporal_data_counts_events_as_samples_and_edges():
 @pytest.mark.parametrize("container", [lambda g: (g, torch.zeros(3)), lambda g: [torch.zeros(2), g],
                                        lambda g: {"label": torch.zeros(2), "graph": g}])
 def test_graph_inside_containers_is_found(container):
-    assert extract_graph_size(container(graph(6, 4))) == GraphSize(1, 6, 4)
+    assert extract_graph_size(container(graph(6, 4))) == GraphSize(6, 6, 4)
 
 
 def test_tensor_batches_count_rows():
@@ -79,6 +112,36 @@ def test_overrides():
     sizer = GraphSizer(batch_size_fn=lambda b: 42)
     assert sizer(graph(6, 4)) == GraphSize(42, 6, 4)
     sizer = GraphSizer(graph_size_fn=lambda b: (100, 200))
-    assert sizer(graph(6, 4)) == GraphSize(1, 100, 200)
+    assert sizer(graph(6, 4)) == GraphSize(6, 100, 200)
     sizer = GraphSizer(batch_size_fn=lambda b: 3, graph_size_fn=lambda b: (1, 2))
     assert sizer("anything") == GraphSize(3, 1, 2)
+
+
+def test_per_hop_counts_of_sampled_batches():
+    data = graph(30, 90)
+    assert sampled_per_hop(data) is None
+    data.num_sampled_nodes, data.num_sampled_edges = [4, 10, 16], [40, 50]  # as PyG's samplers store them
+    assert sampled_per_hop(data) == ([4, 10, 16], [40, 50])
+    data.num_sampled_nodes = torch.tensor([4, 10, 16])  # a host tensor is read on the host
+    assert sampled_per_hop(data) == ([4, 10, 16], [40, 50])
+    data.num_sampled_nodes = torch.empty(3, dtype=torch.long, device=META)  # a device tensor is never read
+    assert sampled_per_hop(data) == (None, [40, 50])
+    data.num_sampled_edges = [torch.tensor(40), torch.tensor(50)]  # not plain ints: left alone
+    assert sampled_per_hop(data) == (None, None)
+
+
+def test_per_hop_counts_of_hetero_batches_are_summed_over_types():
+    data = HeteroData()
+    data["paper"].x = torch.empty(10, 3, device=META)
+    data["author"].x = torch.empty(4, 3, device=META)
+    assert sampled_per_hop(data) is None
+    data["paper"].num_sampled_nodes, data["author"].num_sampled_nodes = [3, 2, 5], [0, 4]
+    data["author", "writes", "paper"].num_sampled_edges = [4, 1]
+    data["paper", "cites", "paper"].num_sampled_edges = [2, 6]
+    assert sampled_per_hop(data) == ([3, 6, 5], [6, 7])
+
+
+def test_batches_of_whole_graphs_have_no_hops():
+    batch = Batch.from_data_list([graph(5, 8, torch.device("cpu")), graph(3, 2, torch.device("cpu"))])
+    assert sampled_per_hop(batch) is None
+    assert sampled_per_hop(torch.zeros(3)) is None and sampled_per_hop((batch, 1)) is None

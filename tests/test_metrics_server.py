@@ -1,6 +1,6 @@
 """MetricsServer: prometheus_client's exposition (text and OpenMetrics with exemplars, gzip) of a filled
-TrainingMetrics, a clear error for a taken port, a fast stop, and one render shared by simultaneous scrapes of the
-same variant (never across variants, never past its time to live, never to a client that fails basic auth)."""
+TrainingMetrics, a clear error for a taken port, a fast stop, and simultaneous scrapes rendered one at a time, each
+after it arrived (never for a client that fails basic auth)."""
 
 from __future__ import annotations
 
@@ -148,53 +148,39 @@ def test_taken_port_names_the_port_and_stop_is_fast(served) -> None:
     assert time.perf_counter() - started < 1.0 and server.url is not None and not server.running
 
 
-def test_simultaneous_scrapes_share_one_render() -> None:
-    # A collection that takes 1 s, and a time to live far shorter: every scrape that arrives while it runs waits
-    # for it instead of rendering again, and a scrape after it renders anew.
-    collector = Counting(value=7.0, collect_s=1.0)
-    server = MetricsServer(registry_of(collector), "127.0.0.1", 0, cache_ttl_s=0.05)
-    server.start()
-    try:
-        url = str(server.url)
-        start = threading.Barrier(20)
+def test_simultaneous_scrapes_render_one_at_a_time_each_after_its_arrival(served) -> None:
+    # 20 scrapers at once: every one is answered, by its own rendering, and never two renderings run together.
+    collector = Counting(value=7.0, collect_s=0.02)
+    running, most = [0], [0]
+    collect = collector.collect
 
-        def scrape_together(_: int) -> bytes:
-            start.wait()
-            return get(url)[1]
+    def counted() -> Any:
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            yield from collect()
+        finally:
+            running[0] -= 1
 
-        with ThreadPoolExecutor(20) as pool:
-            bodies = list(pool.map(scrape_together, range(20)))
-        assert collector.calls == 1
-        assert {value(body.decode(), "probe_value") for body in bodies} == {7.0} and len(set(bodies)) == 1
-        collector.collect_s, collector.value = 0.0, 8.0
-        assert value(get(url)[1].decode(), "probe_value") == 8.0 and collector.calls == 2  # past the TTL
-    finally:
-        server.stop()
+    collector.collect = counted  # type: ignore[method-assign]
+    url = served(registry_of(collector))
+    start = threading.Barrier(20)
 
+    def scrape_together(_: int) -> float:
+        start.wait()
+        return value(get(url)[1].decode(), "probe_value")
 
-def test_values_are_at_most_the_ttl_old(served) -> None:
-    collector = Counting(value=1.0)
-    url = served(registry_of(collector), cache_ttl_s=0.5)
-    assert value(get(url)[1].decode(), "probe_value") == 1.0
-    collector.value = 2.0
-    served_at = time.monotonic()
-    early = value(get(url)[1].decode(), "probe_value")
-    if time.monotonic() - served_at < 0.4:  # answered within the TTL (a loaded machine may take longer)
-        assert early == 1.0 and collector.calls == 1
-    time.sleep(0.6)
-    assert value(get(url)[1].decode(), "probe_value") == 2.0
-    # With the cache off every request renders.
-    uncached = Counting(value=5.0)
-    url = served(registry_of(uncached), cache_ttl_s=0)
-    for expected in (5.0, 6.0):
-        uncached.value = expected
+    with ThreadPoolExecutor(20) as pool:
+        assert list(pool.map(scrape_together, range(20))) == [7.0] * 20
+    assert collector.calls == 20 and most[0] == 1
+    for expected in (8.0, 9.0):  # a value set just before a scrape is what that scrape serves
+        collector.value = expected
         assert value(get(url)[1].decode(), "probe_value") == expected
-    assert uncached.calls == 2
 
 
-def test_variants_are_rendered_and_cached_apart(served) -> None:
+def test_variants_are_the_library_output(served) -> None:
     collector = Counting(value=3.5)
-    url = served(registry_of(collector), cache_ttl_s=60)
+    url = served(registry_of(collector))
     reference = registry_of(Counting(value=3.5))  # ground truth: the library's own renderers, outside the server
     text, openmetrics = generate_latest(reference), generate_openmetrics(reference)
     filtered = generate_latest(reference.restricted_registry(["probe_value"]))
@@ -206,30 +192,30 @@ def test_variants_are_rendered_and_cached_apart(served) -> None:
         ({"query": "?name[]=probe_value"}, "text/plain", filtered, None),
     ]
     assert b"# EOF" in openmetrics and b"# EOF" not in text and b"probe_events" not in filtered
-    for round_ in range(2):  # the second round is served from the cache, each variant from its own entry
-        for options, content_type, expected, encoding in variants:
-            headers, body = get(url + options.get("query", ""), options.get("accept"), options.get("encoding"))
-            assert headers["Content-Type"].startswith(content_type)
-            assert headers.get("Content-Encoding") == encoding
-            assert int(headers["Content-Length"]) == len(body)
-            assert (gzip.decompress(body) if encoding else body) == expected, (round_, options)
-        assert collector.calls == len(variants)
+    for options, content_type, expected, encoding in variants:
+        headers, body = get(url + options.get("query", ""), options.get("accept"), options.get("encoding"))
+        assert headers["Content-Type"].startswith(content_type)
+        assert headers.get("Content-Encoding") == encoding
+        assert int(headers["Content-Length"]) == len(body)
+        assert (gzip.decompress(body) if encoding else body) == expected, options
+    assert collector.calls == len(variants)
 
 
-def test_basic_auth_is_checked_on_every_request_before_the_cache(served, tmp_path: Path) -> None:
+def test_basic_auth_is_checked_on_every_request(served, tmp_path: Path) -> None:
     config = write_web_config(tmp_path / "web.yml", {"basic_auth_users": {"prometheus": bcrypt_hash("secret")}})
     collector = Counting(value=4.0)
-    url = served(registry_of(collector), web_config=load_web_config(config), cache_ttl_s=60)
+    url = served(registry_of(collector), web_config=load_web_config(config))
     status, _, body = fetch(url, authorization=basic("prometheus", "secret"))
     assert status == 200 and value(body.decode(), "probe_value") == 4.0 and collector.calls == 1
     for authorization in (None, basic("prometheus", "wrong"), basic("intruder", "secret")):
-        status, headers, body = fetch(url, authorization=authorization)  # a cached page exists: never served here
+        status, headers, body = fetch(url, authorization=authorization)
         assert status == 401 and headers["WWW-Authenticate"] == "Basic" and b"probe_value" not in body
+    assert collector.calls == 1  # refused before rendering
     status, _, body = fetch(url, authorization=basic("prometheus", "secret"))
-    assert status == 200 and value(body.decode(), "probe_value") == 4.0 and collector.calls == 1
+    assert status == 200 and value(body.decode(), "probe_value") == 4.0 and collector.calls == 2
 
 
-def test_a_failed_render_is_not_kept(served) -> None:
+def test_a_failed_render_does_not_break_the_next(served) -> None:
     class FailsOnce(Counting):
         def collect(self) -> Any:
             if self.calls == 0:
@@ -238,14 +224,8 @@ def test_a_failed_render_is_not_kept(served) -> None:
             yield from super().collect()
 
     collector = FailsOnce(value=9.0)
-    url = served(registry_of(collector), cache_ttl_s=60)
+    url = served(registry_of(collector))
     with pytest.raises(urllib.error.HTTPError) as failed:
         get(url)
     assert failed.value.code == 500
     assert value(get(url)[1].decode(), "probe_value") == 9.0 and collector.calls == 2
-
-
-@pytest.mark.parametrize("ttl", [-1, float("nan"), float("inf"), "1", True])
-def test_bad_cache_ttl_is_refused_at_construction(ttl: Any) -> None:
-    with pytest.raises(ValueError, match="cache_ttl_s"):
-        MetricsServer(CollectorRegistry(), "127.0.0.1", 0, cache_ttl_s=ttl)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from dgdn_lightning_monitor import MonitoringCallback
+from exposition import exposition, value
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
 from otlp_receiver import OTLPReceiver
 
@@ -206,7 +208,7 @@ def test_auto_mode_without_receiver_is_off_with_one_line(caplog):
         fit(callback, epochs=1)
     lines = [r for r in caplog.records if "trac" in r.getMessage().lower() and r.name.startswith("dgdn")]
     assert len(lines) == 1 and "OTEL_EXPORTER_OTLP_ENDPOINT" in lines[0].getMessage()
-    assert not callback.tracer.active
+    assert callback.tracer.setup is None and callback.tracer.description is None
 
 
 def test_auto_mode_finds_a_local_receiver(monkeypatch):
@@ -273,9 +275,59 @@ def test_broken_collector_neither_slows_training_nor_floods_the_log(monkeypatch,
     # hundred microseconds a step at most), and the end of the run waits at most the 2 s flush bound.
     assert in_hooks["seconds"] < 0.5, in_hooks
     assert run_end < 3.0
+    # One warning of ours; of the exporter's own records, each different message once (repeats are muted).
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert warnings[0].name.startswith("dgdn_lightning_monitor")
+    ours = [r for r in warnings if r.name.startswith("dgdn_lightning_monitor")]
+    assert len(ours) == 1, [r.getMessage() for r in warnings]
+    theirs = [(r.name, r.msg) for r in caplog.records if r.name.startswith("opentelemetry.exporter")]
+    assert theirs and len(theirs) == len(set(theirs)), theirs  # the first of each gets through
+    assert value(exposition(callback.registry), "dgdn_monitor_errors_total", part="tracing") >= 1
+
+
+@pytest.mark.parametrize("env_delay", [None, "600000"])
+def test_the_export_delay_is_ours_unless_otel_bsp_schedule_delay_says_otherwise(monkeypatch, env_delay):
+    # With our 1 s delay spans reach the receiver while training runs; OTEL_BSP_SCHEDULE_DELAY=600000 (10 minutes)
+    # holds them until the final flush.
+    if env_delay:
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", env_delay)
+    with OTLPReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint)
+        during: list[int] = []
+
+        class WaitAtTheEnd(pl.Callback):
+            def on_train_end(self, trainer, pl_module):
+                deadline = time.monotonic() + (10 if env_delay is None else 3)
+                while time.monotonic() < deadline and not (env_delay is None and receiver.spans):
+                    time.sleep(0.05)
+                during.append(len(receiver.spans))
+
+        callback = MonitoringCallback(port=0, trace_every_n_steps=1)
+        fit(callback, epochs=1, extra=[WaitAtTheEnd()])
+        assert callback.tracer.setup is None  # flushed and shut down
+        names = Counter(span.name for span in receiver.spans)
+    assert (during[0] > 0) == (env_delay is None)
+    # Every span arrived (the last ones at the flush): 5 training batches of 36 graphs, 2 of 12 validation graphs.
+    assert names["train_batch"] == names["backward"] == names["optimizer_step"] == 5
+    assert names["validation_batch"] == 2 and names["forward"] == 5 + 2 and names["train_epoch"] == 1
+
+
+def test_the_destination_is_computed_from_the_otel_variables(monkeypatch, caplog):
+    from dgdn_lightning_monitor.tracing.provider import configure_tracing
+
+    for variables, expected in (
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}, "http://collector:4318/v1/traces"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://b:1/x"},
+            "http://b:1/x",
+        ),
+    ):
+        for name, setting in variables.items():
+            monkeypatch.setenv(name, setting)
+        setup = configure_tracing(None)
+        assert setup is not None and setup.description == f"spans to {expected}"
+        setup.provider.shutdown()
+        for name in variables:
+            monkeypatch.delenv(name)
 
 
 def test_exemplars_link_batch_time_to_traces():

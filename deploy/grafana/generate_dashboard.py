@@ -540,6 +540,41 @@ def build() -> dict[str, Any]:
             graph=True,
         ),
     )
+    d.line(
+        8,
+        timeseries(
+            "Largest batch that fits (estimate)",
+            "Nodes and edges of the largest batch estimated to fit each rank's GPU (a linear fit of "
+            "sampled steps' peak memory against their batch's nodes and edges, extrapolated to the device's "
+            "memory), against the last batch. CUDA runs only.",
+            "short",
+            [
+                (f"dgdn_batch_capacity_nodes{{{SEL}}}", "fits: nodes · rank {{rank}}"),
+                (f"dgdn_batch_capacity_edges{{{SEL}}}", "fits: edges · rank {{rank}}"),
+                (f"dgdn_graph_nodes{{{SEL}}}", "last: nodes · rank {{rank}}"),
+                (f"dgdn_graph_edges{{{SEL}}}", "last: edges · rank {{rank}}"),
+            ],
+            16,
+        ),
+        stat(
+            "Out-of-memory errors",
+            "Out-of-memory errors raised by a step, summed over the selected ranks. DGDNOutOfMemory fires "
+            "on each; the run's log names the failing batch.",
+            "none",
+            [(f"sum(dgdn_oom_total{{{SEL}}})", "out of memory")],
+            4,
+            thresholds=[(None, "green"), (1, "red")],
+        ),
+        stat(
+            "Stall dumps",
+            "Stack dumps written because a rank made no progress for stall_dump_after_s, summed over the "
+            "selected ranks; the files are in dgdn-dumps/ beside the run's logs.",
+            "none",
+            [(f"sum(dgdn_stall_dumps_total{{{SEL}}})", "stall dumps")],
+            4,
+            thresholds=[(None, "green"), (1, "orange")],
+        ),
+    )
 
     # ---------------------------------------------------------------------------------------------- Model
     d.row("Model")

@@ -8,9 +8,10 @@ Order of precedence:
 4. ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, or ``tracing=True``: OTLP.
 5. Nothing configured: OTLP to ``localhost:4318`` if a receiver answers there, else off (one log line).
 
-An owned provider exports through a bounded queue from a background thread with a short per-request timeout;
-export failures are reported once; the final flush runs in a helper thread that is waited for at most
-``flush_timeout_s``, so a collector that is down or hangs never slows or stalls training or its end.
+An owned provider exports through the SDK's bounded queue from a background thread; the ``OTEL_BSP_*`` and
+``OTEL_EXPORTER_OTLP_*`` variables win over our defaults (1 s export delay, 1 s request timeout). Failures are
+counted and warned once (the exporter's own log says each message once); the final flush is waited for at most
+``FLUSH_TIMEOUT_S``, so a collector that is down or hangs never slows or stalls training or its end.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
-from dgdn_lightning_monitor.guards import WarnOnce
+from dgdn_lightning_monitor.guards import MonitorErrors
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
@@ -41,9 +43,10 @@ DEFAULT_SERVICE_NAME = "dgdn-training"
 LOCAL_OTLP_HOST, LOCAL_OTLP_PORT = "localhost", 4318
 PROBE_TIMEOUT_S = 0.2  # how long the auto mode waits for the local receiver to accept a connection
 EXPORT_TIMEOUT_S = 1.0  # per OTLP request, unless OTEL_EXPORTER_OTLP_*TIMEOUT says otherwise
+SCHEDULE_DELAY_MS = 1000  # between two exports, unless OTEL_BSP_SCHEDULE_DELAY says otherwise
 FLUSH_TIMEOUT_S = 2.0  # the final flush, at the end of a run
 INSTRUMENTATION_NAME = "dgdn_lightning_monitor"
-# The OTLP exporter logs every failed request and retry; the wrapper below reports once instead. (A logger's
+# The OTLP exporter logs every failed request and retry: each different message is let through once. (A logger's
 # filter only sees records created on that very logger, so each module's logger is named.)
 _EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
@@ -53,18 +56,19 @@ _EXPORTER_LOGGERS = (
 
 
 class ReportingExporter(SpanExporter):
-    """Wraps an exporter so that failures are logged once and never raise into the SDK's worker thread.
+    """Wraps an exporter so that failures are counted (as ``tracing`` errors), the first is warned, and none
+    raises into the SDK's worker thread.
 
     Args:
         exporter: the exporter that sends spans.
         destination: where it sends them, for the warning.
+        errors: where failures are counted.
     """
 
-    def __init__(self, exporter: SpanExporter, destination: str) -> None:
+    def __init__(self, exporter: SpanExporter, destination: str, errors: Optional[MonitorErrors] = None) -> None:
         self.exporter = exporter
         self.destination = destination
-        self.failures = 0
-        self._warn = WarnOnce(log)
+        self.errors = errors if errors is not None else MonitorErrors(log)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -74,9 +78,8 @@ class ReportingExporter(SpanExporter):
         else:
             reason = "the receiver did not accept them"
         if result is not SpanExportResult.SUCCESS:
-            self.failures += 1
-            self._warn(
-                "export",
+            self.errors.report(
+                "tracing",
                 "Could not export spans to %s (%s); spans are dropped, training continues.",
                 self.destination,
                 reason,
@@ -90,24 +93,38 @@ class ReportingExporter(SpanExporter):
         return self.exporter.force_flush(timeout_millis)
 
 
+class GivenIds(RandomIdGenerator):
+    """Random ids, except for the next span the calling thread starts after :meth:`give` (a root span whose ids
+    every rank derives alike)."""
+
+    def __init__(self) -> None:
+        self._given = threading.local()  # the span builder thread starts spans at the same time
+
+    def give(self, trace_id: int, span_id: int) -> None:
+        self._given.ids = (trace_id, span_id)
+
+    def generate_trace_id(self) -> int:
+        ids = getattr(self._given, "ids", None)
+        return ids[0] if ids else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:  # the SDK asks for it after the trace id: the given pair is used up
+        ids, self._given.ids = getattr(self._given, "ids", None), None
+        return ids[1] if ids else super().generate_span_id()
+
+
 @dataclass
 class TracingSetup:
-    """A tracer and how to finish with it.
-
-    Attributes:
-        tracer: where spans are started.
-        description: one line saying where spans go.
-        provider: the provider this setup made and shuts down, or ``None``.
-        exporter: the exporter of that provider.
-        borrowed: a provider that belongs to the application (flushed at the end, never shut down).
-    """
+    """A tracer (where spans are started), one line saying where spans go, and how to finish with it: the
+    ``provider`` this setup made (shut down at the end) with its ``exporter`` and id generator ``ids``, or a
+    ``borrowed`` one of the application (flushed at the end, never shut down)."""
 
     tracer: trace.Tracer
     description: str
     provider: Optional[TracerProvider] = None
     exporter: Optional[ReportingExporter] = None
     borrowed: Optional[trace.TracerProvider] = None
-    _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: lambda record: False)  # one per setup
+    ids: Optional[GivenIds] = None
+    _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: _first_of_each_message())
 
     def finish(self) -> bool:
         """Flush and shut down an owned provider within ``FLUSH_TIMEOUT_S``; flush only one we do not own.
@@ -131,14 +148,26 @@ class TracingSetup:
         worker.start()
         worker.join(FLUSH_TIMEOUT_S)
         finished = not worker.is_alive()
-        already_reported = self.exporter is not None and self.exporter.failures > 0
-        if not finished and not already_reported:  # one line about a broken collector is enough
-            log.warning(
-                "Spans were not delivered within %.1f s at the end of the run; the rest are dropped.", FLUSH_TIMEOUT_S
-            )
+        if not finished:  # counted; warned unless a failed export already was (one line about a collector is enough)
+            errors = self.exporter.errors if self.exporter is not None else MonitorErrors(log)
+            message = "Spans were not delivered within %.1f s at the end of the run; the rest are dropped."
+            errors.report("tracing", message, FLUSH_TIMEOUT_S)
         for name in _EXPORTER_LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
         return finished
+
+
+def _first_of_each_message() -> Callable[[logging.LogRecord], bool]:
+    """A log filter that lets the first record of each message (format string, per logger) through, not repeats."""
+    seen: set[tuple[str, object]] = set()
+
+    def first(record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        new = key not in seen
+        seen.add(key)
+        return new
+
+    return first
 
 
 def _receiver_answers() -> bool:
@@ -151,17 +180,22 @@ def _receiver_answers() -> bool:
 
 
 def _otlp_exporter(endpoint: Optional[str]) -> tuple[SpanExporter, str]:
+    """An OTLP/HTTP exporter and where it sends: ``endpoint`` if given, else the OpenTelemetry variables (the
+    traces endpoint as is, or the base endpoint plus ``/v1/traces``), else the local receiver."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     env_timeout = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
     exporter = OTLPSpanExporter(endpoint=endpoint, timeout=None if env_timeout else EXPORT_TIMEOUT_S)
-    return exporter, str(getattr(exporter, "_endpoint", endpoint or "the OTLP endpoint"))
+    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or f"http://{LOCAL_OTLP_HOST}:{LOCAL_OTLP_PORT}"
+    destination = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or f"{base.rstrip('/')}/v1/traces"
+    return exporter, destination
 
 
 def configure_tracing(
     enabled: Optional[bool],
     resource_attributes: Optional[dict[str, object]] = None,
     tracer_provider: Optional[trace.TracerProvider] = None,
+    errors: Optional[MonitorErrors] = None,
 ) -> Optional[TracingSetup]:
     """Choose where spans go (see the module docstring); ``None`` means tracing is off.
 
@@ -170,6 +204,7 @@ def configure_tracing(
         resource_attributes: extra resource attributes (e.g. the run id); ``service.name`` is
             ``DEFAULT_SERVICE_NAME`` unless ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` name one.
         tracer_provider: use this provider (it stays the caller's: flushed at the end, never shut down).
+        errors: where export failures are counted.
     """
     if enabled is False:
         return None
@@ -203,18 +238,22 @@ def configure_tracing(
         )
         return None
 
-    reporting = ReportingExporter(exporter, destination)
+    reporting = ReportingExporter(exporter, destination, errors)
     # Resource.create merges OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES in; our service name is the default only.
     resource = Resource.create(dict(resource_attributes or {}))  # type: ignore[arg-type]
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)
-    # The SDK's queue bound (2048 spans, more are dropped) with a shorter delay and the exporter's own timeout.
-    processor = BatchSpanProcessor(
-        reporting, schedule_delay_millis=1000, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)
-    )
+    ids = GivenIds()
+    provider = TracerProvider(resource=resource, id_generator=ids)
+    # The SDK's queue bound (2048 spans, more are dropped unless OTEL_BSP_MAX_QUEUE_SIZE says otherwise) with a
+    # shorter delay than its 5 s unless OTEL_BSP_SCHEDULE_DELAY is set. (The SDK does not use an export timeout
+    # of its processor; the exporter's request timeout bounds an export.)
+    delay = None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else SCHEDULE_DELAY_MS
+    processor = BatchSpanProcessor(reporting, schedule_delay_millis=delay)
     provider.add_span_processor(processor)
-    setup = TracingSetup(provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting)
+    setup = TracingSetup(
+        provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting, ids=ids
+    )
     for name in _EXPORTER_LOGGERS:
         logging.getLogger(name).addFilter(setup._filter)
     log.info("Tracing: %s", setup.description)

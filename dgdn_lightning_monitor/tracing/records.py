@@ -7,21 +7,14 @@ the record later, with explicit start and end times, so the step never enters or
 from __future__ import annotations
 
 import time
-from typing import Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 
 from dgdn_lightning_monitor.graph_size import GraphSize
+from dgdn_lightning_monitor.metrics import PHASES
 
 T = TypeVar("T")
-
-# Phase name -> (mark that starts it, marks that may end it, first present wins).
-_PHASES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("data_fetch", "fetch_start", ("fetch_end", "batch_start")),
-    ("forward", "batch_start", ("backward_start", "optimizer_start", "batch_end")),
-    ("backward", "backward_start", ("backward_end",)),
-    ("optimizer_step", "optimizer_start", ("batch_end",)),
-)
 
 
 class BatchRecord:
@@ -34,6 +27,7 @@ class BatchRecord:
         global_step: optimizer steps so far.
         size: samples, nodes and edges of the batch.
         cuda: also record a CUDA event at every mark, to measure device time without synchronising.
+        parent: the epoch span its spans go under, whenever they are built.
 
     Example::
 
@@ -42,18 +36,22 @@ class BatchRecord:
         record.phases()  # [("forward", start_ns, end_ns)]
     """
 
-    __slots__ = ("stage", "epoch", "batch_idx", "global_step", "size", "marks", "events")
+    __slots__ = ("stage", "epoch", "batch_idx", "global_step", "size", "marks", "events", "parent")
 
     def __init__(
-        self, stage: str, epoch: int, batch_idx: int, global_step: int, size: GraphSize, cuda: bool = False
+        self,
+        stage: str,
+        epoch: int,
+        batch_idx: int,
+        global_step: int,
+        size: GraphSize,
+        cuda: bool = False,
+        parent: Any = None,
     ) -> None:
-        self.stage = stage
-        self.epoch = epoch
-        self.batch_idx = batch_idx
-        self.global_step = global_step
-        self.size = size
+        self.stage, self.epoch, self.batch_idx, self.global_step, self.size = stage, epoch, batch_idx, global_step, size
         self.marks: dict[str, int] = {}
         self.events: Optional[dict[str, torch.cuda.Event]] = {} if cuda else None
+        self.parent = parent
 
     def mark(self, name: str, ns: Optional[int] = None) -> None:
         """Note that boundary ``name`` was reached now (or at ``ns``, a past ``perf_counter_ns``).
@@ -91,14 +89,17 @@ class BatchRecord:
     def device_milliseconds(self) -> dict[str, float]:
         """Device time of each phase (and of the whole ``batch``) whose boundary events both exist; call once
         :meth:`device_ready`."""
-        bounds = _bounds(self.events or {}, (("batch", "batch_start", ("batch_end",)),))
+        bounds = _bounds(self.events or {}, {"batch": ("batch_start", ("batch_end",))})
         return {name: begin.elapsed_time(end) for name, begin, end in bounds}
 
 
-def _bounds(marks: dict[str, T], extra: tuple[tuple[str, str, tuple[str, ...]], ...] = ()) -> list[tuple[str, T, T]]:
-    """``(phase, start, end)`` of each phase whose start and one of whose ends are in ``marks``."""
+def _bounds(
+    marks: dict[str, T], extra: Optional[dict[str, tuple[str, tuple[str, ...]]]] = None
+) -> list[tuple[str, T, T]]:
+    """``(phase, start, end)`` of each phase of :data:`~dgdn_lightning_monitor.metrics.PHASES` (and ``extra``) whose
+    start and one of whose ends are in ``marks``."""
     found = []
-    for name, start, ends in _PHASES + extra:
+    for name, (start, ends) in {**PHASES, **(extra or {})}.items():
         end = next((marks[e] for e in ends if e in marks), None)
         if start in marks and end is not None:
             found.append((name, marks[start], end))

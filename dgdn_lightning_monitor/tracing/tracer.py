@@ -7,14 +7,14 @@ One trace per training epoch::
     └── validation_epoch
         └── validation_batch (sampled)
 
-Batch and phase spans are created after the batch finished, with the recorded start and end times, by a
-background thread: the training thread only queues the record (building five spans costs about 100 µs of SDK
-work). On CUDA a record waits (without blocking anyone) until its events completed, then its spans carry
-``gpu.duration_ms``.
+Batch and phase spans are built after the batch, with its recorded times, by a background thread: the training
+thread only queues the record (five spans cost about 100 µs of SDK work). On CUDA a record is queued once the step
+statistics' poll found its events completed, and its spans carry ``gpu.duration_ms``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -24,57 +24,63 @@ from typing import Any, Optional
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode, TraceFlags
 
-from dgdn_lightning_monitor.guards import WarnOnce, forget_threads_after_fork
+from dgdn_lightning_monitor.guards import MonitorErrors, forget_threads_after_fork
 from dgdn_lightning_monitor.tracing.provider import TracingSetup, configure_tracing
 from dgdn_lightning_monitor.tracing.records import BatchRecord
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
 
-Emit = Callable[[BatchRecord, Optional[Span], bool], None]
+Emit = Callable[[BatchRecord], None]
+
+
+def epoch_ids(key: str, epoch: int) -> tuple[int, int]:
+    """The trace id and root span id of one training epoch, derived from ``key`` (shared by the ranks of a run):
+    every rank computes the same pair, so their epoch spans join one trace without an exchange."""
+    digest = hashlib.sha256(f"{key}/train/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:16], "big") or 1, int.from_bytes(digest[16:24], "big") or 1
 
 
 class SpanBuilder:
     """Turns queued batch records into spans on a background thread.
 
     Args:
-        emit: ``(record, parent epoch span, with device times)`` -> None; runs on the builder thread.
+        emit: ``record -> None``; runs on the builder thread.
         interval_s: how often the thread looks at the queue (spans are exported in batches anyway).
         max_queued: records waiting to be built, beyond which new ones are dropped (with one warning).
+        errors: where dropped records and spans that could not be built are counted (as ``tracing``).
     """
 
-    def __init__(self, emit: Emit, interval_s: float = 0.2, max_queued: int = 2048) -> None:
+    def __init__(
+        self, emit: Emit, interval_s: float = 0.2, max_queued: int = 2048, errors: Optional[MonitorErrors] = None
+    ) -> None:
         self._emit = emit
         self.max_queued = max_queued
-        self.dropped = 0
         self._interval_s = interval_s
-        self._queue: deque[tuple[BatchRecord, Optional[Span]]] = deque()  # append/popleft are thread-safe
-        self._waiting: list[tuple[BatchRecord, Optional[Span]]] = []  # records whose CUDA work is still running
+        self._queue: deque[BatchRecord] = deque()  # append/popleft are thread-safe
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._warn = WarnOnce(log)
+        self.errors = errors if errors is not None else MonitorErrors(log)
         forget_threads_after_fork(self)
 
     def after_fork_in_child(self) -> None:
         """The builder thread does not exist in a forked child: start afresh there, with an empty queue."""
         self._thread = None
         self._queue.clear()
-        self._waiting = []
 
-    def submit(self, record: BatchRecord, parent: Optional[Span]) -> None:
+    def submit(self, record: BatchRecord) -> None:
         if len(self._queue) >= self.max_queued:
             # Records come faster than spans can be built (tracing every step of a very fast loop): drop them
             # rather than let the queue, and the process, grow.
-            self.dropped += 1
-            self._warn(
-                "dropped",
+            self.errors.report(
+                "tracing",
                 "Traced batches arrive faster than their spans can be built; some are dropped. "
                 "Raise trace_every_n_steps to trace fewer steps.",
             )
             return
-        self._queue.append((record, parent))
+        self._queue.append(record)
         if self._thread is None:
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, name="dgdn-span-builder", daemon=True)
@@ -82,21 +88,15 @@ class SpanBuilder:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
-            self._drain(final=False)
+            self._drain()
 
-    def _drain(self, final: bool) -> None:
-        items, self._waiting = self._waiting, []
+    def _drain(self) -> None:
         while self._queue:
-            items.append(self._queue.popleft())
-        for record, parent in items:
-            ready = record.device_ready()
-            if not (ready or final):
-                self._waiting.append((record, parent))
-                continue
+            record = self._queue.popleft()
             try:
-                self._emit(record, parent, ready)  # at the end, records still on the device get CPU times only
+                self._emit(record)
             except Exception as error:  # a span that cannot be built is dropped, never a crash
-                self._warn("emit", "Could not build spans for a traced batch (%s); they are dropped.", error)
+                self.errors.report("tracing", "Could not build spans for a traced batch (%s); they are dropped.", error)
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Stop the thread and build what is left on the calling thread."""
@@ -106,7 +106,7 @@ class SpanBuilder:
             thread.join(timeout_s)
             if thread.is_alive():
                 return  # stuck inside the SDK: leave its queue alone rather than race it
-        self._drain(final=True)
+        self._drain()
 
 
 class TrainingTracer:
@@ -115,77 +115,79 @@ class TrainingTracer:
     Args:
         enabled: ``None`` (auto), ``True`` or ``False``; see :func:`configure_tracing`.
         tracer_provider: a provider to use instead of choosing one (it stays the caller's).
+        errors: where tracing failures are counted (as ``tracing``).
 
     Example::
 
         tracer = TrainingTracer(enabled=None)
         tracer.start({"training.run_id": "abc"})
-        tracer.start_epoch("train", 0, {"training.epoch": 0})
+        tracer.start_epoch("train", 0)
         tracer.add_batch(record)
         tracer.end_epoch("train")
         tracer.finish(None)
     """
 
-    def __init__(self, enabled: Optional[bool] = None, tracer_provider: Optional[trace.TracerProvider] = None) -> None:
+    def __init__(
+        self,
+        enabled: Optional[bool] = None,
+        tracer_provider: Optional[trace.TracerProvider] = None,
+        errors: Optional[MonitorErrors] = None,
+    ) -> None:
         self.enabled = enabled
         self.tracer_provider = tracer_provider
+        self.errors = errors if errors is not None else MonitorErrors(log)
         self.setup: Optional[TracingSetup] = None
+        self.description: Optional[str] = None  # where the last run's spans went; None while tracing was off
         self._attributes: dict[str, Any] = {}
+        self._share: Optional[str] = None
         self._epochs: dict[str, Span] = {}
-        self._trace_ids: dict[str, tuple[Span, str]] = {}
-        self._builder = SpanBuilder(self._emit)
+        self._builder = SpanBuilder(self._emit, errors=self.errors)
         # perf_counter_ns -> unix ns; spans need wall-clock times, the step path uses the monotonic clock.
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
 
     def __getstate__(self) -> dict[str, Any]:
         """Configuration only: a copy in another process (``ddp_spawn``) chooses where its spans go itself."""
         if self.tracer_provider is not None:
-            log.warning(
-                "The tracer_provider cannot be sent to spawned processes; they choose where spans go "
-                "from the OTEL_* variables instead."
-            )
-        return {"enabled": self.enabled}
+            log.warning("The tracer_provider cannot be sent to spawned processes; they follow the OTEL_* variables.")
+        return {"enabled": self.enabled, "errors": self.errors}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    @property
-    def active(self) -> bool:
-        return self.setup is not None
+    def start(self, attributes: dict[str, Any], share: Optional[str] = None) -> None:
+        """Decide where spans go for this run; ``attributes`` go on every epoch span.
 
-    def start(self, attributes: dict[str, Any]) -> None:
-        """Decide where spans go for this run; ``attributes`` go on every epoch span."""
-        self._attributes = dict(attributes)
+        Args:
+            attributes: attributes of every epoch span (``training.rank`` among them).
+            share: under DDP, a key every rank of the run shares: each training epoch is then one trace across the
+                ranks (see :func:`epoch_ids`), rooted at rank 0's ``train_epoch`` span.
+        """
+        self._attributes, self._share = dict(attributes), share
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
         if self.setup is None:
             run_id = {k: v for k, v in attributes.items() if k == "training.run_id"}
             self.setup = configure_tracing(
-                self.enabled, resource_attributes=run_id, tracer_provider=self.tracer_provider
+                self.enabled, resource_attributes=run_id, tracer_provider=self.tracer_provider, errors=self.errors
             )
+        self.description = self.setup.description if self.setup is not None else None
 
     # ------------------------------------------------------------------ epochs
-    def start_epoch(
-        self, stage: str, epoch: int, attributes: dict[str, Any], remote_parent: Optional[SpanContext] = None
-    ) -> None:
-        """Open the ``stage`` epoch span; ``remote_parent`` (rank 0's ``train_epoch`` under DDP) becomes the
-        parent of a span that has no local parent, so all ranks' spans of an epoch share one trace."""
-        if self.setup is None:
+    def start_epoch(self, stage: str, epoch: int) -> None:
+        """Open the ``stage`` epoch span: an evaluation epoch under the open ``train_epoch``, if any; under DDP a
+        ``train_epoch`` in its epoch's shared trace (rank 0's is its root, the others' are its children)."""
+        setup = self.setup
+        if setup is None:
             return
         parent = self._epochs.get("train") if stage != "train" else None
-        if parent is None and remote_parent is not None and remote_parent.is_valid:
-            parent = NonRecordingSpan(remote_parent)
+        given = epoch_ids(self._share, epoch) if stage == "train" and self._share is not None else None
+        if given is not None and self._attributes.get("training.rank") == 0 and setup.ids is not None:
+            setup.ids.give(*given)  # rank 0's span is the root of its epoch's trace, with the derived ids
+        elif given is not None:  # the others (all ranks when the provider is not ours) are children of those ids
+            parent = NonRecordingSpan(SpanContext(*given, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
         context = trace.set_span_in_context(parent) if parent is not None else Context()
-        span = self.setup.tracer.start_span(
-            f"{stage}_epoch",
-            context=context,
-            attributes={
-                **self._attributes,
-                "training.stage": stage,
-                "training.epoch": epoch,
-                **{f"training.{k}": v for k, v in attributes.items() if k != "epoch"},
-            },
-            start_time=self._ns(),  # the clock batch spans use, so children nest exactly
-        )
+        attributes = {**self._attributes, "training.stage": stage, "training.epoch": epoch}
+        start = self._ns()  # the clock batch spans use, so children nest exactly
+        span = setup.tracer.start_span(f"{stage}_epoch", context, attributes=attributes, start_time=start)
         self.end_epoch(stage)
         self._epochs[stage] = span
 
@@ -194,38 +196,32 @@ class TrainingTracer:
         if span is not None:
             span.end(end_time=self._ns())
 
-    def span_context(self, stage: str) -> Optional[SpanContext]:
-        """The context of the open ``stage`` epoch span (to share with other ranks), or ``None``."""
-        span = self._epochs.get(stage)
-        return span.get_span_context() if span is not None else None
-
     def trace_id(self, stage: str) -> Optional[str]:
         """The trace id of the open ``stage`` epoch span, as 32 hex digits (for exemplars), or ``None``."""
-        span = self._epochs.get(stage)
-        if span is None:
-            return None
-        known = self._trace_ids.get(stage)
-        if known is None or known[0] is not span:  # formatted once per epoch span, not per traced step
-            context = span.get_span_context()
-            known = self._trace_ids[stage] = (span, format(context.trace_id, "032x") if context.is_valid else "")
-        return known[1] or None
+        context = span.get_span_context() if (span := self._epochs.get(stage)) is not None else None
+        return format(context.trace_id, "032x") if context is not None and context.is_valid else None
 
     # ------------------------------------------------------------------ batches
+    def epoch_span(self, stage: str) -> Optional[Span]:
+        """The open ``stage`` epoch span (the parent of that stage's batch spans), or ``None``."""
+        return self._epochs.get(stage)
+
     def add_batch(self, record: BatchRecord) -> None:
-        """Queue a finished batch; its spans are built on the builder thread, under the open epoch span."""
+        """Queue a finished batch whose CUDA events (if any) completed; its spans are built on the builder thread,
+        under ``record.parent``."""
         if self.setup is not None:
-            self._builder.submit(record, self._epochs.get(record.stage))
+            self._builder.submit(record)
 
     def _ns(self, perf_ns: Optional[int] = None) -> int:
         """Wall-clock ns of a ``perf_counter_ns`` reading (of now by default): spans need wall-clock times."""
         return (time.perf_counter_ns() if perf_ns is None else perf_ns) + self._offset_ns
 
-    def _emit(self, record: BatchRecord, parent: Optional[Span], device_times: bool = True) -> None:
+    def _emit(self, record: BatchRecord) -> None:
         setup = self.setup
         if setup is None:
             return
         tracer = setup.tracer
-        context = trace.set_span_in_context(parent) if parent is not None else Context()
+        context = trace.set_span_in_context(record.parent) if record.parent is not None else Context()
         samples, nodes, edges = record.size
         optional = {"training.rank": self._attributes.get("training.rank"), "training.batch_size": samples}
         optional.update({"graph.nodes": nodes, "graph.edges": edges})
@@ -235,7 +231,7 @@ class TrainingTracer:
             "training.global_step": record.global_step,
             **{key: value for key, value in optional.items() if value is not None},
         }
-        milliseconds = record.device_milliseconds() if device_times else {}
+        milliseconds = record.device_milliseconds()
         if "batch" in milliseconds:
             attributes["gpu.duration_ms"] = milliseconds["batch"]
         batch = tracer.start_span(
