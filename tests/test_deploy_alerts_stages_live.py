@@ -10,7 +10,6 @@ The rules are the shipped expressions with every duration (range windows, offset
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +23,6 @@ from conftest import free_port, require_tool
 from prom_helpers import STACK_RULES_FILE, Prometheus, scaled_rules, wait_until
 
 from dgdn_lightning_monitor import MonitoringCallback
-from dgdn_lightning_monitor import callback as callback_module
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_testing.fake_pynvml import FakeDevice, FakeNVML
@@ -86,12 +84,6 @@ def _trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
 
 
 LIVENESS = "DGDNRunNotStarted|DGDNTrainingStalled"
-
-
-@pytest.fixture(autouse=True)
-def uncached_endpoint(monkeypatch):
-    """Every scrape renders afresh: the endpoint's one-second page cache is as long as a compressed window."""
-    monkeypatch.setattr(callback_module, "MetricsServer", functools.partial(MetricsServer, cache_ttl_s=0))
 
 
 def test_healthy_stages_stay_silent(tmp_path):
@@ -281,7 +273,7 @@ def test_gpu_memory_spike_given_back_stays_silent_memory_kept_near_the_limit_fir
     monitor = GPUMonitor("dgdn", devices=[0], poll_interval_s=0.2, nvml=FakeNVML([FakeDevice(memory_total=total)]))
     registry.register(monitor)
     monitor.start([0], {"rank": "0"})
-    server = MetricsServer(registry, "127.0.0.1", 0, cache_ttl_s=0)
+    server = MetricsServer(registry, "127.0.0.1", 0)
     server.start()
     prometheus = prometheus_for(
         tmp_path, {"dgdn-training": [f"127.0.0.1:{server.bound_port}"]}, [scaled_rules(tmp_path, SCALE)]
