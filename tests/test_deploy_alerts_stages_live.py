@@ -1,8 +1,8 @@
 """The shipped alert rules, time-compressed (``prom_helpers.scaled_rules``), on real Lightning runs scraped by a real
 Prometheus: quiet through every stage of a healthy run (a slow first step, long validation, fit then test, an
 eval-only run, a large-scale loss, a single NaN, a memory spike the allocator gives back, a training job of another
-name), loud for the real faults (a hang in any stage, a diverging loss, persisting NaN, a throughput drop, memory
-that keeps reaching the limit).
+name), loud for the real faults (a hang in any stage, a diverging loss, persisting NaN, validation that stopped
+improving, a throughput drop, memory that keeps reaching the limit).
 
 The rules are the shipped expressions with every duration (range windows, offsets, ``for:``) and every
 ``time() - ... > N`` budget divided by ``SCALE``, so that a 15-minute budget is 6 s here.
@@ -334,5 +334,39 @@ def test_training_job_of_another_name_is_watched_and_never_a_stack_outage(tmp_pa
         assert [alert["job"] for alert in down] == ["alertmanager"]
         assert "DGDNMonitoringTargetDown" in ever_fired(prometheus, "DGDNMonitoringTargetDown")
         assert not [r for r in prometheus.query('ALERTS{alertname="DGDNMonitoringTargetDown", job="train-gnn"}')]
+    finally:
+        prometheus.stop()
+
+
+def test_stagnation_is_counted_in_validation_evaluations(tmp_path):
+    """Validation that keeps improving stays silent however long it takes; ten evaluations without a new best fire
+    DGDNTrainingStagnation (no `for:`: the count itself is the patience)."""
+    port = free_port()
+    prometheus = prometheus_for(tmp_path, {"dgdn-training": [f"127.0.0.1:{port}"]}, [scaled_rules(tmp_path, SCALE)])
+    improving, flat = [1.0 - 0.05 * i for i in range(8)], [0.9] * 12
+    state: dict[str, Any] = {}
+
+    class Scripted(dt.Paced):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            evaluation = self.trainer.current_epoch
+            self.log("val_loss", improving[evaluation] if evaluation < 8 else flat[evaluation - 8], batch_size=4)
+
+    class Check(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 8:  # eight improving evaluations, scraped
+                wait_until(lambda: seen(prometheus, "dgdn_validation_evaluations_since_best == 0"), 30, what="scrape")
+                time.sleep(1)
+                state["quiet"] = ever_fired(prometheus, "DGDNTrainingStagnation")
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            state["fired"] = wait_until(lambda: firing(prometheus, "DGDNTrainingStagnation"), 30, what="stagnation")
+
+    try:
+        monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
+        train, val = dt.loaders()
+        _trainer([Check(), monitor], max_epochs=20).fit(Scripted(step_sleep_s=0.0), train, val)
+        assert state["quiet"] == set()
+        assert state["fired"][0]["severity"] == "info"
+        assert seen(prometheus, "dgdn_validation_evaluations_since_best >= 10")
     finally:
         prometheus.stop()
