@@ -11,7 +11,11 @@
 #                           training endpoints. Its names: localhost, 127.0.0.1, ::1, the compose service names,
 #                           host.docker.internal, this host's names, and EXTRA_HOST_OR_IP.
 #   client.crt, client.key  the certificate clients present (Prometheus scraping and alerting, Grafana, pushes)
-#   client.p12              the same for a browser (no export password), to open the UIs directly
+#   client.p12              the same for a browser, to open the UIs directly; its import password is in
+#   client.p12.password     (random; P12_PASSWORD sets it)
+# Every private key (and the password) is 0600, readable by you only. The containers of the secured stack read
+# server.key and client.key as other users: docs/production.md ("Who reads the keys") says which, and how to let
+# exactly them in.
 # Existing files are kept (delete OUT_DIR, or set FORCE=1, to make new ones). Valid for DAYS (default 825) days.
 set -euo pipefail
 
@@ -60,12 +64,14 @@ sign server "/CN=dgdn-monitoring" \
     "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=${san}\n"
 sign client "/CN=dgdn-monitoring client" \
     "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
-openssl pkcs12 -export -in client.crt -inkey client.key -certfile ca.crt -passout pass: -out client.p12
+( umask 077; printf '%s\n' "${P12_PASSWORD:-$(openssl rand -base64 18)}" > client.p12.password )
+openssl pkcs12 -export -in client.crt -inkey client.key -certfile ca.crt -passout file:client.p12.password \
+    -out client.p12
 rm -f ca.srl
 
-# The containers run as other users than the one running this script: certificates and keys must be readable by
-# them (the directory is mounted read-only). Keep OUT_DIR itself private to you on a shared machine.
+# Certificates are public; keys, the browser bundle and its password are yours alone (see docs/production.md for
+# the container users that need read access to server.key and client.key).
 chmod 755 .
-chmod 644 ./*.crt ./*.key ./*.p12
-chmod 600 ca.key
+chmod 644 ./*.crt
+chmod 600 ./*.key client.p12 client.p12.password
 echo "make-certs: CA and certificates in $(pwd) (server names: ${san})"

@@ -1,7 +1,8 @@
-"""The shipped alert rules, time-compressed (``prom_helpers.scaled_rules``), on real Lightning runs scraped by a real Prometheus: quiet through every
-stage of a healthy run (a slow first step, long validation, fit then test, an eval-only run, a large-scale loss, a
-single NaN, a memory spike the allocator gives back, a training job of another name), loud for the real faults (a
-hang in any stage, a diverging loss, persisting NaN, a throughput drop, memory that keeps reaching the limit).
+"""The shipped alert rules, time-compressed (``prom_helpers.scaled_rules``), on real Lightning runs scraped by a real
+Prometheus: quiet through every stage of a healthy run (a slow first step, long validation, fit then test, an
+eval-only run, a large-scale loss, a single NaN, a memory spike the allocator gives back, a training job of another
+name), loud for the real faults (a hang in any stage, a diverging loss, persisting NaN, validation that stopped
+improving, a throughput drop, memory that keeps reaching the limit).
 
 The rules are the shipped expressions with every duration (range windows, offsets, ``for:``) and every
 ``time() - ... > N`` budget divided by ``SCALE``, so that a 15-minute budget is 6 s here.
@@ -9,10 +10,11 @@ The rules are the shipped expressions with every duration (range windows, offset
 
 from __future__ import annotations
 
-import functools
 import time
+from pathlib import Path
 from typing import Any, Optional
 
+import deploy_training as dt
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -20,9 +22,7 @@ import yaml
 from conftest import free_port, require_tool
 from prom_helpers import STACK_RULES_FILE, Prometheus, scaled_rules, wait_until
 
-import deploy_training as dt
 from dgdn_lightning_monitor import MonitoringCallback
-from dgdn_lightning_monitor import callback as callback_module
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_testing.fake_pynvml import FakeDevice, FakeNVML
@@ -86,12 +86,6 @@ def _trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
 LIVENESS = "DGDNRunNotStarted|DGDNTrainingStalled"
 
 
-@pytest.fixture(autouse=True)
-def uncached_endpoint(monkeypatch):
-    """Every scrape renders afresh: the endpoint's one-second page cache is as long as a compressed window."""
-    monkeypatch.setattr(callback_module, "MetricsServer", functools.partial(MetricsServer, cache_ttl_s=0))
-
-
 def test_healthy_stages_stay_silent(tmp_path):
     """A first step longer than the stall budget (within the start-up budget), a validation and a test longer than
     the stall budget, then a validate-only run: no liveness alert, although no training step ends for longer than
@@ -146,7 +140,7 @@ class Hangs(pl.Callback):
 
 def test_a_hang_in_any_stage_fires(tmp_path):
     """The training thread blocks before its first step, then in training, validation and test: each fires,
-    naming the rank, while the exported stage says where it hangs."""
+    naming the rank and, for a stall, the stage it hangs in."""
     port = free_port()
     target = f"127.0.0.1:{port}"
     prometheus = prometheus_for(tmp_path, {"dgdn-training": [target]}, [scaled_rules(tmp_path, SCALE)])
@@ -154,8 +148,7 @@ def test_a_hang_in_any_stage_fires(tmp_path):
     def until(alertname: str, stage: Optional[str]) -> dict[str, Any]:
         hang = time.time()
         alert = wait_until(lambda: firing(prometheus, alertname, hang), 60, what=f"{alertname} during the hang")[0]
-        if stage is not None:
-            assert seen(prometheus, f'dgdn_stage{{stage="{stage}"}} == 1')
+        assert alert.get("stage") == stage  # the stall alert names the stage it hangs in
         return alert
 
     try:
@@ -280,7 +273,7 @@ def test_gpu_memory_spike_given_back_stays_silent_memory_kept_near_the_limit_fir
     monitor = GPUMonitor("dgdn", devices=[0], poll_interval_s=0.2, nvml=FakeNVML([FakeDevice(memory_total=total)]))
     registry.register(monitor)
     monitor.start([0], {"rank": "0"})
-    server = MetricsServer(registry, "127.0.0.1", 0, cache_ttl_s=0)
+    server = MetricsServer(registry, "127.0.0.1", 0)
     server.start()
     prometheus = prometheus_for(
         tmp_path, {"dgdn-training": [f"127.0.0.1:{server.bound_port}"]}, [scaled_rules(tmp_path, SCALE)]
@@ -341,5 +334,39 @@ def test_training_job_of_another_name_is_watched_and_never_a_stack_outage(tmp_pa
         assert [alert["job"] for alert in down] == ["alertmanager"]
         assert "DGDNMonitoringTargetDown" in ever_fired(prometheus, "DGDNMonitoringTargetDown")
         assert not [r for r in prometheus.query('ALERTS{alertname="DGDNMonitoringTargetDown", job="train-gnn"}')]
+    finally:
+        prometheus.stop()
+
+
+def test_stagnation_is_counted_in_validation_evaluations(tmp_path):
+    """Validation that keeps improving stays silent however long it takes; ten evaluations without a new best fire
+    DGDNTrainingStagnation (no `for:`: the count itself is the patience)."""
+    port = free_port()
+    prometheus = prometheus_for(tmp_path, {"dgdn-training": [f"127.0.0.1:{port}"]}, [scaled_rules(tmp_path, SCALE)])
+    improving, flat = [1.0 - 0.05 * i for i in range(8)], [0.9] * 12
+    state: dict[str, Any] = {}
+
+    class Scripted(dt.Paced):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            evaluation = self.trainer.current_epoch
+            self.log("val_loss", improving[evaluation] if evaluation < 8 else flat[evaluation - 8], batch_size=4)
+
+    class Check(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 8:  # eight improving evaluations, scraped
+                wait_until(lambda: seen(prometheus, "dgdn_validation_evaluations_since_best == 0"), 30, what="scrape")
+                time.sleep(1)
+                state["quiet"] = ever_fired(prometheus, "DGDNTrainingStagnation")
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            state["fired"] = wait_until(lambda: firing(prometheus, "DGDNTrainingStagnation"), 30, what="stagnation")
+
+    try:
+        monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
+        train, val = dt.loaders()
+        _trainer([Check(), monitor], max_epochs=20).fit(Scripted(step_sleep_s=0.0), train, val)
+        assert state["quiet"] == set()
+        assert state["fired"][0]["severity"] == "info"
+        assert seen(prometheus, "dgdn_validation_evaluations_since_best >= 10")
     finally:
         prometheus.stop()

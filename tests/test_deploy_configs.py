@@ -567,3 +567,85 @@ def test_stack_target_alert_names_exactly_the_stack_jobs_of_every_shipped_config
         assert jobs - stack == {"dgdn-training"}, path
     for name in ("dgdn-training", "train-gnn", "default/gnn-trainer", "prometheus-training", "my-alertmanager"):
         assert not re.fullmatch(pattern, name), name
+
+
+# ================================================================================================ overrides
+SECURE_OVERRIDE = DEPLOY / "docker-compose.secure.yml"
+HA_OVERRIDE = DEPLOY / "scaling" / "docker-compose.ha-alertmanager.yml"
+OVERRIDES = {
+    "secure": ["-f", str(SECURE_OVERRIDE)],
+    "ha-alertmanager": ["-f", str(HA_OVERRIDE)],
+    "docker-desktop": ["-f", str(DOCKER_DESKTOP_OVERRIDE)],
+}
+OVERRIDE_ENV = {"GF_ADMIN_PASSWORD": "test-only"}
+
+
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(source, target, options) of a service's volumes as docker-compose config writes them."""
+    result = []
+    for volume in service.get("volumes", []):
+        source, target, *options = volume.split(":")
+        result.append((source, target, options[0] if options else ""))
+    return result
+
+
+@pytest.mark.parametrize("override", sorted(OVERRIDES))
+def test_every_override_honours_alertmanager_config(override):
+    """ALERTMANAGER_CONFIG picks the configuration of every Alertmanager, whichever override runs it."""
+    env = {**OVERRIDE_ENV, "ALERTMANAGER_CONFIG": "examples/webhook.yml"}
+    services = compose_config(*OVERRIDES[override], env=env)["services"]
+    alertmanagers = [name for name in services if name.startswith("alertmanager")]
+    assert alertmanagers
+    for name in alertmanagers:
+        assert "--config.file=/etc/alertmanager/examples/webhook.yml" in services[name]["command"], name
+        assert (str(DEPLOY / "alertmanager"), "/etc/alertmanager", "ro,z") in _mounts(services[name])
+
+
+def test_one_alertmanager_version_across_the_compose_files():
+    images = set()
+    for path in (COMPOSE_FILE, SECURE_OVERRIDE, HA_OVERRIDE, DOCKER_DESKTOP_OVERRIDE):
+        images |= set(re.findall(r"image:\s*(prom/alertmanager:\S+)", path.read_text()))
+    assert len(images) == 1, images
+    services = compose_config(*OVERRIDES["ha-alertmanager"])["services"]
+    assert services["alertmanager"]["image"] == services["alertmanager-2"]["image"] == images.pop()
+
+
+def test_secured_pushgateway_persists_into_its_volume():
+    service = compose_config(*OVERRIDES["secure"], env=OVERRIDE_ENV)["services"]["pushgateway"]
+    persistence = next(arg.split("=", 1)[1] for arg in service["command"] if arg.startswith("--persistence.file="))
+    volumes = [target for source, target, _ in _mounts(service) if source == "pushgateway-data"]
+    assert volumes and Path(persistence).parent == Path(volumes[0]), (persistence, volumes)
+
+
+@pytest.mark.parametrize("override", [None, *sorted(OVERRIDES)])
+def test_project_bind_mounts_carry_the_shared_selinux_label_and_system_paths_none(override):
+    services = compose_config(*(OVERRIDES[override] if override else []), env=OVERRIDE_ENV)["services"]
+    for name, service in services.items():
+        for source, _, options in _mounts(service):
+            if source.startswith(str(DEPLOY)):
+                assert "z" in options.split(","), f"{name}: {source} without the z label"
+            elif source.startswith("/"):  # the host's own paths must never be relabelled
+                assert not {"z", "Z"} & set(options.split(",")), f"{name}: {source} relabelled"
+
+
+def test_cadvisor_reads_the_docker_data_root_given():
+    snap = "/var/snap/docker/common/var-lib-docker"
+    for env, root in (({}, "/var/lib/docker"), ({"DOCKER_DATA_ROOT": snap}, snap)):
+        service = compose_config(env=env)["services"]["cadvisor"]
+        assert (root, "/var/lib/docker", "ro") in _mounts(service)
+
+
+def test_one_scrape_password_path_in_docs_and_config():
+    docs = set(re.findall(r"password_file: (\S+?)\}", (ROOT / "docs" / "production.md").read_text()))
+    config = set(re.findall(r"password_file: (\S+?)\}", (DEPLOY / "secure" / "prometheus.yml").read_text()))
+    assert docs == config == {"secrets/scrape-password"}
+    assert "secure/secrets/" in (DEPLOY / ".gitignore").read_text().split()
+
+
+def test_every_shipped_training_job_merges_static_and_discovered_targets():
+    """The run-id relabelling of prometheus.yml is in every shipped config that finds runs both ways."""
+    shipped = next(job for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"] if job["job_name"] == "dgdn-training")
+    for path in (DEPLOY / "scaling" / "remote-write.yml", DEPLOY / "scaling" / "prometheus-ha-alertmanager.yml"):
+        job = next(job for job in load_yaml(path)["scrape_configs"] if job["job_name"] == "dgdn-training")
+        assert job.get("static_configs") and job.get("file_sd_configs"), path
+        assert job["relabel_configs"] == shipped["relabel_configs"], path

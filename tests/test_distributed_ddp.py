@@ -238,6 +238,7 @@ def test_ddp_two_ranks_serve_labelled_endpoints_discovery_and_one_trace_per_epoc
             assert batches == GRAPHS // 2 // BATCH * EPOCHS
             info, _ = only(found["dgdn_training_info"])
             assert info["run_id"] == run_id
+            assert info["strategy"] == "DDPStrategy"  # what DGDNRankStraggler requires
         assert total == GRAPHS * EPOCHS
 
         # One discovery file for the node, listing both endpoints.

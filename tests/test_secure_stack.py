@@ -95,7 +95,21 @@ def test_make_certs_makes_a_chain_the_servers_accept(secure_dir):
         "IP Address:127.0.0.1",
     ):
         assert name in san
-    assert oct((certs / "ca.key").stat().st_mode & 0o777) == "0o600"
+    # Private keys, the browser bundle and its password are the owner's alone; certificates are public.
+    for name in ("ca.key", "server.key", "client.key", "client.p12", "client.p12.password"):
+        assert oct((certs / name).stat().st_mode & 0o777) == "0o600", name
+    for name in ("ca.crt", "server.crt", "client.crt"):
+        assert oct((certs / name).stat().st_mode & 0o777) == "0o644", name
+    # The browser bundle opens with its password only, never with an empty one.
+    password = f"file:{certs / 'client.p12.password'}"
+    run_tool(["openssl", "pkcs12", "-in", certs / "client.p12", "-passin", password, "-noout"], timeout=30)
+    empty = subprocess.run(
+        ["openssl", "pkcs12", "-in", str(certs / "client.p12"), "-passin", "pass:", "-noout"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert empty.returncode != 0
     # The shipped web config loads with them, in promtool and in the package alike.
     promtool = require_tool("promtool")
     run_tool([promtool, "check", "web-config", secure_dir / "web-config.yml"], timeout=30)
