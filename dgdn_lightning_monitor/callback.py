@@ -38,6 +38,7 @@ from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import TrainingMetrics, run_info
+from dgdn_lightning_monitor.outcome import RUNNING, classify
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import KEY_ARGUMENTS, TRAIN_GAUGES, VALIDATION_GAUGES, StepStatistics
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
@@ -236,6 +237,7 @@ class MonitoringCallback(Callback):
         self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
         self.metrics.info = run_info(pl_module, self.run_id)
+        self.metrics.outcome = RUNNING
         self.metrics.bind(trainer)
         port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
         server = MetricsServer(self.registry, self.addr, port, self.web_config)
@@ -283,7 +285,9 @@ class MonitoringCallback(Callback):
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
+        self.metrics.outcome = classify(exception)  # before the final push, which carries it
         self.gpu.stop()
+        run.server.linger()  # the next scrape reads the outcome: the end of a run is told from a crash
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
         self.tracer.finish(exception)
         run.server.stop()
