@@ -32,7 +32,7 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from typing_extensions import override
 
-from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
+from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun, serving_port
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
@@ -71,8 +71,10 @@ class MonitoringCallback(Callback):
     exception). Counters keep counting across several ``fit`` calls with the same callback.
 
     Args:
-        port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free one (see :attr:`metrics_url`). Under
-            DDP each rank serves ``port + local_rank`` (see ``port_per_local_rank``).
+        port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free one (see :attr:`metrics_url`). By default
+            8000 (the stack's quick-start target; a free port when 8000 is taken, with a warning), or a free port
+            when ``targets_dir`` is set (the discovery file says which), so several runs on one node never clash.
+            Under DDP each rank serves ``port + local_rank`` (see ``port_per_local_rank``).
         addr: interface to bind; the default ``0.0.0.0`` lets a Prometheus container reach the host.
         namespace: prefix of every metric name.
         registry: a ``prometheus_client.CollectorRegistry`` to register into; by default a private one, so two
@@ -95,9 +97,10 @@ class MonitoringCallback(Callback):
         port_per_local_rank: under DDP, offset the port by the local rank so the ranks of one machine do not
             clash; ``False`` when every rank has its own network namespace (one container per rank).
         targets_dir: directory of Prometheus file-SD files (e.g. ``deploy/prometheus/targets``): the local
-            rank 0 of every node writes one listing its ranks' endpoints while the run lasts.
+            rank 0 of every node writes one listing its ranks' endpoints while the run lasts, refreshes it every
+            30 s and removes it at the end; a file not refreshed for 3 minutes is removed by the next run.
         targets_host: host name written into those files; by default the machine's host name (or ``addr``
-            when it is a specific address). ``"host.docker.internal"`` suits a Prometheus container.
+            when it is a specific address), which ``make stack`` lets its Prometheus container resolve.
         pushgateway_url: a Pushgateway (``http://host:9091``) to which every rank pushes its final figures
             when the run ends, grouped by ``job``, ``run_id`` and ``rank``; a failed push only warns.
         job: Prometheus job name used in discovery files and pushes.
@@ -119,7 +122,7 @@ class MonitoringCallback(Callback):
 
     def __init__(
         self,
-        port: int = 8000,
+        port: Optional[int] = None,
         addr: str = "0.0.0.0",
         namespace: str = "dgdn",
         registry: Optional[CollectorRegistry] = None,
@@ -145,7 +148,7 @@ class MonitoringCallback(Callback):
         web_config_file: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         super().__init__()
-        self.port = check_int("port", port, 0, 65535)
+        self.port = None if port is None else check_int("port", port, 0, 65535)
         self.addr = check("addr", addr, isinstance(addr, str) and bool(addr.strip()), "a host name or IP address")
         self.namespace = check_namespace(namespace)
         check_optional("registry", registry, CollectorRegistry, "a prometheus_client.CollectorRegistry")
@@ -239,8 +242,8 @@ class MonitoringCallback(Callback):
         self.metrics.info = run_info(pl_module, self.run_id)
         self.metrics.outcome = RUNNING
         self.metrics.bind(trainer)
-        port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
-        server = MetricsServer(self.registry, self.addr, port, self.web_config)
+        port = serving_port(self.port, labels.local_rank, self.port_per_local_rank, self._dist.targets_dir is not None)
+        server = MetricsServer(self.registry, self.addr, port, self.web_config, free_port_if_taken=self.port is None)
         failure: Optional[Exception] = None
         try:
             if port > 65535:

@@ -6,6 +6,7 @@ configuration, and a fast stop."""
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import socket
 import threading
@@ -19,6 +20,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from dgdn_lightning_monitor.guards import check, forget_threads_after_fork
+
+log = logging.getLogger(__name__)
 
 # How often the serving loop checks for shutdown; stopping waits up to this long (the library's default is
 # 0.5 s, which would be most of the run-end budget).
@@ -131,6 +134,8 @@ class MetricsServer:
         cache_ttl_s: scrapes of the same variant within this many seconds share one rendering (see
             :class:`SharedRender`), so served values are at most this old; ``0`` renders every request. Basic auth
             is still checked on every request.
+        free_port_if_taken: when ``port`` is taken, serve on a free port instead (with a warning) of raising
+            :class:`PortInUseError`.
 
     Example::
 
@@ -147,6 +152,7 @@ class MetricsServer:
         port: int = 8000,
         web_config: Optional[WebConfig] = None,
         cache_ttl_s: float = CACHE_TTL_S,
+        free_port_if_taken: bool = False,
     ) -> None:
         valid = isinstance(cache_ttl_s, (int, float)) and not isinstance(cache_ttl_s, bool)
         valid = valid and 0 <= cache_ttl_s < math.inf
@@ -155,6 +161,7 @@ class MetricsServer:
         self.addr = addr
         self.port = port
         self.web_config = web_config
+        self.free_port_if_taken = free_port_if_taken
         self._httpd: Optional[ThreadingWSGIServer] = None
         self._thread: Optional[threading.Thread] = None
         self._render: Optional[SharedRender] = None
@@ -202,13 +209,23 @@ class MetricsServer:
         try:
             httpd = make_server(self.addr, self.port, app, Server, handler_class=_QuietHandler)
         except OSError as error:
-            if error.errno == errno.EADDRINUSE:
+            if error.errno == errno.EADDRINUSE and self.free_port_if_taken and self.port:
+                httpd = make_server(self.addr, 0, app, Server, handler_class=_QuietHandler)
+                log.warning(
+                    "Port %d is taken (another run on this machine?): serving metrics on port %d instead. A static "
+                    "scrape target for port %d does not see this run; with targets_dir, Prometheus discovers it.",
+                    self.port,
+                    httpd.server_address[1],
+                    self.port,
+                )
+            elif error.errno == errno.EADDRINUSE:
                 raise PortInUseError(
                     errno.EADDRINUSE,
                     f"MonitoringCallback cannot serve metrics: port {self.port} on {self.addr} is already in use. "
                     f"Pass another port, or port=0 to pick a free one.",
                 ) from error
-            raise
+            else:
+                raise
         context = self.web_config.ssl_context if self.web_config is not None else None
         if context is not None:
             httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
