@@ -48,6 +48,28 @@ def _all_targets(config: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ derived configs
+def test_the_training_job_is_derived_from_its_static_targets(native_stack):
+    """One source for the quick-start address: the shipped merge relabelling is what quick_start_relabel derives
+    from the shipped static targets, and the native config derives it again from the rewritten ones; discovered
+    targets naming host.docker.internal are scraped on loopback there."""
+    shipped = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+    job = shipped["dgdn-training"]
+    statics = [t for static in job["static_configs"] for t in static["targets"]]
+    assert job["relabel_configs"] == [native_stack.quick_start_relabel(statics)]
+
+    rewriter = native_stack.Rewriter(PORTS, native_stack.compose_services(COMPOSE_FILE))
+    native = {job["job_name"]: job for job in native_stack.prometheus_config(PROMETHEUS_CONFIG, rewriter)["scrape_configs"]}
+    derived = native["dgdn-training"]
+    native_statics = [t for static in derived["static_configs"] for t in static["targets"]]
+    assert native_statics == ["127.0.0.1:8000"]
+    alias, merge = derived["relabel_configs"]
+    assert merge == native_stack.quick_start_relabel(native_statics)
+    assert re.fullmatch(merge["regex"], "127.0.0.1:8000") and not re.fullmatch(merge["regex"], "127.0.0.1:18000")
+    assert re.sub(alias["regex"], alias["replacement"].replace("$1", r"\1"), "host.docker.internal:41234") == (
+        "127.0.0.1:41234"
+    )
+
+
 def test_shipped_prometheus_config_is_rewritten_for_loopback(native_stack):
     services = native_stack.compose_services(COMPOSE_FILE)
     rewriter = native_stack.Rewriter(PORTS, services)
