@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -273,11 +274,11 @@ def test_discovered_runs_on_one_node_with_default_ports_any_host_each_scraped_on
             what="the default-host run scraped after a step",
         )
         assert _targets_ever(prometheus, f'run_id="{killed.run_id}"') == 1
-        host = killed.target.rsplit(":", 1)[0]
-        assert host not in ("127.0.0.1", "localhost")  # this machine's name, as written by default
+        instance = prometheus.query(f'up{{run_id="{killed.run_id}"}}')[0]["metric"]["instance"]
+        assert instance == f"{socket.gethostname()}:{killed.target.rsplit(':', 1)[1]}"  # the default host
         killed.kill()
         alert = _wait_for_down_alert(sink, run_id=killed.run_id)
-        assert alert["labels"]["instance"] == killed.target
+        assert alert["labels"]["instance"] == instance
         assert not _loud_about(sink, prometheus, run_id=ending.run_id)
     finally:
         killed.kill()
