@@ -302,8 +302,16 @@ def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(st
         )  # fmt: skip
 
     def reports(out: Path) -> list[dict[str, Any]]:
+        """What each rank trained, once both hold at their end and each was scraped regularly (a real run lasts
+        several scrapes; the end of one scraped fewer than twice is not waited for)."""
         wait_until(lambda: len(list(out.glob("ready-rank*.json"))) == 2, START_TIMEOUT_S, what="both ranks trained")
-        return sorted((json.loads(p.read_text()) for p in out.glob("ready-rank*.json")), key=lambda r: r["rank"])
+        ranks = sorted((json.loads(p.read_text()) for p in out.glob("ready-rank*.json")), key=lambda r: r["rank"])
+        wait_until(
+            lambda: (_value(prometheus, f'min(count_over_time(up{{run_id="{ranks[0]["run_id"]}"}}[1m]))') or 0) >= 3,
+            30,
+            what="three scrapes of each rank",
+        )
+        return ranks
 
     ended = start(tmp_path / "ended")
     try:
