@@ -429,7 +429,7 @@ class DistributedRun:
         if self.pushgateway_url is not None and self.rank == 0:
             self._retention = threading.Thread(
                 target=remove_finished_groups,
-                args=(self.pushgateway_url, self.job),
+                args=(self.pushgateway_url, self.job, PUSH_RETENTION_S),
                 name="dgdn-push-retention",
                 daemon=True,
             )
