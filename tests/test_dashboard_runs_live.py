@@ -5,7 +5,6 @@ and shows both; with one run selected, only that run."""
 
 from __future__ import annotations
 
-
 from typing import Any
 
 import pytest
