@@ -525,11 +525,11 @@ class Stack:
         """Remove expired discovery files (runs killed without their teardown) and Pushgateway groups past their
         retention, as the runs themselves do; needs the package (a no-op without it)."""
         try:
-            from dgdn_lightning_monitor.distributed import remove_expired_targets, remove_finished_groups
+            from dgdn_lightning_monitor import distributed
         except ImportError:
             return
-        remove_expired_targets(self.targets_dir or (self.deploy_dir / "prometheus" / "targets"))
-        remove_finished_groups(self.url("pushgateway"))
+        distributed.remove_expired_targets(self.targets_dir or (self.deploy_dir / "prometheus" / "targets"))
+        distributed.remove_finished_groups(self.url("pushgateway"), retention_s=distributed.PUSH_RETENTION_S)
 
     def wait(self, sweep_every_s: float = 30.0) -> None:
         """Block until a server exits (or is stopped from elsewhere), sweeping every ``sweep_every_s``."""

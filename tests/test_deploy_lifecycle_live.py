@@ -405,3 +405,42 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
     finally:
         stale.unlink(missing_ok=True)
         ghost.unlink(missing_ok=True)
+
+
+def test_a_failed_run_warns_with_its_exception_and_pages_nobody(stack):
+    """A discovered run whose training raises: its last scrape says failed with the exception's class, the warning
+    DGDNRunFailed reaches the webhook naming it, and no crash page follows."""
+    import deploy_training as dt
+    import lightning.pytorch as pl
+
+    from dgdn_lightning_monitor import MonitoringCallback
+
+    prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
+    monitor = MonitoringCallback(addr="127.0.0.1", targets_dir=targets, targets_host="127.0.0.1", tracing=False)
+
+    class Fail(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 1:
+                wait_until(
+                    lambda: (_value(prometheus, f'count_over_time(up{{run_id="{monitor.run_id}"}}[1m])') or 0) >= 3,
+                    30,
+                    what="three scrapes of the run",
+                )
+            if trainer.global_step == 2:
+                raise ValueError("a broken batch")
+
+    train, val = dt.loaders()
+    with pytest.raises(ValueError, match="a broken batch"):
+        dt.trainer([Fail(), monitor], max_epochs=5).fit(dt.LiveGCN(step_sleep_s=0.0), train, val)
+    path, alert = sink.wait_for(
+        lambda r: [a for a in _alerts(r, "DGDNRunFailed") if a[1]["labels"].get("run_id") == monitor.run_id],
+        ALERT_TIMEOUT_S,
+        "DGDNRunFailed for the failed run",
+    )[0]
+    assert path == "/alerts" and alert["labels"]["severity"] == "warning"
+    assert alert["labels"]["exception"] == "ValueError"
+    assert not list(targets.glob(f"*{monitor.run_id}.json"))
+    time.sleep(5)  # past the shortened `for` of DGDNRunDown
+    assert not _alerts(sink.snapshot(), "DGDNRunDown") or all(
+        a["labels"].get("run_id") != monitor.run_id for _, a in _alerts(sink.snapshot(), "DGDNRunDown")
+    )

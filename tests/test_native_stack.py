@@ -186,6 +186,42 @@ def test_bad_ports_are_refused_at_construction(native_stack, tmp_path, ports):
         native_stack.Stack(tmp_path, ports=ports)
 
 
+def test_the_stack_sweeps_expired_discovery_files_and_old_pushgateway_groups(native_stack, tmp_path, monkeypatch):
+    """What a running stack does every 30 s: a killed run's expired file goes, hand-written and fresh ones stay,
+    and Pushgateway groups past their retention are deleted (a real Pushgateway on the stack's port)."""
+    from prom_helpers import Pushgateway
+
+    from dgdn_lightning_monitor import distributed
+
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    expired, fresh, hand = (targets / name for name in ("job-a-node0-dead.json", "job-b-node0-live.json", "r.json"))
+    for path in (expired, fresh, hand):
+        path.write_text("[]")
+    old = time.time() - distributed.EXPIRE_S - 10
+    for path in (expired, hand):
+        os.utime(path, (old, old))
+    ports = {**PORTS, "pushgateway": free_port()}
+    gateway = Pushgateway(require_tool("pushgateway"), tmp_path, ports["pushgateway"])
+    try:
+        gateway.wait_ready()
+        body = b"dgdn_samples_processed_total 5\n"
+        request = urllib.request.Request(
+            f"{gateway.url}/metrics/job/dgdn-training/run_id/old/rank/0", data=body, method="PUT"
+        )
+        urllib.request.urlopen(request, timeout=5).close()
+        stack = native_stack.Stack(tmp_path / "state", ports=ports, targets_dir=targets)
+        monkeypatch.setattr(distributed, "PUSH_RETENTION_S", 3600.0)
+        stack.sweep()
+        assert "old" in http_get(gateway.url + "/metrics").decode()  # within the retention
+        monkeypatch.setattr(distributed, "PUSH_RETENTION_S", 0.0)
+        stack.sweep()
+        assert 'run_id="old"' not in http_get(gateway.url + "/metrics").decode()
+    finally:
+        gateway.stop()
+    assert not expired.exists() and fresh.exists() and hand.exists()
+
+
 def test_a_missing_binary_is_named_in_one_line(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
