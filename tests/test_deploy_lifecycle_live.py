@@ -250,41 +250,48 @@ def test_one_process_with_defaults_is_scraped_once_ends_quietly_and_pages_when_k
 
 
 def test_discovered_runs_on_one_node_with_default_ports_any_host_each_scraped_once(stack):
-    """Two runs at once on one node with a discovery directory and default ports: one with the default host (this
-    machine's name), one with the Docker recipe's host.docker.internal. No clash, each scraped once (never also by
-    the static target), sums equal; the one that ends is quiet and its file goes; the killed one pages."""
+    """Three runs at once on one node with a discovery directory and default ports: one with the default host (this
+    machine's name), two with the Docker recipe's host.docker.internal. No clash, each scraped once (never also by
+    the static target), sums equal; the one that ends is quiet and its file goes; the killed ones page."""
     prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
     common = ("--targets-dir", str(targets), "--port", "default", "--addr", "default")
     killed = Child(*common, "--targets-host", "default")
+    killed_docker = Child(*common, "--targets-host", "host.docker.internal")
     ending = Child(*common, "--targets-host", "host.docker.internal", "--epochs", "12")
+    children = (killed, killed_docker, ending)
     try:
-        killed.serving()
-        ending.serving()
-        ports = {int(child.target.rsplit(":", 1)[1]) for child in (killed, ending)}
-        assert len(ports) == 2 and stack["static_port"] not in ports
+        for child in children:
+            child.serving()
+        ports = {int(child.target.rsplit(":", 1)[1]) for child in children}
+        assert len(ports) == 3 and stack["static_port"] not in ports
         samples = ending.done()
         _outcome_scraped(prometheus, f'run_id="{ending.run_id}"', "completed")
         assert not list(targets.glob(f"*{ending.run_id}.json")), "a run that ended left its discovery file"
         assert _targets_ever(prometheus, f'run_id="{ending.run_id}"') == 1
         assert _scraped_total(prometheus, f'run_id="{ending.run_id}"') == samples == 32 * 12
 
-        wait_until(
-            lambda: prometheus.query(f'dgdn_last_step_timestamp_seconds{{run_id="{killed.run_id}"}}'),
-            60,
-            what="the default-host run scraped after a step",
-        )
-        assert _targets_ever(prometheus, f'run_id="{killed.run_id}"') == 1
+        for child in (killed, killed_docker):
+            wait_until(
+                lambda child=child: prometheus.query(f'dgdn_last_step_timestamp_seconds{{run_id="{child.run_id}"}}'),
+                60,
+                what="the run scraped after a step",
+            )
+            assert _targets_ever(prometheus, f'run_id="{child.run_id}"') == 1
         instance = prometheus.query(f'up{{run_id="{killed.run_id}"}}')[0]["metric"]["instance"]
         assert instance == f"{socket.gethostname()}:{killed.target.rsplit(':', 1)[1]}"  # the default host
+        docker_instance = prometheus.query(f'up{{run_id="{killed_docker.run_id}"}}')[0]["metric"]["instance"]
+        assert docker_instance == f"127.0.0.1:{killed_docker.target.rsplit(':', 1)[1]}"  # derived: on loopback
         killed.kill()
-        alert = _wait_for_down_alert(sink, run_id=killed.run_id)
-        assert alert["labels"]["instance"] == instance
+        killed_docker.kill()
+        assert _wait_for_down_alert(sink, run_id=killed.run_id)["labels"]["instance"] == instance
+        assert _wait_for_down_alert(sink, run_id=killed_docker.run_id)["labels"]["instance"] == docker_instance
         assert not _loud_about(sink, prometheus, run_id=ending.run_id)
     finally:
-        killed.kill()
-        ending.kill()
-        for leftover in targets.glob(f"*{killed.run_id}.json"):  # a killed run's file; the next run would expire it
-            leftover.unlink()
+        for child in children:
+            child.kill()
+        for child in (killed, killed_docker):  # killed runs' files; the next run would expire them
+            for leftover in targets.glob(f"*{child.run_id}.json"):
+                leftover.unlink()
 
 
 def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(stack, tmp_path):
@@ -385,7 +392,8 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
         assert ghost_target in alert["annotations"]["description"]
         assert "targets_host" in alert["annotations"]["description"]
 
-        monitor = MonitoringCallback(addr="127.0.0.1", targets_dir=targets, targets_host="127.0.0.1", tracing=False)
+        # The next run: defaults but for the directory (a free port, this machine's name), in this process.
+        monitor = MonitoringCallback(targets_dir=targets, tracing=False)
         seen: dict[str, Any] = {}
 
         def start(trainer) -> None:
@@ -394,11 +402,24 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
                 lambda: not prometheus.query(f'up{{instance="{stale_target}"}}'), 30, what="the stale target dropped"
             )
 
+        def end(trainer) -> None:
+            wait_until(
+                lambda: (_value(prometheus, f'count_over_time(up{{run_id="{monitor.run_id}"}}[1m])') or 0) >= 3
+                and prometheus.query(f'dgdn_global_step{{run_id="{monitor.run_id}"}} == {trainer.global_step}'),
+                30,
+                what="the run scraped regularly and after its last step",
+            )
+
         train, val = dt.loaders()
-        dt.trainer([dt.Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=1).fit(
+        dt.trainer([dt.Hooks(start, lambda t: None, end), monitor], max_epochs=2).fit(
             dt.LiveGCN(step_sleep_s=0.0), train, val
         )
         assert seen["stale_left"] is False, "the next run did not remove the expired discovery file"
+        _outcome_scraped(prometheus, f'run_id="{monitor.run_id}"', "completed")
+        assert _targets_ever(prometheus, f'run_id="{monitor.run_id}"') == 1
+        assert _scraped_total(prometheus, f'run_id="{monitor.run_id}"') == 32 * 2
+        time.sleep(5)  # past the shortened `for` of DGDNRunDown
+        assert not _loud_about(sink, prometheus, run_id=monitor.run_id)
         assert ghost.exists(), "a fresh file of another run was removed"
         down = {alert["labels"].get("instance") for _, alert in _alerts(sink.snapshot(), "DGDNRunDown")}
         assert not down & {stale_target, ghost_target}
