@@ -154,6 +154,7 @@ class FileSDTargets:
         name = "-".join(_FILE_PART.sub("_", part).strip("_") or "_" for part in parts)
         self.path = self.directory / f"{name}.json"
         self._written = False
+        self._content = ""
 
     def write(self, targets: Sequence[str], labels: Mapping[str, str]) -> Path:
         """Replace the file with one target group; raises ``OSError`` when the directory is not writable.
@@ -165,7 +166,29 @@ class FileSDTargets:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._written:
             self._remove_stale(set(targets))
-        content = json.dumps([{"targets": list(targets), "labels": dict(labels)}], indent=2) + "\n"
+        self._content = json.dumps([{"targets": list(targets), "labels": dict(labels)}], indent=2) + "\n"
+        self._replace(self._content)
+        if not self._written:
+            self._written = True
+            atexit.register(self.remove)  # a process that exits without Lightning's teardown still cleans up
+        return self.path
+
+    def refresh(self) -> None:
+        """Mark the file as still wanted (its modification time is the run's heartbeat), writing it again if it
+        was removed meanwhile (a sweep on a node whose clock is ahead); never raises."""
+        if not self._written:
+            return
+        try:
+            os.utime(self.path)
+        except FileNotFoundError:
+            try:
+                self._replace(self._content)
+            except OSError:
+                pass
+        except OSError:
+            pass
+
+    def _replace(self, content: str) -> None:
         temporary = self.directory / f".{self.path.stem}.{os.getpid()}.tmp"  # not *.json: never read half-written
         try:
             temporary.write_text(content, encoding="utf-8")
@@ -173,18 +196,6 @@ class FileSDTargets:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        if not self._written:
-            self._written = True
-            atexit.register(self.remove)  # a process that exits without Lightning's teardown still cleans up
-        return self.path
-
-    def refresh(self) -> None:
-        """Mark the file as still wanted (its modification time is the run's heartbeat); never raises."""
-        if self._written:
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # removed by hand or by a sweep: the next write puts it back
 
     def _remove_stale(self, targets: set[str]) -> None:
         remove_expired_targets(self.directory, keep=self.path)

@@ -79,6 +79,10 @@ def test_expired_discovery_files_go_and_others_stay(tmp_path) -> None:
     ours.refresh()  # the heartbeat: fresh again
     assert remove_expired_targets(tmp_path) == [expired]
     assert ours.path.exists() and hand_written.exists() and not expired.exists()
+    content = ours.path.read_text()
+    ours.path.unlink()  # swept by a node whose clock runs ahead
+    ours.refresh()
+    assert ours.path.read_text() == content
     ours.remove()
 
 
