@@ -62,6 +62,9 @@ _JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
 _WILDCARD_ADDRS = ("0.0.0.0", "", "::")
+# Hosts of a discovered target the stacks merge with their static quick-start target (deploy/prometheus/prometheus.yml
+# and its derivation by scripts/native_stack.py).
+_QUICK_START_HOSTS = ("host.docker.internal", "127.0.0.1", "localhost")
 
 
 def _is_url(value: Any) -> bool:
@@ -465,6 +468,16 @@ class DistributedRun:
                     ", ".join(peer.target or "?" for peer in node),
                     self._sd.path,
                     node[0].host,
+                )
+            doubled = [p.target for p in node if p.port == DEFAULT_PORT and p.host not in _QUICK_START_HOSTS]
+            if doubled:
+                self._warn_once(
+                    "quick-start-port",
+                    "%s is listed for discovery on port %d, which the stacks' static quick-start target also "
+                    "scrapes: Prometheus would scrape this rank twice. Leave port unset with targets_dir (a free "
+                    "port), or pass targets_host='host.docker.internal' so that the stack merges the two.",
+                    doubled[0],
+                    DEFAULT_PORT,
                 )
         except OSError as error:
             message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "

@@ -1,6 +1,7 @@
 """Housekeeping of finished runs, with the real parts: Pushgateway groups past their retention are deleted by the
 next run (series stay bounded over 20 real runs), and discovery files that stopped being refreshed expire while
-hand-written and fresh files stay."""
+hand-written and fresh files stay; a run listed on the quick-start port under a host the stack cannot merge says
+so."""
 
 from __future__ import annotations
 
@@ -112,3 +113,22 @@ def test_a_running_discovery_file_is_refreshed(tmp_path, monkeypatch) -> None:
     quiet_trainer(max_epochs=1, callbacks=[Watch(), monitor], num_sanity_val_steps=0).fit(GraphClassifier(), train, val)
     assert seen["fresh"] and not seen["expired_left"]
     assert not seen["path"].exists()  # removed at the end
+
+
+def test_the_quick_start_port_with_discovery_under_another_name_warns(tmp_path, caplog) -> None:
+    """port=8000 with targets_dir and a host the stack cannot merge with its static target: said once at start."""
+    from dgdn_lightning_monitor.labels import RankLabels
+
+    run = distributed.DistributedRun(targets_dir=tmp_path, targets_host="gpu-node-3")
+    run.exchange(RankLabels(), "0.0.0.0", distributed.DEFAULT_PORT, False)
+    with caplog.at_level("WARNING", logger="dgdn_lightning_monitor.distributed"):
+        run.publish(RankLabels(), "r1")
+    assert ["scrape this rank twice" in r.getMessage() for r in caplog.records] == [True]
+    run.finish(None, RankLabels(), "r1")  # type: ignore[arg-type]  # no Pushgateway: the registry is not used
+    caplog.clear()
+    merged = distributed.DistributedRun(targets_dir=tmp_path, targets_host="host.docker.internal")
+    merged.exchange(RankLabels(), "0.0.0.0", distributed.DEFAULT_PORT, False)
+    with caplog.at_level("WARNING", logger="dgdn_lightning_monitor.distributed"):
+        merged.publish(RankLabels(), "r2")
+    assert not caplog.records
+    merged.finish(None, RankLabels(), "r2")  # type: ignore[arg-type]
