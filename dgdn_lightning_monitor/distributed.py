@@ -20,6 +20,8 @@ import os
 import re
 import socket
 import threading
+import time
+import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,12 +30,12 @@ from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 import torch.distributed as dist
-from prometheus_client import CollectorRegistry, push_to_gateway
+from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
 from prometheus_client.exposition import default_handler
 
 from dgdn_lightning_monitor.guards import MonitorErrors, check
 from dgdn_lightning_monitor.labels import RankLabels
-from dgdn_lightning_monitor.server import host_port, reachable_host
+from dgdn_lightning_monitor.server import LINGER_LIMIT_S, host_port, reachable_host
 from dgdn_lightning_monitor.web_config import push_handler_from_env
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,21 @@ log = logging.getLogger(__name__)
 DEFAULT_JOB = "dgdn-training"
 #: The most a Pushgateway push may take at the end of a run.
 PUSH_TIMEOUT_S = 2.0
+#: The port of the stack's static quick-start target (``host.docker.internal:8000``): the default without
+#: ``targets_dir``. With ``targets_dir`` every rank binds a free port by default and the discovery file says which.
+DEFAULT_PORT = 8000
+#: A run rewrites the modification time of its discovery file this often, from a daemon thread.
+REFRESH_S = 30.0
+#: A discovery file not refreshed for this long belongs to a run that is gone (killed, its node lost): the next run
+#: writing into the directory, every live run's refresh and the native stack remove it.
+EXPIRE_S = 180.0
 
 _JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
+# Hosts of a discovered target the stacks merge with their static quick-start target (deploy/prometheus/prometheus.yml
+# and its derivation by scripts/native_stack.py).
+_QUICK_START_HOSTS = ("host.docker.internal", "127.0.0.1", "localhost")
 
 
 def _is_url(value: Any) -> bool:
@@ -75,6 +88,22 @@ class Endpoint:
     def target(self) -> Optional[str]:
         """``host:port`` as Prometheus writes a target (IPv6 literals in brackets)."""
         return host_port(self.host, self.port) if self.port is not None else None
+
+
+def serving_port(port: Optional[int], local_rank: int, per_local_rank: bool, discovery: bool) -> int:
+    """The port one rank binds.
+
+    Args:
+        port: what the user passed; ``None`` picks the default: :data:`DEFAULT_PORT` (the quick-start target's)
+            without discovery, ``0`` (a free port, written into the discovery file) with it, so that several runs on
+            one node never clash.
+        local_rank: the rank's index on its node, added to a non-zero port when ``per_local_rank``.
+        per_local_rank: offset the port by the local rank.
+        discovery: whether ``targets_dir`` is set.
+    """
+    if port is None:
+        port = 0 if discovery else DEFAULT_PORT
+    return port + local_rank if port and per_local_rank else port
 
 
 # ---------------------------------------------------------------------------------------------- file SD
@@ -109,6 +138,7 @@ class FileSDTargets:
         name = "-".join(_FILE_PART.sub("_", part).strip("_") or "_" for part in parts)
         self.path = self.directory / f"{name}.json"
         self._written = False
+        self._content = ""
 
     def write(self, targets: Sequence[str], labels: Mapping[str, str]) -> Path:
         """Replace the file with one target group; raises ``OSError`` when the directory is not writable.
@@ -120,7 +150,29 @@ class FileSDTargets:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._written:
             self._remove_stale(set(targets))
-        content = json.dumps([{"targets": list(targets), "labels": dict(labels)}], indent=2) + "\n"
+        self._content = json.dumps([{"targets": list(targets), "labels": dict(labels)}], indent=2) + "\n"
+        self._replace(self._content)
+        if not self._written:
+            self._written = True
+            atexit.register(self.remove)  # a process that exits without Lightning's teardown still cleans up
+        return self.path
+
+    def refresh(self) -> None:
+        """Mark the file as still wanted (its modification time is the run's heartbeat), writing it again if it
+        was removed meanwhile (a sweep on a node whose clock is ahead); never raises."""
+        if not self._written:
+            return
+        try:
+            os.utime(self.path)
+        except FileNotFoundError:
+            try:
+                self._replace(self._content)
+            except OSError:
+                pass
+        except OSError:
+            pass
+
+    def _replace(self, content: str) -> None:
         temporary = self.directory / f".{self.path.stem}.{os.getpid()}.tmp"  # not *.json: never read half-written
         try:
             temporary.write_text(content, encoding="utf-8")
@@ -128,12 +180,9 @@ class FileSDTargets:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        if not self._written:
-            self._written = True
-            atexit.register(self.remove)  # a process that exits without Lightning's teardown still cleans up
-        return self.path
 
     def _remove_stale(self, targets: set[str]) -> None:
+        remove_expired_targets(self.directory, keep=self.path)
         for path in self.directory.glob("*.json"):
             if path == self.path:
                 continue
@@ -160,6 +209,40 @@ class FileSDTargets:
         except OSError as error:
             self.errors.report("discovery", "Could not remove the discovery file %s: %s", self.path, error)
             return False
+
+
+#: Discovery files written by the callback: ``<job>-<host>-node<N>-<run_id>.json`` (hand-written files never match).
+_OUR_FILE = re.compile(r"^[A-Za-z0-9_.-]+-node[0-9]+-[A-Za-z0-9_.-]+\.json$")
+
+
+def remove_expired_targets(
+    directory: Union[str, os.PathLike], max_age_s: float = EXPIRE_S, keep: Optional[Path] = None
+) -> list[Path]:
+    """Delete the callback's discovery files in ``directory`` not refreshed for ``max_age_s``.
+
+    A running callback refreshes its file every :data:`REFRESH_S`; a file older than :data:`EXPIRE_S` belongs to a
+    process that died without its teardown. Hand-written files (any other name) are left alone. Never raises.
+
+    Returns:
+        The files removed.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        paths = list(Path(directory).glob("*.json"))
+    except OSError:
+        return removed
+    for path in paths:
+        if path == keep or not _OUR_FILE.match(path.name):
+            continue
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+                removed.append(path)
+                log.info("Removed the expired discovery file %s (not refreshed for %.0f s)", path, max_age_s)
+        except OSError:
+            continue
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------- pushgateway
@@ -198,6 +281,47 @@ def push_final_metrics(
     worker.start()
     worker.join(timeout_s + 0.5)  # bounds name resolution too, which the socket timeout does not cover
     return outcome[0]
+
+
+#: Final figures a run pushed stay in the Pushgateway this long; then the next run that pushes to it (at its set-up)
+#: or the native stack deletes the group. Prometheus keeps what it scraped of them meanwhile.
+PUSH_RETENTION_S = 3600.0
+
+
+def remove_finished_groups(
+    url: str, job: str = DEFAULT_JOB, retention_s: float = PUSH_RETENTION_S, timeout_s: float = PUSH_TIMEOUT_S
+) -> list[dict[str, str]]:
+    """Delete the Pushgateway groups of ``job`` pushed more than ``retention_s`` ago (every group the callback pushes
+    is a finished run's: it pushes only when a run ends).
+
+    Args:
+        url: the Pushgateway.
+        job: only groups of this job are considered.
+        retention_s: age, from the group's ``push_time_seconds``, after which a group is deleted.
+        timeout_s: per request.
+
+    Returns:
+        The grouping labels of the deleted groups. Failures are logged at debug level and end the sweep.
+    """
+    base = url if "://" in url else f"http://{url}"
+    deleted: list[dict[str, str]] = []
+    try:
+        with urllib.request.urlopen(base.rstrip("/") + "/api/v1/metrics", timeout=timeout_s) as response:  # noqa: S310
+            groups = json.loads(response.read())["data"]
+        now = time.time()
+        handler = push_handler_from_env() or default_handler
+        for group in groups:
+            pushed = group.get("push_time_seconds", {}).get("metrics", [{}])[0]
+            labels = dict(pushed.get("labels", {}))
+            if labels.pop("job", None) != job or now - float(pushed.get("value", now)) <= retention_s:
+                continue
+            if labels.get("instance") == "":  # the Pushgateway's empty default, not part of the grouping key
+                del labels["instance"]
+            delete_from_gateway(url, job=job, grouping_key=labels, timeout=timeout_s, handler=handler)
+            deleted.append(labels)
+    except Exception as error:  # retention is housekeeping: never a reason to stop or warn a run
+        log.debug("Pushgateway retention at %s stopped: %s", url, error)
+    return deleted
 
 
 # ---------------------------------------------------------------------------------------------- collectives
@@ -253,6 +377,9 @@ class DistributedRun:
         self.https = https
         self._sd: Optional[FileSDTargets] = None
         self.errors = errors if errors is not None else MonitorErrors(log)
+        self._heartbeat: Optional[_Heartbeat] = None
+        self._node_peers: list[int] = []
+        self._retention: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def exchange(self, labels: RankLabels, addr: str, port: Optional[int], run_id: str) -> str:
@@ -296,10 +423,20 @@ class DistributedRun:
         return str(taking_part[0][0]) if taking_part else run_id
 
     def publish(self, labels: RankLabels, run_id: str) -> None:
-        """On a node's local rank 0, write the node's discovery file (when ``targets_dir`` is set)."""
+        """On a node's local rank 0, write the node's discovery file (when ``targets_dir`` is set) and keep it fresh
+        from a daemon thread; on rank 0, delete Pushgateway groups past their retention (in the background)."""
+        if self.pushgateway_url is not None and labels.rank == 0:
+            self._retention = threading.Thread(
+                target=remove_finished_groups,
+                args=(self.pushgateway_url, self.job, PUSH_RETENTION_S),
+                name="dgdn-push-retention",
+                daemon=True,
+            )
+            self._retention.start()
         if self.targets_dir is None or labels.local_rank != 0:
             return
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
+        self._node_peers = [peer.port for peer in node if peer.local_rank != 0 and peer.port is not None]
         wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id, errors=self.errors)
         if self._sd is None or self._sd.path != wanted.path:
             if self._sd is not None:
@@ -308,6 +445,24 @@ class DistributedRun:
         try:
             labels_out = {"job": self.job, "run_id": run_id, **({"__scheme__": "https"} if self.https else {})}
             self._sd.write([peer.target for peer in node if peer.target is not None], labels_out)
+            self._heartbeat = _Heartbeat(self._sd)
+            if self.targets_host is None and node and node[0].host not in ("127.0.0.1", "::1", "localhost"):
+                log.info(
+                    "Listed %s in %s for Prometheus; it must resolve %r (make stack lets its container do so); "
+                    "else pass targets_host='host.docker.internal' (Prometheus in Docker) or an address it reaches.",
+                    ", ".join(peer.target or "?" for peer in node),
+                    self._sd.path,
+                    node[0].host,
+                )
+            doubled = [p.target for p in node if p.port == DEFAULT_PORT and p.host not in _QUICK_START_HOSTS]
+            if doubled:
+                log.warning(
+                    "%s is listed for discovery on port %d, which the stacks' static quick-start target also "
+                    "scrapes: Prometheus would scrape this rank twice. Leave port unset with targets_dir (a free "
+                    "port), or pass targets_host='host.docker.internal' so that the stack merges the two.",
+                    doubled[0],
+                    DEFAULT_PORT,
+                )
         except OSError as error:
             message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "
             self.errors.report("discovery", message + "by hand.", self._sd.path, error)
@@ -315,8 +470,15 @@ class DistributedRun:
     # ------------------------------------------------------------------ end of run (never raises)
     def finish(self, registry: CollectorRegistry, labels: RankLabels, run_id: str) -> None:
         """Remove this node's discovery file and push the final figures; failures are reported once."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._sd is not None:
+            _wait_until_closed(self._node_peers, LINGER_LIMIT_S)  # every rank listed had its last scrape
             self._sd.remove()
+        if self._retention is not None:
+            self._retention.join(PUSH_TIMEOUT_S)  # before this run's own push: never deletes it
+            self._retention = None
         if self.pushgateway_url is None:
             return
         grouping = {"run_id": run_id, "rank": str(labels.rank)}
@@ -329,3 +491,37 @@ class DistributedRun:
     def _failed(self, what: str, cause: str) -> None:
         message = "Could not exchange %s with the other ranks (%s); continuing without it."
         self.errors.report("exchange", message, what, cause)
+
+
+def _wait_until_closed(ports: Sequence[int], limit_s: float) -> None:
+    """Wait (at most ``limit_s``) until nothing on this machine's loopback serves ``ports``: the other ranks of the
+    node stop serving once Prometheus has scraped their outcome, and only then may their discovery file go. A rank
+    bound to another interface is not seen here and not waited for."""
+    deadline = time.monotonic() + limit_s
+    for port in ports:
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            except OSError:
+                break
+            time.sleep(0.1)
+
+
+class _Heartbeat:
+    """Refreshes a discovery file every :data:`REFRESH_S` and removes the expired files of its directory."""
+
+    def __init__(self, sd: FileSDTargets, interval_s: Optional[float] = None) -> None:
+        self.sd = sd
+        self.interval_s = REFRESH_S if interval_s is None else interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dgdn-discovery-refresh", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sd.refresh()
+            remove_expired_targets(self.sd.directory, keep=self.sd.path)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)

@@ -38,6 +38,7 @@ from dgdn_lightning_monitor.histogram import (
     FastHistogram,
 )
 from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
+from dgdn_lightning_monitor.outcome import OUTCOMES
 
 #: Every family, by name after the namespace: (type, help). The README's metrics table follows this list.
 METRICS: dict[str, tuple[str, str]] = {
@@ -96,6 +97,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "oom_total": ("counter", "Out-of-memory errors raised by a step of this process."),
     "batch_capacity_nodes": ("gauge", "Estimated nodes of the largest batch that fits the device (linear fit)."),
     "batch_capacity_edges": ("gauge", "Estimated edges of the largest batch that fits the device (linear fit)."),
+    "run_outcome": (
+        "gauge",
+        "1 for the run's current outcome (running, completed, failed, interrupted, terminated), 0 for the others.",
+    ),
 }
 _FAMILY_TYPES = {
     "gauge": GaugeMetricFamily,
@@ -236,6 +241,8 @@ class TrainingMetrics:
         # Model figures: (parameters, trainable parameters, bytes of parameters and buffers).
         self.model_figures: Optional[tuple[int, int, int]] = None
         self.info: dict[str, str] = {}
+        # (outcome, exception class) from dgdn_lightning_monitor.outcome; None before the first set-up.
+        self.outcome: Optional[tuple[str, str]] = None
         # Progress and learning rates are read from the live Trainer at scrape time (not on every step); when
         # the run ends the last values are kept.
         self._trainer: Optional[Any] = None
@@ -538,3 +545,12 @@ class TrainingMetrics:
         for name in (*STAGES[1:], "checkpoint"):
             progress.add_metric(values + [name], float(counts.get(name, 0)))
         yield from (current, spent, progress)
+        outcome = self.outcome
+        if outcome is not None:
+            # Every outcome, 1 for the current one (a state set): the last scrape before an endpoint vanished says
+            # whether it was still running, which tells a crash from a normal end.
+            state = family("run_outcome", ["outcome", "exception"])
+            for name in OUTCOMES:
+                current = name == outcome[0]
+                state.add_metric(values + [name, outcome[1] if current else ""], 1.0 if current else 0.0)
+            yield state

@@ -81,6 +81,7 @@ CALLBACK_GAUGES = {
     "dgdn_training_info",
     "dgdn_batch_capacity_nodes",
     "dgdn_batch_capacity_edges",
+    "dgdn_run_outcome",
 }
 CALLBACK_COUNTERS = {
     "dgdn_samples_processed_total",
@@ -101,6 +102,8 @@ CALLBACK_METRICS = (
 )
 #: Callback metrics that exist only when the run trains on a GPU.
 CALLBACK_GPU_PREFIX = "dgdn_gpu_"
+#: Callback metrics that exist only when a neighbour sampler reports per-hop counts (NeighborLoader and kin).
+CALLBACK_SAMPLED_METRICS = {"dgdn_sampled_nodes_total", "dgdn_sampled_edges_total"}
 
 #: Metrics of the other exporters the stack ships, as far as the dashboard uses them.
 PROMETHEUS_METRICS = {"up", "ALERTS", "ALERTS_FOR_STATE"}
@@ -145,6 +148,7 @@ DCGM_METRICS = {
 RECORDED_METRICS = {"dgdn_rank:step_own_work_seconds:mean5m", "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m"}
 KNOWN_METRICS = (
     CALLBACK_METRICS
+    | CALLBACK_SAMPLED_METRICS
     | PROMETHEUS_METRICS
     | STACK_METRICS
     | NODE_EXPORTER_METRICS
@@ -510,3 +514,15 @@ def webhook_alerts(received: list[Received]) -> list[tuple[str, dict[str, Any]]]
         for alert in payload.get("alerts", []):
             alerts.append((item.path, alert))
     return alerts
+
+
+class Pushgateway(ServerProcess):
+    """A Pushgateway that keeps its groups in memory (Debian's build persists to /var/lib/prometheus by default,
+    which every instance on the machine would share)."""
+
+    def __init__(self, binary: str, workdir: Path, port: int) -> None:
+        super().__init__(
+            [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=", "--log.level=warn"],
+            port,
+            workdir / "pushgateway.log",
+        )

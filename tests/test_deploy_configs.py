@@ -47,6 +47,8 @@ REQUIRED_ALERTS = {
     "DGDNRankStraggler",
     "DGDNRunDown",
     "DGDNMetricsEndpointGone",
+    "DGDNRunFailed",
+    "DGDNTargetNeverScraped",
     "DGDNRunNotStarted",
     "DGDNGPUMonitoringDown",
     "DGDNGPUXidError",
@@ -192,6 +194,10 @@ def test_rule_unit_tests_cover_the_scenarios():
     assert outcome("15-minute validation, a fit followed by test", "DGDNThroughputDrop") == {False}
     assert outcome("under FSDP", "DGDNRankStraggler") == {False}
     assert True in outcome("new XID fires once", "DGDNGPUXidError")
+    assert outcome("static quick-start target after a normal end", "DGDNRunDown") == {False}
+    assert True in outcome("static quick-start target killed mid-run", "DGDNRunDown")
+    assert True in outcome("a run that fails", "DGDNRunFailed")
+    assert True in outcome("never reached", "DGDNTargetNeverScraped")
     assert True in outcome("2 ranks in synchronous DDP", "DGDNRankStraggler")
     assert True in outcome("4 ranks on 2 nodes", "DGDNRankStraggler")
     assert outcome("even ranks", "DGDNRankStraggler") == {False}
@@ -420,6 +426,10 @@ def test_compose_volumes_and_mounts_match_the_configs(compose):
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
     assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
     assert "host.docker.internal:host-gateway" in services["prometheus"]["extra_hosts"]
+    # The machine's own name, which discovery files list by default, resolves in the container too.
+    assert "training-host:host-gateway" in services["prometheus"]["extra_hosts"]  # as compose resolves it
+    assert '"${DGDN_TRAINING_HOST:-training-host}:host-gateway"' in COMPOSE_FILE.read_text()
+    assert "DGDN_TRAINING_HOST=$${DGDN_TRAINING_HOST:-$$(hostname)}" in (DEPLOY.parent / "Makefile").read_text()
     assert Path(mounts("alertmanager")["/etc/alertmanager"]) == ALERTMANAGER_CONFIG.parent
 
     grafana = mounts("grafana")
