@@ -33,6 +33,7 @@ from dgdn_lightning_monitor.histogram import (
     FastHistogram,
 )
 from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
+from dgdn_lightning_monitor.scheduler import info_labels
 
 #: Every family, by name after the namespace: (type, help). The README's metrics table follows this list.
 METRICS: dict[str, tuple[str, str]] = {
@@ -95,7 +96,8 @@ def learning_rates(trainer: Any) -> LearningRates:
 
 
 def run_info(module: torch.nn.Module, run_id: str) -> dict[str, str]:
-    """The labels of ``<namespace>_training_info``: what is trained, with which library versions."""
+    """The labels of ``<namespace>_training_info``: what is trained, with which library versions, and the
+    scheduler's job (:func:`~dgdn_lightning_monitor.scheduler.info_labels`)."""
     model = type(module)
     return {
         "model": f"{model.__module__}.{model.__qualname__}",
@@ -103,6 +105,7 @@ def run_info(module: torch.nn.Module, run_id: str) -> dict[str, str]:
         "torch_version": torch.__version__,
         "torch_geometric_version": torch_geometric.__version__,
         "run_id": run_id,
+        **info_labels(),
     }
 
 
