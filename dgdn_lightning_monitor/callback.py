@@ -32,12 +32,13 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from typing_extensions import override
 
-from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
+from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun, serving_port
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import TrainingMetrics, run_info
+from dgdn_lightning_monitor.outcome import RUNNING, classify
 from dgdn_lightning_monitor.scheduler import scheduler_run_id
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import KEY_ARGUMENTS, TRAIN_GAUGES, VALIDATION_GAUGES, StepStatistics
@@ -71,8 +72,10 @@ class MonitoringCallback(Callback):
     exception). Counters keep counting across several ``fit`` calls with the same callback.
 
     Args:
-        port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free one (see :attr:`metrics_url`). Under
-            DDP each rank serves ``port + local_rank`` (see ``port_per_local_rank``).
+        port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free one (see :attr:`metrics_url`). By default
+            8000 (the stack's quick-start target; a free port when 8000 is taken, with a warning), or a free port
+            when ``targets_dir`` is set (the discovery file says which), so several runs on one node never clash.
+            Under DDP each rank serves ``port + local_rank`` (see ``port_per_local_rank``).
         addr: interface to bind; the default ``0.0.0.0`` lets a Prometheus container reach the host.
         namespace: prefix of every metric name.
         registry: a ``prometheus_client.CollectorRegistry`` to register into; by default a private one, so two
@@ -96,9 +99,10 @@ class MonitoringCallback(Callback):
         port_per_local_rank: under DDP, offset the port by the local rank so the ranks of one machine do not
             clash; ``False`` when every rank has its own network namespace (one container per rank).
         targets_dir: directory of Prometheus file-SD files (e.g. ``deploy/prometheus/targets``): the local
-            rank 0 of every node writes one listing its ranks' endpoints while the run lasts.
+            rank 0 of every node writes one listing its ranks' endpoints while the run lasts, refreshes it every
+            30 s and removes it at the end; a file not refreshed for 3 minutes is removed by the next run.
         targets_host: host name written into those files; by default the machine's host name (or ``addr``
-            when it is a specific address). ``"host.docker.internal"`` suits a Prometheus container.
+            when it is a specific address), which ``make stack`` lets its Prometheus container resolve.
         pushgateway_url: a Pushgateway (``http://host:9091``) to which every rank pushes its final figures
             when the run ends, grouped by ``job``, ``run_id`` and ``rank``; a failed push only warns.
         job: Prometheus job name used in discovery files and pushes.
@@ -120,7 +124,7 @@ class MonitoringCallback(Callback):
 
     def __init__(
         self,
-        port: int = 8000,
+        port: Optional[int] = None,
         addr: str = "0.0.0.0",
         namespace: str = "dgdn",
         registry: Optional[CollectorRegistry] = None,
@@ -146,7 +150,7 @@ class MonitoringCallback(Callback):
         web_config_file: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         super().__init__()
-        self.port = check_int("port", port, 0, 65535)
+        self.port = None if port is None else check_int("port", port, 0, 65535)
         self.addr = check("addr", addr, isinstance(addr, str) and bool(addr.strip()), "a host name or IP address")
         self.namespace = check_namespace(namespace)
         check_optional("registry", registry, CollectorRegistry, "a prometheus_client.CollectorRegistry")
@@ -238,9 +242,10 @@ class MonitoringCallback(Callback):
         self.run_id = self._dist.agree_run_id(self.run_id)  # under DDP: rank 0's id (a collective of all ranks)
         self.metrics.labels = labels
         self.metrics.info = run_info(pl_module, self.run_id)
+        self.metrics.outcome = RUNNING
         self.metrics.bind(trainer)
-        port = self.port + labels.local_rank if self.port and self.port_per_local_rank else self.port
-        server = MetricsServer(self.registry, self.addr, port, self.web_config)
+        port = serving_port(self.port, labels.local_rank, self.port_per_local_rank, self._dist.targets_dir is not None)
+        server = MetricsServer(self.registry, self.addr, port, self.web_config, free_port_if_taken=self.port is None)
         failure: Optional[Exception] = None
         try:
             if port > 65535:
@@ -285,7 +290,9 @@ class MonitoringCallback(Callback):
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
+        self.metrics.outcome = classify(exception)  # before the final push, which carries it
         self.gpu.stop()
+        run.server.linger()  # the next scrape reads the outcome: the end of a run is told from a crash
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
         self.tracer.finish(exception)
         run.server.stop()

@@ -25,6 +25,8 @@ import os
 import re
 import socket
 import threading
+import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 from opentelemetry.trace import SpanContext, TraceFlags
-from prometheus_client import CollectorRegistry, push_to_gateway
+from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
 from prometheus_client.exposition import default_handler
 
 from dgdn_lightning_monitor.guards import WarnOnce, check
@@ -46,6 +48,14 @@ log = logging.getLogger(__name__)
 DEFAULT_JOB = "dgdn-training"
 #: The most a Pushgateway push may take at the end of a run.
 PUSH_TIMEOUT_S = 2.0
+#: The port of the stack's static quick-start target (``host.docker.internal:8000``): the default without
+#: ``targets_dir``. With ``targets_dir`` every rank binds a free port by default and the discovery file says which.
+DEFAULT_PORT = 8000
+#: A run rewrites the modification time of its discovery file this often, from a daemon thread.
+REFRESH_S = 30.0
+#: A discovery file not refreshed for this long belongs to a run that is gone (killed, its node lost): the next run
+#: writing into the directory, every live run's refresh and the native stack remove it.
+EXPIRE_S = 180.0
 
 _JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
@@ -90,6 +100,22 @@ class Endpoint:
             return None
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
+
+
+def serving_port(port: Optional[int], local_rank: int, per_local_rank: bool, discovery: bool) -> int:
+    """The port one rank binds.
+
+    Args:
+        port: what the user passed; ``None`` picks the default: :data:`DEFAULT_PORT` (the quick-start target's)
+            without discovery, ``0`` (a free port, written into the discovery file) with it, so that several runs on
+            one node never clash.
+        local_rank: the rank's index on its node, added to a non-zero port when ``per_local_rank``.
+        per_local_rank: offset the port by the local rank.
+        discovery: whether ``targets_dir`` is set.
+    """
+    if port is None:
+        port = 0 if discovery else DEFAULT_PORT
+    return port + local_rank if port and per_local_rank else port
 
 
 def advertised_host(addr: str, override: Optional[str] = None) -> str:
@@ -151,7 +177,16 @@ class FileSDTargets:
             atexit.register(self.remove)  # a process that exits without Lightning's teardown still cleans up
         return self.path
 
+    def refresh(self) -> None:
+        """Mark the file as still wanted (its modification time is the run's heartbeat); never raises."""
+        if self._written:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # removed by hand or by a sweep: the next write puts it back
+
     def _remove_stale(self, targets: set[str]) -> None:
+        remove_expired_targets(self.directory, keep=self.path)
         for path in self.directory.glob("*.json"):
             if path == self.path:
                 continue
@@ -178,6 +213,40 @@ class FileSDTargets:
         except OSError as error:
             log.warning("Could not remove the discovery file %s: %s", self.path, error)
             return False
+
+
+#: Discovery files written by the callback: ``<job>-<host>-node<N>-<run_id>.json`` (hand-written files never match).
+_OUR_FILE = re.compile(r"^[A-Za-z0-9_.-]+-node[0-9]+-[A-Za-z0-9_.-]+\.json$")
+
+
+def remove_expired_targets(
+    directory: Union[str, os.PathLike], max_age_s: float = EXPIRE_S, keep: Optional[Path] = None
+) -> list[Path]:
+    """Delete the callback's discovery files in ``directory`` not refreshed for ``max_age_s``.
+
+    A running callback refreshes its file every :data:`REFRESH_S`; a file older than :data:`EXPIRE_S` belongs to a
+    process that died without its teardown. Hand-written files (any other name) are left alone. Never raises.
+
+    Returns:
+        The files removed.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        paths = list(Path(directory).glob("*.json"))
+    except OSError:
+        return removed
+    for path in paths:
+        if path == keep or not _OUR_FILE.match(path.name):
+            continue
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+                removed.append(path)
+                log.info("Removed the expired discovery file %s (not refreshed for %.0f s)", path, max_age_s)
+        except OSError:
+            continue
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------- pushgateway
@@ -223,6 +292,47 @@ def push_final_metrics(
     worker.start()
     worker.join(timeout_s + 0.5)  # bounds name resolution too, which the socket timeout does not cover
     return outcome[0]
+
+
+#: Final figures a run pushed stay in the Pushgateway this long; then the next run that pushes to it (at its set-up)
+#: or the native stack deletes the group. Prometheus keeps what it scraped of them meanwhile.
+PUSH_RETENTION_S = 3600.0
+
+
+def remove_finished_groups(
+    url: str, job: str = DEFAULT_JOB, retention_s: float = PUSH_RETENTION_S, timeout_s: float = PUSH_TIMEOUT_S
+) -> list[dict[str, str]]:
+    """Delete the Pushgateway groups of ``job`` pushed more than ``retention_s`` ago (every group the callback pushes
+    is a finished run's: it pushes only when a run ends).
+
+    Args:
+        url: the Pushgateway.
+        job: only groups of this job are considered.
+        retention_s: age, from the group's ``push_time_seconds``, after which a group is deleted.
+        timeout_s: per request.
+
+    Returns:
+        The grouping labels of the deleted groups. Failures are logged at debug level and end the sweep.
+    """
+    base = url if "://" in url else f"http://{url}"
+    deleted: list[dict[str, str]] = []
+    try:
+        with urllib.request.urlopen(base.rstrip("/") + "/api/v1/metrics", timeout=timeout_s) as response:  # noqa: S310
+            groups = json.loads(response.read())["data"]
+        now = time.time()
+        handler = push_handler_from_env() or default_handler
+        for group in groups:
+            pushed = group.get("push_time_seconds", {}).get("metrics", [{}])[0]
+            labels = dict(pushed.get("labels", {}))
+            if labels.pop("job", None) != job or now - float(pushed.get("value", now)) <= retention_s:
+                continue
+            if labels.get("instance") == "":  # the Pushgateway's empty default, not part of the grouping key
+                del labels["instance"]
+            delete_from_gateway(url, job=job, grouping_key=labels, timeout=timeout_s, handler=handler)
+            deleted.append(labels)
+    except Exception as error:  # retention is housekeeping: never a reason to stop or warn a run
+        log.debug("Pushgateway retention at %s stopped: %s", url, error)
+    return deleted
 
 
 # ---------------------------------------------------------------------------------------------- collectives
@@ -277,6 +387,8 @@ class DistributedRun:
         self._collective = False
         self._world_size = 1
         self._sd: Optional[FileSDTargets] = None
+        self._heartbeat: Optional[_Heartbeat] = None
+        self._retention: Optional[threading.Thread] = None
         self._warn_once = WarnOnce(log)
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
@@ -310,7 +422,16 @@ class DistributedRun:
         self.share_traces = self._collective and leader is not None and leader.tracing
 
     def publish(self, labels: RankLabels, run_id: str) -> None:
-        """On a node's local rank 0, write the node's discovery file (when ``targets_dir`` is set)."""
+        """On a node's local rank 0, write the node's discovery file (when ``targets_dir`` is set) and keep it fresh
+        from a daemon thread; on rank 0, delete Pushgateway groups past their retention (in the background)."""
+        if self.pushgateway_url is not None and self.rank == 0:
+            self._retention = threading.Thread(
+                target=remove_finished_groups,
+                args=(self.pushgateway_url, self.job),
+                name="dgdn-push-retention",
+                daemon=True,
+            )
+            self._retention.start()
         if self.targets_dir is None or labels.local_rank != 0:
             return
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
@@ -322,6 +443,15 @@ class DistributedRun:
         try:
             labels_out = {"job": self.job, "run_id": run_id, **({"__scheme__": "https"} if self.https else {})}
             self._sd.write([peer.target for peer in node if peer.target is not None], labels_out)
+            self._heartbeat = _Heartbeat(self._sd)
+            if self.targets_host is None and node and node[0].host not in ("127.0.0.1", "::1", "localhost"):
+                log.info(
+                    "Listed %s in %s for Prometheus; it must resolve %r (make stack lets its container do so); "
+                    "else pass targets_host='host.docker.internal' (Prometheus in Docker) or an address it reaches.",
+                    ", ".join(peer.target or "?" for peer in node),
+                    self._sd.path,
+                    node[0].host,
+                )
         except OSError as error:
             message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "
             self._warn_once("file-sd", message + "by hand.", self._sd.path, error)
@@ -353,8 +483,14 @@ class DistributedRun:
     # ------------------------------------------------------------------ end of run (never raises)
     def finish(self, registry: CollectorRegistry, labels: RankLabels, run_id: str) -> None:
         """Remove this node's discovery file and push the final figures; failures are reported once."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._sd is not None:
             self._sd.remove()
+        if self._retention is not None:
+            self._retention.join(PUSH_TIMEOUT_S)  # before this run's own push: never deletes it
+            self._retention = None
         if self.pushgateway_url is None:
             return
         grouping = {"run_id": run_id, "rank": str(labels.rank)}
@@ -372,3 +508,23 @@ class DistributedRun:
             message = "Could not exchange the %s with the other ranks (%s: %s); continuing without it."
             self._warn_once(f"collective-{what}", message, what, type(error).__name__, error)
             return False
+
+
+class _Heartbeat:
+    """Refreshes a discovery file every :data:`REFRESH_S` and removes the expired files of its directory."""
+
+    def __init__(self, sd: FileSDTargets, interval_s: Optional[float] = None) -> None:
+        self.sd = sd
+        self.interval_s = REFRESH_S if interval_s is None else interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dgdn-discovery-refresh", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sd.refresh()
+            remove_expired_targets(self.sd.directory, keep=self.sd.path)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)

@@ -33,6 +33,7 @@ from dgdn_lightning_monitor.histogram import (
     FastHistogram,
 )
 from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
+from dgdn_lightning_monitor.outcome import OUTCOMES
 from dgdn_lightning_monitor.scheduler import info_labels
 
 #: Every family, by name after the namespace: (type, help). The README's metrics table follows this list.
@@ -60,6 +61,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "global_step": ("gauge", "Optimizer steps taken so far."),
     "learning_rate": ("gauge", "Learning rate of each optimizer parameter group."),
     "training": ("info", "Model and library versions of this training run."),
+    "run_outcome": (
+        "gauge",
+        "1 for the run's current outcome (running, completed, failed, interrupted, terminated), 0 for the others.",
+    ),
 }
 _FAMILY_TYPES = {
     "gauge": GaugeMetricFamily,
@@ -150,6 +155,8 @@ class TrainingMetrics:
         # Model figures: (parameters, trainable parameters, bytes of parameters and buffers).
         self.model_figures: Optional[tuple[int, int, int]] = None
         self.info: dict[str, str] = {}
+        # (outcome, exception class) from dgdn_lightning_monitor.outcome; None before the first set-up.
+        self.outcome: Optional[tuple[str, str]] = None
         # Progress and learning rates are read from the live Trainer at scrape time (not on every step); when
         # the run ends the last values are kept.
         self._trainer: Optional[Any] = None
@@ -343,3 +350,12 @@ class TrainingMetrics:
             info = family("training")
             info.add_metric(values, self.info)
             yield info
+        outcome = self.outcome
+        if outcome is not None:
+            # Every outcome, 1 for the current one (a state set): the last scrape before an endpoint vanished says
+            # whether it was still running, which tells a crash from a normal end.
+            state = family("run_outcome", ["outcome", "exception"])
+            for name in OUTCOMES:
+                current = name == outcome[0]
+                state.add_metric(values + [name, outcome[1] if current else ""], 1.0 if current else 0.0)
+            yield state

@@ -6,10 +6,12 @@ configuration, and a fast stop."""
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Optional, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -19,12 +21,16 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from dgdn_lightning_monitor.guards import check, forget_threads_after_fork
 
+log = logging.getLogger(__name__)
+
 # How often the serving loop checks for shutdown; stopping waits up to this long (the library's default is
 # 0.5 s, which would be most of the run-end budget).
 _POLL_INTERVAL_S = 0.05
 # Connections the kernel queues while every handler is busy: several Prometheus servers, federation and a user's
 # curl loop at once must not be refused (the socketserver default is 5).
 LISTEN_BACKLOG = 128
+#: The longest :meth:`MetricsServer.linger` keeps an ending run's endpoint up for a last scrape.
+LINGER_LIMIT_S = 30.0
 #: How long one rendering of ``/metrics`` answers the scrapes that ask for the same variant. Prometheus scrapes
 #: every 15 s by default, so a second-old page costs it nothing, while a burst of scrapers costs one render.
 CACHE_TTL_S = 1.0
@@ -88,6 +94,11 @@ class SharedRender:
         start_response(status, list(headers))
         return [body]
 
+    def invalidate(self) -> None:
+        """Forget every rendering: the next request renders anew (after a render in progress has finished)."""
+        with self._lock:
+            self._pages.clear()
+
     def _render(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
         answer: list[Any] = []
 
@@ -123,6 +134,8 @@ class MetricsServer:
         cache_ttl_s: scrapes of the same variant within this many seconds share one rendering (see
             :class:`SharedRender`), so served values are at most this old; ``0`` renders every request. Basic auth
             is still checked on every request.
+        free_port_if_taken: when ``port`` is taken, serve on a free port instead (with a warning) of raising
+            :class:`PortInUseError`.
 
     Example::
 
@@ -139,6 +152,7 @@ class MetricsServer:
         port: int = 8000,
         web_config: Optional[WebConfig] = None,
         cache_ttl_s: float = CACHE_TTL_S,
+        free_port_if_taken: bool = False,
     ) -> None:
         valid = isinstance(cache_ttl_s, (int, float)) and not isinstance(cache_ttl_s, bool)
         valid = valid and 0 <= cache_ttl_s < math.inf
@@ -147,9 +161,14 @@ class MetricsServer:
         self.addr = addr
         self.port = port
         self.web_config = web_config
+        self.free_port_if_taken = free_port_if_taken
         self._httpd: Optional[ThreadingWSGIServer] = None
         self._thread: Optional[threading.Thread] = None
+        self._render: Optional[SharedRender] = None
         self.bound_port: Optional[int] = None
+        # Arrival times (monotonic) of the last scrapes, to wait for the next one when the run ends.
+        self._scrapes: deque[float] = deque(maxlen=3)
+        self._scraped = threading.Condition()
 
     @property
     def running(self) -> bool:
@@ -174,19 +193,39 @@ class MetricsServer:
             address_family = info[0][0]
             request_queue_size = LISTEN_BACKLOG
 
-        app: WSGIApp = SharedRender(make_wsgi_app(self.registry), self.cache_ttl_s)
+        render = self._render = SharedRender(make_wsgi_app(self.registry), self.cache_ttl_s)
+        scraped = self._scraped
+
+        def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            arrived = time.monotonic()
+            body = render(environ, start_response)
+            with scraped:
+                self._scrapes.append(arrived)
+                scraped.notify_all()
+            return body
+
         if self.web_config is not None:  # outside the shared render: every request is authenticated
             app = self.web_config.wrap(app)
         try:
             httpd = make_server(self.addr, self.port, app, Server, handler_class=_QuietHandler)
         except OSError as error:
-            if error.errno == errno.EADDRINUSE:
+            if error.errno == errno.EADDRINUSE and self.free_port_if_taken and self.port:
+                httpd = make_server(self.addr, 0, app, Server, handler_class=_QuietHandler)
+                log.warning(
+                    "Port %d is taken (another run on this machine?): serving metrics on port %d instead. A static "
+                    "scrape target for port %d does not see this run; with targets_dir, Prometheus discovers it.",
+                    self.port,
+                    httpd.server_address[1],
+                    self.port,
+                )
+            elif error.errno == errno.EADDRINUSE:
                 raise PortInUseError(
                     errno.EADDRINUSE,
                     f"MonitoringCallback cannot serve metrics: port {self.port} on {self.addr} is already in use. "
                     f"Pass another port, or port=0 to pick a free one.",
                 ) from error
-            raise
+            else:
+                raise
         context = self.web_config.ssl_context if self.web_config is not None else None
         if context is not None:
             httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
@@ -200,6 +239,32 @@ class MetricsServer:
         self._httpd, self._thread = httpd, thread
         self.bound_port = int(httpd.server_address[1])
         forget_threads_after_fork(self)
+
+    def linger(self, limit_s: float = LINGER_LIMIT_S) -> bool:
+        """Keep serving until the next scrape has read what is registered now, so that Prometheus sees a run's last
+        values (its outcome above all) before the endpoint goes.
+
+        Waits at most twice the interval seen between the last two scrapes, plus a second (and ``limit_s``); returns
+        at once when the endpoint was scraped fewer than twice (nothing scrapes it regularly).
+
+        Returns:
+            Whether a scrape arrived.
+        """
+        with self._scraped:
+            if self._httpd is None or len(self._scrapes) < 2:
+                return False
+            interval = self._scrapes[-1] - self._scrapes[-2]
+        if self._render is not None:
+            self._render.invalidate()  # a page rendered before now must not answer that scrape
+        start = time.monotonic()
+        deadline = start + min(limit_s, 2 * interval + 1)
+        with self._scraped:
+            while not (self._scrapes and self._scrapes[-1] >= start):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._scraped.wait(remaining)
+        return True
 
     def stop(self) -> None:
         httpd, thread = self._httpd, self._thread

@@ -69,6 +69,7 @@ CALLBACK_GAUGES = {
     "dgdn_gpu_power_watts",
     "dgdn_gpu_monitoring_up",
     "dgdn_training_info",
+    "dgdn_run_outcome",
 }
 CALLBACK_COUNTERS = {
     "dgdn_samples_processed_total",
@@ -462,3 +463,10 @@ def webhook_alerts(received: list[Received]) -> list[tuple[str, dict[str, Any]]]
         for alert in payload.get("alerts", []):
             alerts.append((item.path, alert))
     return alerts
+
+
+class Pushgateway(ServerProcess):
+    def __init__(self, binary: str, workdir: Path, port: int) -> None:
+        super().__init__(
+            [binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], port, workdir / "pushgateway.log"
+        )

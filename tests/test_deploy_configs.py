@@ -47,6 +47,8 @@ REQUIRED_ALERTS = {
     "DGDNRankStraggler",
     "DGDNRunDown",
     "DGDNMetricsEndpointGone",
+    "DGDNRunFailed",
+    "DGDNTargetNeverScraped",
     "DGDNRunNotStarted",
     "DGDNGPUMonitoringDown",
     "DGDNGPUXidError",
@@ -178,6 +180,10 @@ def test_rule_unit_tests_cover_the_scenarios():
 
     assert outcome("ends normally stays quiet", "DGDNRunDown") == {False}
     assert True in outcome("killed mid-run", "DGDNRunDown")
+    assert outcome("static quick-start target after a normal end", "DGDNRunDown") == {False}
+    assert True in outcome("static quick-start target killed mid-run", "DGDNRunDown")
+    assert True in outcome("a run that fails", "DGDNRunFailed")
+    assert True in outcome("never reached", "DGDNTargetNeverScraped")
     assert True in outcome("without a first step", "DGDNRunNotStarted")
     assert True in outcome("stops finishing steps later", "DGDNTrainingStalled")
     assert True in outcome("2 ranks in synchronous DDP", "DGDNRankStraggler")

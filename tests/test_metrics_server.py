@@ -249,3 +249,44 @@ def test_a_failed_render_is_not_kept(served) -> None:
 def test_bad_cache_ttl_is_refused_at_construction(ttl: Any) -> None:
     with pytest.raises(ValueError, match="cache_ttl_s"):
         MetricsServer(CollectorRegistry(), "127.0.0.1", 0, cache_ttl_s=ttl)
+
+
+class _Counter:
+    """A collector whose value changes between renders, to see which one a scrape got."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def collect(self):
+        family = GaugeMetricFamily("dgdn_value", "A value set by the test.")
+        family.add_metric([], self.value)
+        yield family
+
+
+def test_linger_waits_for_the_next_scrape_and_serves_it_fresh_values() -> None:
+    """An endpoint scraped regularly stays up until the next scrape, which reads the values set before linger
+    (not a shared render of before); an endpoint nobody scrapes regularly does not wait."""
+    registry, counter = CollectorRegistry(), _Counter()
+    registry.register(counter)
+    server = MetricsServer(registry, "127.0.0.1", 0)  # the default 1 s shared render
+    server.start()
+    try:
+        started = time.monotonic()
+        assert server.linger() is False  # never scraped: returns at once
+        assert time.monotonic() - started < 0.5
+        read = lambda: value(urllib.request.urlopen(server.url, timeout=5).read().decode(), "dgdn_value")  # noqa: E731
+        assert read() == 0.0
+        time.sleep(0.3)
+        assert read() == 0.0  # within the shared render's second
+        counter.value = 1.0
+        seen: list[Optional[float]] = []
+        scraper = threading.Timer(0.2, lambda: seen.append(read()))
+        scraper.start()
+        assert server.linger() is True
+        scraper.join()
+        assert seen == [1.0]  # rendered after linger began
+        started = time.monotonic()
+        assert server.linger() is False  # nobody scrapes again: gives up after about 1.5 intervals
+        assert time.monotonic() - started < 5
+    finally:
+        server.stop()
