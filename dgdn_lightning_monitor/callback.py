@@ -39,7 +39,7 @@ from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_name
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import TrainingMetrics, run_info
 from dgdn_lightning_monitor.outcome import RUNNING, classify
-from dgdn_lightning_monitor.scheduler import scheduler_run_id
+from dgdn_lightning_monitor.scheduler import scheduler_run_id, termination_reason
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import KEY_ARGUMENTS, TRAIN_GAUGES, VALIDATION_GAUGES, StepStatistics
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
@@ -291,6 +291,7 @@ class MonitoringCallback(Callback):
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
         self.metrics.outcome = classify(exception)  # before the final push, which carries it
+        self.metrics.outcome_reason = termination_reason(self.metrics.outcome[0])  # SLURM: time limit, requeue...
         self.gpu.stop()
         run.server.linger()  # the next scrape reads the outcome: the end of a run is told from a crash
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway

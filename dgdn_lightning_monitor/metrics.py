@@ -63,7 +63,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "training": ("info", "Model and library versions of this training run."),
     "run_outcome": (
         "gauge",
-        "1 for the run's current outcome (running, completed, failed, interrupted, terminated), 0 for the others.",
+        "1 for the run's current outcome (running, completed, failed, interrupted, terminated), 0 for the others; "
+        "reason: why a scheduler terminated it.",
     ),
 }
 _FAMILY_TYPES = {
@@ -157,6 +158,8 @@ class TrainingMetrics:
         self.info: dict[str, str] = {}
         # (outcome, exception class) from dgdn_lightning_monitor.outcome; None before the first set-up.
         self.outcome: Optional[tuple[str, str]] = None
+        # Why a scheduler terminated the run (dgdn_lightning_monitor.scheduler.termination_reason), else "".
+        self.outcome_reason = ""
         # Progress and learning rates are read from the live Trainer at scrape time (not on every step); when
         # the run ends the last values are kept.
         self._trainer: Optional[Any] = None
@@ -354,8 +357,10 @@ class TrainingMetrics:
         if outcome is not None:
             # Every outcome, 1 for the current one (a state set): the last scrape before an endpoint vanished says
             # whether it was still running, which tells a crash from a normal end.
-            state = family("run_outcome", ["outcome", "exception"])
+            state = family("run_outcome", ["outcome", "exception", "reason"])
+            reason = self.outcome_reason
             for name in OUTCOMES:
                 current = name == outcome[0]
-                state.add_metric(values + [name, outcome[1] if current else ""], 1.0 if current else 0.0)
+                labels = [name, outcome[1], reason] if current else [name, "", ""]
+                state.add_metric(values + labels, 1.0 if current else 0.0)
             yield state

@@ -11,7 +11,8 @@ Everything here reads the environment the scheduler gives the process; nothing i
   so it continues as the same run.
 * :func:`slurm_end` says, once at the end of a run ended by SIGTERM, why SLURM sent it: the time limit, a
   requeue (``scontrol requeue``, preemption in requeue mode), or a cancellation (``scancel``, preemption in cancel
-  mode).
+  mode). :func:`termination_reason` gives it to ``<namespace>_run_outcome{outcome="terminated"}`` as its
+  ``reason`` label.
 
 SLURM (from the variables ``sbatch``/``srun`` set in every task):
 
@@ -221,3 +222,17 @@ def slurm_end(environ: Optional[Mapping[str, str]] = None, timeout_s: float = SC
     except ValueError:
         restart_count = 0
     return classify_slurm_job(fields, restart_count)
+
+
+def termination_reason(outcome: str, environ: Optional[Mapping[str, str]] = None) -> str:
+    """The ``reason`` label of a run's outcome: why SLURM ended a ``terminated`` run (:func:`slurm_end`), else
+    ``""``. Asks the controller only for a terminated run under SLURM, once, at its end.
+
+    Example::
+
+        termination_reason("terminated")   # 'time_limit' in a SLURM job that reached its --time
+        termination_reason("completed")    # ''
+    """
+    if outcome != "terminated":
+        return ""
+    return slurm_end(environ) or ""

@@ -20,6 +20,7 @@ from dgdn_lightning_monitor.scheduler import (
     info_labels,
     scheduler_run_id,
     slurm_end,
+    termination_reason,
 )
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
 from otlp_receiver import OTLPReceiver
@@ -106,6 +107,23 @@ def test_run_id_follows_the_job_not_the_restart():
 )
 def test_why_slurm_ended_a_job(fields, restarts, expected):
     assert classify_slurm_job(fields, restarts) == expected
+
+
+def test_the_scheduler_is_asked_only_about_a_terminated_run(tmp_path):
+    # An scontrol that records its calls stands first in the job's PATH: it must not run for other outcomes (the
+    # real scontrol's answers are in tests/test_slurm.py).
+    calls = tmp_path / "calls"
+    fake = tmp_path / "scontrol"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+                    "echo JobId=12 JobState=COMPLETING Restarts=0 RunTime=00:02:00 TimeLimit=00:02:00\n")
+    fake.chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "12", "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    for outcome in ("running", "completed", "failed", "interrupted"):
+        assert termination_reason(outcome, slurm) == ""
+    assert not calls.exists()
+    assert termination_reason("terminated", slurm) == TIME_LIMIT
+    assert calls.read_text().split() == ["show", "job", "--oneliner", "12"]
+    assert termination_reason("terminated", {"HOSTNAME": "laptop"}) == ""
 
 
 def test_a_real_run_labels_its_info_series_and_spans_with_the_job_and_takes_its_run_id(monkeypatch):
