@@ -290,8 +290,9 @@ class MonitoringCallback(Callback):
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             log.warning("Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
-        self.metrics.outcome = classify(exception)  # before the final push, which carries it
-        self.metrics.outcome_reason = termination_reason(self.metrics.outcome[0])  # SLURM: time limit, requeue...
+        outcome = classify(exception)
+        self.metrics.outcome_reason = termination_reason(outcome[0])  # first: a scrape never sees it without
+        self.metrics.outcome = outcome  # before the final push, which carries it
         self.gpu.stop()
         run.server.linger()  # the next scrape reads the outcome: the end of a run is told from a crash
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway

@@ -358,7 +358,7 @@ class TrainingMetrics:
             # Every outcome, 1 for the current one (a state set): the last scrape before an endpoint vanished says
             # whether it was still running, which tells a crash from a normal end.
             state = family("run_outcome", ["outcome", "exception", "reason"])
-            reason = self.outcome_reason
+            reason = self.outcome_reason if outcome[0] == "terminated" else ""
             for name in OUTCOMES:
                 current = name == outcome[0]
                 labels = [name, outcome[1], reason] if current else [name, "", ""]

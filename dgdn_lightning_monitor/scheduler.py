@@ -208,10 +208,10 @@ def slurm_end(environ: Optional[Mapping[str, str]] = None, timeout_s: float = SC
             check=False,
         )
     except (OSError, subprocess.SubprocessError) as error:
-        log.info("Could not ask SLURM why job %s ends (%s)", job_id, error)
+        log.warning("Could not ask SLURM why job %s ends (%s)", job_id, error)
         return None
     if result.returncode != 0:
-        log.info("Could not ask SLURM why job %s ends: %s", job_id, result.stderr.strip())
+        log.warning("Could not ask SLURM why job %s ends: %s", job_id, result.stderr.strip())
         return None
     fields: dict[str, str] = {}
     for token in result.stdout.split():

@@ -2,8 +2,9 @@
 ``munge`` and ``slurm-wlm``, started as root with every file (configuration, munge key and socket, state, spool,
 logs) in a temporary directory and on free ports, so nothing of the machine's own SLURM set-up is used or touched.
 
-The node has as many CPUs as ``slurmd -C`` reports; ``proctrack/linuxproc`` and ``task/none`` need no cgroups;
-``KillWait`` is 2 s so a signalled job ends quickly.
+The node offers at least ``MIN_CPUS`` CPUs (``SlurmdParameters=config_overrides`` lets it offer more than
+``slurmd -C`` counts, so that two 2-task jobs run at once on a small machine); ``proctrack/linuxproc`` and
+``task/none`` need no cgroups; ``KillWait`` is 10 s: a signalled job ends soon, after the callback's end.
 
 Example::
 
@@ -25,7 +26,10 @@ from typing import Optional
 
 #: Commands every test of the cluster needs.
 TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
-KILL_WAIT_S = 2
+#: Seconds from SIGTERM to SIGKILL: more than the callback needs at the end of a run (a last scrape at 1 s
+#: intervals, the final push), less than SLURM's default 30 s, to keep the tests short.
+KILL_WAIT_S = 10
+MIN_CPUS = 4
 START_TIMEOUT_S = 60.0
 
 
@@ -52,7 +56,7 @@ class SlurmCluster:
     def __init__(self, workdir: Path) -> None:
         self.workdir = Path(workdir)
         self.node = socket.gethostname().split(".")[0]
-        self.cpus = node_cpus()
+        self.cpus = max(MIN_CPUS, node_cpus())
         self.conf = self.workdir / "slurm.conf"
         self.munge_socket = self.workdir / "munge" / "munge.socket"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -198,6 +202,7 @@ class SlurmCluster:
                 "AccountingStorageType=accounting_storage/none",
                 "SchedulerType=sched/builtin",
                 "ReturnToService=2",
+                "SlurmdParameters=config_overrides",
                 f"KillWait={KILL_WAIT_S}",
                 "JobRequeue=1",
                 "MinJobAge=600",
