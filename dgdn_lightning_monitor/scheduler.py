@@ -198,20 +198,23 @@ def slurm_end(environ: Optional[Mapping[str, str]] = None, timeout_s: float = SC
     job_id = env.get("SLURM_JOB_ID")
     if not job_id:
         return None
-    try:
-        result = subprocess.run(
-            ["scontrol", "show", "job", "--oneliner", job_id],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=dict(env),
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as error:
-        log.warning("Could not ask SLURM why job %s ends (%s)", job_id, error)
-        return None
-    if result.returncode != 0:
-        log.warning("Could not ask SLURM why job %s ends: %s", job_id, result.stderr.strip())
+    # SLURM signals every process of the job step, a child started now included: the shell makes scontrol ignore
+    # SIGTERM (an ignored signal stays ignored across exec), and a call killed all the same is tried once more.
+    command = ["sh", "-c", 'trap "" TERM; exec "$@"', "sh", "scontrol", "show", "job", "--oneliner", job_id]
+    result: Optional[subprocess.CompletedProcess[str]] = None
+    for _ in range(2):
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout_s, env=dict(env), check=False
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            log.warning("Could not ask SLURM why job %s ends (%s)", job_id, error)
+            return None
+        if result.returncode >= 0:
+            break
+    if result is None or result.returncode != 0:
+        detail = (result.stderr.strip() or f"exit status {result.returncode}") if result is not None else "no answer"
+        log.warning("Could not ask SLURM why job %s ends: %s", job_id, detail)
         return None
     fields: dict[str, str] = {}
     for token in result.stdout.split():

@@ -3,7 +3,9 @@
 Started by ``srun`` in every task of a batch job with ``--ntasks-per-node=2``: Lightning picks its
 SLURMEnvironment (ranks from ``SLURM_PROCID``/``SLURM_LOCALID``, auto-requeue on), every rank serves its own
 endpoint on a free port, local rank 0 writes the node's discovery file. The run id is not given: the callback
-takes the job's. Each training step sleeps a little, so a long run costs little CPU while it waits to be ended.
+takes the job's. Each training step sleeps 0.2 s, so a long run costs little CPU while it waits to be ended, and a
+signal mostly finds the ranks outside a collective (Lightning 2.x broadcasts from inside its SIGTERM handler: a
+rank caught inside another collective can hang until SLURM's SIGKILL).
 
 Example (in a batch script)::
 
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--targets-dir", required=True)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--epochs-after-requeue", type=int, help="epochs once SLURM_RESTART_COUNT > 0")
-    parser.add_argument("--step-sleep", type=float, default=0.05)
+    parser.add_argument("--step-sleep", type=float, default=0.2)
     args = parser.parse_args()
     restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
     epochs = args.epochs_after_requeue if restarted and args.epochs_after_requeue else args.epochs
