@@ -34,9 +34,11 @@ STACK_COMPOSE = docker compose $(addprefix -f ,$(STACK_FILES))
 STACK_CHECK = command -v docker >/dev/null 2>&1 || { echo "make stack: Docker is not installed (needs Docker with the Compose v2 plugin, 'docker compose')" >&2; exit 1; }; \
 	docker compose version >/dev/null 2>&1 || { echo "make stack: the Docker Compose v2 plugin is missing ('docker compose version' fails; docker-compose v1 is not enough): install docker-compose-plugin" >&2; exit 1; }
 
+# DGDN_TRAINING_HOST: this machine's name, which discovery files list by default, resolves inside the Prometheus
+# container too (deploy/docker-compose.yml maps it to the Docker host).
 stack:
 	@$(STACK_CHECK)
-	$(STACK_COMPOSE) up -d
+	DGDN_TRAINING_HOST=$${DGDN_TRAINING_HOST:-$$(hostname)} $(STACK_COMPOSE) up -d
 
 stack-down:
 	@$(STACK_CHECK)

@@ -40,6 +40,7 @@ from prometheus_client.exposition import default_handler
 
 from dgdn_lightning_monitor.guards import WarnOnce, check
 from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.server import LINGER_LIMIT_S
 from dgdn_lightning_monitor.web_config import push_handler_from_env
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,7 @@ class DistributedRun:
         self._world_size = 1
         self._sd: Optional[FileSDTargets] = None
         self._heartbeat: Optional[_Heartbeat] = None
+        self._node_peers: list[int] = []
         self._retention: Optional[threading.Thread] = None
         self._warn_once = WarnOnce(log)
 
@@ -427,7 +429,7 @@ class DistributedRun:
         if self.pushgateway_url is not None and self.rank == 0:
             self._retention = threading.Thread(
                 target=remove_finished_groups,
-                args=(self.pushgateway_url, self.job),
+                args=(self.pushgateway_url, self.job, PUSH_RETENTION_S),
                 name="dgdn-push-retention",
                 daemon=True,
             )
@@ -435,6 +437,7 @@ class DistributedRun:
         if self.targets_dir is None or labels.local_rank != 0:
             return
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
+        self._node_peers = [peer.port for peer in node if peer.local_rank != 0 and peer.port is not None]
         wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id)
         if self._sd is None or self._sd.path != wanted.path:
             if self._sd is not None:
@@ -487,6 +490,7 @@ class DistributedRun:
             self._heartbeat.stop()
             self._heartbeat = None
         if self._sd is not None:
+            _wait_until_closed(self._node_peers, LINGER_LIMIT_S)  # every rank listed had its last scrape
             self._sd.remove()
         if self._retention is not None:
             self._retention.join(PUSH_TIMEOUT_S)  # before this run's own push: never deletes it
@@ -508,6 +512,20 @@ class DistributedRun:
             message = "Could not exchange the %s with the other ranks (%s: %s); continuing without it."
             self._warn_once(f"collective-{what}", message, what, type(error).__name__, error)
             return False
+
+
+def _wait_until_closed(ports: Sequence[int], limit_s: float) -> None:
+    """Wait (at most ``limit_s``) until nothing on this machine's loopback serves ``ports``: the other ranks of the
+    node stop serving once Prometheus has scraped their outcome, and only then may their discovery file go. A rank
+    bound to another interface is not seen here and not waited for."""
+    deadline = time.monotonic() + limit_s
+    for port in ports:
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            except OSError:
+                break
+            time.sleep(0.1)
 
 
 class _Heartbeat:

@@ -111,6 +111,17 @@ class SharedRender:
         return status, [*headers, ("Content-Length", str(len(body)))], body
 
 
+class _Answer(list):
+    """A WSGI body whose ``close`` (which the server calls once the body is written) runs ``on_sent``."""
+
+    def __init__(self, body: Iterable[bytes], on_sent: Callable[[], None]) -> None:
+        super().__init__(body)
+        self._on_sent = on_sent
+
+    def close(self) -> None:
+        self._on_sent()
+
+
 class _QuietHandler(WSGIRequestHandler):
     # Buffer the response so that status line, headers and body leave in one send instead of five.
     wbufsize = 1 << 16
@@ -198,11 +209,13 @@ class MetricsServer:
 
         def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
             arrived = time.monotonic()
-            body = render(environ, start_response)
-            with scraped:
-                self._scrapes.append(arrived)
-                scraped.notify_all()
-            return body
+
+            def sent() -> None:  # the server has written the whole answer: the process may exit now
+                with scraped:
+                    self._scrapes.append(arrived)
+                    scraped.notify_all()
+
+            return _Answer(render(environ, start_response), sent)
 
         if self.web_config is not None:  # outside the shared render: every request is authenticated
             app = self.web_config.wrap(app)
@@ -248,7 +261,8 @@ class MetricsServer:
         at once when the endpoint was scraped fewer than twice (nothing scrapes it regularly).
 
         Returns:
-            Whether a scrape arrived.
+            Whether a scrape arrived. A run that ends before its second scrape is not waited for: Prometheus
+            last saw it running.
         """
         with self._scraped:
             if self._httpd is None or len(self._scrapes) < 2:

@@ -9,8 +9,11 @@ The shipped configs are written for the Docker Compose network (``alertmanager:9
 ``host.docker.internal:8000``). At every start they are read again and rewritten for this machine: Compose
 service names of the started servers become their loopback addresses, ``host.docker.internal`` and
 ``localhost`` become ``127.0.0.1``, and scrape targets of Compose services that are not started here
-(node-exporter, cAdvisor, DCGM, Grafana, Jaeger) are dropped, so no target is shown as down for nothing. Rule
-files and file-SD target files are used where they are, so edits to ``deploy/`` apply at the next start.
+(node-exporter, cAdvisor, DCGM, Grafana, Jaeger) are dropped, so no target is shown as down for nothing. The
+training job's relabelling is derived from its rewritten static targets (:func:`quick_start_relabel`), and
+discovered targets that name ``host.docker.internal`` are scraped on loopback. Rule files and file-SD target files
+are used where they are, so edits to ``deploy/`` apply at the next start. While it runs, the stack removes expired
+discovery files and Pushgateway groups past their retention, as every run does at its start.
 
 Example::
 
@@ -25,6 +28,7 @@ import argparse
 import copy
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -184,6 +188,47 @@ def _targets(config: dict[str, Any], rewriter: Rewriter) -> None:
         config.pop("dns_sd_configs", None)
 
 
+def quick_start_relabel(static_targets: list[str]) -> dict[str, Any]:
+    """The relabelling that merges a discovered target at a static target's address into that target: it clears
+    ``run_id``, so both have the same labels and Prometheus scrapes the endpoint once. Derived from the job's
+    static targets here and for the shipped config (a test keeps ``deploy/prometheus/prometheus.yml`` equal to it),
+    so no address is kept by hand in two places."""
+    return {
+        "source_labels": ["__address__"],
+        "regex": "|".join(re.escape(target) for target in static_targets),
+        "target_label": "run_id",
+        "replacement": "",
+    }
+
+
+def _is_quick_start_relabel(rule: dict[str, Any]) -> bool:
+    return rule.get("target_label") == "run_id" and rule.get("replacement") == "" and "regex" in rule
+
+
+def _derive_training_job(job: dict[str, Any]) -> None:
+    """Point the merge relabelling at the rewritten static targets, and let discovered targets that name this
+    machine the Docker way (``host.docker.internal``) be scraped on loopback."""
+    relabels = job.get("relabel_configs") or []
+    if not job.get("file_sd_configs") or not any(_is_quick_start_relabel(rule) for rule in relabels):
+        return
+    statics = [target for static in job.get("static_configs") or [] for target in static["targets"]]
+    aliases = sorted(alias for alias in HOST_ALIASES if alias != LOOPBACK)
+    to_loopback = {
+        "source_labels": ["__address__"],
+        "regex": f"(?:{'|'.join(re.escape(alias) for alias in aliases)}):([0-9]+)",
+        "target_label": "__address__",
+        "replacement": f"{LOOPBACK}:$1",
+    }
+    derived = [to_loopback]
+    for rule in relabels:
+        if _is_quick_start_relabel(rule):
+            if not statics:
+                continue
+            rule = quick_start_relabel(statics)
+        derived.append(rule)
+    job["relabel_configs"] = derived
+
+
 def _discovers_anything(job: dict[str, Any]) -> bool:
     return any(key.endswith("_sd_configs") or key == "static_configs" for key in job)
 
@@ -218,6 +263,7 @@ def prometheus_config(shipped: Path, rewriter: Rewriter, targets_dir: Path | Non
                 else:
                     files.append(pattern if os.path.isabs(pattern) else str(base / pattern))
             file_sd["files"] = files
+        _derive_training_job(job)
         if _discovers_anything(job):
             jobs.append(job)
     config["scrape_configs"] = jobs
@@ -437,7 +483,7 @@ class Stack:
             ),
             f"Alertmanager  {self.url('alertmanager')}",
             f"Pushgateway   {self.url('pushgateway')}",
-            f"Scraped: a run on port 8000 of this machine, and file-SD targets in {targets}",
+            f"Scraped: a run on port 8000 of this machine, and file-SD targets in {targets} (expired ones removed)",
             f"Data and logs: {self.state_dir}",
         ]
 
@@ -475,9 +521,23 @@ class Stack:
         self.processes.clear()
         return sorted(pids)
 
-    def wait(self) -> None:
-        """Block until a server exits (or is stopped from elsewhere)."""
+    def sweep(self) -> None:
+        """Remove expired discovery files (runs killed without their teardown) and Pushgateway groups past their
+        retention, as the runs themselves do; needs the package (a no-op without it)."""
+        try:
+            from dgdn_lightning_monitor import distributed
+        except ImportError:
+            return
+        distributed.remove_expired_targets(self.targets_dir or (self.deploy_dir / "prometheus" / "targets"))
+        distributed.remove_finished_groups(self.url("pushgateway"), retention_s=distributed.PUSH_RETENTION_S)
+
+    def wait(self, sweep_every_s: float = 30.0) -> None:
+        """Block until a server exits (or is stopped from elsewhere), sweeping every ``sweep_every_s``."""
+        next_sweep = time.monotonic()
         while all(process.poll() is None for process in self.processes.values()):
+            if time.monotonic() >= next_sweep:
+                self.sweep()
+                next_sweep = time.monotonic() + sweep_every_s
             time.sleep(0.5)
 
 

@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--graphs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--default-port", action="store_true", help="leave the callback's default port")
     parser.add_argument("--targets-dir")
     parser.add_argument("--targets-host")
     parser.add_argument("--pushgateway")
@@ -108,7 +109,7 @@ def main() -> None:
     train = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
     val = DataLoader(dataset[: args.batch_size * 2], batch_size=args.batch_size)
     monitor = MonitoringCallback(
-        port=args.port, addr="127.0.0.1", trace_every_n_steps=1, tracing=tracing, gpu_devices=None,
+        port=None if args.default_port else args.port, addr="127.0.0.1", trace_every_n_steps=1, tracing=tracing, gpu_devices=None,
         targets_dir=args.targets_dir, targets_host=args.targets_host, pushgateway_url=args.pushgateway,
     )
     trainer = pl.Trainer(

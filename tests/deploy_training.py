@@ -109,6 +109,22 @@ def successful_scrapes(prometheus: Prometheus) -> int:
     return int(float(result[0]["value"][1])) if result else 0
 
 
+def native_stack_module() -> Any:
+    """``scripts/native_stack.py`` as a module."""
+    import importlib.util
+    import sys
+
+    from prom_helpers import ROOT
+
+    if "native_stack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("native_stack", ROOT / "scripts" / "native_stack.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["native_stack"] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules["native_stack"]
+
+
 def shipped_training_config(
     path: Path,
     static_target: str,
@@ -117,18 +133,28 @@ def shipped_training_config(
     rule_files: list[Path] = (),
     alertmanager: Optional[str] = None,
 ) -> Path:
-    """The shipped ``dgdn-training`` scrape job (static quick-start target, file SD, the relabelling that merges
-    both) with the quick-start address replaced by ``static_target`` and 1 s intervals."""
-    from prom_helpers import PROMETHEUS_CONFIG
+    """The shipped ``dgdn-training`` scrape job as ``make stack-native`` derives it (static quick-start target,
+    file SD, the derived relabelling), its quick-start port replaced by ``static_target``'s (a loopback address) and
+    1 s intervals, so that a test never needs port 8000."""
+    from prom_helpers import PROMETHEUS_CONFIG, ROOT
 
+    native_stack = native_stack_module()
+    port = int(static_target.rsplit(":", 1)[1])
     shipped = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     job = next(job for job in shipped["scrape_configs"] if job["job_name"] == JOB)
     assert job["static_configs"][0]["targets"] == ["host.docker.internal:8000"]
-    job["static_configs"][0]["targets"] = [static_target]
-    job["file_sd_configs"] = [{"files": [str(targets_dir / "*.json")], "refresh_interval": "1s"}]
-    relabel = job["relabel_configs"][0]
-    assert relabel["regex"] == r"host\.docker\.internal:8000"
-    relabel["regex"] = static_target.replace(".", r"\.")
+    assert job["relabel_configs"] == [native_stack.quick_start_relabel(["host.docker.internal:8000"])]
+    job["static_configs"][0]["targets"] = [f"host.docker.internal:{port}"]  # the shipped file, another port
+    job["relabel_configs"] = [native_stack.quick_start_relabel([f"host.docker.internal:{port}"])]
+    copy = path.with_name(path.stem + "-shipped.yml")
+    copy.write_text(yaml.safe_dump(shipped, sort_keys=False))
+    ports = {"prometheus": 1, "alertmanager": 2, "pushgateway": 3}  # the other jobs are dropped below
+    rewriter = native_stack.Rewriter(ports, native_stack.compose_services(ROOT / "deploy" / "docker-compose.yml"))
+    derived = native_stack.prometheus_config(copy, rewriter, targets_dir)
+    job = next(job for job in derived["scrape_configs"] if job["job_name"] == JOB)
+    assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{port}"]
+    for file_sd in job["file_sd_configs"]:
+        file_sd["refresh_interval"] = "1s"
     job.update(scrape_interval="1s", scrape_timeout="1s")
     config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -143,29 +169,48 @@ def shipped_training_config(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Trains until killed, with discovery in ``--targets-dir``; prints the metrics URL once it serves.
+    """Trains (until killed, or ``--epochs``); prints the metrics URL and run id once it serves, and the samples it
+    trained on once it has ended normally.
 
-    Used by the live tests as a process to kill: ``python tests/deploy_training.py --targets-dir DIR``.
+    Used by the live tests as a process to kill or to let end: ``python tests/deploy_training.py --targets-dir DIR``.
+    ``default`` for ``--port``, ``--addr`` or ``--targets-host`` leaves the callback's default; ``--default-port``
+    moves the callback's default port (8000) to a free one for a test.
     """
     import argparse
 
-    from dgdn_lightning_monitor import MonitoringCallback
+    from dgdn_lightning_monitor import MonitoringCallback, distributed
+
+    def option(value: str) -> Any:
+        return None if value == "default" else value
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--targets-dir", required=True)
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--targets-dir", default="default")
+    parser.add_argument("--port", default="0")
+    parser.add_argument("--addr", default="127.0.0.1")
+    parser.add_argument("--targets-host", default="127.0.0.1")
+    parser.add_argument("--default-port", type=int)
+    parser.add_argument("--epochs", type=int, default=100_000)
+    parser.add_argument("--step-sleep", type=float, default=0.05)
     args = parser.parse_args(argv)
+    if args.default_port is not None:
+        distributed.DEFAULT_PORT = args.default_port
+    port = option(args.port)
     monitor = MonitoringCallback(
-        port=args.port, addr="127.0.0.1", targets_dir=args.targets_dir, targets_host="127.0.0.1", tracing=False
+        port=None if port is None else int(port),
+        addr=option(args.addr) or "0.0.0.0",
+        targets_dir=option(args.targets_dir),
+        targets_host=option(args.targets_host),
+        tracing=False,
     )
 
     def start(trainer: pl.Trainer) -> None:
-        print(f"serving {monitor.metrics_url}", flush=True)
+        print(f"serving {monitor.run_id} {monitor.metrics_url}", flush=True)
 
     train, val = loaders()
-    trainer([Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=100_000).fit(
-        LiveGCN(step_sleep_s=0.05), train, val
+    trainer([Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=args.epochs).fit(
+        LiveGCN(step_sleep_s=args.step_sleep), train, val
     )
+    print(f"done {monitor.run_id} samples={monitor.metrics.samples_total}", flush=True)
 
 
 if __name__ == "__main__":

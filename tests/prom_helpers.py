@@ -468,7 +468,12 @@ def webhook_alerts(received: list[Received]) -> list[tuple[str, dict[str, Any]]]
 
 
 class Pushgateway(ServerProcess):
+    """A Pushgateway that keeps its groups in memory (Debian's build persists to /var/lib/prometheus by default,
+    which every instance on the machine would share)."""
+
     def __init__(self, binary: str, workdir: Path, port: int) -> None:
         super().__init__(
-            [binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], port, workdir / "pushgateway.log"
+            [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=", "--log.level=warn"],
+            port,
+            workdir / "pushgateway.log",
         )

@@ -411,6 +411,9 @@ def test_compose_volumes_and_mounts_match_the_configs(compose):
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
     assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
     assert "host.docker.internal:host-gateway" in services["prometheus"]["extra_hosts"]
+    # The machine's own name, which discovery files list by default, resolves in the container too.
+    assert "${DGDN_TRAINING_HOST:-training-host}:host-gateway" in services["prometheus"]["extra_hosts"]
+    assert "DGDN_TRAINING_HOST=$${DGDN_TRAINING_HOST:-$$(hostname)}" in (DEPLOY.parent / "Makefile").read_text()
     assert Path(mounts("alertmanager")["/etc/alertmanager"]) == ALERTMANAGER_CONFIG.parent
 
     grafana = mounts("grafana")

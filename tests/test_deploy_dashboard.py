@@ -31,6 +31,7 @@ ROWS = ["Training", "Graph", "Model", "GPU", "System"]
 #: Values for the Grafana variables when a query is handed to promtool or Prometheus.
 LINT_VARIABLES = {
     "job": ".*",
+    "run_id": ".*",
     "instance": ".*",
     "rank": ".*",
     "gpu_host": ".*",
@@ -180,7 +181,7 @@ def test_straggler_panel_names_the_slowest_rank(dashboard):
     panel = next(p for p in data_panels(dashboard) if p["title"] == "Slowest rank")
     target = panel["targets"][0]
     # Own work (data fetch + forward), not batch wall time, which is the same on every rank under DDP.
-    assert target["expr"].startswith("topk(1,") and "dgdn_step_phase_seconds_sum" in target["expr"]
+    assert target["expr"].startswith("topk by (run_id) (1,") and "dgdn_step_phase_seconds_sum" in target["expr"]
     assert 'phase=~"data_fetch|forward"' in target["expr"]
     assert "{{rank}}" in target["legendFormat"]
     assert panel["options"]["textMode"] == "value_and_name"
@@ -236,7 +237,7 @@ def test_step_phase_panels_and_dcgm_variables(dashboard):
     GPU host and GPU variables."""
     panels = {panel["title"]: panel for panel in data_panels(dashboard)}
     where = panels["Where does the step go"]["targets"][0]
-    assert "dgdn_step_phase_seconds_sum" in where["expr"] and "by (rank, phase)" in where["expr"]
+    assert "dgdn_step_phase_seconds_sum" in where["expr"] and "by (run_id, rank, phase)" in where["expr"]
     assert 'phase="data_fetch"' in panels["Data wait share of the step"]["targets"][0]["expr"]
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
     assert {"gpu_host", "gpu"} <= set(variables)

@@ -1,17 +1,22 @@
-"""Run lifecycle with the real parts: a real Prometheus running the shipped ``dgdn-training`` scrape job and the
-shipped rules, a real Alertmanager running the shipped webhook example, a webhook receiver in the test, and real
-Lightning runs. A run discovered both through the static quick-start target and a discovery file is scraped once;
-a run that ends normally raises no warning or critical alert; a run killed with SIGKILL raises DGDNRunDown."""
+"""Run lifecycle and discovery with the real parts: a real Prometheus running the ``dgdn-training`` scrape job as
+``make stack-native`` derives it (static quick-start target, file SD, derived relabelling) with the shipped rules, a
+real Alertmanager running the shipped webhook example, a webhook receiver in the test, and real Lightning runs
+(in this process, in child processes, and 2-rank DDP). For every way of running: each rank is scraped exactly once,
+the sums Prometheus holds equal what was trained, a normal end is quiet and a SIGKILL pages ``DGDNRunDown``; a
+stale discovery file is removed by the next run, and a target that was never reachable warns as a configuration
+problem."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import yaml
@@ -29,13 +34,12 @@ from prom_helpers import (
 
 pytestmark = pytest.mark.slow
 
-#: How long an alert may take to reach the webhook: scrape and evaluation every second, `for` cut to 15 s at most,
+#: How long an alert may take to reach the webhook: scrape and evaluation every second, `for` cut to a few seconds,
 #: Alertmanager group_wait 1 s; generous for a loaded machine.
 ALERT_TIMEOUT_S = 60.0
 #: Lifecycle alerts whose `for` the test shortens; the others keep theirs and cannot fire in a short test.
-#: DGDNRunDown keeps more than Prometheus needs to drop the target of a run that ended: its discovery manager passes
-#: target changes on at most every 5 s, and the endpoint is down in between (the shipped `for` is 1 minute).
-SHORTENED = {"DGDNRunDown": "15s", "DGDNMetricsEndpointGone": "1s"}
+SHORTENED = {"DGDNRunDown": "3s", "DGDNTargetNeverScraped": "3s", "DGDNMetricsEndpointGone": "1s"}
+START_TIMEOUT_S = 120.0
 
 
 def lifecycle_rules(workdir: Path) -> Path:
@@ -67,8 +71,8 @@ def webhook_example(sink_url: str, workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Any:
-    """Prometheus (the shipped training job, static target on a port no run uses unless asked) + Alertmanager +
-    webhook sink."""
+    """Prometheus (the derived training job; its static quick-start target on a free port standing for 8000) +
+    Alertmanager + webhook sink."""
     prometheus_binary = require_tool("prometheus")
     alertmanager_binary = require_tool("alertmanager")
     import deploy_training as dt
@@ -97,6 +101,7 @@ def stack(tmp_path_factory) -> Any:
         sink.close()
 
 
+# ------------------------------------------------------------------------------------------------ helpers
 def _alerts(received, alertname: str, status: str = "firing") -> list[tuple[str, dict[str, Any]]]:
     return [
         (path, alert)
@@ -105,158 +110,337 @@ def _alerts(received, alertname: str, status: str = "firing") -> list[tuple[str,
     ]
 
 
-def _firing_in_prometheus(prometheus: Prometheus, selector: str) -> list[dict[str, Any]]:
-    return prometheus.query(f'ALERTS{{alertstate="firing", {selector}}}')
+def _value(prometheus: Prometheus, expr: str) -> Optional[float]:
+    result = prometheus.query(expr)
+    return float(result[0]["value"][1]) if result else None
 
 
-def test_a_run_on_the_static_and_discovered_address_is_scraped_once_and_its_end_is_quiet(stack):
-    """The quick-start target and the run's discovery file name the same endpoint: one target, sums equal to the
-    run's own count. After the normal end nothing at warning or critical fires, only the info alert of the static
-    target."""
-    import deploy_training as dt
+def _wait_for_down_alert(sink: HttpSink, **labels: str) -> dict[str, Any]:
+    def matching(received):
+        return [
+            (path, alert)
+            for path, alert in _alerts(received, "DGDNRunDown")
+            if all(alert["labels"].get(k) == v for k, v in labels.items())
+        ]
 
-    from dgdn_lightning_monitor import MonitoringCallback
+    path, alert = sink.wait_for(matching, ALERT_TIMEOUT_S, f"DGDNRunDown for {labels}")[0]
+    assert path == "/alerts/critical" and alert["labels"]["severity"] == "critical"
+    return alert
 
-    prometheus, sink = stack["prometheus"], stack["sink"]
-    monitor = MonitoringCallback(
-        port=stack["static_port"],
-        addr="127.0.0.1",
-        targets_dir=stack["targets"],
-        targets_host="127.0.0.1",
-        tracing=False,
-    )
-    seen: dict[str, Any] = {}
-    max_epochs, train_graphs = 3, 32
 
-    def start(trainer) -> None:
-        assert list(stack["targets"].glob("*.json")), "the run wrote no discovery file"
-        dt.wait_for_target_up(prometheus)
-
-    def end(trainer) -> None:
-        # A scrape after the last step, then everything Prometheus holds about the run.
-        wait_until(
-            lambda: prometheus.query(f"dgdn_global_step == {trainer.global_step}"),
-            20,
-            what="a scrape after the last step",
-        )
-        seen["targets"] = prometheus.api("targets")["activeTargets"]
-        seen["up"] = prometheus.query(f'up{{job="{dt.JOB}"}}')
-        seen["samples"] = prometheus.query('sum by (rank) (dgdn_samples_processed_total{instance!=""})')
-        seen["series"] = prometheus.query('count(dgdn_samples_processed_total{instance!=""})')
-
-    train, val = dt.loaders(train_graphs=train_graphs)
-    dt.trainer([dt.Hooks(start, lambda t: None, end), monitor], max_epochs=max_epochs).fit(
-        dt.LiveGCN(step_sleep_s=0.02), train, val
-    )
-
-    training_targets = [t for t in seen["targets"] if t["labels"]["job"] == dt.JOB]
-    assert len(training_targets) == 1, training_targets
-    assert "run_id" not in training_targets[0]["labels"]  # merged into the static target
-    assert len(seen["up"]) == 1
-    assert seen["series"][0]["value"][1] == "1"
-    # Ground truth: every training graph once per epoch.
-    assert [(s["metric"]["rank"], float(s["value"][1])) for s in seen["samples"]] == [
-        ("0", float(train_graphs * max_epochs))
+def _loud_about(sink: HttpSink, prometheus: Prometheus, **labels: str) -> list[Any]:
+    """Warning or critical alerts about the series with ``labels``: at the webhook and firing in Prometheus."""
+    at_webhook = [
+        alert["labels"]
+        for _, alert in webhook_alerts(sink.snapshot())
+        if alert["status"] == "firing"
+        and alert["labels"].get("severity") in ("warning", "critical")
+        and all(alert["labels"].get(k) == v for k, v in labels.items())
     ]
-    assert not list(stack["targets"].glob("*.json")), "the discovery file stayed after a normal end"
-
-    # The static target is now down: the info alert, and nothing at warning or critical.
-    info = sink.wait_for(
-        lambda r: _alerts(r, "DGDNMetricsEndpointGone"), ALERT_TIMEOUT_S, "DGDNMetricsEndpointGone after the run ended"
-    )
-    assert info[0][1]["labels"]["severity"] == "info" and info[0][0] == "/alerts"
-    time.sleep(5)  # several evaluations and group intervals more
-    loud = [
-        (path, alert["labels"])
-        for path, alert in webhook_alerts(sink.snapshot())
-        if alert["status"] == "firing" and alert["labels"].get("severity") in ("warning", "critical")
-    ]
-    assert not loud, loud
-    assert not _firing_in_prometheus(prometheus, 'severity=~"warning|critical"')
+    selector = ", ".join(f'{k}="{v}"' for k, v in labels.items())
+    firing = prometheus.query(f'ALERTS{{alertstate="firing", severity=~"warning|critical", {selector}}}')
+    return at_webhook + firing
 
 
-def test_a_discovered_run_that_ends_normally_stays_quiet_and_a_killed_one_fires(stack, tmp_path):
-    """Two real training processes discovered through files: one ends normally (its file goes, no alert), one is
-    killed with SIGKILL (its file stays, DGDNRunDown reaches the critical webhook naming its run)."""
-    prometheus, sink = stack["prometheus"], stack["sink"]
-    import deploy_training as dt
+def _targets_ever(prometheus: Prometheus, selector: str) -> int:
+    """How many targets (``up`` series) matching ``selector`` Prometheus has held in the last 10 minutes."""
+    return int(_value(prometheus, f"count(count_over_time(up{{{selector}}}[10m]))") or 0)
 
-    from dgdn_lightning_monitor import MonitoringCallback
 
-    # --- a normal end, in this process
-    monitor = MonitoringCallback(
-        port=0, addr="127.0.0.1", targets_dir=stack["targets"], targets_host="127.0.0.1", tracing=False
-    )
-    ended: dict[str, Any] = {}
+def _scraped_total(prometheus: Prometheus, selector: str) -> Optional[float]:
+    """The sum over every series of the last scraped ``dgdn_samples_processed_total`` matching ``selector``."""
+    return _value(prometheus, f'sum(last_over_time(dgdn_samples_processed_total{{instance!="", {selector}}}[10m]))')
 
-    def start(trainer) -> None:
-        ended["target"] = dt.host_port(monitor.metrics_url)
-        ended["run_id"] = monitor.run_id
-        wait_until(
-            lambda: prometheus.query(f'up{{instance="{ended["target"]}"}} == 1'), 30, what="the discovered run scraped"
-        )
 
-    train, val = dt.loaders()
-    dt.trainer([dt.Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=2).fit(
-        dt.LiveGCN(step_sleep_s=0.02), train, val
+def _outcome_scraped(prometheus: Prometheus, selector: str, outcome: str) -> None:
+    wait_until(
+        lambda: prometheus.query(f'last_over_time(dgdn_run_outcome{{{selector}, outcome="{outcome}"}}[1m]) == 1'),
+        30,
+        what=f"outcome {outcome} scraped for {selector}",
     )
 
-    # --- a killed run, in a child process
-    env = {
+
+def _env() -> dict[str, str]:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
-    child = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "deploy_training.py"), "--targets-dir", str(stack["targets"])],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "serving" not in line and time.monotonic() < deadline and child.poll() is None:
-            line = child.stdout.readline()
-        assert "serving" in line, f"the training process did not start (exit {child.poll()})"
-        target = dt.host_port(line.split()[-1])
-        wait_until(
-            lambda: prometheus.query(f'dgdn_last_step_timestamp_seconds{{instance="{target}"}}'),
-            60,
-            what="the child run scraped after a step",
-        )
-        run_id = prometheus.query(f'up{{instance="{target}"}}')[0]["metric"]["run_id"]
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-        killed_at = time.monotonic()
 
-        down = sink.wait_for(
-            lambda r: [a for a in _alerts(r, "DGDNRunDown") if a[1]["labels"]["run_id"] == run_id],
-            ALERT_TIMEOUT_S,
-            "DGDNRunDown for the killed run",
+
+class Child:
+    """``tests/deploy_training.py`` in its own process group; knows its run id and endpoint once it serves."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "deploy_training.py"), *args],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
         )
-        path, alert = down[0]
-        assert path == "/alerts/critical" and alert["labels"]["severity"] == "critical"
-        assert alert["labels"]["instance"] == target
-        assert time.monotonic() - killed_at < ALERT_TIMEOUT_S
-        request = next(r for r in sink.snapshot() if r.path == "/alerts/critical")
-        assert request.headers.get("Authorization") == "Bearer lifecycle-test-token"
-        assert list(stack["targets"].glob(f"*{run_id}.json")), "a killed run's discovery file should stay"
+        self.run_id = self.target = ""
+
+    def serving(self) -> Child:
+        line = ""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not line.startswith("serving") and time.monotonic() < deadline and self.process.poll() is None:
+            line = self.process.stdout.readline()
+        assert line.startswith("serving"), f"the training process did not start (exit {self.process.poll()})"
+        _, self.run_id, url = line.split()
+        self.target = url.split("//", 1)[1].split("/", 1)[0]
+        return self
+
+    def done(self) -> int:
+        """Samples trained by a run that ends by itself."""
+        out, _ = self.process.communicate(timeout=START_TIMEOUT_S)
+        line = next(line for line in out.splitlines() if line.startswith("done"))
+        assert self.process.returncode == 0
+        return int(line.split("samples=")[1])
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_one_process_with_defaults_is_scraped_once_ends_quietly_and_pages_when_killed(stack, monkeypatch):
+    """No arguments: the run serves the quick-start port (a free port stands for 8000 here) and is scraped by the
+    static target once, sums equal; its normal end is quiet; the same set-up killed with SIGKILL pages."""
+    import deploy_training as dt
+
+    from dgdn_lightning_monitor import MonitoringCallback, distributed
+
+    prometheus, sink, port = stack["prometheus"], stack["sink"], stack["static_port"]
+    static = f"127.0.0.1:{port}"
+    monkeypatch.setattr(distributed, "DEFAULT_PORT", port)
+    monitor = MonitoringCallback(tracing=False)  # tracing off: nothing else may look at localhost:4318
+    max_epochs, train_graphs = 3, 32
+
+    def end(trainer) -> None:
+        wait_until(
+            lambda: prometheus.query(f'dgdn_global_step{{instance="{static}"}} == {trainer.global_step}'),
+            20,
+            what="a scrape after the last step",
+        )
+
+    train, val = dt.loaders(train_graphs=train_graphs)
+    dt.trainer([dt.Hooks(lambda t: dt.wait_for_target_up(prometheus), lambda t: None, end), monitor], max_epochs).fit(
+        dt.LiveGCN(step_sleep_s=0.02), train, val
+    )
+    _outcome_scraped(prometheus, f'instance="{static}"', "completed")
+    assert _targets_ever(prometheus, f'job="{dt.JOB}"') == 1
+    assert _scraped_total(prometheus, f'instance="{static}"') == train_graphs * max_epochs
+    time.sleep(6)  # twice the shortened `for` of DGDNRunDown, several evaluations
+    assert not _loud_about(sink, prometheus, instance=static)
+
+    # The same defaults in a process killed mid-run.
+    child = Child("--targets-dir", "default", "--port", "default", "--addr", "default", "--default-port", str(port))
+    try:
+        child.serving()
+        assert child.target.endswith(f":{port}")
+        _outcome_scraped(prometheus, f'instance="{static}"', "running")
+        child.kill()
+        alert = _wait_for_down_alert(sink, instance=static)
+        assert "run_id" not in alert["labels"]  # the static target: no run id, still a crash page
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=30)
-        for leftover in stack["targets"].glob("*.json"):  # the killed run's file, as the alert tells one to do
+        child.kill()
+
+
+def test_discovered_runs_on_one_node_with_default_ports_any_host_each_scraped_once(stack):
+    """Two runs at once on one node with a discovery directory and default ports: one with the default host (this
+    machine's name), one with the Docker recipe's host.docker.internal. No clash, each scraped once (never also by
+    the static target), sums equal; the one that ends is quiet and its file goes; the killed one pages."""
+    prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
+    common = ("--targets-dir", str(targets), "--port", "default", "--addr", "default")
+    killed = Child(*common, "--targets-host", "default")
+    ending = Child(*common, "--targets-host", "host.docker.internal", "--epochs", "12")
+    try:
+        killed.serving()
+        ending.serving()
+        ports = {int(child.target.rsplit(":", 1)[1]) for child in (killed, ending)}
+        assert len(ports) == 2 and stack["static_port"] not in ports
+        samples = ending.done()
+        _outcome_scraped(prometheus, f'run_id="{ending.run_id}"', "completed")
+        assert not list(targets.glob(f"*{ending.run_id}.json")), "a run that ended left its discovery file"
+        assert _targets_ever(prometheus, f'run_id="{ending.run_id}"') == 1
+        assert _scraped_total(prometheus, f'run_id="{ending.run_id}"') == samples == 32 * 12
+
+        wait_until(
+            lambda: prometheus.query(f'dgdn_last_step_timestamp_seconds{{run_id="{killed.run_id}"}}'),
+            60,
+            what="the default-host run scraped after a step",
+        )
+        assert _targets_ever(prometheus, f'run_id="{killed.run_id}"') == 1
+        instance = prometheus.query(f'up{{run_id="{killed.run_id}"}}')[0]["metric"]["instance"]
+        assert instance == f"{socket.gethostname()}:{killed.target.rsplit(':', 1)[1]}"  # the default host
+        killed.kill()
+        alert = _wait_for_down_alert(sink, run_id=killed.run_id)
+        assert alert["labels"]["instance"] == instance
+        assert not _loud_about(sink, prometheus, run_id=ending.run_id)
+    finally:
+        killed.kill()
+        ending.kill()
+        for leftover in targets.glob(f"*{killed.run_id}.json"):  # a killed run's file; the next run would expire it
             leftover.unlink()
 
-    # The run that ended normally never raised DGDNRunDown (nor anything else at warning or critical).
-    normal = [
-        alert
-        for path, alert in webhook_alerts(sink.snapshot())
-        if alert["labels"].get("instance") == ended["target"]
-        and alert["status"] == "firing"
-        and alert["labels"].get("severity") in ("warning", "critical")
-    ]
-    assert not normal, normal
-    assert not _firing_in_prometheus(prometheus, f'instance="{ended["target"]}"')
+
+def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(stack, tmp_path):
+    """2-rank DDP with a discovery directory and default ports: one file lists both ranks, each scraped once with
+    the samples it trained; a normal end is quiet; the same run killed (its process group) pages for both ranks."""
+    prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
+    script = ROOT / "tests" / "ddp_train.py"
+
+    def start(out: Path) -> subprocess.Popen:
+        out.mkdir()
+        return subprocess.Popen(
+            [sys.executable, str(script), "--out", str(out), "--targets-dir", str(targets), "--default-port",
+             "--trace-ranks", "none", "--hold"],
+            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+    def reports(out: Path) -> list[dict[str, Any]]:
+        """What each rank trained, once both hold at their end and each was scraped regularly (a real run lasts
+        several scrapes; the end of one scraped fewer than twice is not waited for)."""
+        wait_until(lambda: len(list(out.glob("ready-rank*.json"))) == 2, START_TIMEOUT_S, what="both ranks trained")
+        ranks = sorted((json.loads(p.read_text()) for p in out.glob("ready-rank*.json")), key=lambda r: r["rank"])
+        wait_until(
+            lambda: (_value(prometheus, f'min(count_over_time(up{{run_id="{ranks[0]["run_id"]}"}}[1m]))') or 0) >= 3,
+            30,
+            what="three scrapes of each rank",
+        )
+        return ranks
+
+    ended = start(tmp_path / "ended")
+    try:
+        ranks = reports(tmp_path / "ended")
+        run_id = ranks[0]["run_id"]
+        for report in ranks:
+            wait_until(
+                lambda report=report: _value(prometheus, f'dgdn_samples_processed_total{{run_id="{run_id}", '
+                                            f'rank="{report["rank"]}"}}') == report["samples"],
+                30,
+                what=f"rank {report['rank']}'s last samples scraped",
+            )  # fmt: skip
+        (tmp_path / "ended" / "release").write_text("")
+        assert ended.wait(timeout=START_TIMEOUT_S) == 0
+        _outcome_scraped(prometheus, f'run_id="{run_id}", rank="1"', "completed")
+        _outcome_scraped(prometheus, f'run_id="{run_id}", rank="0"', "completed")
+        assert _targets_ever(prometheus, f'run_id="{run_id}"') == 2
+        assert _scraped_total(prometheus, f'run_id="{run_id}"') == sum(r["samples"] for r in ranks) == 40 * 2
+        assert not list(targets.glob(f"*{run_id}.json"))
+    finally:
+        if ended.poll() is None:
+            os.killpg(ended.pid, signal.SIGKILL)
+            ended.wait(timeout=30)
+
+    killed = start(tmp_path / "killed")
+    try:
+        killed_id = reports(tmp_path / "killed")[0]["run_id"]
+        _outcome_scraped(prometheus, f'run_id="{killed_id}", rank="1"', "running")
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=30)
+        _wait_for_down_alert(sink, run_id=killed_id)
+        sink.wait_for(
+            lambda r: len({a["labels"]["instance"] for _, a in _alerts(r, "DGDNRunDown")
+                           if a["labels"].get("run_id") == killed_id}) == 2,
+            ALERT_TIMEOUT_S,
+            "DGDNRunDown for both ranks",
+        )  # fmt: skip
+        time.sleep(4)
+        assert not _loud_about(sink, prometheus, run_id=run_id)
+    finally:
+        if killed.poll() is None:
+            os.killpg(killed.pid, signal.SIGKILL)
+            killed.wait(timeout=30)
+        for leftover in targets.glob("*.json"):
+            leftover.unlink()
+
+
+def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_warns(stack):
+    """A discovery file left by a run that died long ago is removed when the next run writes its own; a listed
+    target Prometheus never reaches raises DGDNTargetNeverScraped naming its address, never DGDNRunDown."""
+    import deploy_training as dt
+
+    from dgdn_lightning_monitor import MonitoringCallback
+    from dgdn_lightning_monitor.distributed import EXPIRE_S
+
+    prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
+    stale_target, ghost_target = f"127.0.0.1:{free_port()}", "unresolvable-node.invalid:9100"
+    stale = targets / f"{dt.JOB}-deadnode-node0-stale1.json"
+    ghost = targets / f"{dt.JOB}-ghost-node0-ghost1.json"
+    for path, target, run_id in ((stale, stale_target, "stale1"), (ghost, ghost_target, "ghost1")):
+        path.write_text(json.dumps([{"targets": [target], "labels": {"job": dt.JOB, "run_id": run_id}}]))
+    old = time.time() - EXPIRE_S - 60
+    os.utime(stale, (old, old))
+    try:
+        path, alert = sink.wait_for(
+            lambda r: [a for a in _alerts(r, "DGDNTargetNeverScraped") if a[1]["labels"]["instance"] == ghost_target],
+            ALERT_TIMEOUT_S,
+            "DGDNTargetNeverScraped for the unreachable target",
+        )[0]
+        assert path == "/alerts" and alert["labels"]["severity"] == "warning"
+        assert ghost_target in alert["annotations"]["description"]
+        assert "targets_host" in alert["annotations"]["description"]
+
+        monitor = MonitoringCallback(addr="127.0.0.1", targets_dir=targets, targets_host="127.0.0.1", tracing=False)
+        seen: dict[str, Any] = {}
+
+        def start(trainer) -> None:
+            seen["stale_left"] = stale.exists()
+            wait_until(
+                lambda: not prometheus.query(f'up{{instance="{stale_target}"}}'), 30, what="the stale target dropped"
+            )
+
+        train, val = dt.loaders()
+        dt.trainer([dt.Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=1).fit(
+            dt.LiveGCN(step_sleep_s=0.0), train, val
+        )
+        assert seen["stale_left"] is False, "the next run did not remove the expired discovery file"
+        assert ghost.exists(), "a fresh file of another run was removed"
+        down = {alert["labels"].get("instance") for _, alert in _alerts(sink.snapshot(), "DGDNRunDown")}
+        assert not down & {stale_target, ghost_target}
+    finally:
+        stale.unlink(missing_ok=True)
+        ghost.unlink(missing_ok=True)
+
+
+def test_a_failed_run_warns_with_its_exception_and_pages_nobody(stack):
+    """A discovered run whose training raises: its last scrape says failed with the exception's class, the warning
+    DGDNRunFailed reaches the webhook naming it, and no crash page follows."""
+    import deploy_training as dt
+    import lightning.pytorch as pl
+
+    from dgdn_lightning_monitor import MonitoringCallback
+
+    prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
+    monitor = MonitoringCallback(addr="127.0.0.1", targets_dir=targets, targets_host="127.0.0.1", tracing=False)
+
+    class Fail(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 1:
+                wait_until(
+                    lambda: (_value(prometheus, f'count_over_time(up{{run_id="{monitor.run_id}"}}[1m])') or 0) >= 3,
+                    30,
+                    what="three scrapes of the run",
+                )
+            if trainer.global_step == 2:
+                raise ValueError("a broken batch")
+
+    train, val = dt.loaders()
+    with pytest.raises(ValueError, match="a broken batch"):
+        dt.trainer([Fail(), monitor], max_epochs=5).fit(dt.LiveGCN(step_sleep_s=0.0), train, val)
+    path, alert = sink.wait_for(
+        lambda r: [a for a in _alerts(r, "DGDNRunFailed") if a[1]["labels"].get("run_id") == monitor.run_id],
+        ALERT_TIMEOUT_S,
+        "DGDNRunFailed for the failed run",
+    )[0]
+    assert path == "/alerts" and alert["labels"]["severity"] == "warning"
+    assert alert["labels"]["exception"] == "ValueError"
+    assert not list(targets.glob(f"*{monitor.run_id}.json"))
+    time.sleep(5)  # past the shortened `for` of DGDNRunDown
+    assert not _alerts(sink.snapshot(), "DGDNRunDown") or all(
+        a["labels"].get("run_id") != monitor.run_id for _, a in _alerts(sink.snapshot(), "DGDNRunDown")
+    )

@@ -48,6 +48,28 @@ def _all_targets(config: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ derived configs
+def test_the_training_job_is_derived_from_its_static_targets(native_stack):
+    """One source for the quick-start address: the shipped merge relabelling is what quick_start_relabel derives
+    from the shipped static targets, and the native config derives it again from the rewritten ones; discovered
+    targets naming host.docker.internal are scraped on loopback there."""
+    shipped = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+    job = shipped["dgdn-training"]
+    statics = [t for static in job["static_configs"] for t in static["targets"]]
+    assert job["relabel_configs"] == [native_stack.quick_start_relabel(statics)]
+
+    rewriter = native_stack.Rewriter(PORTS, native_stack.compose_services(COMPOSE_FILE))
+    native = {job["job_name"]: job for job in native_stack.prometheus_config(PROMETHEUS_CONFIG, rewriter)["scrape_configs"]}
+    derived = native["dgdn-training"]
+    native_statics = [t for static in derived["static_configs"] for t in static["targets"]]
+    assert native_statics == ["127.0.0.1:8000"]
+    alias, merge = derived["relabel_configs"]
+    assert merge == native_stack.quick_start_relabel(native_statics)
+    assert re.fullmatch(merge["regex"], "127.0.0.1:8000") and not re.fullmatch(merge["regex"], "127.0.0.1:18000")
+    assert re.sub(alias["regex"], alias["replacement"].replace("$1", r"\1"), "host.docker.internal:41234") == (
+        "127.0.0.1:41234"
+    )
+
+
 def test_shipped_prometheus_config_is_rewritten_for_loopback(native_stack):
     services = native_stack.compose_services(COMPOSE_FILE)
     rewriter = native_stack.Rewriter(PORTS, services)
@@ -162,6 +184,42 @@ def test_derived_configs_pass_the_official_checks(native_stack, tmp_path):
 def test_bad_ports_are_refused_at_construction(native_stack, tmp_path, ports):
     with pytest.raises(ValueError, match="ports"):
         native_stack.Stack(tmp_path, ports=ports)
+
+
+def test_the_stack_sweeps_expired_discovery_files_and_old_pushgateway_groups(native_stack, tmp_path, monkeypatch):
+    """What a running stack does every 30 s: a killed run's expired file goes, hand-written and fresh ones stay,
+    and Pushgateway groups past their retention are deleted (a real Pushgateway on the stack's port)."""
+    from prom_helpers import Pushgateway
+
+    from dgdn_lightning_monitor import distributed
+
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    expired, fresh, hand = (targets / name for name in ("job-a-node0-dead.json", "job-b-node0-live.json", "r.json"))
+    for path in (expired, fresh, hand):
+        path.write_text("[]")
+    old = time.time() - distributed.EXPIRE_S - 10
+    for path in (expired, hand):
+        os.utime(path, (old, old))
+    ports = {**PORTS, "pushgateway": free_port()}
+    gateway = Pushgateway(require_tool("pushgateway"), tmp_path, ports["pushgateway"])
+    try:
+        gateway.wait_ready()
+        body = b"dgdn_samples_processed_total 5\n"
+        request = urllib.request.Request(
+            f"{gateway.url}/metrics/job/dgdn-training/run_id/old/rank/0", data=body, method="PUT"
+        )
+        urllib.request.urlopen(request, timeout=5).close()
+        stack = native_stack.Stack(tmp_path / "state", ports=ports, targets_dir=targets)
+        monkeypatch.setattr(distributed, "PUSH_RETENTION_S", 3600.0)
+        stack.sweep()
+        assert "old" in http_get(gateway.url + "/metrics").decode()  # within the retention
+        monkeypatch.setattr(distributed, "PUSH_RETENTION_S", 0.0)
+        stack.sweep()
+        assert 'run_id="old"' not in http_get(gateway.url + "/metrics").decode()
+    finally:
+        gateway.stop()
+    assert not expired.exists() and fresh.exists() and hand.exists()
 
 
 def test_a_missing_binary_is_named_in_one_line(tmp_path):

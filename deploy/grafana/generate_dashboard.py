@@ -12,6 +12,7 @@ and commit both files; tests/test_deploy_dashboard.py fails when they differ.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +25,9 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 #: pushes to the Pushgateway at the end of a run: they arrive without an instance and never go stale, so with
 #: "All" instances (``.*`` also matches a missing label) they would add finished runs to sums, maxima and the
 #: time since the last step for ever.
-SEL = 'job=~"$job", instance=~"$instance", instance!="", rank=~"$rank"'
+#: ``run_id=~"$run_id"`` selects runs; with "All" (``.*``) it also matches the quick-start target's series, which
+#: carry no run_id.
+SEL = 'job=~"$job", run_id=~"$run_id", instance=~"$instance", instance!="", rank=~"$rank"'
 
 #: Mean training batch time of each rank, the basis of the straggler panels (and of DGDNRankStraggler).
 PER_RANK_BATCH = (
@@ -278,11 +281,101 @@ def table(title: str, description: str, unit: str, expr: str, width: int, hide: 
     }
 
 
+_AGGREGATION = re.compile(r"\b(sum|max|min|avg|count|topk)\s*(by\s*\(([^)]*)\))?\s*\(")
+_ON = re.compile(r"\bon \(([^)]*)\)")
+
+
+def per_run(expr: str) -> str:
+    """``expr`` grouped by run: every aggregation and every vector match keeps ``run_id``, so no panel adds up,
+    compares or picks among the series of concurrent runs (each rank of a run keeps its ``rank``)."""
+
+    def aggregation(match: re.Match) -> str:
+        name, labels = match.group(1), match.group(3)
+        kept = [label.strip() for label in labels.split(",")] if labels is not None else []
+        if "run_id" not in kept:
+            kept.insert(1 if kept[:1] == ["job"] else 0, "run_id")
+        return f"{name} by ({', '.join(kept)}) ("
+
+    def matching(match: re.Match) -> str:
+        kept = [label.strip() for label in match.group(1).split(",")]
+        return match.group(0) if "run_id" in kept else f"on ({', '.join(['run_id', *kept])})"
+
+    return _ON.sub(matching, _AGGREGATION.sub(aggregation, expr))
+
+
+def per_run_legend(legend: str) -> str:
+    return legend if "{{run_id}}" in legend or legend == "__auto" else f"{{{{run_id}}}} · {legend}"
+
+
+def group_by_run(panels: list[dict[str, Any]]) -> None:
+    """Applies :func:`per_run` to every query on the callback's metrics (machine-wide panels stay as they are)."""
+    for panel in panels:
+        for tgt in panel.get("targets", []):
+            if "dgdn_" in tgt.get("expr", "") and "_run_table" not in panel:
+                tgt["expr"] = per_run(tgt["expr"])
+                tgt["legendFormat"] = per_run_legend(tgt["legendFormat"])
+        panel.pop("_run_table", None)
+
+
+def runs_table() -> dict[str, Any]:
+    """One row per run: id, start, whether its targets answer, outcome, ranks, samples/s and last loss."""
+    run = SEL
+    queries = [
+        ("Ranks", f"count by (run_id) (dgdn_training_info{{{run}}})"),
+        ("Started", f"min by (run_id) (min_over_time(timestamp(dgdn_training_info{{{run}}})[$__range:10s])) * 1000"),
+        ("Up", 'min by (run_id) (up{job=~"$job", run_id=~"$run_id", instance=~"$instance"})'),
+        ("Outcome", f"max by (run_id, outcome, exception) (last_over_time(dgdn_run_outcome{{{run}}}[$__range]) == 1)"),
+        ("Samples/s", f"sum by (run_id) (dgdn_samples_per_second{{{run}}})"),
+        ("Last loss", f"avg by (run_id) (dgdn_training_loss{{{run}}})"),
+    ]
+    targets = []
+    for index, (name, expr) in enumerate(queries):
+        tgt = target(expr, name, chr(ord("A") + index), instant=True, table=True)
+        targets.append(tgt)
+    renames = {f"Value #{chr(ord('A') + i)}": name for i, (name, _) in enumerate(queries)}
+    renames.update(run_id="Run", outcome="Outcome", exception="Exception")
+    return {
+        "_w": 24,
+        "_run_table": True,
+        "type": "table",
+        "title": "Runs: state and outcome",
+        "description": "Every run in the time range: its id, when it was first scraped, whether all its ranks answer "
+        "(Up 1) or not (0, or empty once its targets are gone), how it ended or that it is running (dgdn_run_outcome; "
+        "failed runs name the exception), its ranks, samples per second summed over its ranks and its last training "
+        "loss (mean of its ranks). The quick-start target's run has no run id.",
+        "datasource": DATASOURCE,
+        "fieldConfig": {
+            "defaults": {
+                "unit": "none",
+                "custom": {"align": "auto", "cellOptions": {"type": "auto"}},
+                "thresholds": _thresholds(None),
+            },
+            "overrides": [
+                {"matcher": {"id": "byName", "options": "Started"}, "properties": [{"id": "unit", "value": "dateTimeAsIso"}]},
+                {
+                    "matcher": {"id": "byName", "options": "Samples/s"},
+                    "properties": [{"id": "unit", "value": "suffix: samples/s"}],
+                },
+            ],
+        },
+        "options": {"showHeader": True, "cellHeight": "sm", "footer": {"show": False, "reducer": ["sum"]}},
+        "targets": targets,
+        "transformations": [
+            {"id": "merge", "options": {}},
+            {
+                "id": "organize",
+                "options": {"excludeByName": {"Time": True}, "renameByName": renames},
+            },
+        ],
+    }
+
+
 def build() -> dict[str, Any]:
     d = Dashboard()
 
     # ---------------------------------------------------------------------------------------------- Training
     d.row("Training")
+    d.line(6, runs_table())
     d.line(
         8,
         timeseries(
@@ -823,6 +916,8 @@ def build() -> dict[str, Any]:
         ),
     )
 
+    group_by_run(d.panels)
+
     def query_variable(name: str, label: str, query: str, sort: int) -> dict[str, Any]:
         return {
             "type": "query",
@@ -901,6 +996,7 @@ def build() -> dict[str, Any]:
                     "multi": False,
                 },
                 query_variable("job", "Job", "label_values(dgdn_training_info, job)", 1),
+                query_variable("run_id", "Run", 'label_values(dgdn_training_info{job=~"$job", instance!=""}, run_id)', 1),
                 query_variable("instance", "Instance", 'label_values(dgdn_training_info{job=~"$job"}, instance)', 1),
                 query_variable(
                     "rank",
