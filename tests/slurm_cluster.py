@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -237,7 +236,3 @@ class SlurmCluster:
                 raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{self.logs()}")
             time.sleep(0.2)
 
-
-def available() -> Optional[str]:
-    """The first missing command, or ``None`` when the cluster can be started (it needs root as well)."""
-    return next((tool for tool in TOOLS if shutil.which(tool) is None), None)

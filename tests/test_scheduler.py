@@ -8,6 +8,8 @@ import urllib.request
 
 import pytest
 from lightning.pytorch import Callback
+from lit_models import GraphClassifier, graph_loaders, quiet_trainer
+from otlp_receiver import OTLPReceiver
 from prometheus_client.parser import text_string_to_metric_families
 
 from dgdn_lightning_monitor import MonitoringCallback
@@ -22,8 +24,6 @@ from dgdn_lightning_monitor.scheduler import (
     slurm_end,
     termination_reason,
 )
-from lit_models import GraphClassifier, graph_loaders, quiet_trainer
-from otlp_receiver import OTLPReceiver
 
 #: What sbatch + srun set in a task of an array job that was requeued twice (copied from a real task's env).
 SLURM_ARRAY = {
