@@ -34,6 +34,7 @@ from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
 from dgdn_lightning_monitor.oom import MemoryWatch
 from dgdn_lightning_monitor.outcome import RUNNING, classify
+from dgdn_lightning_monitor.scheduler import scheduler_run_id, termination_reason
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import StepStatistics, watch_fetches
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
@@ -91,7 +92,8 @@ class MonitoringCallback(Callback):
             receiver answering on ``localhost:4318``), ``True`` (export even if nothing answers yet) or ``False``.
         gpu_devices: ``"auto"`` (the CUDA devices this rank trains on), a list of GPU indices, or ``None``.
         gpu_poll_interval_s: seconds between two NVML samples, from a background thread.
-        run_id: identifies the run in ``<namespace>_training_info`` and in traces; generated when omitted.
+        run_id: identifies the run in ``<namespace>_training_info`` and in traces; when omitted, the SLURM or
+            Kubeflow job's id (:func:`~dgdn_lightning_monitor.scheduler.scheduler_run_id`), else a random one.
         tracer_provider: an OpenTelemetry ``TracerProvider`` to send spans to (it stays yours: flushed at the
             end of a run, never shut down); by default one is chosen as described for ``tracing``.
         port_per_local_rank: under DDP, offset the port by the local rank so the ranks of one machine do not
@@ -173,7 +175,7 @@ class MonitoringCallback(Callback):
         self.trace_every_n_steps = check_int("trace_every_n_steps", trace_every_n_steps, 1)
         check_optional("tracing", tracing, bool, "True, False")
         check("run_id", run_id, run_id != "" and isinstance(run_id, (str, type(None))), "a non-empty string or None")
-        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.run_id = run_id or scheduler_run_id() or uuid.uuid4().hex[:12]
         valid = isinstance(port_per_local_rank, bool)
         self.port_per_local_rank = check("port_per_local_rank", port_per_local_rank, valid, "True or False")
         check_optional("tracer_provider", tracer_provider, TracerProvider, "an opentelemetry TracerProvider")
@@ -318,7 +320,9 @@ class MonitoringCallback(Callback):
             self.metrics.errors.report("metrics", "Could not read the last training values: %s", error)
         self.metrics.freeze_live_values()
         self.metrics.enter_stage("idle")
-        self.metrics.outcome = classify(exception)  # before the final push, which carries it
+        outcome = classify(exception)
+        self.metrics.outcome_reason = termination_reason(outcome[0])  # first: a scrape never sees it without
+        self.metrics.outcome = outcome  # before the final push, which carries it
         self.gpu.stop()
         run.server.linger()  # the next scrape reads the outcome: the end of a run is told from a crash
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway

@@ -39,6 +39,7 @@ from dgdn_lightning_monitor.histogram import (
 )
 from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
 from dgdn_lightning_monitor.outcome import OUTCOMES
+from dgdn_lightning_monitor.scheduler import info_labels
 
 #: Every family, by name after the namespace: (type, help). The README's metrics table follows this list.
 METRICS: dict[str, tuple[str, str]] = {
@@ -99,7 +100,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "batch_capacity_edges": ("gauge", "Estimated edges of the largest batch that fits the device (linear fit)."),
     "run_outcome": (
         "gauge",
-        "1 for the run's current outcome (running, completed, failed, interrupted, terminated), 0 for the others.",
+        "1 for the run's current outcome (running, completed, failed, interrupted, terminated), 0 for the others; "
+        "reason: why a scheduler terminated it.",
     ),
 }
 _FAMILY_TYPES = {
@@ -155,7 +157,8 @@ def learning_rates(trainer: Any) -> LearningRates:
 
 def run_info(module: torch.nn.Module, run_id: str, strategy: str = "") -> dict[str, str]:
     """The labels of ``<namespace>_training_info``: what is trained, how (the Trainer's strategy class, e.g.
-    ``DDPStrategy``), with which library versions."""
+    ``DDPStrategy``), with which library versions, and the scheduler's job
+    (:func:`~dgdn_lightning_monitor.scheduler.info_labels`)."""
     model = type(module)
     return {
         "strategy": strategy,
@@ -164,6 +167,7 @@ def run_info(module: torch.nn.Module, run_id: str, strategy: str = "") -> dict[s
         "torch_version": torch.__version__,
         "torch_geometric_version": torch_geometric.__version__,
         "run_id": run_id,
+        **info_labels(),
     }
 
 
@@ -243,6 +247,8 @@ class TrainingMetrics:
         self.info: dict[str, str] = {}
         # (outcome, exception class) from dgdn_lightning_monitor.outcome; None before the first set-up.
         self.outcome: Optional[tuple[str, str]] = None
+        # Why a scheduler terminated the run (dgdn_lightning_monitor.scheduler.termination_reason), else "".
+        self.outcome_reason = ""
         # Progress and learning rates are read from the live Trainer at scrape time (not on every step); when
         # the run ends the last values are kept.
         self._trainer: Optional[Any] = None
@@ -549,8 +555,10 @@ class TrainingMetrics:
         if outcome is not None:
             # Every outcome, 1 for the current one (a state set): the last scrape before an endpoint vanished says
             # whether it was still running, which tells a crash from a normal end.
-            state = family("run_outcome", ["outcome", "exception"])
+            state = family("run_outcome", ["outcome", "exception", "reason"])
+            reason = self.outcome_reason if outcome[0] == "terminated" else ""
             for name in OUTCOMES:
                 current = name == outcome[0]
-                state.add_metric(values + [name, outcome[1] if current else ""], 1.0 if current else 0.0)
+                labels = [name, outcome[1], reason] if current else [name, "", ""]
+                state.add_metric(values + labels, 1.0 if current else 0.0)
             yield state

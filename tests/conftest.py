@@ -52,3 +52,19 @@ def free_port() -> int:
 @pytest.fixture
 def unused_port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster (tests/slurm_cluster.py) for the whole session, stopped at its end."""
+    from slurm_cluster import TOOLS, SlurmCluster
+
+    for tool in TOOLS:
+        require_tool(tool)
+    if os.geteuid() != 0:
+        message = "starting slurmctld/slurmd needs root"
+        if os.environ.get("DGDN_MONITOR_REQUIRE_TOOLS"):
+            pytest.fail(message + "; DGDN_MONITOR_REQUIRE_TOOLS is set, so this is a failure", pytrace=False)
+        pytest.skip(message)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

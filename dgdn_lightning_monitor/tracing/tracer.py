@@ -27,6 +27,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode, TraceFlags
 
 from dgdn_lightning_monitor.guards import MonitorErrors, forget_threads_after_fork
+from dgdn_lightning_monitor.scheduler import identity
 from dgdn_lightning_monitor.tracing.provider import TracingSetup, configure_tracing
 from dgdn_lightning_monitor.tracing.records import BatchRecord
 
@@ -165,9 +166,10 @@ class TrainingTracer:
         self._attributes, self._share = dict(attributes), share
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
         if self.setup is None:
-            run_id = {k: v for k, v in attributes.items() if k == "training.run_id"}
+            # The run id and the scheduler's job (SLURM, Kubernetes) name the process: resource attributes.
+            resource = {**{k: v for k, v in attributes.items() if k == "training.run_id"}, **identity()}
             self.setup = configure_tracing(
-                self.enabled, resource_attributes=run_id, tracer_provider=self.tracer_provider, errors=self.errors
+                self.enabled, resource_attributes=resource, tracer_provider=self.tracer_provider, errors=self.errors
             )
         self.description = self.setup.description if self.setup is not None else None
 
