@@ -1,13 +1,9 @@
-"""``MonitoringCallback``: a thin adapter from Lightning's hooks to the monitoring parts, hook -> part -> sink:
-
-* batch hooks -> ``GraphSizer`` and hook timestamps -> ``TrainingMetrics`` -> ``/metrics`` (``MetricsServer``)
-  and a final push (``DistributedRun``);
-* sampled steps -> ``BatchRecord`` -> ``StepStatistics`` (phase histogram; on CUDA once its events completed) ->
-  ``TrainingTracer`` -> OpenTelemetry spans;
-* losses and ``trainer.callback_metrics`` -> ``StepStatistics`` (asynchronous reads on a GPU) -> the non-finite
-  count and the loss and accuracy gauges; GPU figures -> ``GPUMonitor``'s own thread.
-
-Nothing on the step path synchronises the device or touches a Prometheus object.
+"""``MonitoringCallback``: a thin adapter from Lightning's hooks to the monitoring parts, hook -> part -> sink.
+Batch hooks -> ``GraphSizer`` and timestamps -> ``TrainingMetrics`` -> ``/metrics`` and a final push; sampled steps
+-> ``BatchRecord`` -> ``StepStatistics`` -> the phase histogram and ``TrainingTracer``'s spans; losses and logged
+values -> ``StepStatistics`` (asynchronous on a GPU) -> gauges; GPU figures -> ``GPUMonitor``'s thread; progress ->
+``StallWatchdog``; batches and an out-of-memory error -> ``MemoryWatch``. Nothing on the step path synchronises the
+device or touches a Prometheus object.
 """
 
 from __future__ import annotations
@@ -33,34 +29,15 @@ from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_name
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
 from dgdn_lightning_monitor.oom import MemoryWatch
-from dgdn_lightning_monitor.outcome import RUNNING, classify
+from dgdn_lightning_monitor.outcome import classify
 from dgdn_lightning_monitor.scheduler import scheduler_run_id, termination_reason
 from dgdn_lightning_monitor.server import MetricsServer
-from dgdn_lightning_monitor.steps import StepStatistics, watch_fetches
+from dgdn_lightning_monitor.steps import RunState, StepStatistics, lightning_stage, span_stage
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
-from dgdn_lightning_monitor.watchdog import StallWatchdog, check_after_s, dump_directory
+from dgdn_lightning_monitor.watchdog import StallWatchdog, dump_directory
 from dgdn_lightning_monitor.web_config import load_web_config
 
 log = logging.getLogger(__name__)
-
-# Lightning's running stage -> span stage name.
-_SPAN_STAGE = {"validate": "validation", "test": "test", "predict": "predict"}
-
-
-class _Run:
-    """The state of one run: built in ``setup``, closed when the run ends."""
-
-    def __init__(self, trainer: Trainer, server: MetricsServer, stats: StepStatistics) -> None:
-        self.server, self.stats = server, stats
-        self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
-        self.batches = self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
-        self.epoch_start = self.eval_start = 0.0
-        # The time-based trace sampling compares the previous batch's start: set-up counts as one before the first.
-        self.batch_start = self.traced_at = time.perf_counter()
-        self.record: Optional[BatchRecord] = None
-        self.eval_record: Optional[BatchRecord] = None
-        self.model_figures_final = False
-        self.unwatch_fetches = watch_fetches(trainer, self)
 
 
 class MonitoringCallback(Callback):
@@ -70,10 +47,9 @@ class MonitoringCallback(Callback):
     exception). Counters keep counting across several ``fit`` calls with the same callback.
 
     Args:
-        port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free one (see :attr:`metrics_url`). By default
-            8000 (the stack's quick-start target; a free port when 8000 is taken, with a warning), or a free port
-            when ``targets_dir`` is set (the discovery file says which), so several runs on one node never clash.
-            Under DDP each rank serves ``port + local_rank`` (see ``port_per_local_rank``).
+        port: TCP port of ``/metrics``; ``0`` picks a free one (:attr:`metrics_url`). By default 8000 (the stack's
+            quick-start target; a free one, with a warning, when taken), with ``targets_dir`` a free one (the
+            discovery file says which). Under DDP each rank serves ``port + local_rank``.
         addr: interface to bind; the default ``0.0.0.0`` lets a Prometheus container reach the host.
         namespace: prefix of every metric name.
         registry: a ``prometheus_client.CollectorRegistry`` to register into; by default a private one, so two
@@ -85,9 +61,8 @@ class MonitoringCallback(Callback):
         graph_size_fn: ``batch -> (nodes, edges)``, overriding the built-in graph size rules.
         throughput_window: training batches over which ``samples_per_second`` is computed.
         trace_every_n_steps: trace one training step (and one evaluation batch) in this many, and a training step
-            whenever :attr:`trace_floor_s` seconds passed since the last traced one (so that slow steps are sampled
-            often enough for per-rank comparisons); phase timings of those steps feed the phase histogram and
-            :meth:`summary`.
+            whenever :attr:`trace_floor_s` passed since the last traced one; traced steps feed the phase histogram
+            and :meth:`summary`.
         tracing: ``None`` (auto: follow the ``OTEL_*`` variables, an application-wide TracerProvider, or a
             receiver answering on ``localhost:4318``), ``True`` (export even if nothing answers yet) or ``False``.
         gpu_devices: ``"auto"`` (the CUDA devices this rank trains on), a list of GPU indices, or ``None``.
@@ -98,9 +73,8 @@ class MonitoringCallback(Callback):
             end of a run, never shut down); by default one is chosen as described for ``tracing``.
         port_per_local_rank: under DDP, offset the port by the local rank so the ranks of one machine do not
             clash; ``False`` when every rank has its own network namespace (one container per rank).
-        targets_dir: directory of Prometheus file-SD files (e.g. ``deploy/prometheus/targets``): the local
-            rank 0 of every node writes one listing its ranks' endpoints while the run lasts, refreshes it every
-            30 s and removes it at the end; a file not refreshed for 3 minutes is removed by the next run.
+        targets_dir: directory of Prometheus file-SD files (``deploy/prometheus/targets``): each node's local rank
+            0 lists its ranks' endpoints there, refreshed every 30 s, removed at the end, expired after 3 minutes.
         targets_host: host name written into those files; by default the machine's host name (or ``addr``
             when it is a specific address), which ``make stack`` lets its Prometheus container resolve.
         pushgateway_url: a Pushgateway (``http://host:9091``) to which every rank pushes its final figures
@@ -108,15 +82,10 @@ class MonitoringCallback(Callback):
         job: Prometheus job name used in discovery files and pushes.
         web_config_file: a Prometheus web configuration file (TLS, client certificates, basic auth) for the
             endpoint, read here so that a bad file fails at construction; ``metrics_url`` then says ``https``.
-        stall_dump_after_s: when no stage made progress for this many seconds, write the stack of every thread
-            of this rank (and the flight recorder's trace when enabled) to ``dgdn-dumps/`` in ``trainer.log_dir``
-            (see :mod:`~dgdn_lightning_monitor.watchdog`); ``None`` turns the watchdog off.
+        stall_dump_after_s: after this many seconds without progress in any stage, write every thread's stack
+            (and the flight recorder's trace) to ``dgdn-dumps/`` in ``trainer.log_dir``; ``None``: off.
         memory_snapshot: on CUDA, record PyTorch's allocation history during the run and write it to
             ``dgdn-dumps/`` when a step runs out of memory (see :mod:`~dgdn_lightning_monitor.oom`).
-
-    Under DDP the ranks agree on rank 0's ``run_id`` and exchange their endpoints in one collective at set-up;
-    every rank's spans of a training epoch join one trace whose ids derive from the run, with no collective
-    per epoch or step.
 
     Example::
 
@@ -127,8 +96,7 @@ class MonitoringCallback(Callback):
         trainer.fit(model, datamodule)  # curl http://localhost:8000/metrics meanwhile
     """
 
-    #: Longest time between two traced training steps, whatever ``trace_every_n_steps`` says: a 5-minute window
-    #: holds 30 samples per rank at any step rate.
+    #: Longest time between two traced training steps: a 5-minute window holds 30 samples per rank at any rate.
     trace_floor_s: float = 10.0
 
     def __init__(
@@ -170,15 +138,11 @@ class MonitoringCallback(Callback):
             gauge: check(name, key, isinstance(key, str) and bool(key), "a non-empty string")
             for (gauge, name), key in keys
         }
-        check_optional("batch_size_fn", batch_size_fn, Callable, "a callable")
-        check_optional("graph_size_fn", graph_size_fn, Callable, "a callable")
         self.trace_every_n_steps = check_int("trace_every_n_steps", trace_every_n_steps, 1)
-        check_optional("tracing", tracing, bool, "True, False")
         check("run_id", run_id, run_id != "" and isinstance(run_id, (str, type(None))), "a non-empty string or None")
         self.run_id = run_id or scheduler_run_id() or uuid.uuid4().hex[:12]
         valid = isinstance(port_per_local_rank, bool)
         self.port_per_local_rank = check("port_per_local_rank", port_per_local_rank, valid, "True or False")
-        check_optional("tracer_provider", tracer_provider, TracerProvider, "an opentelemetry TracerProvider")
         self._web_config_file = web_config_file
         self.web_config: Any = load_web_config(web_config_file) if web_config_file is not None else None
         self.metrics = TrainingMetrics(namespace, check_int("throughput_window", throughput_window, 2))
@@ -190,13 +154,11 @@ class MonitoringCallback(Callback):
         self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider, errors=errors)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._register()
-        check("memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False")
         self._memory = MemoryWatch(self.metrics, self._sizer, memory_snapshot)
-        after_s = check_after_s(stall_dump_after_s)
-        self._watchdog = StallWatchdog(after_s, self.metrics) if after_s is not None else None
+        self._watchdog = StallWatchdog(stall_dump_after_s, self.metrics)
         self._warn = WarnOnce(log)
         self._train_batches = 0  # across runs: drives trace sampling
-        self._run: Optional[_Run] = None
+        self._run: Optional[RunState] = None
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -209,20 +171,17 @@ class MonitoringCallback(Callback):
         """Figures for a closing report.
 
         Returns:
-            ``steps`` and ``samples`` (training batches and samples seen), ``samples_per_second`` (recent
-            throughput) and ``phase_seconds``: mean seconds per traced training step of ``data_fetch``,
-            ``forward``, ``backward`` and ``optimizer_step`` (host time), leaving out the first traced step of
-            each run, which carries one-time warm-up costs (its figures are given only when no other step was
-            traced); ``stall_dumps`` (paths of the stack dumps written), ``out_of_memory`` (the record of the last
-            out-of-memory error, or ``None``) and ``batch_capacity`` (estimated ``(nodes, edges)`` of the largest
-            batch that fits the device, or ``(None, None)``).
+            ``steps``, ``samples`` and ``samples_per_second`` (recent); ``phase_seconds``, the mean host seconds
+            of each phase per traced training step without each run's first (warm-up) one; ``stall_dumps``
+            (paths), ``out_of_memory`` (the last record, or ``None``) and ``batch_capacity`` (estimated
+            ``(nodes, edges)`` of the largest batch that fits the device, or ``(None, None)``).
         """
         return {
             "steps": self._train_batches,
             "samples": self.metrics.samples_total,
             "samples_per_second": self.metrics.samples_per_second,
             "phase_seconds": self.metrics.phase_means(),
-            "stall_dumps": list(self._watchdog.dumps) if self._watchdog is not None else [],
+            "stall_dumps": list(self._watchdog.dumps),
             "out_of_memory": self._memory.last_oom,
             "batch_capacity": self.metrics.capacity(),
         }
@@ -260,40 +219,34 @@ class MonitoringCallback(Callback):
         labels = RankLabels.from_trainer(trainer)
         self.metrics.labels = labels
         self.metrics.start_run()
-        self.metrics.outcome = RUNNING
         self.metrics.bind(trainer)
-        port = serving_port(self.port, labels.local_rank, self.port_per_local_rank, self._dist.targets_dir is not None)
-        server = MetricsServer(self.registry, self.addr, port, self.web_config, free_port_if_taken=self.port is None)
         failure: Optional[Exception] = None
-        try:
-            if port > 65535:
-                raise ValueError(
-                    f"port {self.port} + local_rank {labels.local_rank} is above 65535; pass a lower "
-                    f"port, port=0 or port_per_local_rank=False"
-                )
-            server.start()  # a taken port fails here, before any training step
+        server: Optional[MetricsServer] = None
+        try:  # a taken port fails here, before any training step
+            port = serving_port(self.port, labels.local_rank, self.port_per_local_rank, self._dist.targets_dir)
+            server = MetricsServer(self.registry, self.addr, port, self.web_config, free_port_if_taken=not self.port)
+            server.start()
         except (OSError, OverflowError, ValueError) as error:
             failure = error
         # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever;
         # under DDP every rank adopts rank 0's run id.
-        self.run_id = self._dist.exchange(
-            labels, self.addr, server.bound_port if failure is None else None, self.run_id
-        )
+        bound = server.bound_port if server is not None and failure is None else None
+        self.run_id = self._dist.exchange(labels, self.addr, bound, self.run_id)
         self.metrics.info = run_info(pl_module, self.run_id, type(trainer.strategy).__name__)
         dumps = dump_directory(trainer)  # trainer.log_dir: a broadcast under DDP, so every rank takes it here
         if failure is not None:
             raise failure
+        assert server is not None  # built whenever nothing failed
         attributes = {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
         self.tracer.start(attributes, share=self._dist.trace_key)
         stats = StepStatistics(self.metrics, self.keys, self._warn if labels.rank == 0 else None)  # rank 0 says it
-        run = self._run = _Run(trainer, server, stats)
+        run = self._run = RunState(trainer, server, stats)
         run.model_figures_final = self.metrics.count_model(pl_module)
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
         self._dist.publish(labels, self.run_id)
         self._memory.start(root, dumps, labels.rank)
-        if self._watchdog is not None:
-            self._watchdog.start(dumps, labels.rank)
+        self._watchdog.start(dumps, labels.rank)
         log.info("Serving training metrics at %s", self.metrics_url)
 
     @override
@@ -311,18 +264,14 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.unwatch_fetches()
-        if self._watchdog is not None:
-            self._watchdog.stop()
+        self._watchdog.stop()
         self._memory.stop()
         try:
             run.stats.finish()
         except Exception as error:  # a lost device must not turn the end of a run into a crash
             self.metrics.errors.report("metrics", "Could not read the last training values: %s", error)
-        self.metrics.freeze_live_values()
-        self.metrics.enter_stage("idle")
         outcome = classify(exception)
-        self.metrics.outcome_reason = termination_reason(outcome[0])  # first: a scrape never sees it without
-        self.metrics.outcome = outcome  # before the final push, which carries it
+        self.metrics.end_run(outcome, termination_reason(outcome[0]))  # before the final push, which carries it
         self.gpu.stop()
         run.server.linger()  # the next scrape reads the outcome: the end of a run is told from a crash
         self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
@@ -424,9 +373,9 @@ class MonitoringCallback(Callback):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.metrics.enter_stage(_stage(trainer))
+        self.metrics.enter_stage(lightning_stage(trainer))
         if self._run is not None and not trainer.sanity_checking:
-            self.tracer.start_epoch(_SPAN_STAGE[_stage(trainer)], trainer.current_epoch)
+            self.tracer.start_epoch(span_stage(trainer), trainer.current_epoch)
 
     def _eval_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -437,7 +386,7 @@ class MonitoringCallback(Callback):
         run.eval_record = None
         if batch_idx % self.trace_every_n_steps == 0:
             try:
-                record = run.eval_record = self._record(_SPAN_STAGE[_stage(trainer)], trainer, pl_module, batch_idx)
+                record = run.eval_record = self._record(span_stage(trainer), trainer, pl_module, batch_idx)
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
@@ -456,7 +405,7 @@ class MonitoringCallback(Callback):
         self._memory.batch_end()
         try:
             size = self._sizer(batch)
-            self.metrics.observe_inference(_stage(trainer), end - run.eval_start, size.samples, end)
+            self.metrics.observe_inference(lightning_stage(trainer), end - run.eval_start, size.samples, end)
             record, run.eval_record = run.eval_record, None
             if record is not None:
                 record.mark("batch_end")
@@ -470,7 +419,7 @@ class MonitoringCallback(Callback):
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.metrics.enter_stage("train" if trainer.state.fn == "fit" else "idle")
         if self._run is not None and not trainer.sanity_checking:
-            self.tracer.end_epoch(_SPAN_STAGE[_stage(trainer)])
+            self.tracer.end_epoch(span_stage(trainer))
 
     on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = override(_eval_epoch_start)
     on_validation_batch_start = on_test_batch_start = on_predict_batch_start = override(_eval_batch_start)
@@ -495,9 +444,3 @@ class MonitoringCallback(Callback):
         """A monitoring fault never stops training: counted, said once, training goes on."""
         message = "Monitoring hit an error and skips what it could not measure; training continues (%s: %s)"
         self.metrics.errors.report("metrics", message, type(error).__name__, error, exc_info=error)
-
-
-def _stage(trainer: Trainer) -> str:
-    """Lightning's running stage: ``validate``, ``test`` or ``predict`` in the evaluation hooks."""
-    stage = trainer.state.stage
-    return stage.value if stage is not None else "validate"

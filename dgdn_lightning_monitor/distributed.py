@@ -90,7 +90,7 @@ class Endpoint:
         return host_port(self.host, self.port) if self.port is not None else None
 
 
-def serving_port(port: Optional[int], local_rank: int, per_local_rank: bool, discovery: bool) -> int:
+def serving_port(port: Optional[int], local_rank: int, per_local_rank: bool, discovery: Optional[Path]) -> int:
     """The port one rank binds.
 
     Args:
@@ -99,10 +99,19 @@ def serving_port(port: Optional[int], local_rank: int, per_local_rank: bool, dis
             one node never clash.
         local_rank: the rank's index on its node, added to a non-zero port when ``per_local_rank``.
         per_local_rank: offset the port by the local rank.
-        discovery: whether ``targets_dir`` is set.
+        discovery: ``targets_dir``, or ``None``.
+
+    Raises:
+        ValueError: when the port plus the local rank is above 65535.
     """
+    given = port
     if port is None:
-        port = 0 if discovery else DEFAULT_PORT
+        port = 0 if discovery is not None else DEFAULT_PORT
+    if port and per_local_rank and port + local_rank > 65535:
+        raise ValueError(
+            f"port {given} + local_rank {local_rank} is above 65535; pass a lower port, port=0 or "
+            f"port_per_local_rank=False"
+        )
     return port + local_rank if port and per_local_rank else port
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch_geometric.data import Batch, Data, HeteroData, TemporalData
 
-from dgdn_lightning_monitor.guards import MonitorErrors
+from dgdn_lightning_monitor.guards import MonitorErrors, check_optional
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,8 @@ class GraphSizer:
         graph_size_fn: Optional[Callable[[Any], tuple[int, int]]] = None,
         errors: Optional[MonitorErrors] = None,
     ) -> None:
+        check_optional("batch_size_fn", batch_size_fn, Callable, "a callable")
+        check_optional("graph_size_fn", graph_size_fn, Callable, "a callable")
         self.batch_size_fn = batch_size_fn
         self.graph_size_fn = graph_size_fn
         self.errors = errors if errors is not None else MonitorErrors(log)

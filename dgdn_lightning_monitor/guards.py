@@ -81,7 +81,17 @@ class WarnOnce:
 
 
 #: The parts of the monitor whose errors are counted in ``<namespace>_monitor_errors_total{part}``.
-ERROR_PARTS: tuple[str, ...] = ("graph_size", "metrics", "tracing", "gpu", "discovery", "push", "exchange")
+ERROR_PARTS: tuple[str, ...] = (
+    "graph_size",
+    "metrics",
+    "tracing",
+    "gpu",
+    "discovery",
+    "push",
+    "exchange",
+    "watchdog",
+    "memory",
+)
 
 
 class MonitorErrors:

@@ -38,7 +38,7 @@ from dgdn_lightning_monitor.histogram import (
     FastHistogram,
 )
 from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
-from dgdn_lightning_monitor.outcome import OUTCOMES
+from dgdn_lightning_monitor.outcome import OUTCOMES, RUNNING
 from dgdn_lightning_monitor.scheduler import info_labels
 
 #: Every family, by name after the namespace: (type, help). The README's metrics table follows this list.
@@ -331,7 +331,16 @@ class TrainingMetrics:
         self.run_start_perf = time.perf_counter()
         self.loss_range = self.best_validation_loss = self.evaluations_since_best = None
         self.nonfinite_streak = 0
+        self.outcome, self.outcome_reason = RUNNING, ""
         self.enter_stage("idle", self.run_start_perf)
+
+    def end_run(self, outcome: tuple[str, str], reason: str = "") -> None:
+        """The run ended with ``outcome`` (:func:`~dgdn_lightning_monitor.outcome.classify`): keep its last live
+        values, go idle, and say how it ended, the ``reason`` first so that no scrape sees one without the other."""
+        self.freeze_live_values()
+        self.enter_stage("idle")
+        self.outcome_reason = reason
+        self.outcome = outcome
 
     def observe_inference(self, stage: str, seconds: float, samples: Optional[int], end_perf: float) -> None:
         """Fold one finished validation/test/predict batch in, as per-sample latency, and as progress."""

@@ -29,7 +29,7 @@ import torch
 
 from dgdn_lightning_monitor.capacity import CapacityEstimator
 from dgdn_lightning_monitor.graph_size import GraphSize
-from dgdn_lightning_monitor.guards import WarnOnce
+from dgdn_lightning_monitor.guards import WarnOnce, check
 from dgdn_lightning_monitor.metrics import TrainingMetrics
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,9 @@ class MemoryWatch:
     ) -> None:
         self.metrics = metrics
         self.sizer = sizer
-        self.memory_snapshot = memory_snapshot
+        self.memory_snapshot = check(
+            "memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False"
+        )
         self.capacity = CapacityEstimator()
         metrics.batch_capacity = self.capacity.estimate
         self.last_oom: Optional[dict[str, Any]] = None
@@ -138,7 +140,9 @@ class MemoryWatch:
                 torch.cuda.memory._record_memory_history(stacks="python", max_entries=HISTORY_ENTRIES)
                 self.recording = True
         except Exception as error:
-            self._warn("start", "CUDA memory figures unavailable (%s: %s)", type(error).__name__, error)
+            self.metrics.errors.report(
+                "memory", "CUDA memory figures unavailable (%s: %s)", type(error).__name__, error
+            )
 
     def stop(self) -> None:
         self.batch = None
@@ -147,7 +151,9 @@ class MemoryWatch:
             try:
                 torch.cuda.memory._record_memory_history(enabled=None)
             except Exception as error:
-                self._warn("stop", "Could not stop the CUDA memory history (%s: %s)", type(error).__name__, error)
+                self.metrics.errors.report(
+                    "memory", "Could not stop the CUDA memory history (%s: %s)", type(error).__name__, error
+                )
 
     # ------------------------------------------------------------------------------------------ step path
     def batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -162,7 +168,9 @@ class MemoryWatch:
                 self.allocator.reset_peak()  # host-side: the peak of this step is read at its end
                 self.sampling = True
             except Exception as error:  # never into training: the estimate goes without this step
-                self._warn("sample", "Could not reset the CUDA peak memory (%s: %s)", type(error).__name__, error)
+                self.metrics.errors.report(
+                    "memory", "Could not reset the CUDA peak memory (%s: %s)", type(error).__name__, error
+                )
 
     def batch_end(self) -> None:
         self.batch = None  # the loader's next batch must not meet this one in memory because of monitoring
@@ -190,7 +198,9 @@ class MemoryWatch:
         try:
             return self._record(exception, trainer)
         except Exception as error:
-            self._warn("record", "Could not record the out-of-memory error (%s: %s)", type(error).__name__, error)
+            self.metrics.errors.report(
+                "memory", "Could not record the out-of-memory error (%s: %s)", type(error).__name__, error
+            )
             return None
         finally:
             self.batch = None

@@ -18,6 +18,7 @@ import torch
 
 from dgdn_lightning_monitor.guards import WarnOnce
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, TrainingMetrics
+from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.tracing import BatchRecord
 
 #: Training losses are checked for NaN/inf together, every this many steps (and at epoch and run ends).
@@ -226,3 +227,32 @@ def watch_fetches(trainer: Any, run: Any) -> Callable[[], None]:
             loop.__dict__.pop(name, None)
 
     return unwatch
+
+
+class RunState:
+    """What one run of a :class:`~dgdn_lightning_monitor.MonitoringCallback` holds between its hooks: built in
+    ``setup``, dropped when the run ends."""
+
+    def __init__(self, trainer: Any, server: MetricsServer, stats: StepStatistics) -> None:
+        self.server, self.stats = server, stats
+        self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
+        self.batches = self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
+        self.epoch_start = self.eval_start = 0.0
+        # The time-based trace sampling compares the previous batch's start: set-up counts as one before the first.
+        self.batch_start = self.traced_at = time.perf_counter()
+        self.record: Optional[BatchRecord] = None
+        self.eval_record: Optional[BatchRecord] = None
+        self.model_figures_final = False
+        self.unwatch_fetches = watch_fetches(trainer, self)
+
+
+def lightning_stage(trainer: Any) -> str:
+    """Lightning's running stage: ``validate``, ``test`` or ``predict`` in the evaluation hooks."""
+    stage = trainer.state.stage
+    return stage.value if stage is not None else "validate"
+
+
+def span_stage(trainer: Any) -> str:
+    """The name the spans and batch records of Lightning's running evaluation stage carry."""
+    stage = lightning_stage(trainer)
+    return "validation" if stage == "validate" else stage

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from dgdn_lightning_monitor.guards import WarnOnce, check
+from dgdn_lightning_monitor.guards import check
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class StallWatchdog:
     """Dump every thread's stack when ``metrics.last_progress_perf`` has not moved for ``after_s`` seconds.
 
     Args:
-        after_s: seconds without progress before a dump.
+        after_s: seconds without progress before a dump; ``None`` turns the watchdog off.
         metrics: holds ``last_progress_perf``, the ``time.perf_counter()`` of the last progress in any stage
             (``None`` before the first: then the time since :meth:`start` counts), and ``stall_dumps``, the count
             of dumps, raised by one per dump (a :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics`).
@@ -118,12 +118,11 @@ class StallWatchdog:
         watchdog.stop()
     """
 
-    def __init__(self, after_s: float, metrics: Any) -> None:
-        self.after_s = after_s
+    def __init__(self, after_s: Optional[float], metrics: Any) -> None:
+        self.after_s = after_s = check_after_s(after_s)  # None: off, start() does nothing
         self.metrics = metrics
         self.dumps: list[str] = []  # every dump written, across runs
-        self.poll_s = min(max(after_s / 10.0, 0.05), 30.0)  # a tenth of the threshold: late by at most 10 %
-        self._warn = WarnOnce(log)
+        self.poll_s = min(max((after_s or 0.0) / 10.0, 0.05), 30.0)  # a tenth of the threshold: late by 10 % at most
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
 
@@ -135,8 +134,10 @@ class StallWatchdog:
         self._stop = threading.Event()
 
     def start(self, directory: Path, rank: int) -> None:
-        """Watch from now on, writing dumps into ``directory`` (created on the first dump)."""
+        """Watch from now on, writing dumps into ``directory`` (created on the first dump); nothing when off."""
         self.stop()
+        if self.after_s is None:
+            return
         self.directory, self.rank = Path(directory), rank
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, args=(self._stop,), name=THREAD_NAME, daemon=True)
@@ -149,18 +150,20 @@ class StallWatchdog:
             thread.join(timeout=5.0)
 
     def _watch(self, stop: threading.Event) -> None:
-        started = time.perf_counter()
+        started, after_s = time.perf_counter(), self.after_s or float("inf")
         dumped_for: Optional[float] = None  # the progress time of the stall already dumped
         while not stop.wait(self.poll_s):
             last = self.metrics.last_progress_perf
             since = started if last is None or last < started else last  # progress of an earlier run: not this one's
             idle = time.perf_counter() - since
-            if idle >= self.after_s and dumped_for != since:
+            if idle >= after_s and dumped_for != since:
                 dumped_for = since
                 try:
                     self._dump(idle)
                 except Exception as error:  # a full disk must not end the watch
-                    self._warn("dump", "Could not write a stall dump (%s: %s)", type(error).__name__, error)
+                    self.metrics.errors.report(
+                        "watchdog", "Could not write a stall dump (%s: %s)", type(error).__name__, error
+                    )
 
     def _dump(self, idle: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -176,7 +179,9 @@ class StallWatchdog:
         try:
             trace = flight_recorder_trace()
         except Exception as error:
-            self._warn("flight", "Could not dump the flight recorder (%s: %s)", type(error).__name__, error)
+            self.metrics.errors.report(
+                "watchdog", "Could not dump the flight recorder (%s: %s)", type(error).__name__, error
+            )
             trace = None
         if trace is not None:
             folder = self.directory / f"flight-recorder-{len(self.dumps)}"

@@ -180,3 +180,23 @@ def test_format_stacks_names_every_thread():
         done.set()
         thread.join(5)
     assert 'Thread "MainThread"' in text and 'Thread "parked-helper"' in text and "in parked_helper" in text
+
+
+def test_a_dump_that_cannot_be_written_is_counted_and_the_watch_goes_on(tmp_path):
+    """A dump directory that cannot be created (a file stands there) is a monitoring error of part "watchdog":
+    counted once per failed dump, warned once, and the watchdog keeps watching."""
+    from dgdn_lightning_monitor.metrics import TrainingMetrics
+
+    metrics = TrainingMetrics()
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the dumps would go")
+    watchdog = StallWatchdog(0.2, metrics)
+    watchdog.start(blocked, rank=0)
+    try:
+        deadline = time.monotonic() + 10
+        while metrics.errors.counts["watchdog"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watchdog._thread is not None and watchdog._thread.is_alive()
+    finally:
+        watchdog.stop()
+    assert metrics.errors.counts["watchdog"] == 1 and metrics.stall_dumps == 0 and watchdog.dumps == []

@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode, TraceFlags
 
-from dgdn_lightning_monitor.guards import MonitorErrors, forget_threads_after_fork
+from dgdn_lightning_monitor.guards import MonitorErrors, check_optional, forget_threads_after_fork
 from dgdn_lightning_monitor.scheduler import identity
 from dgdn_lightning_monitor.tracing.provider import TracingSetup, configure_tracing
 from dgdn_lightning_monitor.tracing.records import BatchRecord
@@ -134,7 +134,8 @@ class TrainingTracer:
         tracer_provider: Optional[trace.TracerProvider] = None,
         errors: Optional[MonitorErrors] = None,
     ) -> None:
-        self.enabled = enabled
+        self.enabled = check_optional("tracing", enabled, bool, "True, False")
+        check_optional("tracer_provider", tracer_provider, trace.TracerProvider, "an opentelemetry TracerProvider")
         self.tracer_provider = tracer_provider
         self.errors = errors if errors is not None else MonitorErrors(log)
         self.setup: Optional[TracingSetup] = None
