@@ -104,6 +104,8 @@ CALLBACK_METRICS = (
 )
 #: Callback metrics that exist only when the run trains on a GPU.
 CALLBACK_GPU_PREFIX = "dgdn_gpu_"
+#: Callback metrics that exist only when the run trains on a GPU, beyond those with the GPU prefix.
+CALLBACK_CUDA_ONLY = {"dgdn_batch_capacity_nodes", "dgdn_batch_capacity_edges"}
 #: Callback metrics that exist only when a neighbour sampler reports per-hop counts (NeighborLoader and kin).
 CALLBACK_SAMPLED_METRICS = {"dgdn_sampled_nodes_total", "dgdn_sampled_edges_total"}
 

@@ -105,7 +105,7 @@ def test_stage_seconds_follow_the_stage_changes():
     metrics.enter_stage("validate", 4.0)
     metrics.enter_stage("train", 6.5)
     assert metrics.stage_seconds == {"idle": 1.0, "train": 3.0, "validate": 2.5}
-    assert metrics.last_progress_perf == 3.0 and metrics.progress_counts == {"train": 1}
+    assert metrics.last_progress_perf == 3.0 and {k: v for k, v in metrics.progress_counts.items() if v} == {"train": 1}
 
 
 class ScriptedValidation(GraphClassifier):

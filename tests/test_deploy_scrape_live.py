@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from conftest import free_port, require_tool
 from prom_helpers import (
+    CALLBACK_CUDA_ONLY,
     CALLBACK_GPU_PREFIX,
     CALLBACK_METRICS,
     HttpSink,
@@ -79,6 +80,7 @@ def scraped_run(tmp_path_factory) -> Any:
             values = {
                 "job": dt.JOB,
                 "instance": state["target"],
+                "run_id": ".*",  # Grafana's "All"
                 "rank": "0",
                 "gpu_host": ".*",
                 "gpu": ".*",
@@ -115,7 +117,7 @@ def scraped_run(tmp_path_factory) -> Any:
 
 def _is_callback_query(expr: str) -> bool:
     names = metric_names(expr)
-    return bool(names) and names <= CALLBACK_METRICS and not any(n.startswith(CALLBACK_GPU_PREFIX) for n in names)
+    return bool(names) and names <= CALLBACK_METRICS and not any(n.startswith(CALLBACK_GPU_PREFIX) or n in CALLBACK_CUDA_ONLY for n in names)
 
 
 def test_every_dashboard_query_is_accepted_by_prometheus(scraped_run):

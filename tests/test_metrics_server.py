@@ -256,6 +256,8 @@ def test_linger_waits_for_the_next_scrape_and_serves_it_fresh_values() -> None:
         assert time.monotonic() - started < 0.5
         read = lambda: value(urllib.request.urlopen(server.url, timeout=5).read().decode(), "dgdn_value")  # noqa: E731
         assert read() == 0.0
+        time.sleep(0.3)
+        assert read() == 0.0  # two scrapes: linger knows the interval
         counter.value = 1.0
         seen: list[Optional[float]] = []
         scraper = threading.Timer(0.2, lambda: seen.append(read()))

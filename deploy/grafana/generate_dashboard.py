@@ -322,7 +322,7 @@ def runs_table() -> dict[str, Any]:
     run = SEL
     queries = [
         ("Ranks", f"count by (run_id) (dgdn_training_info{{{run}}})"),
-        ("Started", f"min by (run_id) (min_over_time(timestamp(dgdn_training_info{{{run}}})[$__range:10s])) * 1000"),
+        ("Started", f"min by (run_id) (last_over_time(dgdn_run_start_timestamp_seconds{{{run}}}[$__range])) * 1000"),
         ("Up", 'min by (run_id) (up{job=~"$job", run_id=~"$run_id", instance=~"$instance"})'),
         ("Outcome", f"max by (run_id, outcome, exception) (last_over_time(dgdn_run_outcome{{{run}}}[$__range]) == 1)"),
         ("Samples/s", f"sum by (run_id) (dgdn_samples_per_second{{{run}}})"),
