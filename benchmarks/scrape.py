@@ -50,14 +50,18 @@ def filled_metrics(rank: int, world_size: int, batches: int = 10_000) -> Any:
     rng = random.Random(rank)
     metrics = TrainingMetrics("dgdn")
     metrics.labels = RankLabels(rank=rank, local_rank=rank % 8, node_rank=rank // 8, world_size=world_size)
+    metrics.start_run()  # stage, progress and outcome families
     now = time.perf_counter() - batches * 0.02
+    metrics.enter_stage("train", now)
+    hops = ((32, 320, 2900), (310, 2880))  # a 2-hop neighbour sampler's nodes and edges per hop
     for i in range(batches):
         now += 0.02
         trace_id = f"{rng.getrandbits(128):032x}" if i % 50 == 0 else None
-        metrics.observe_train_batch(rng.lognormvariate(-4, 0.5), now, GraphSize(32, 700 + i % 50, 2800), trace_id)
+        size = GraphSize(32, 700 + i % 50, 2800)
+        metrics.observe_train_batch(rng.lognormvariate(-4, 0.5), now, size, trace_id, hops)
     for stage in ("validate", "test"):
         for _ in range(1000):
-            metrics.observe_inference(stage, rng.lognormvariate(-3, 0.5), 32)
+            metrics.observe_inference(stage, rng.lognormvariate(-3, 0.5), 32, now)
     for suffix, value in (
         ("training_loss", 0.41),
         ("validation_loss", 0.47),

@@ -255,7 +255,8 @@ class MonitoringCallback(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._memory.on_exception(exception, trainer)  # an OOM: what failed, before the run's figures are final
+        batch, batch_idx = (self._run.batch, self._run.batch_idx) if self._run is not None else (None, -1)
+        self._memory.on_exception(exception, trainer, batch, batch_idx)  # an OOM, before the figures are final
         self._end_run(exception)
 
     def _end_run(self, exception: Optional[BaseException]) -> None:
@@ -306,7 +307,9 @@ class MonitoringCallback(Callback):
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
-        self._memory.train_batch_start(batch, batch_idx)
+        run.batch, run.batch_idx = batch, batch_idx
+        if self._memory.allocator is not None:  # CUDA: one step in ten samples the allocator's peak
+            self._memory.sample_start(self._train_batches)
         run.batch_start = time.perf_counter()
 
     def _marker(boundary: str) -> Callable[..., None]:  # type: ignore[misc]  # builds hooks as the class is made
@@ -324,10 +327,10 @@ class MonitoringCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        end = time.perf_counter()
-        run = self._run
+        end, run = time.perf_counter(), self._run
         if run is None:
             return
+        run.batch = None  # the next batch must not meet this one in memory because of monitoring
         try:
             size = self._sizer(batch)  # the same batch object on_train_batch_start saw
             record, run.record = run.record, None
@@ -337,7 +340,8 @@ class MonitoringCallback(Callback):
                 record.size = size
                 trace_id = self.tracer.trace_id("train")
             self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id, sampled_per_hop(batch))
-            self._memory.train_batch_end(size)
+            if self._memory.sampling:
+                self._memory.sample_end(size)
             self._train_batches += 1
             run.batches += 1
             stats = run.stats
@@ -390,7 +394,7 @@ class MonitoringCallback(Callback):
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
-        self._memory.batch_start(batch, batch_idx)
+        run.batch, run.batch_idx = batch, batch_idx
         run.eval_start = time.perf_counter()
 
     def _eval_batch_end(
@@ -399,10 +403,10 @@ class MonitoringCallback(Callback):
         end, run = time.perf_counter(), self._run
         if run is None:
             return
+        run.batch = None
         if trainer.sanity_checking:
             self.metrics.mark_progress("sanity_check", end)  # liveness only
             return
-        self._memory.batch_end()
         try:
             size = self._sizer(batch)
             self.metrics.observe_inference(lightning_stage(trainer), end - run.eval_start, size.samples, end)

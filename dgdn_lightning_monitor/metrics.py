@@ -215,6 +215,8 @@ class TrainingMetrics:
         self.evaluations_since_best: Optional[int] = None
         self.graph_nodes: Optional[int] = None
         self.graph_edges: Optional[int] = None
+        # Samples, nodes and edges of the largest finished training batches (each the largest seen; 0: none told).
+        self.largest_batch = [0, 0, 0]
         self.batch_seconds = FastHistogram(BATCH_SECONDS_BUCKETS)
         self.phase_seconds = {phase: FastHistogram(PHASE_SECONDS_BUCKETS) for phase in PHASES}
         # Host phase times of traced steps for summary(): totals without each run's warm-up step, and the last
@@ -294,14 +296,21 @@ class TrainingMetrics:
         else:
             histogram.observe(seconds, trace_id)
         samples, nodes, edges = size
+        largest = self.largest_batch
         if samples is not None:
             self.samples_total += samples
+            if samples > largest[0]:
+                largest[0] = samples
         if nodes is not None:
             self.nodes_total += nodes
             self.graph_nodes = nodes
+            if nodes > largest[1]:
+                largest[1] = nodes
         if edges is not None:
             self.edges_total += edges
             self.graph_edges = edges
+            if edges > largest[2]:
+                largest[2] = edges
         if hops is not None:
             self.sampled_nodes = _add_per_hop(self.sampled_nodes, hops[0])
             self.sampled_edges = _add_per_hop(self.sampled_edges, hops[1])

@@ -110,11 +110,6 @@ class MemoryWatch:
         self.capacity = CapacityEstimator()
         metrics.batch_capacity = self.capacity.estimate
         self.last_oom: Optional[dict[str, Any]] = None
-        # Largest completed training batch: (samples, nodes, edges), each the largest seen.
-        self.fit_samples = self.fit_nodes = self.fit_edges = 0
-        self.batch: Any = None
-        self.batch_idx = -1
-        self.steps = 0
         self.sampling = False
         self.allocator: Optional[CudaAllocator] = None
         self.directory = Path(".")
@@ -123,12 +118,12 @@ class MemoryWatch:
         self._warn = WarnOnce(log)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "batch": None, "allocator": None, "recording": False}
+        return {**self.__dict__, "allocator": None, "recording": False}
 
     # ------------------------------------------------------------------------------------------ run
     def start(self, device: torch.device, directory: Path, rank: int) -> None:
         self.allocator, self.directory, self.rank = allocator_for(device), Path(directory), rank
-        self.batch, self.sampling = None, False
+        self.sampling = False
         if self.allocator is None:
             if self.memory_snapshot:
                 self._warn("snapshot", "memory_snapshot=True needs a CUDA device; this run has none, none is taken")
@@ -145,7 +140,6 @@ class MemoryWatch:
             )
 
     def stop(self) -> None:
-        self.batch = None
         if self.recording:
             self.recording = False
             try:
@@ -156,14 +150,10 @@ class MemoryWatch:
                 )
 
     # ------------------------------------------------------------------------------------------ step path
-    def batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A validation, test or predict batch begins (plain attribute updates)."""
-        self.batch, self.batch_idx = batch, batch_idx
-
-    def train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A training batch begins: plain attribute updates, and on sampled CUDA steps one peak reset."""
-        self.batch, self.batch_idx = batch, batch_idx
-        if self.allocator is not None and self.steps % SAMPLE_EVERY == SAMPLE_EVERY - 1:
+    def sample_start(self, step: int) -> None:
+        """On CUDA (called only while :attr:`allocator` is set), every :data:`SAMPLE_EVERY`-th training step:
+        reset the allocator's peak, read at the step's end by :meth:`sample_end`."""
+        if self.allocator is not None and step % SAMPLE_EVERY == SAMPLE_EVERY - 1:
             try:
                 self.allocator.reset_peak()  # host-side: the peak of this step is read at its end
                 self.sampling = True
@@ -172,43 +162,33 @@ class MemoryWatch:
                     "memory", "Could not reset the CUDA peak memory (%s: %s)", type(error).__name__, error
                 )
 
-    def batch_end(self) -> None:
-        self.batch = None  # the loader's next batch must not meet this one in memory because of monitoring
-
-    def train_batch_end(self, size: GraphSize) -> None:
-        self.batch = None
-        self.steps += 1
-        samples, nodes, edges = size
-        if samples is not None and samples > self.fit_samples:
-            self.fit_samples = samples
-        if nodes is not None and nodes > self.fit_nodes:
-            self.fit_nodes = nodes
-        if edges is not None and edges > self.fit_edges:
-            self.fit_edges = edges
-        if self.sampling:
-            self.sampling = False
-            if nodes is not None and edges is not None and self.allocator is not None:
-                self.capacity.add(self.allocator.peak(), nodes, edges)
+    def sample_end(self, size: GraphSize) -> None:
+        """The end of a sampled step (called only while :attr:`sampling`): its peak against its batch's size."""
+        self.sampling = False
+        _, nodes, edges = size
+        if nodes is not None and edges is not None and self.allocator is not None:
+            self.capacity.add(self.allocator.peak(), nodes, edges)
 
     # ------------------------------------------------------------------------------------------ the OOM
-    def on_exception(self, exception: BaseException, trainer: Any) -> Optional[dict[str, Any]]:
-        """Record an out-of-memory error (anything else is left alone); never raises."""
+    def on_exception(
+        self, exception: BaseException, trainer: Any, batch: Any = None, batch_idx: int = -1
+    ) -> Optional[dict[str, Any]]:
+        """Record an out-of-memory error raised while ``batch`` (the batch in flight, if any) ran; anything else is
+        left alone; never raises."""
         if not isinstance(exception, OOM_ERRORS):
             return None
         try:
-            return self._record(exception, trainer)
+            return self._record(exception, trainer, batch, batch_idx)
         except Exception as error:
             self.metrics.errors.report(
                 "memory", "Could not record the out-of-memory error (%s: %s)", type(error).__name__, error
             )
             return None
-        finally:
-            self.batch = None
 
-    def _record(self, exception: BaseException, trainer: Any) -> dict[str, Any]:
+    def _record(self, exception: BaseException, trainer: Any, batch: Any, batch_idx: int) -> dict[str, Any]:
         self.metrics.ooms += 1
         stage = getattr(getattr(trainer.state, "stage", None), "value", None) or "unknown"
-        size = self.sizer(self.batch) if self.batch is not None else GraphSize(None, None, None)
+        size = self.sizer(batch) if batch is not None else GraphSize(None, None, None)
         allocator = self.allocator.figures() if self.allocator is not None else None
         snapshot = None
         if self.recording:
@@ -221,14 +201,10 @@ class MemoryWatch:
             "stage": stage,
             "global_step": int(trainer.global_step),
             "epoch": int(trainer.current_epoch),
-            "batch_idx": self.batch_idx if self.batch is not None else None,
+            "batch_idx": batch_idx if batch is not None else None,
             "batch": size._asdict(),
             # 0: no training batch of that size completed (or none told its size).
-            "largest_fit": {
-                "samples": self.fit_samples or None,
-                "nodes": self.fit_nodes or None,
-                "edges": self.fit_edges or None,
-            },  # fmt: skip
+            "largest_fit": dict(zip(("samples", "nodes", "edges"), (n or None for n in self.metrics.largest_batch))),
             "allocator": allocator,
             "snapshot": snapshot,
         }

@@ -241,6 +241,8 @@ class RunState:
         # The time-based trace sampling compares the previous batch's start: set-up counts as one before the first.
         self.batch_start = self.traced_at = time.perf_counter()
         self.record: Optional[BatchRecord] = None
+        self.batch: Any = None  # the batch in flight, sized only if its step runs out of memory
+        self.batch_idx = -1
         self.eval_record: Optional[BatchRecord] = None
         self.model_figures_final = False
         self.unwatch_fetches = watch_fetches(trainer, self)

@@ -34,7 +34,7 @@ class RaisesAt(GraphClassifier):
         self.held: list[bool] = []
 
     def training_step(self, batch, batch_idx):
-        self.held.append(self.callback is None or self.callback._memory.batch is batch)
+        self.held.append(self.callback is None or self.callback._run.batch is batch)
         if self.stage == "train" and self.current_epoch == 0 and batch_idx == self.at:
             raise self.error
         return super().training_step(batch, batch_idx)
@@ -77,7 +77,7 @@ def test_an_oom_in_the_training_step_names_the_batch_and_reaches_the_user_unchan
         f"batch that fit held {record['largest_fit']['samples']} samples, {record['largest_fit']['nodes']} nodes, "
         f"{record['largest_fit']['edges']} edges"
     )
-    assert callback._memory.batch is None  # nothing kept alive after the run
+    assert callback._run is None  # nothing kept alive after the run: the batch in flight went with it
 
 
 def test_an_oom_in_the_first_step_says_no_batch_had_fit(caplog):
