@@ -109,19 +109,20 @@ class Hooks(pl.Callback):
         self._end(trainer)
 
 
-def trainer(callbacks: list[pl.Callback], max_epochs: int = 200) -> pl.Trainer:
-    return pl.Trainer(
+def trainer(callbacks: list[pl.Callback], max_epochs: int = 200, **options: Any) -> pl.Trainer:
+    """A quiet CPU Trainer that logs every step; ``options`` override or add Trainer arguments."""
+    settings: dict[str, Any] = dict(
         max_epochs=max_epochs,
         accelerator="cpu",
         devices=1,
         log_every_n_steps=1,
-        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    return pl.Trainer(callbacks=callbacks, **{**settings, **options})
 
 
 def host_port(metrics_url: str) -> str:

@@ -67,22 +67,6 @@ def seen(prometheus: Prometheus, expr: str) -> bool:
     return bool(prometheus.query(expr))
 
 
-def _trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    options = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        log_every_n_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
-
-
 LIVENESS = "DGDNRunNotStarted|DGDNTrainingStalled"
 
 
@@ -99,10 +83,10 @@ def test_healthy_stages_stay_silent(tmp_path):
         train, val = dt.loaders(train_graphs=16, val_graphs=16)  # 4 batches each
         model = dt.Paced(first_step_s=stall_s + 2, eval_batch_s=stall_s / 3)
         started = time.monotonic()
-        trainer = _trainer([monitor])
+        trainer = dt.trainer([monitor], max_epochs=1)
         trainer.fit(model, train, val)
         trainer.test(model, val, verbose=False)
-        _trainer([monitor]).validate(model, val, verbose=False)
+        dt.trainer([monitor], max_epochs=1).validate(model, val, verbose=False)
         assert time.monotonic() - started > 3 * stall_s + start_s - 2  # the stages really were that long
 
         assert not ever_fired(prometheus, LIVENESS)
@@ -156,7 +140,7 @@ def test_a_hang_in_any_stage_fires(tmp_path):
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
         train, val = dt.loaders(train_graphs=16, val_graphs=16)
         model = dt.Paced()
-        trainer = _trainer([hangs, monitor])
+        trainer = dt.trainer([hangs, monitor], max_epochs=1)
         trainer.fit(model, train, val)
         trainer.test(model, val, verbose=False)
         assert set(hangs.found) == {"start", "train", "validate", "test"}
@@ -198,7 +182,7 @@ def test_loss_alerts_follow_the_runs_own_history(tmp_path):
             nan_steps=frozenset({40, *range(20 * batches, 30 * batches)}),
             step_sleep_s=0.03,
         )
-        _trainer([Phases(), monitor], max_epochs=22, limit_val_batches=0).fit(model, train, val)
+        dt.trainer([Phases(), monitor], max_epochs=22, limit_val_batches=0).fit(model, train, val)
         assert state["quiet"] == set() and state["nan_quiet"] == set()
         assert state["high"][0]["severity"] == "warning" and state["nan"][0]["severity"] == "critical"
     finally:
@@ -242,7 +226,7 @@ def test_throughput_drop_fires_on_slower_training_not_on_a_long_validation(tmp_p
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
         train, val = dt.loaders(train_graphs=64, val_graphs=16)
         model = dt.Paced(step_sleep_s=0.03)
-        _trainer([Pace(), monitor], max_epochs=1000).fit(model, train, val)
+        dt.trainer([Pace(), monitor], max_epochs=1000).fit(model, train, val)
         assert state["quiet"] == set()
         assert state["drop"][0]["rank"] == "0" and state["drop"][0]["severity"] == "warning"
     finally:
@@ -325,7 +309,7 @@ def test_training_job_of_another_name_is_watched_and_never_a_stack_outage(tmp_pa
     try:
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False, job="train-gnn")
         train, val = dt.loaders()
-        _trainer([Hang(), monitor]).fit(dt.Paced(), train, val)
+        dt.trainer([Hang(), monitor], max_epochs=1).fit(dt.Paced(), train, val)
         assert state["stalled"][0]["job"] == "train-gnn"
         wait_until(lambda: prometheus.query('up{job="train-gnn"} == 0'), 30, what="the ended run's target down")
         down = wait_until(lambda: firing(prometheus, "DGDNMonitoringTargetDown"), 30, what="the stack alert")
@@ -364,7 +348,7 @@ def test_stagnation_is_counted_in_validation_evaluations(tmp_path):
     try:
         monitor = MonitoringCallback(port=port, addr="127.0.0.1", tracing=False)
         train, val = dt.loaders()
-        _trainer([Check(), monitor], max_epochs=20).fit(Scripted(step_sleep_s=0.0), train, val)
+        dt.trainer([Check(), monitor], max_epochs=20).fit(Scripted(step_sleep_s=0.0), train, val)
         assert state["quiet"] == set()
         assert state["fired"][0]["severity"] == "info"
         assert seen(prometheus, "dgdn_validation_evaluations_since_best >= 10")
