@@ -1,8 +1,8 @@
 """How a run ended: ``running``, ``completed``, ``failed`` (with the exception's class), ``interrupted`` or
 ``terminated``.
 
-The callback sets :data:`RUNNING` at set-up and :func:`classify` of the exception Lightning passed to
-``on_exception`` (``None`` for a run that reached ``teardown`` without one) when the run ends.
+A run starts as :data:`RUNNING` (``TrainingMetrics.start_run``) and ends as :func:`classify` of the exception
+Lightning passed to ``on_exception`` (``None`` for a run that reached ``teardown`` without one).
 :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics` exports it as ``<namespace>_run_outcome``: one series of
 value 1 whose ``outcome`` and ``exception`` labels say it. A run killed with SIGKILL cannot say anything: its last
 scrape (or the absence of a final push) shows ``running``, and the crash alert comes from its endpoint's silence.
