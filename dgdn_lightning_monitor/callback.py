@@ -60,9 +60,9 @@ class MonitoringCallback(Callback):
             events of ``TemporalData``, rows of a tensor) do not fit.
         graph_size_fn: ``batch -> (nodes, edges)``, overriding the built-in graph size rules.
         throughput_window: training batches over which ``samples_per_second`` is computed.
-        trace_every_n_steps: trace one training step (and one evaluation batch) in this many, and a training step
-            whenever :attr:`trace_floor_s` passed since the last traced one; traced steps feed the phase histogram
-            and :meth:`summary`.
+        trace_every_n_steps: trace one training step (and one evaluation batch) in this many, each run's first
+            step, and one whenever :attr:`trace_floor_s` passed since the last traced one; traced steps feed the
+            phase histogram, :meth:`summary` and (CUDA) the capacity estimate.
         tracing: ``None`` (auto: follow the ``OTEL_*`` variables, an application-wide TracerProvider, or a
             receiver answering on ``localhost:4318``), ``True`` (export even if nothing answers yet) or ``False``.
         gpu_devices: ``"auto"`` (the CUDA devices this rank trains on), a list of GPU indices, or ``None``.
@@ -240,7 +240,7 @@ class MonitoringCallback(Callback):
         attributes = {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
         self.tracer.start(attributes, share=self._dist.trace_key)
         stats = StepStatistics(self.metrics, self.keys, self._warn if labels.rank == 0 else None)  # rank 0 says it
-        run = self._run = RunState(trainer, server, stats)
+        run = self._run = RunState(trainer, server, stats, self.trace_floor_s)
         run.model_figures_final = self.metrics.count_model(pl_module)
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
@@ -297,19 +297,18 @@ class MonitoringCallback(Callback):
         run = self._run
         if run is None:
             return
-        if self._train_batches % self.trace_every_n_steps == 0 or run.batch_start - run.traced_at > self.trace_floor_s:
-            run.traced_at = run.batch_start  # the previous batch's start: no extra clock read
+        run.batch, run.batch_idx = batch, batch_idx  # sized only if its step runs out of memory
+        if run.trace_next:  # decided at the previous batch's end, which also timed this one's fetch
+            run.trace_next = False
             try:
                 record = run.record = self._record("train", trainer, pl_module, batch_idx)
                 record.mark("fetch_start", run.fetch_start_ns)
                 if run.fetch_end_ns > run.fetch_start_ns:
                     record.mark("fetch_end", run.fetch_end_ns)
+                self._memory.sample_start()  # CUDA: this step's peak memory against its size
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error)
-        run.batch, run.batch_idx = batch, batch_idx
-        if self._memory.allocator is not None:  # CUDA: one step in ten samples the allocator's peak
-            self._memory.sample_start(self._train_batches)
         run.batch_start = time.perf_counter()
 
     def _marker(boundary: str) -> Callable[..., None]:  # type: ignore[misc]  # builds hooks as the class is made
@@ -339,23 +338,24 @@ class MonitoringCallback(Callback):
                 record.mark("batch_end")
                 record.size = size
                 trace_id = self.tracer.trace_id("train")
-            self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id, sampled_per_hop(batch))
-            if self._memory.sampling:
-                self._memory.sample_end(size)
+            hops = sampled_per_hop(batch) if size.nodes is not None else None  # only a graph is sampled by hops
+            self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id, hops)
             self._train_batches += 1
-            run.batches += 1
             stats = run.stats
             if record is not None:
                 stats.add_phases(record)
                 stats.when_ready(record, self.tracer.add_batch)  # on CUDA once its events completed
+                self._memory.sample_end(size)
             stats.keep_loss(outputs, trainer)
             if stats.pending:
                 stats.poll()
-            if run.batches % run.read_every == 0:
+            if self._train_batches % run.read_every == 0:
                 stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
         except Exception as error:
             self._degrade(error)
-        run.fetch_start_ns = time.perf_counter_ns()  # the next batch's fetch (when Lightning does not say)
+        if self._train_batches % self.trace_every_n_steps == 0 or end > run.trace_due:  # or after trace_floor_s
+            run.trace_next, run.trace_due = True, end + self.trace_floor_s  # the next batch is traced
+            run.fetch_start_ns = time.perf_counter_ns()  # its fetch, when Lightning does not say
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -129,9 +129,18 @@ def _temporal_size(data: TemporalData) -> GraphSize:
     return GraphSize(events, nodes, events)
 
 
+def _rows(count: int) -> GraphSize:
+    """The size of a tensor batch of ``count`` rows: one object per row count, reused batch after batch."""
+    size = GraphSize(int(count), None, None)
+    if len(_ROWS) < 1024:  # a bound for loaders whose batches have ever new lengths
+        _ROWS[count] = size
+    return size
+
+
 def _tensor_size(tensor: torch.Tensor) -> GraphSize:
     shape = tensor.shape
-    return _new(GraphSize, (int(shape[0]) if shape else 1, None, None))
+    rows = shape[0] if shape else 1
+    return _ROWS.get(rows) or _rows(rows)
 
 
 def _unknown_size(batch: Any) -> GraphSize:
@@ -156,7 +165,8 @@ def _sequence_size(items: Any) -> GraphSize:
     index, handler = plan
     if handler is _tensor_size:  # the common (inputs, targets) batch, sized here without another call
         shape = items[index].shape
-        return _new(GraphSize, (int(shape[0]) if shape else 1, None, None))
+        rows = shape[0] if shape else 1
+        return _ROWS.get(rows) or _rows(rows)
     return handler(items[index]) if index >= 0 else UNKNOWN
 
 
@@ -169,6 +179,7 @@ _GRAPH_HANDLERS = (_hetero_size, _temporal_size, _batch_size, _data_size)
 # first sight, so the step path pays a dict lookup instead of a chain of isinstance checks against abstract
 # classes. Both stay as small as the number of batch layouts a program uses.
 _HANDLERS: dict[type, Callable[[Any], GraphSize]] = {}
+_ROWS: dict[int, GraphSize] = {}
 _PLANS: dict[tuple[type, ...], tuple[int, Callable[[Any], GraphSize]]] = {}
 
 

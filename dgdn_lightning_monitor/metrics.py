@@ -215,8 +215,9 @@ class TrainingMetrics:
         self.evaluations_since_best: Optional[int] = None
         self.graph_nodes: Optional[int] = None
         self.graph_edges: Optional[int] = None
-        # Samples, nodes and edges of the largest finished training batches (each the largest seen; 0: none told).
-        self.largest_batch = [0, 0, 0]
+        # The largest training batch that completed (OOM forensics): by nodes for graphs, by samples otherwise.
+        self.largest_batch: Optional[GraphSize] = None
+        self.largest_weight = 0
         self.batch_seconds = FastHistogram(BATCH_SECONDS_BUCKETS)
         self.phase_seconds = {phase: FastHistogram(PHASE_SECONDS_BUCKETS) for phase in PHASES}
         # Host phase times of traced steps for summary(): totals without each run's warm-up step, and the last
@@ -226,8 +227,9 @@ class TrainingMetrics:
         self.warm_up_phases: dict[str, float] = {}
         self._window: deque[tuple[float, int]] = deque(maxlen=max(2, throughput_window))
         self.last_step_perf: Optional[float] = None
-        # Progress in any stage (liveness): plain attributes, updated on the step path and read at scrape time.
-        self.last_progress_perf: Optional[float] = None
+        # Progress in any stage (liveness), read at scrape time: a training step is told by last_step_perf and
+        # counted by batch_seconds; every other unit (evaluation or sanity batch, checkpoint save) here.
+        self.last_unit_perf: Optional[float] = None
         self.progress_counts: dict[str, int] = dict.fromkeys((*STAGES[1:], "checkpoint"), 0)
         self.run_start_perf: Optional[float] = None
         self.stage: Optional[str] = None
@@ -296,31 +298,34 @@ class TrainingMetrics:
         else:
             histogram.observe(seconds, trace_id)
         samples, nodes, edges = size
-        largest = self.largest_batch
         if samples is not None:
             self.samples_total += samples
-            if samples > largest[0]:
-                largest[0] = samples
         if nodes is not None:
             self.nodes_total += nodes
             self.graph_nodes = nodes
-            if nodes > largest[1]:
-                largest[1] = nodes
+            if nodes > self.largest_weight:
+                self.largest_weight, self.largest_batch = nodes, size
+        elif samples is not None and samples > self.largest_weight:
+            self.largest_weight, self.largest_batch = samples, size
         if edges is not None:
             self.edges_total += edges
             self.graph_edges = edges
-            if edges > largest[2]:
-                largest[2] = edges
         if hops is not None:
             self.sampled_nodes = _add_per_hop(self.sampled_nodes, hops[0])
             self.sampled_edges = _add_per_hop(self.sampled_edges, hops[1])
         self._window.append((end_perf, self.samples_total))
-        self.last_step_perf = self.last_progress_perf = end_perf
-        self.progress_counts["train"] += 1
+        self.last_step_perf = end_perf
+
+    @property
+    def last_progress_perf(self) -> Optional[float]:
+        """``time.perf_counter()`` of the last progress in any stage, or ``None`` before the first."""
+        step, unit = self.last_step_perf, self.last_unit_perf
+        return unit if step is None else step if unit is None or step > unit else unit
 
     def mark_progress(self, stage: str, end_perf: float) -> None:
-        """One unit of progress in ``stage`` (an evaluation batch, ``checkpoint`` for a checkpoint save)."""
-        self.last_progress_perf = end_perf
+        """One unit of progress in ``stage`` (an evaluation batch, ``checkpoint`` for a checkpoint save); training
+        steps count through :meth:`observe_train_batch`."""
+        self.last_unit_perf = end_perf
         counts = self.progress_counts
         if stage in counts:
             counts[stage] += 1
@@ -565,7 +570,8 @@ class TrainingMetrics:
             current.add_metric(values + [name], 1.0 if name == stage else 0.0)
             spent.add_metric(values + [name], seconds.get(name, 0.0))
         progress = family("progress_total", ["stage"])
-        counts = self.progress_counts
+        counts = {**self.progress_counts}
+        counts["train"] = counts.get("train", 0) + self.batch_seconds.count  # one observation per training step
         for name in (*STAGES[1:], "checkpoint"):
             progress.add_metric(values + [name], float(counts.get(name, 0)))
         yield from (current, spent, progress)

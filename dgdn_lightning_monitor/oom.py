@@ -1,20 +1,21 @@
 """Out-of-memory forensics, and peak memory against graph size.
 
-:class:`MemoryWatch` keeps a reference to the batch in flight (from its batch-start hook to its batch-end hook, so
-that no batch outlives its step because of monitoring) and the largest training batch that completed. When a step
-raises ``torch.OutOfMemoryError`` or ``MemoryError``, Lightning calls the callback's ``on_exception`` before the
-exception goes on; :meth:`MemoryWatch.on_exception` then sizes the failing batch (host-side shapes only) and logs
-one line with the stage, the step, that batch's samples, nodes and edges, the largest batch that fit so far and,
-on CUDA, the caching allocator's figures; ``<namespace>_oom_total`` counts it. With ``memory_snapshot=True`` the
-allocator's history is recorded during the run (``torch.cuda.memory._record_memory_history``) and written at the
-OOM (``torch.cuda.memory._dump_snapshot``) to ``oom-<time>-rank<R>.pickle``, which https://pytorch.org/memory_viz
+The callback holds the batch in flight (from its batch-start hook to its batch-end hook, so that no batch outlives
+its step because of monitoring) and the metrics keep the largest training batch that completed. When a step raises
+``torch.OutOfMemoryError`` or ``MemoryError``, Lightning calls the callback's ``on_exception`` before the exception
+goes on; :meth:`MemoryWatch.on_exception` then sizes the failing batch (host-side shapes only) and logs one line
+with the stage, the step, that batch's samples, nodes and edges, the largest batch that fit so far and, on CUDA,
+the caching allocator's figures; ``<namespace>_oom_total`` counts it. With ``memory_snapshot=True`` the allocator's
+history is recorded during the run (``torch.cuda.memory._record_memory_history``) and written at the OOM
+(``torch.cuda.memory._dump_snapshot``) to ``oom-<time>-rank<R>.pickle``, which https://pytorch.org/memory_viz
 opens.
 
-On CUDA, every :data:`SAMPLE_EVERY`-th training step resets the allocator's peak counter at its start and reads it
-at its end (host-side counters: no device synchronisation); the peak with the batch's nodes and edges feeds a
-:class:`~dgdn_lightning_monitor.capacity.CapacityEstimator`, whose estimate of the largest batch that fits the
-device is exported as ``<namespace>_batch_capacity_nodes`` and ``..._edges``. The peak before each reset is kept in
-:data:`PEAKS_BEFORE_RESET`, so ``<namespace>_gpu_max_memory_allocated_bytes`` still reads the process's peak.
+On CUDA, the training steps whose phases are timed (one in ``trace_every_n_steps``) reset the allocator's peak
+counter at their start and read it at their end (host-side counters: no device synchronisation); the peak with the
+batch's nodes and edges feeds a :class:`~dgdn_lightning_monitor.capacity.CapacityEstimator`, whose estimate of the
+largest batch that fits the device is exported as ``<namespace>_batch_capacity_nodes`` and ``..._edges``. The peak
+before each reset is kept in :data:`PEAKS_BEFORE_RESET`, so ``<namespace>_gpu_max_memory_allocated_bytes`` still
+reads the process's peak.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ from typing import Any, Optional
 import torch
 
 from dgdn_lightning_monitor.capacity import CapacityEstimator
-from dgdn_lightning_monitor.graph_size import GraphSize
+from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSize
 from dgdn_lightning_monitor.guards import WarnOnce, check
 from dgdn_lightning_monitor.metrics import TrainingMetrics
 
 log = logging.getLogger(__name__)
 
-#: One training step in this many is measured for the capacity estimate (CUDA only).
-SAMPLE_EVERY = 10
 #: Allocation events the CUDA memory history keeps with ``memory_snapshot=True``.
 HISTORY_ENTRIES = 100_000
 #: What counts as running out of memory: CUDA's error and the host's.
@@ -83,10 +82,10 @@ def allocator_for(device: torch.device) -> Optional[CudaAllocator]:
 
 
 class MemoryWatch:
-    """The batch in flight, the largest batch that fit, the capacity estimate and the OOM record of one callback.
+    """The CUDA peak-memory samples, the capacity estimate and the OOM record of one callback.
 
     Args:
-        metrics: where ``oom_total`` and the capacity estimate are exported.
+        metrics: where ``oom_total`` and the capacity estimate are exported; holds the largest batch that fit.
         sizer: ``batch -> GraphSize`` (the callback's sizer).
         memory_snapshot: record CUDA's allocation history and dump it at an OOM.
 
@@ -94,16 +93,14 @@ class MemoryWatch:
 
         watch = MemoryWatch(metrics, extract_graph_size)
         watch.start(torch.device("cuda", 0), Path("lightning_logs/dgdn-dumps"), rank=0)
-        watch.batch_start(batch, batch_idx)  # every batch of every stage
-        watch.train_batch_end(size)  # or watch.batch_end() after an evaluation batch
-        watch.on_exception(error, trainer)  # from Callback.on_exception
+        watch.sample_start()  # at the start of a sampled training step; sample_end(size) at its end
+        watch.on_exception(error, trainer, batch, batch_idx)  # from Callback.on_exception
     """
 
     def __init__(
         self, metrics: TrainingMetrics, sizer: Callable[[Any], GraphSize], memory_snapshot: bool = False
     ) -> None:
-        self.metrics = metrics
-        self.sizer = sizer
+        self.metrics, self.sizer = metrics, sizer
         self.memory_snapshot = check(
             "memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False"
         )
@@ -150,10 +147,10 @@ class MemoryWatch:
                 )
 
     # ------------------------------------------------------------------------------------------ step path
-    def sample_start(self, step: int) -> None:
-        """On CUDA (called only while :attr:`allocator` is set), every :data:`SAMPLE_EVERY`-th training step:
-        reset the allocator's peak, read at the step's end by :meth:`sample_end`."""
-        if self.allocator is not None and step % SAMPLE_EVERY == SAMPLE_EVERY - 1:
+    def sample_start(self) -> None:
+        """At the start of a sampled training step, on CUDA: reset the allocator's peak, read at the step's end by
+        :meth:`sample_end`."""
+        if self.allocator is not None:
             try:
                 self.allocator.reset_peak()  # host-side: the peak of this step is read at its end
                 self.sampling = True
@@ -163,7 +160,9 @@ class MemoryWatch:
                 )
 
     def sample_end(self, size: GraphSize) -> None:
-        """The end of a sampled step (called only while :attr:`sampling`): its peak against its batch's size."""
+        """At the end of a sampled training step: its peak memory against its batch's size (CUDA only)."""
+        if not self.sampling:
+            return
         self.sampling = False
         _, nodes, edges = size
         if nodes is not None and edges is not None and self.allocator is not None:
@@ -188,7 +187,8 @@ class MemoryWatch:
     def _record(self, exception: BaseException, trainer: Any, batch: Any, batch_idx: int) -> dict[str, Any]:
         self.metrics.ooms += 1
         stage = getattr(getattr(trainer.state, "stage", None), "value", None) or "unknown"
-        size = self.sizer(batch) if batch is not None else GraphSize(None, None, None)
+        size = self.sizer(batch) if batch is not None else UNKNOWN
+        largest = self.metrics.largest_batch  # None: no training batch of a told size completed
         allocator = self.allocator.figures() if self.allocator is not None else None
         snapshot = None
         if self.recording:
@@ -203,8 +203,7 @@ class MemoryWatch:
             "epoch": int(trainer.current_epoch),
             "batch_idx": batch_idx if batch is not None else None,
             "batch": size._asdict(),
-            # 0: no training batch of that size completed (or none told its size).
-            "largest_fit": dict(zip(("samples", "nodes", "edges"), (n or None for n in self.metrics.largest_batch))),
+            "largest_fit": (largest or UNKNOWN)._asdict(),
             "allocator": allocator,
             "snapshot": snapshot,
         }

@@ -50,6 +50,7 @@ class StepStatistics:
         # plain list, so the step path tests it without a call.
         self.pending: list[tuple[Callable[[], bool], Callable[[], None]]] = []
         self.losses: list[torch.Tensor] = []  # training losses since the last non-finite count
+        self.automatic: Optional[bool] = None  # the module's automatic_optimization, known from its first step
         self.counted_logged_loss: Any = None  # the logged loss last counted (identity: a new tensor per self.log)
         self.warmed_up = False  # the first traced step of a run carries one-time costs: kept out of the means
         self.checked: set[tuple[str, ...]] = set()  # gauge groups whose keys were looked for once
@@ -86,6 +87,18 @@ class StepStatistics:
         """Keep this step's loss for the non-finite count, taken every few steps in one go (no read, kernel or
         synchronisation per step). A step that returns no loss (manual optimisation) is counted from the
         training loss the module logged in it, so each step counts once either way."""
+        if self.automatic and type(outputs) is dict:
+            # Lightning's automatic optimisation hands over a detached copy of the scalar loss it backpropagated.
+            loss = outputs.get("loss")
+            if loss is not None:
+                losses = self.losses
+                losses.append(loss)
+                if len(losses) >= FOLD_EVERY:
+                    self.fold_nonfinite()
+                return
+        elif self.automatic is None:
+            module = getattr(trainer, "lightning_module", None)
+            self.automatic = getattr(module, "automatic_optimization", False) is True
         if type(outputs) is dict:  # what automatic optimisation hands over; skips the slower ABC check
             loss = outputs.get("loss")
         elif isinstance(outputs, torch.Tensor):
@@ -233,13 +246,14 @@ class RunState:
     """What one run of a :class:`~dgdn_lightning_monitor.MonitoringCallback` holds between its hooks: built in
     ``setup``, dropped when the run ends."""
 
-    def __init__(self, trainer: Any, server: MetricsServer, stats: StepStatistics) -> None:
+    def __init__(self, trainer: Any, server: MetricsServer, stats: StepStatistics, trace_floor_s: float) -> None:
         self.server, self.stats = server, stats
         self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
-        self.batches = self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
-        self.epoch_start = self.eval_start = 0.0
-        # The time-based trace sampling compares the previous batch's start: set-up counts as one before the first.
-        self.batch_start = self.traced_at = time.perf_counter()
+        self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
+        self.epoch_start = self.eval_start = self.batch_start = 0.0
+        # Whether the next training batch is traced (a run's first is: its warm-up step), and from when one is traced
+        # whatever its number; set-up counts as a traced batch.
+        self.trace_next, self.trace_due = True, time.perf_counter() + trace_floor_s
         self.record: Optional[BatchRecord] = None
         self.batch: Any = None  # the batch in flight, sized only if its step runs out of memory
         self.batch_idx = -1

@@ -143,6 +143,7 @@ class TrainingTracer:
         self._attributes: dict[str, Any] = {}
         self._share: Optional[str] = None
         self._epochs: dict[str, Span] = {}
+        self._trace_ids: dict[str, str] = {}  # of the open epoch spans: formatted once per epoch, not per step
         self._builder = SpanBuilder(self._emit, errors=self.errors)
         # perf_counter_ns -> unix ns; spans need wall-clock times, the step path uses the monotonic clock.
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
@@ -193,16 +194,19 @@ class TrainingTracer:
         span = setup.tracer.start_span(f"{stage}_epoch", context, attributes=attributes, start_time=start)
         self.end_epoch(stage)
         self._epochs[stage] = span
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            self._trace_ids[stage] = format(span_context.trace_id, "032x")
 
     def end_epoch(self, stage: str) -> None:
         span = self._epochs.pop(stage, None)
+        self._trace_ids.pop(stage, None)
         if span is not None:
             span.end(end_time=self._ns())
 
     def trace_id(self, stage: str) -> Optional[str]:
         """The trace id of the open ``stage`` epoch span, as 32 hex digits (for exemplars), or ``None``."""
-        context = span.get_span_context() if (span := self._epochs.get(stage)) is not None else None
-        return format(context.trace_id, "032x") if context is not None and context.is_valid else None
+        return self._trace_ids.get(stage)
 
     # ------------------------------------------------------------------ batches
     def epoch_span(self, stage: str) -> Optional[Span]:
