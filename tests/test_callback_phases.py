@@ -148,3 +148,14 @@ def test_slow_steps_are_traced_at_least_every_trace_floor_seconds(monkeypatch) -
     traced = value(exposition(callback.registry), "dgdn_step_phase_seconds_count", phase="forward")
     # By count alone only the first step would be; with steps over 0.1 s, about every third one is.
     assert 4 <= traced <= min(steps, 2 + elapsed / 0.25)
+
+
+def test_each_run_traces_its_first_step() -> None:
+    """A callback used for two fits traces the first step of each (its warm-up step, kept out of the means), then
+    one in trace_every_n_steps counted across runs."""
+    callback = MonitoringCallback(port=0, tracing=False, gpu_devices=None, trace_every_n_steps=8)
+    for _ in range(2):  # 5 steps each
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(TensorRegressor(), tensor_loader(rows=40, batch_size=8))
+    assert callback.summary()["steps"] == 10
+    traced = value(exposition(callback.registry), "dgdn_step_phase_seconds_count", phase="forward")
+    assert traced == 3  # steps 0, 5 (the second run's first) and 8

@@ -103,6 +103,13 @@ def test_tensor_batches_count_rows():
     assert extract_graph_size((torch.empty(5, 2), torch.empty(5))) == GraphSize(5, None, None)
 
 
+def test_tensor_batches_of_ever_new_lengths_keep_their_own_rows():
+    """Sizes of tensor batches are reused per row count up to a bound; lengths past it are still exact."""
+    for rows in range(3000):
+        assert extract_graph_size([torch.empty(rows, 1, device=META), torch.empty(rows)]).samples == rows
+        assert extract_graph_size(torch.empty(rows, device=META)).samples == rows
+
+
 @pytest.mark.parametrize("batch", ["text", 3, None, object(), [1, 2]])
 def test_unknown_batches_are_unknown(batch):
     assert extract_graph_size(batch) == GraphSize(None, None, None)
