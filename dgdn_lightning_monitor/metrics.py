@@ -319,8 +319,7 @@ class TrainingMetrics:
     @property
     def last_progress_perf(self) -> Optional[float]:
         """``time.perf_counter()`` of the last progress in any stage, or ``None`` before the first."""
-        step, unit = self.last_step_perf, self.last_unit_perf
-        return unit if step is None else step if unit is None or step > unit else unit
+        return max((t for t in (self.last_step_perf, self.last_unit_perf) if t is not None), default=None)
 
     def mark_progress(self, stage: str, end_perf: float) -> None:
         """One unit of progress in ``stage`` (an evaluation batch, ``checkpoint`` for a checkpoint save); training

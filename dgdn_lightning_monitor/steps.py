@@ -87,19 +87,22 @@ class StepStatistics:
         """Keep this step's loss for the non-finite count, taken every few steps in one go (no read, kernel or
         synchronisation per step). A step that returns no loss (manual optimisation) is counted from the
         training loss the module logged in it, so each step counts once either way."""
-        if self.automatic and type(outputs) is dict:
-            # Lightning's automatic optimisation hands over a detached copy of the scalar loss it backpropagated.
-            loss = outputs.get("loss")
-            if loss is not None:
-                losses = self.losses
-                losses.append(loss)
-                if len(losses) >= FOLD_EVERY:
-                    self.fold_nonfinite()
-                return
-        elif self.automatic is None:
+        # Lightning's automatic optimisation hands over a detached copy of the scalar loss it backpropagated.
+        loss = outputs.get("loss") if self.automatic and type(outputs) is dict else None
+        if loss is None and (loss := self._checked_loss(outputs, trainer)) is None:
+            return
+        losses = self.losses
+        losses.append(loss)
+        if len(losses) >= FOLD_EVERY:
+            self.fold_nonfinite()
+
+    def _checked_loss(self, outputs: Any, trainer: Any) -> Optional[torch.Tensor]:
+        """This step's loss when it is not automatic optimisation's (the returned value or the logged loss),
+        checked to be one value and kept without its graph; ``None`` when there is none to count."""
+        if self.automatic is None:  # the first step tells
             module = getattr(trainer, "lightning_module", None)
             self.automatic = getattr(module, "automatic_optimization", False) is True
-        if type(outputs) is dict:  # what automatic optimisation hands over; skips the slower ABC check
+        if type(outputs) is dict:  # skips the slower ABC check
             loss = outputs.get("loss")
         elif isinstance(outputs, torch.Tensor):
             loss = outputs
@@ -110,13 +113,12 @@ class StepStatistics:
             logged = trainer.callback_metrics
             loss = logged.get(key, logged.get(f"{key}_step"))
             if loss is self.counted_logged_loss:  # not logged again in this step
-                return
+                return None
             self.counted_logged_loss = loss
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             # A loss that still carries its graph (manual optimisation) must not keep the graph alive.
-            self.losses.append(loss.detach() if loss.requires_grad else loss)
-            if len(self.losses) >= FOLD_EVERY:
-                self.fold_nonfinite()
+            return loss.detach() if loss.requires_grad else loss
+        return None
 
     def fold_nonfinite(self) -> None:
         """Count the non-finite losses kept since the last fold: on the CPU at once, on a GPU with a few kernels
