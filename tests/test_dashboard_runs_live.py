@@ -87,11 +87,13 @@ def three_runs(tmp_path_factory) -> Any:
         assert not prometheus.query(f'dgdn_samples_processed_total{{instance="{static}", run_id!=""}}')
         assert prometheus.query(f'dgdn_training_info{{instance="{static}", run_id="{quick_start.run_id}"}}')
         wait_until(
-            lambda: {
-                series["metric"]["run_id"]
-                for series in prometheus.query("max by (run_id) (dgdn_rank:run_outcome:timestamp_seconds)")
-            }
-            == run_ids,
+            lambda: (
+                {
+                    series["metric"]["run_id"]
+                    for series in prometheus.query("max by (run_id) (dgdn_rank:run_outcome:timestamp_seconds)")
+                }
+                == run_ids
+            ),
             60,
             what="the recording rules naming every run's outcome",
         )
