@@ -138,11 +138,25 @@ def test_the_exception_of_a_failed_run_reaches_on_call_and_what_it_caused_does_n
               "outcome": "failed", "exception": "ValueError"}  # fmt: skip
     caused = [
         {**run, "alertname": "DGDNRunDown", "severity": "critical", "instance": "gpu002:41003", "rank": "1"},
-        {**run, "alertname": "DGDNRunTerminated", "severity": "critical", "instance": "gpu003:41003", "rank": "2",
-         "outcome": "terminated", "exception": "SIGTERMException", "reason": "cancelled"},  # fmt: skip
+        {
+            **run,
+            "alertname": "DGDNRunTerminated",
+            "severity": "critical",
+            "instance": "gpu003:41003",
+            "rank": "2",
+            "outcome": "terminated",
+            "exception": "SIGTERMException",
+            "reason": "cancelled",
+        },  # fmt: skip
         {**run, "alertname": "DGDNRunUnreachable", "severity": "warning", "instance": "gpu004:41003", "rank": "3"},
-        {**run, "alertname": "DGDNTrainingStalled", "severity": "warning", "instance": "gpu004:41003", "rank": "3",
-         "stage": "train"},  # fmt: skip
+        {
+            **run,
+            "alertname": "DGDNTrainingStalled",
+            "severity": "warning",
+            "instance": "gpu004:41003",
+            "rank": "3",
+            "stage": "train",
+        },  # fmt: skip
     ]
     other_run = {**caused[0], "run_id": "slurm-81799", "instance": "gpu009:41003"}
     _post_alerts(alertmanager, [failed, *caused, other_run])
@@ -153,12 +167,17 @@ def test_the_exception_of_a_failed_run_reaches_on_call_and_what_it_caused_does_n
         what="Alertmanager holding every alert the failure caused as inhibited",
     )
     sink.wait_for(
-        lambda r: {
-            (where, alert["labels"]["alertname"], alert["labels"]["run_id"])
-            for where, alert in webhook_alerts(r)
-            if alert["labels"].get("run_id") in ("slurm-81750", "slurm-81799")
-        }
-        >= {("/alerts/critical", "DGDNRunFailed", "slurm-81750"), ("/alerts/critical", "DGDNRunDown", "slurm-81799")},
+        lambda r: (
+            {
+                (where, alert["labels"]["alertname"], alert["labels"]["run_id"])
+                for where, alert in webhook_alerts(r)
+                if alert["labels"].get("run_id") in ("slurm-81750", "slurm-81799")
+            }
+            >= {
+                ("/alerts/critical", "DGDNRunFailed", "slurm-81750"),
+                ("/alerts/critical", "DGDNRunDown", "slurm-81799"),
+            }
+        ),
         30,
         "DGDNRunFailed of the failed run and DGDNRunDown of the other run at the critical webhook",
     )

@@ -403,6 +403,35 @@ def test_every_alert_names_its_run_on_the_static_target_and_on_discovered_ones()
         assert expected <= shown.get(name, set()), f"{name} is shown naming its run only on {shown.get(name)}"
 
 
+def _severities() -> dict[str, set[str]]:
+    kubernetes = DEPLOY / "kubernetes" / "rules" / "dgdn-kubernetes.yml"
+    severities: dict[str, set[str]] = {}
+    for rule in alert_rules((*ALL_RULES_FILES, kubernetes)):
+        severities.setdefault(rule["alert"], set()).add(rule["labels"]["severity"])
+    return severities
+
+
+def test_the_alert_tables_and_lines_say_what_the_rules_do():
+    """deploy/README.md has one row per alert with its severities; wherever it or README.md gives an alert a severity
+    (the critical `DGDNRunFailed`, `DGDNRunUnreachable` (warning)), the rules give it that one."""
+    severities = _severities()
+    rows = {}
+    for line in (DEPLOY / "README.md").read_text().splitlines():
+        match = re.match(r"^\| `(DGDN\w+)` \| ([a-z /]+) \|", line)
+        if match:
+            rows[match.group(1)] = set(match.group(2).split(" / "))
+    assert rows == severities
+    for path in (DEPLOY / "README.md", ROOT / "README.md"):
+        text = " ".join(path.read_text().split())
+        named = re.findall(r"\b(critical|warning|info) `(DGDN\w+)`", text)
+        named += [(severity, name) for name, severity in re.findall(r"`(DGDN\w+)` \((critical|warning|info)\)", text)]
+        assert named, path
+        for severity, name in named:
+            assert severity in severities[name], f"{path.name} calls {name} {severity}"
+        for name in set(re.findall(r"`(DGDN[A-Z]\w*)`", text)):
+            assert name in severities, f"{path.name} names {name}, which no rule defines"
+
+
 # ================================================================================================ Alertmanager
 def test_amtool_check_config():
     amtool = require_tool("amtool")
