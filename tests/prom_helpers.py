@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
@@ -428,6 +429,21 @@ class Prometheus(ServerProcess):
 
     def exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
         return self.api("query_exemplars", query=expr, start=start, end=end)
+
+
+def rules_evaluated_after(prometheus: Prometheus, moment: float, timeout: float = 30.0) -> None:
+    """Waits until Prometheus has evaluated every rule group at a time after ``moment`` (Unix seconds): whatever
+    the rules would say by then, they have said."""
+
+    def evaluated() -> bool:
+        groups = prometheus.api("rules")["groups"]
+        return bool(groups) and all(
+            datetime.fromisoformat(group["lastEvaluation"].replace("Z", "+00:00")).timestamp() > moment
+            for group in groups
+        )
+
+    bound = timeout + max(0.0, moment - time.time())
+    wait_until(evaluated, bound, what=f"every rule group evaluated after {moment:.1f}")
 
 
 class PromQLError(Exception):

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +29,7 @@ from prom_helpers import (
     Alertmanager,
     HttpSink,
     Prometheus,
+    rules_evaluated_after,
     wait_until,
     webhook_alerts,
 )
@@ -163,19 +163,6 @@ def _scraped_total(prometheus: Prometheus, selector: str) -> Optional[float]:
     return _value(prometheus, f'sum(last_over_time(dgdn_samples_processed_total{{instance!="", {selector}}}[10m]))')
 
 
-def _rules_evaluated_after(prometheus: Prometheus, moment: float) -> None:
-    """Waits until Prometheus has evaluated every rule group at a time after ``moment`` (Unix seconds)."""
-
-    def evaluated() -> bool:
-        groups = prometheus.api("rules")["groups"]
-        return bool(groups) and all(
-            datetime.fromisoformat(group["lastEvaluation"].replace("Z", "+00:00")).timestamp() > moment
-            for group in groups
-        )
-
-    wait_until(evaluated, 30, what=f"every rule group evaluated after {moment:.1f}")
-
-
 def _outcome_scraped(prometheus: Prometheus, selector: str, outcome: str) -> None:
     wait_until(
         lambda: prometheus.query(f'last_over_time(dgdn_run_outcome{{{selector}, outcome="{outcome}"}}[1m]) == 1'),
@@ -257,7 +244,7 @@ def test_one_process_with_defaults_is_scraped_once_ends_quietly_and_pages_when_k
     _outcome_scraped(prometheus, f'instance="{static}"', "completed")
     assert _targets_ever(prometheus, f'job="{dt.JOB}"') == 1
     assert _scraped_total(prometheus, f'instance="{static}"') == train_graphs * max_epochs
-    _rules_evaluated_after(prometheus, time.time() + 6)  # twice the shortened `for` of DGDNRunDown, and more
+    rules_evaluated_after(prometheus, time.time() + 6)  # twice the shortened `for` of DGDNRunDown, and more
     assert not _loud_about(sink, prometheus, instance=static)
 
     # The same defaults in a process killed mid-run.
@@ -383,7 +370,7 @@ def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(st
             ALERT_TIMEOUT_S,
             "DGDNRunDown for both ranks",
         )  # fmt: skip
-        _rules_evaluated_after(prometheus, time.time() + 4)
+        rules_evaluated_after(prometheus, time.time() + 4)
         assert not _loud_about(sink, prometheus, run_id=run_id)
     finally:
         if killed.poll() is None:
@@ -431,8 +418,10 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
 
         def end(trainer) -> None:
             wait_until(
-                lambda: (_value(prometheus, f'count_over_time(up{{run_id="{monitor.run_id}"}}[1m])') or 0) >= 3
-                and prometheus.query(f'dgdn_global_step{{run_id="{monitor.run_id}"}} == {trainer.global_step}'),
+                lambda: (
+                    (_value(prometheus, f'count_over_time(up{{run_id="{monitor.run_id}"}}[1m])') or 0) >= 3
+                    and prometheus.query(f'dgdn_global_step{{run_id="{monitor.run_id}"}} == {trainer.global_step}')
+                ),
                 30,
                 what="the run scraped regularly and after its last step",
             )
@@ -445,7 +434,7 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
         _outcome_scraped(prometheus, f'run_id="{monitor.run_id}"', "completed")
         assert _targets_ever(prometheus, f'run_id="{monitor.run_id}"') == 1
         assert _scraped_total(prometheus, f'run_id="{monitor.run_id}"') == 32 * 2
-        _rules_evaluated_after(prometheus, time.time() + 5)  # past the shortened `for` of DGDNRunDown
+        rules_evaluated_after(prometheus, time.time() + 5)  # past the shortened `for` of DGDNRunDown
         assert not _loud_about(sink, prometheus, run_id=monitor.run_id)
         assert ghost.exists(), "a fresh file of another run was removed"
         down = {alert["labels"].get("instance") for _, alert in _alerts(sink.snapshot(), "DGDNRunDown")}
@@ -512,7 +501,7 @@ def test_a_failed_run_pages_with_its_exception_and_the_rank_killed_after_it_does
             30,
             what=f"the killed rank at {killed} down for 5 scrapes",
         )
-        _rules_evaluated_after(prometheus, time.time() + 5)  # past the shortened `for` of DGDNRunDown
+        rules_evaluated_after(prometheus, time.time() + 5)  # past the shortened `for` of DGDNRunDown
         assert prometheus.query(f'last_over_time(dgdn_run_outcome{{instance="{killed}", outcome="running"}}[1m]) == 1')
         assert not prometheus.query(f'ALERTS{{alertname=~"DGDNRun(Down|Unreachable)", run_id="{run_id}"}}')
         assert not [a for _, a in _alerts(sink.snapshot(), "DGDNRunDown") if a["labels"].get("run_id") == run_id]

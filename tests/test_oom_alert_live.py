@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import deploy_training as dt
 import pytest
 import torch
-
-import deploy_training as dt
 from conftest import free_port, require_tool
-from dgdn_lightning_monitor import MonitoringCallback
 from prom_helpers import RULES_FILE, Prometheus, wait_until
+
+from dgdn_lightning_monitor import MonitoringCallback
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,13 @@ def test_an_oom_then_a_retry_in_the_same_process_fires_dgdn_out_of_memory(tmp_pa
 
     def alert_fires(trainer) -> None:
         if not firing:
-            firing.extend(wait_until(
-                lambda: prometheus.query('ALERTS{alertname="DGDNOutOfMemory", alertstate="firing"}'), 60,
-                what="DGDNOutOfMemory firing"))
+            firing.extend(
+                wait_until(
+                    lambda: prometheus.query('ALERTS{alertname="DGDNOutOfMemory", alertstate="firing"}'),
+                    60,
+                    what="DGDNOutOfMemory firing",
+                )
+            )
 
     try:
         prometheus.wait_ready()
