@@ -93,6 +93,9 @@ def test_the_example_pytorchjob_forms_one_ddp_group_with_both_endpoints_and_one_
             while any(process.poll() is None for process, _, _ in processes.values()):
                 if time.monotonic() > deadline:
                     pytest.fail(f"the two pods did not finish training within {RUN_TIMEOUT_S} s\n{logs()}")
+                for name, (process, _, _) in processes.items():
+                    if process.poll() not in (None, 0):
+                        pytest.fail(f"{name} exited with {process.returncode}\n{logs()}")
                 answered = 0
                 for name, (_, _, url) in processes.items():
                     try:
