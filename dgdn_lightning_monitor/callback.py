@@ -30,7 +30,7 @@ from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
 from dgdn_lightning_monitor.oom import MemoryWatch
 from dgdn_lightning_monitor.outcome import classify
-from dgdn_lightning_monitor.scheduler import scheduler_run_id, termination_reason
+from dgdn_lightning_monitor.scheduler import check_launch, scheduler_run_id, termination_reason
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import RunState, StepStatistics, lightning_stage, span_stage
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
@@ -217,6 +217,7 @@ class MonitoringCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         labels = RankLabels.from_trainer(trainer)
+        check_launch(trainer.world_size, trainer.global_rank, self._warn)  # processes Lightning did not join
         self.metrics.labels = labels
         self.metrics.start_run()
         self.metrics.bind(trainer)
