@@ -21,7 +21,6 @@ version = __version__
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build"]
-root_doc = "index"
 
 # Links to headings up to ### get anchors, as GitHub gives them (README and docs/*.md link to them that way).
 myst_heading_anchors = 3
@@ -50,12 +49,12 @@ nitpick_ignore_regex = [
 
 html_theme = "furo"
 html_title = f"{project} {release}"
-html_static_path: list[str] = []
 html_show_copyright = False
 
-# The Markdown files link to each other the way GitHub shows the repository. On the site, a link to a file that
-# a page shows leads to that page (README.md's sections carry the labels of its headings; deploy/README.md is the
-# monitoring-stack page; docs/X.md is X), another file of the repository is a download, and a folder is its text.
+# The Markdown files link to each other the way GitHub shows the repository. On the site, a link to a file that a
+# page shows leads to that page (README.md#x to the label x, which the page that includes that README section sets;
+# deploy/README.md to monitoring-stack; docs/X.md to X), another file of the repository is a download, and a folder
+# is its text.
 _SHOWN_AS = {"deploy/README.md": "/monitoring-stack.md"}
 _LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^()\s]+)\)")
 
