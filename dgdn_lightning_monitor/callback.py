@@ -96,7 +96,7 @@ class MonitoringCallback(Callback):
         trainer.fit(model, datamodule)  # curl http://localhost:8000/metrics meanwhile
     """
 
-    #: Longest time between two traced training steps: a 5-minute window holds 30 samples per rank at any rate.
+    #: Longest time between two traced training steps, so that a 5-minute window holds 30 samples per rank at any rate.
     trace_floor_s: float = 10.0
 
     def __init__(

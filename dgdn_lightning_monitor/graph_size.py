@@ -302,7 +302,7 @@ def sampled_per_hop(batch: Any) -> Optional[HopCounts]:
 
 
 class GraphSizer:
-    """Applies the user's overrides on top of :func:`extract_graph_size`.
+    """Applies the user's overrides on top of :func:`~dgdn_lightning_monitor.extract_graph_size`.
 
     A failing override is reported once and the batch counts as unknown: a monitoring fault never stops
     training.

@@ -1,4 +1,4 @@
-"""Turns epoch boundaries and :class:`BatchRecord`\\ s into a span tree.
+"""Turns epoch boundaries and :class:`~dgdn_lightning_monitor.tracing.BatchRecord`\\ s into a span tree.
 
 One trace per training epoch::
 
@@ -163,7 +163,8 @@ class TrainingTracer:
         Args:
             attributes: attributes of every epoch span (``training.rank`` among them).
             share: under DDP, a key every rank of the run shares: each training epoch is then one trace across the
-                ranks (see :func:`epoch_ids`), rooted at rank 0's ``train_epoch`` span.
+                ranks (see :func:`~dgdn_lightning_monitor.tracing.tracer.epoch_ids`), rooted at rank 0's
+                ``train_epoch`` span.
         """
         self._attributes, self._share = dict(attributes), share
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
