@@ -217,7 +217,10 @@ class TrainingTracer:
         """Queue a finished batch whose CUDA events (if any) completed; its spans are built on the builder thread,
         under ``record.parent``."""
         if self.setup is not None:
-            self._builder.submit(record)
+            try:
+                self._builder.submit(record)
+            except Exception as error:  # e.g. no thread can be started: the spans of this batch are lost
+                self.errors.report("tracing", "Could not queue a traced batch (%s); its spans are dropped.", error)
 
     def _ns(self, perf_ns: Optional[int] = None) -> int:
         """Wall-clock ns of a ``perf_counter_ns`` reading (of now by default): spans need wall-clock times."""
