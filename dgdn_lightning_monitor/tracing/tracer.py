@@ -140,6 +140,7 @@ class TrainingTracer:
         self.errors = errors if errors is not None else MonitorErrors(log)
         self.setup: Optional[TracingSetup] = None
         self.description: Optional[str] = None  # where the last run's spans went; None while tracing was off
+        self.delivery: Optional[str] = None  # what became of them, once the run ended; None: none were sent
         self._attributes: dict[str, Any] = {}
         self._share: Optional[str] = None
         self._epochs: dict[str, Span] = {}
@@ -174,6 +175,7 @@ class TrainingTracer:
                 self.enabled, resource_attributes=resource, tracer_provider=self.tracer_provider, errors=self.errors
             )
         self.description = self.setup.description if self.setup is not None else None
+        self.delivery = None
 
     # ------------------------------------------------------------------ epochs
     def start_epoch(self, stage: str, epoch: int) -> None:
@@ -272,3 +274,4 @@ class TrainingTracer:
         finally:
             setup, self.setup = self.setup, None
             setup.finish()
+            self.delivery = setup.delivery()
