@@ -460,6 +460,7 @@ class MonitoringCallback(Callback):
             record.size = size
             part = "metrics"
             run.stats.add_phases(record)
+            part = "tracing"
             run.stats.when_ready(record, self.tracer.add_batch)  # on CUDA once its events completed
         except Exception as error:
             self._degrade(error, part)
