@@ -140,6 +140,7 @@ class TrainingTracer:
         self.errors = errors if errors is not None else MonitorErrors(log)
         self.setup: Optional[TracingSetup] = None
         self.description: Optional[str] = None  # where the last run's spans went; None while tracing was off
+        self.delivery: Optional[str] = None  # what became of them, once the run ended; None: none were sent
         self._attributes: dict[str, Any] = {}
         self._share: Optional[str] = None
         self._epochs: dict[str, Span] = {}
@@ -175,6 +176,7 @@ class TrainingTracer:
                 self.enabled, resource_attributes=resource, tracer_provider=self.tracer_provider, errors=self.errors
             )
         self.description = self.setup.description if self.setup is not None else None
+        self.delivery = None
 
     # ------------------------------------------------------------------ epochs
     def start_epoch(self, stage: str, epoch: int) -> None:
@@ -218,7 +220,10 @@ class TrainingTracer:
         """Queue a finished batch whose CUDA events (if any) completed; its spans are built on the builder thread,
         under ``record.parent``."""
         if self.setup is not None:
-            self._builder.submit(record)
+            try:
+                self._builder.submit(record)
+            except Exception as error:  # e.g. no thread can be started: the spans of this batch are lost
+                self.errors.report("tracing", "Could not queue a traced batch (%s); its spans are dropped.", error)
 
     def _ns(self, perf_ns: Optional[int] = None) -> int:
         """Wall-clock ns of a ``perf_counter_ns`` reading (of now by default): spans need wall-clock times."""
@@ -270,3 +275,4 @@ class TrainingTracer:
         finally:
             setup, self.setup = self.setup, None
             setup.finish()
+            self.delivery = setup.delivery()
