@@ -95,6 +95,7 @@ def test_span_tree_one_trace_per_epoch_with_sampled_batches_and_phases():
 
 def test_unsampled_steps_create_no_spans():
     callback, exporter = in_memory(trace_every_n_steps=50)
+    callback.trace_floor_s = float("inf")  # on a loaded machine the fit may outlast the 10 s floor
     fit(callback, epochs=2)
     assert len(by_name(exporter.get_finished_spans(), "train_batch")) == 1  # step 0 only
     assert callback.summary()["phase_seconds"]["forward"] > 0
