@@ -36,7 +36,7 @@ START_TIMEOUT_S = 300.0  # sbatch to both ranks scraped: Python, torch and PyG s
 END_TIMEOUT_S = 300.0  # a job's last steps, Lightning's teardown and the callback's end on a busy machine
 SIGNALLED_S = KILL_WAIT_S + 60  # a signalled job's end: the callback's, or SLURM's SIGKILL after KillWait
 TIME_LIMIT_MIN = 2  # SLURM's limits count in minutes; two leave a slow start a minute of training
-GRAPHS_PER_RANK = 20  # slurm_train.py: 40 graphs split over 2 ranks
+GRAPHS_PER_RANK = 200  # slurm_train.py: 400 graphs split over 2 ranks, 50 steps of 0.2 s per epoch
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def time_limited_job(stack) -> str:
 # ------------------------------------------------------------------------------------------------ tests
 def test_a_job_is_discovered_labelled_with_its_job_and_its_normal_end_is_quiet(stack, time_limited_job):
     prometheus, cluster = stack["prometheus"], stack["cluster"]
-    epochs = 10  # 5 steps per epoch and rank, 0.2 s each: about 10 s of training
+    epochs = 2  # 50 steps per epoch and rank, 0.2 s each: about 20 s of training
     job = submit(stack, epochs=epochs)
     run = f"slurm-{job}"
     info = wait_scraped(stack, job)
@@ -242,7 +242,7 @@ def test_scancel_raises_the_crash_alert(stack, time_limited_job):
 
 def test_a_requeued_job_continues_as_the_same_run_and_stays_quiet(stack, time_limited_job):
     prometheus, cluster = stack["prometheus"], stack["cluster"]
-    job = submit(stack, "--requeue", after_requeue=10)
+    job = submit(stack, "--requeue", after_requeue=2)
     run = f"slurm-{job}"
     wait_scraped(stack, job)
     cluster.run("scontrol", "requeue", job)
