@@ -490,7 +490,7 @@ class Stack:
         return alive
 
     def start(self, ready_timeout_s: float = 60.0) -> None:
-        """Start the three servers and wait until each answers ``/-/ready``; on failure stop what started."""
+        """Start the servers and wait until each answers ``/-/ready``; on failure stop what started."""
         binaries = {server.name: find_binary(server) for server in SERVERS if server.name in self.servers}
         if self.running():
             raise StackError(f"a native stack already runs from {self.state_dir} (stop it: make stack-native-down)")
