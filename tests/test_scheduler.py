@@ -168,27 +168,6 @@ def test_a_real_run_labels_its_info_series_and_spans_with_the_job_and_takes_its_
     assert {k: v for k, v in resource.items() if k.startswith("slurm.")} == identity(SLURM_ARRAY)
 
 
-def test_the_slurm_deploy_files_are_valid():
-    """deploy/slurm: the Prometheus configuration passes promtool with the shipped rules it loads; the batch script
-    is valid bash whose #SBATCH lines ask for one task per GPU, as Lightning's SLURMEnvironment wants."""
-    import re
-    import subprocess
-
-    from conftest import require_tool
-    from prom_helpers import ALL_RULES_FILES, DEPLOY, run_tool
-
-    promtool = require_tool("promtool")
-    output = run_tool([promtool, "check", "config", str(DEPLOY / "slurm" / "prometheus.yml")])
-    for path in ALL_RULES_FILES:
-        assert path.name in output
-    script = DEPLOY / "slurm" / "train.sbatch"
-    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
-    options = dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", script.read_text(), flags=re.M))
-    assert options["ntasks-per-node"] == options["gpus-per-node"]
-    assert "--trainer.devices " + options["gpus-per-node"] in script.read_text()
-    assert "--trainer.num_nodes " + options["nodes"] in script.read_text()
-
-
 # ---------------------------------------------------------------------------------------- check_launch
 EXAMPLE_JOB = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "example" / "pytorchjob.yaml"
 #: What srun sets in task 1 of `srun --ntasks=2` inside an allocation named "interactive" (copied from a real task's
