@@ -134,7 +134,24 @@ def account(slurm_cluster) -> Any:
             subprocess.run(["userdel", USER], check=False, capture_output=True, timeout=60)
 
 
-def user_venv(user: User, dest: Path) -> None:
+LIBS = ("purelib", "platlib")
+
+
+def readable_copy(user: User, path: str, copies: Path) -> str:
+    """``path`` where the user can read it, else a copy the user can read: hard links (no data copied) in
+    ``copies``, outside the user's home so that its chown leaves the originals alone. A checkout under a home only
+    root enters (``/root``) has its environment there."""
+    if user.can_run("ls", path) is not None:
+        return path
+    copy = copies / str(len(list(copies.iterdir())))
+    linked = subprocess.run(["cp", "-al", path, str(copy)], capture_output=True, timeout=600)
+    if linked.returncode != 0:  # another file system: a real copy
+        shutil.rmtree(copy, ignore_errors=True)
+        subprocess.run(["cp", "-a", path, str(copy)], check=True, capture_output=True, timeout=1200)
+    return str(copy)
+
+
+def user_venv(user: User, dest: Path, shared_copy: Path) -> None:
     """A Python environment the user can run with this test's packages, as ``~/venvs/dgdn``: a venv of an
     interpreter of this version that the user may execute (this one, or the system's where this one lives in a
     home only root enters), whose site-packages add this environment's, and the ``dgdn-monitor`` script that
@@ -147,7 +164,7 @@ def user_venv(user: User, dest: Path) -> None:
     base = next((c for c in candidates if user.can_run(c, "-c", check) == wanted), None)
     need(base is not None, f"no {version} that {USER} may run (looked at {', '.join(candidates)})")
     subprocess.run([str(base), "-m", "venv", "--without-pip", str(dest)], check=True, capture_output=True, timeout=120)
-    shared = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    shared = [readable_copy(user, path, shared_copy) for path in sorted({sysconfig.get_path(n) for n in LIBS})]
     site = dest / "lib" / version / "site-packages"
     (site / "shared-test-packages.pth").write_text(
         "".join(f"import site; site.addsitedir({path!r})\n" for path in shared), encoding="utf-8"
@@ -163,6 +180,8 @@ def user_venv(user: User, dest: Path) -> None:
 def user(account, slurm_cluster) -> Any:
     """The user's home: the repository copy, ``~/venvs/dgdn``, ``~/dgdn/bin``; removed at the end."""
     home = Path(tempfile.mkdtemp(prefix="dgdn-slurm-home-"))
+    shared_copy = Path(tempfile.mkdtemp(prefix="dgdn-slurm-site-"))
+    shared_copy.chmod(0o755)
     try:
         user = User(account, home, slurm_cluster.conf)
         skip = {".git", ".venv", ".stack", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
@@ -171,7 +190,7 @@ def user(account, slurm_cluster) -> Any:
         bin_dir.mkdir(parents=True)
         for name in ("prometheus", "promtool", "alertmanager", "amtool"):
             (bin_dir / name).symlink_to(require_tool(name))
-        user_venv(user, home / "venvs" / "dgdn")
+        user_venv(user, home / "venvs" / "dgdn", shared_copy)
         subprocess.run(["chown", "-R", f"{account.pw_uid}:{account.pw_gid}", str(home)], check=True, timeout=120)
         imports = "import torch, torch_geometric, lightning, yaml, dgdn_lightning_monitor as m; print(m.__file__)"
         imported = user.can_run(
@@ -187,6 +206,7 @@ def user(account, slurm_cluster) -> Any:
         subprocess.run(["scancel", f"--user={USER}"], env=slurm_cluster.env, capture_output=True, timeout=30)
         wait_until(lambda: not squeue(slurm_cluster), KILL_WAIT_S + 60, what=f"the jobs of {USER} to end")
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(shared_copy, ignore_errors=True)
 
 
 def squeue(cluster: Any, *options: str) -> list[dict[str, str]]:
