@@ -236,6 +236,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--default-port", type=int)
     parser.add_argument("--epochs", type=int, default=100_000)
     parser.add_argument("--step-sleep", type=float, default=0.05)
+    parser.add_argument("--run-id", help="the run id (by default the callback draws one)")
     args = parser.parse_args(argv)
     if args.default_port is not None:
         distributed.DEFAULT_PORT = args.default_port
@@ -245,6 +246,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         addr=option(args.addr) or "0.0.0.0",
         targets_dir=option(args.targets_dir),
         targets_host=option(args.targets_host),
+        run_id=args.run_id,
         tracing=False,
     )
 

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
@@ -110,7 +111,7 @@ CALLBACK_CUDA_ONLY = {"dgdn_batch_capacity_nodes", "dgdn_batch_capacity_edges"}
 CALLBACK_SAMPLED_METRICS = {"dgdn_sampled_nodes_total", "dgdn_sampled_edges_total"}
 
 #: Metrics of the other exporters the stack ships, as far as the dashboard uses them.
-PROMETHEUS_METRICS = {"up", "ALERTS", "ALERTS_FOR_STATE"}
+PROMETHEUS_METRICS = {"up", "scrape_duration_seconds", "ALERTS", "ALERTS_FOR_STATE"}
 #: What the stack's own components export, as far as the rules on the stack use it.
 STACK_METRICS = {
     "prometheus_rule_evaluation_failures_total",
@@ -149,7 +150,23 @@ DCGM_METRICS = {
     "DCGM_FI_DEV_XID_ERRORS",
 }
 #: Series the recording rules of rules/dgdn-alerts.yml write.
-RECORDED_METRICS = {"dgdn_rank:step_own_work_seconds:mean5m", "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m"}
+RECORDED_METRICS = {
+    "dgdn_rank:run:info",
+    "dgdn_rank:run_outcome:timestamp_seconds",
+    "dgdn_target:up:answered",
+    "dgdn_run_rank:training_loss_min:this_process",
+    "dgdn_run_rank:training_loss_max:this_process",
+    "dgdn_run_rank:training_loss_min:all_processes",
+    "dgdn_run_rank:training_loss_max:all_processes",
+    "dgdn_rank:step_own_work_seconds:mean5m",
+    "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m",
+}
+#: Metrics of kube-state-metrics that deploy/kubernetes/rules/ reads.
+KUBE_STATE_METRICS = {
+    "kube_pod_container_status_terminated_reason",
+    "kube_pod_container_status_last_terminated_reason",
+    "kube_pod_container_status_restarts_total",
+}
 KNOWN_METRICS = (
     CALLBACK_METRICS
     | CALLBACK_SAMPLED_METRICS
@@ -217,11 +234,14 @@ def _scaled(duration: str, scale: float) -> str:
 
 
 def scaled_rules(workdir: Path, scale: float, source: Path = RULES_FILE) -> Path:
-    """The shipped rules of ``source``, time-compressed: every duration (range windows, offsets, ``for:``) and
-    every ``time() - x > N`` budget divided by ``scale``; the expressions are otherwise the shipped ones."""
+    """The shipped rules of ``source``, time-compressed: every duration (range windows, offsets, ``for:``, a group's
+    evaluation interval) and every ``time() - x > N`` budget divided by ``scale``; the expressions are otherwise the
+    shipped ones. A group's interval stays at least 200 ms, several times per scrape of the live tests."""
     rules = yaml.safe_load(source.read_text())
     budgets = 0
     for group in rules["groups"]:
+        if "interval" in group:
+            group["interval"] = f"{max(200, int(_scaled(group['interval'], scale)[:-2]))}ms"
         for rule in group["rules"]:
             if "for" in rule:
                 rule["for"] = _scaled(rule["for"], scale)
@@ -409,6 +429,21 @@ class Prometheus(ServerProcess):
 
     def exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
         return self.api("query_exemplars", query=expr, start=start, end=end)
+
+
+def rules_evaluated_after(prometheus: Prometheus, moment: float, timeout: float = 30.0) -> None:
+    """Waits until Prometheus has evaluated every rule group at a time after ``moment`` (Unix seconds): whatever
+    the rules would say by then, they have said."""
+
+    def evaluated() -> bool:
+        groups = prometheus.api("rules")["groups"]
+        return bool(groups) and all(
+            datetime.fromisoformat(group["lastEvaluation"].replace("Z", "+00:00")).timestamp() > moment
+            for group in groups
+        )
+
+    bound = timeout + max(0.0, moment - time.time())
+    wait_until(evaluated, bound, what=f"every rule group evaluated after {moment:.1f}")
 
 
 class PromQLError(Exception):

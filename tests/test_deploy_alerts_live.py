@@ -5,7 +5,6 @@ test."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from prom_helpers import (
     Alertmanager,
     HttpSink,
     Prometheus,
+    http_get,
     scaled_rules,
     wait_until,
     webhook_alerts,
@@ -75,23 +75,35 @@ def _firing(received, alertname: str, path: str | None = None) -> list[dict[str,
     ]
 
 
-def test_critical_alert_inhibits_the_warning_of_the_same_instance(alert_path):
-    """Alerts posted straight to Alertmanager: routed by severity, and the inhibition rule holds."""
-    alertmanager, sink = alert_path["alertmanager"], alert_path["sink"]
-    common = {"alertname": "InhibitionProbe", "job": "dgdn-training"}
-    alerts = [
-        {"labels": {**common, "instance": "a:8000", "severity": "critical"}},
-        {"labels": {**common, "instance": "a:8000", "severity": "warning"}},
-        {"labels": {**common, "instance": "b:8000", "severity": "warning"}},
-    ]
+def _post_alerts(alertmanager: Alertmanager, labels: list[dict[str, str]]) -> None:
     request = urllib.request.Request(
         f"{alertmanager.url}/api/v2/alerts",
-        data=json.dumps(alerts).encode(),
+        data=json.dumps([{"labels": item} for item in labels]).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=5):  # noqa: S310 - loopback
         pass
+
+
+def _suppressed(alertmanager: Alertmanager, alertname: str) -> list[dict[str, Any]]:
+    """Alerts Alertmanager holds as inhibited, by name, with their labels."""
+    body = json.loads(http_get(f"{alertmanager.url}/api/v2/alerts?inhibited=true&active=false&silenced=false"))
+    return [a for a in body if a["labels"]["alertname"] == alertname and a["status"]["inhibitedBy"]]
+
+
+def test_critical_alert_inhibits_the_warning_of_the_same_instance(alert_path):
+    """Alerts posted straight to Alertmanager: routed by severity, and the inhibition rule holds."""
+    alertmanager, sink = alert_path["alertmanager"], alert_path["sink"]
+    common = {"alertname": "InhibitionProbe", "job": "dgdn-training"}
+    _post_alerts(
+        alertmanager,
+        [
+            {**common, "instance": "a:8000", "severity": "critical"},
+            {**common, "instance": "a:8000", "severity": "warning"},
+            {**common, "instance": "b:8000", "severity": "warning"},
+        ],
+    )
 
     def probes(received):
         return [
@@ -100,13 +112,82 @@ def test_critical_alert_inhibits_the_warning_of_the_same_instance(alert_path):
             if alert["labels"]["alertname"] == "InhibitionProbe"
         ]
 
+    wait_until(
+        lambda: any(a["labels"]["instance"] == "a:8000" for a in _suppressed(alertmanager, "InhibitionProbe")),
+        30,
+        what="Alertmanager holding the warning of a:8000 as inhibited",
+    )
+    # The other instance's warning is in the same group as a:8000's: the notification that carries it was built
+    # with the inhibition applied.
     sink.wait_for(
         lambda r: {("/alerts/critical", "a:8000", "critical"), ("/alerts", "b:8000", "warning")} <= set(probes(r)),
         30,
         "the critical alert and the other instance's warning",
     )
-    time.sleep(3)  # several group intervals: an uninhibited warning for a:8000 would have been sent by now
     assert ("/alerts", "a:8000", "warning") not in probes(sink.snapshot())
+
+
+def test_the_exception_of_a_failed_run_reaches_on_call_and_what_it_caused_does_not(alert_path):
+    """One rank of a run raises, its other ranks are then killed, cancelled, suspended in a collective or stall: the
+    alerts a real Prometheus sends for them, posted straight to Alertmanager running the shipped routing. The
+    critical webhook gets DGDNRunFailed with its exception; the deaths, cancels and stalls of the same run are held
+    back; another run that dies still pages."""
+    alertmanager, sink = alert_path["alertmanager"], alert_path["sink"]
+    run = {"job": "dgdn-training", "run_id": "slurm-81750"}
+    failed = {**run, "alertname": "DGDNRunFailed", "severity": "critical", "instance": "gpu001:41003", "rank": "0",
+              "outcome": "failed", "exception": "ValueError"}  # fmt: skip
+    caused = [
+        {**run, "alertname": "DGDNRunDown", "severity": "critical", "instance": "gpu002:41003", "rank": "1"},
+        {
+            **run,
+            "alertname": "DGDNRunTerminated",
+            "severity": "critical",
+            "instance": "gpu003:41003",
+            "rank": "2",
+            "outcome": "terminated",
+            "exception": "SIGTERMException",
+            "reason": "cancelled",
+        },  # fmt: skip
+        {**run, "alertname": "DGDNRunUnreachable", "severity": "warning", "instance": "gpu004:41003", "rank": "3"},
+        {
+            **run,
+            "alertname": "DGDNTrainingStalled",
+            "severity": "warning",
+            "instance": "gpu004:41003",
+            "rank": "3",
+            "stage": "train",
+        },  # fmt: skip
+    ]
+    other_run = {**caused[0], "run_id": "slurm-81799", "instance": "gpu009:41003"}
+    _post_alerts(alertmanager, [failed, *caused, other_run])
+
+    wait_until(
+        lambda: all(_suppressed(alertmanager, alert["alertname"]) for alert in caused),
+        30,
+        what="Alertmanager holding every alert the failure caused as inhibited",
+    )
+    sink.wait_for(
+        lambda r: (
+            {
+                (where, alert["labels"]["alertname"], alert["labels"]["run_id"])
+                for where, alert in webhook_alerts(r)
+                if alert["labels"].get("run_id") in ("slurm-81750", "slurm-81799")
+            }
+            >= {
+                ("/alerts/critical", "DGDNRunFailed", "slurm-81750"),
+                ("/alerts/critical", "DGDNRunDown", "slurm-81799"),
+            }
+        ),
+        30,
+        "DGDNRunFailed of the failed run and DGDNRunDown of the other run at the critical webhook",
+    )
+    sent = [alert for _, alert in webhook_alerts(sink.snapshot()) if alert["labels"].get("run_id") == "slurm-81750"]
+    assert {alert["labels"]["alertname"] for alert in sent} == {"DGDNRunFailed"}
+    assert {alert["labels"]["exception"] for alert in sent} == {"ValueError"}
+    # Every alert it caused is held back by DGDNRunFailed itself.
+    for alert in caused:
+        (held,) = [a for a in _suppressed(alertmanager, alert["alertname"]) if a["labels"]["run_id"] == "slurm-81750"]
+        assert held["status"]["inhibitedBy"], alert["alertname"]
 
 
 def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
@@ -156,12 +237,14 @@ def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
         high = state["high"][0]
         assert high["labels"]["severity"] == "warning"
         assert high["labels"]["instance"] == state["target"] and high["labels"]["rank"] == "0"
-        assert high["annotations"]["summary"].startswith("Training loss rose back above half its range")
+        # A static target: only the run's dgdn_training_info names the run; the alert does too.
+        assert high["labels"]["run_id"] == monitor.run_id
+        assert high["annotations"]["summary"].startswith(f"Training loss of run {monitor.run_id} rose back above")
         assert _firing(sink.snapshot(), "DGDNHighTrainingLoss", "/alerts")
 
         nonfinite = state["nonfinite"][0]
         assert nonfinite["labels"]["severity"] == "critical"
-        assert nonfinite["labels"]["instance"] == state["target"]
+        assert nonfinite["labels"]["instance"] == state["target"] and nonfinite["labels"]["run_id"] == monitor.run_id
         assert _firing(sink.snapshot(), "DGDNTrainingLossNotFinite", "/alerts/critical")
 
         # The run has ended and its endpoint said so before it went: Prometheus holds the completed outcome, so
@@ -171,7 +254,7 @@ def test_high_then_nonfinite_loss_reaches_the_webhook(alert_path, tmp_path):
             20,
             what="the completed outcome scraped before the endpoint went",
         )
-        assert not _firing(sink.snapshot(), "DGDNRunDown")
+        assert not [a for a in _firing(sink.snapshot(), "DGDNRunDown") if a["labels"].get("run_id") == monitor.run_id]
     finally:
         if state["prometheus"] is not None:
             state["prometheus"].stop()

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import free_port, require_tool
-from prom_helpers import STACK_RULES_FILE, Prometheus, scaled_rules, wait_until
+from prom_helpers import STACK_RULES_FILE, Prometheus, rules_evaluated_after, scaled_rules, wait_until
 
 from dgdn_lightning_monitor import MonitoringCallback
 from dgdn_lightning_monitor.gpu import GPUMonitor
@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 #: Every duration of the shipped rules is divided by this: 15 minutes -> 6 s, 5 minutes -> 2 s.
 SCALE = 150
+
 
 def prometheus_for(workdir: Path, targets: dict[str, list[str]], rule_files: list[Path]) -> Prometheus:
     """A Prometheus scraping ``targets`` (job -> host:port) twice a second with ``rule_files``, ready."""
@@ -252,10 +253,20 @@ def test_gpu_memory_spike_given_back_stays_silent_memory_kept_near_the_limit_fir
     monkeypatch.setattr(torch.cuda, "memory_stats", memory_stats)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: (_ for _ in ()).throw(RuntimeError()))
     from prometheus_client import CollectorRegistry
+    from prometheus_client.core import InfoMetricFamily
+
+    class RunInfo:
+        """What the callback exports beside the GPU figures from its set-up on: the run's dgdn_training_info."""
+
+        def collect(self) -> Any:
+            info = InfoMetricFamily("dgdn_training", "Versions of this training run.", labels=["rank"])
+            info.add_metric(["0"], {"run_id": "gpu-run", "strategy": "SingleDeviceStrategy"})
+            yield info
 
     registry = CollectorRegistry()
     monitor = GPUMonitor("dgdn", devices=[0], poll_interval_s=0.2, nvml=FakeNVML([FakeDevice(memory_total=total)]))
     registry.register(monitor)
+    registry.register(RunInfo())
     monitor.start([0], {"rank": "0"})
     server = MetricsServer(registry, "127.0.0.1", 0)
     server.start()
@@ -265,15 +276,19 @@ def test_gpu_memory_spike_given_back_stays_silent_memory_kept_near_the_limit_fir
     try:
         wait_until(lambda: prometheus.query("dgdn_gpu_memory_total_bytes"), 30, what="the GPU series")
         allocator["spikes"] = 1
-        wait_until(lambda: seen(prometheus, f"max_over_time(dgdn_gpu_memory_allocated_bytes[1m]) > {0.98 * total}"),
-                   30, what="the spike scraped")
-        time.sleep(2 * 600 / SCALE)  # twice the warning's for:
+        wait_until(
+            lambda: seen(prometheus, f"max_over_time(dgdn_gpu_memory_allocated_bytes[1m]) > {0.98 * total}"),
+            30,
+            what="the spike scraped",
+        )
+        rules_evaluated_after(prometheus, time.time() + 2 * 600 / SCALE)  # twice the warning's for:
         assert not ever_fired(prometheus, "DGDNGPUMemoryHigh")
         assert seen(prometheus, f"dgdn_gpu_max_memory_allocated_bytes > {0.98 * total}")  # the lifetime peak stays
 
         allocator["current"] = 0.95 * total
         warning = wait_until(lambda: firing(prometheus, "DGDNGPUMemoryHigh"), 60, what="the warning")
         assert [alert["severity"] for alert in warning] == ["warning"] and warning[0]["gpu"] == "0"
+        assert warning[0]["run_id"] == "gpu-run"  # the run, from its dgdn_training_info
         allocator["current"] = 0.99 * total
         wait_until(
             lambda: {a["severity"] for a in firing(prometheus, "DGDNGPUMemoryHigh")} == {"warning", "critical"},

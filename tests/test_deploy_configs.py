@@ -27,11 +27,14 @@ from prom_helpers import (
     GRAFANA_DIR,
     PROMETHEUS_CONFIG,
     PROMETHEUS_DIR,
+    PROMETHEUS_METRICS,
     RECORDED_METRICS,
     ROOT,
     RULES_FILE,
     RULES_TEST_FILE,
+    SCHEDULER_RULES_TEST_FILE,
     STACK_METRICS,
+    STACK_RULES_FILE,
     TARGETS_EXAMPLE,
     metric_names,
     run_tool,
@@ -46,6 +49,7 @@ REQUIRED_ALERTS = {
     "DGDNThroughputDrop",
     "DGDNRankStraggler",
     "DGDNRunDown",
+    "DGDNRunUnreachable",
     "DGDNMetricsEndpointGone",
     "DGDNRunFailed",
     "DGDNTargetNeverScraped",
@@ -202,12 +206,30 @@ def test_rule_unit_tests_cover_the_scenarios():
     assert True in outcome("4 ranks on 2 nodes", "DGDNRankStraggler")
     assert outcome("even ranks", "DGDNRankStraggler") == {False}
     assert outcome("one spike the allocator gives back", "DGDNGPUMemoryHigh") == {False}
+    # The situations that used to page falsely: each stays quiet, and its counterpart still fires.
+    assert outcome("the launcher then kills the other", "DGDNRunDown") == {False}
+    assert outcome("the launcher then kills the other", "DGDNRunFailed") == {True, False}
+    assert outcome("suspended SLURM job", "DGDNRunDown") == {False}
+    assert outcome("suspended SLURM job", "DGDNRunUnreachable") == {True, False}
+    assert outcome("a pod is a target from its start", "DGDNTargetNeverScraped") == {True, False}
+    assert outcome("a crashed run leaves behind", "DGDNTargetNeverScraped") == {False}
+    assert True in outcome("a crashed run leaves behind", "DGDNRunDown")
+    assert outcome("a requeued run is judged against the range it reached before", "DGDNHighTrainingLoss") == {
+        True,
+        False,
+    }
+    scheduler = {case["name"]: case for case in load_yaml(SCHEDULER_RULES_TEST_FILE)["tests"]}
+    local = next(case for name, case in scheduler.items() if "outside any scheduler" in name)
+    assert {check["alertname"] for check in local["alert_rule_test"] if not check["exp_alerts"]} >= {
+        "DGDNRunTerminated",
+        "DGDNRunDown",
+    }
 
 
 def test_alert_rules_are_complete_and_labelled():
     rules = alert_rules()
     assert REQUIRED_ALERTS <= {rule["alert"] for rule in rules}
-    known = CALLBACK_METRICS | RECORDED_METRICS | DCGM_METRICS | {"up"}
+    known = CALLBACK_METRICS | RECORDED_METRICS | DCGM_METRICS | PROMETHEUS_METRICS
     for rule in rules:
         stack = rule["labels"].get("component") == "monitoring"
         assert rule["labels"]["severity"] in SEVERITIES | ({"none"} if stack else set()), rule["alert"]
@@ -215,8 +237,8 @@ def test_alert_rules_are_complete_and_labelled():
         for name in metric_names(rule["expr"]):
             assert name in known | (STACK_METRICS if stack else set()), f"{rule['alert']} uses unknown metric {name}"
     thresholds = {rule["alert"]: rule for rule in rules}
-    # No fixed loss scale: the loss alert compares the run with its own range.
-    assert "dgdn_training_loss_min" in thresholds["DGDNHighTrainingLoss"]["expr"]
+    # No fixed loss scale: the loss alert compares the run with its own range, across its processes.
+    assert "dgdn_run_rank:training_loss_min:all_processes" in thresholds["DGDNHighTrainingLoss"]["expr"]
     assert not re.search(r"dgdn_training_loss\{[^}]*\} > \d", thresholds["DGDNHighTrainingLoss"]["expr"])
     gpu = [rule for rule in rules if rule["alert"] == "DGDNGPUMemoryHigh"]
     assert all(
@@ -256,11 +278,18 @@ def test_alert_rules_ignore_pushed_series():
         for group_rule in group["rules"]
         if "record" in group_rule
     }
-    for rule in alert_rules():
-        expr = rule["expr"]
-        for name, record_expr in recorded.items():  # an alert on a recorded series inherits its selectors
+
+    def inherited(expr: str, seen: frozenset[str] = frozenset()) -> str:
+        """``expr`` with every recorded series replaced by the expression that records it (selectors and all)."""
+        for name in sorted(recorded, key=len, reverse=True):
             if name in expr:
-                expr = expr.replace(name, "") + "\n" + record_expr.replace("dgdn_rank:", "")
+                expr = expr.replace(name, "")
+                if name not in seen:
+                    expr += "\n" + inherited(recorded[name], seen | {name})
+        return expr
+
+    for rule in alert_rules():
+        expr = inherited(rule["expr"])  # an alert on a recorded series inherits its selectors
         selectors = list(re.finditer(r"\b(dgdn_\w+)(\{[^}]*\})?(?!:)", expr))
         for selector in selectors:
             assert 'instance!=""' in (selector.group(2) or ""), f"{rule['alert']}: {selector.group(0)}"
@@ -279,6 +308,130 @@ def test_every_alert_is_unit_tested_firing_and_silent():
     assert names - {"DGDNWatchdog"} <= silent, f"never shown to stay silent: {names - silent}"
 
 
+STATIC_TARGET = "host.docker.internal:8000"
+#: Labels every series of the callback carries (dgdn_lightning_monitor.labels.RANK_LABEL_NAMES).
+RANK_LABELS = {"rank", "local_rank", "node_rank", "world_size"}
+#: Labels the Prometheus Operator gives every target of a PodMonitor.
+POD_LABELS = {"namespace", "pod", "container"}
+ALL_PROMTOOL_TEST_FILES = (*ALL_RULES_TEST_FILES, *sorted((DEPLOY / "kubernetes" / "tests").glob("*.test.yml")))
+
+
+def _series(case: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    series = []
+    for item in case.get("input_series", []):
+        name, _, body = item["series"].partition("{")
+        series.append((name, dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', body))))
+    return series
+
+
+def _deployment(labels: dict[str, str]) -> str:
+    """Which shipped way of scraping gives a target these labels."""
+    if POD_LABELS <= labels.keys():
+        return "podmonitor"
+    if labels.get("run_id", "").startswith("slurm-"):
+        return "slurm"
+    if labels.get("run_id"):
+        return "file discovery"
+    return "static" if labels.get("instance") == STATIC_TARGET else "other"
+
+
+def test_rule_tests_feed_the_label_sets_of_every_deployment():
+    """The promtool tests use series labelled as each deployment labels them: every callback series with its rank
+    labels; a discovered target's series all with its run_id, a pod's all with namespace, pod and container; the
+    run's dgdn_training_info with the scheduler's labels (slurm_*, k8s_*); and each deployment is there."""
+    seen = set()
+    for path in ALL_PROMTOOL_TEST_FILES:
+        for case in load_yaml(path)["tests"]:
+            targets: dict[tuple[str, str], list[tuple[str, dict[str, str]]]] = {}
+            for name, labels in _series(case):
+                if labels.get("job", "").startswith("dgdn") and labels.get("instance"):
+                    targets.setdefault((labels["job"], labels["instance"]), []).append((name, labels))
+                if name.startswith("dgdn_"):
+                    assert RANK_LABELS <= labels.keys(), f"{path.name}, {case['name']}: {name} {labels}"
+            for (_, instance), items in targets.items():
+                kinds = {_deployment(labels) for name, labels in items if name != "dgdn_training_info"}
+                assert len(kinds) == 1, f"{case['name']}: {instance} labelled as {kinds}"
+                kind = kinds.pop()
+                seen.add(kind)
+                for name, labels in items:
+                    if name == "dgdn_training_info":
+                        assert labels.get("run_id"), f"{case['name']}: {instance}'s info names no run"
+                        if kind == "slurm":
+                            assert labels.get("slurm_job_id") == labels["run_id"].removeprefix("slurm-")
+                        if kind == "podmonitor":
+                            assert labels.get("k8s_pod_name") == labels["pod"]
+                        if kind in ("slurm", "podmonitor", "file discovery"):
+                            assert labels.get("exported_run_id") == labels["run_id"]
+    assert seen >= {"static", "file discovery", "slurm", "podmonitor"}, seen
+
+
+#: Alerts about a run that cannot fire on the static quick-start target, and why.
+NOT_ON_THE_STATIC_TARGET = {
+    "DGDNTargetNeverScraped",  # discovered targets only: the static target answers once a run serves it
+    "DGDNRankStraggler",  # a run's other ranks are discovered targets
+    "DGDNRunTerminated",  # a local run's SIGTERM is quiet; a scheduler's runs are discovered
+    "DGDNRunTimeLimit",  # SLURM
+    "DGDNTrainingContainerCrashed",  # Kubernetes
+}
+#: Alerts that do not name a run: the stack's, the DCGM exporter's, and an endpoint that never said its run.
+NOT_ABOUT_A_RUN = {"DGDNGPUXidError", "DGDNGPUTemperatureHigh", "DGDNMetricsEndpointGone"}
+
+
+def test_every_alert_names_its_run_on_the_static_target_and_on_discovered_ones():
+    """For every alert about a run, a promtool test shows it firing on the static quick-start target and on a
+    discovered one, with run_id among its labels and the run id in its rendered summary."""
+    shown: dict[str, set[str]] = {}
+    for path in ALL_PROMTOOL_TEST_FILES:
+        for case in load_yaml(path)["tests"]:
+            for check in case.get("alert_rule_test", []):
+                for alert in check.get("exp_alerts") or []:
+                    labels = {k: str(v) for k, v in alert["exp_labels"].items()}
+                    run_id = labels.get("run_id", "")
+                    summary = (alert.get("exp_annotations") or {}).get("summary", "")
+                    if run_id and run_id in summary:
+                        kind = "static" if labels.get("instance") == STATIC_TARGET else "discovered"
+                        shown.setdefault(check["alertname"], set()).add(kind)
+                    if POD_LABELS <= labels.keys() or labels.get("pod"):
+                        assert {"namespace", "pod"} <= labels.keys(), f"{case['name']}: {labels}"
+    stack = {rule["alert"] for rule in alert_rules((STACK_RULES_FILE,))}
+    kubernetes = DEPLOY / "kubernetes" / "rules" / "dgdn-kubernetes.yml"
+    for rule in alert_rules((*ALL_RULES_FILES, kubernetes)):
+        name = rule["alert"]
+        if name in stack | NOT_ABOUT_A_RUN:
+            continue
+        expected = {"discovered"} | (set() if name in NOT_ON_THE_STATIC_TARGET else {"static"})
+        assert expected <= shown.get(name, set()), f"{name} is shown naming its run only on {shown.get(name)}"
+
+
+def _severities() -> dict[str, set[str]]:
+    kubernetes = DEPLOY / "kubernetes" / "rules" / "dgdn-kubernetes.yml"
+    severities: dict[str, set[str]] = {}
+    for rule in alert_rules((*ALL_RULES_FILES, kubernetes)):
+        severities.setdefault(rule["alert"], set()).add(rule["labels"]["severity"])
+    return severities
+
+
+def test_the_alert_tables_and_lines_say_what_the_rules_do():
+    """deploy/README.md has one row per alert with its severities; wherever it or README.md gives an alert a severity
+    (the critical `DGDNRunFailed`, `DGDNRunUnreachable` (warning)), the rules give it that one."""
+    severities = _severities()
+    rows = {}
+    for line in (DEPLOY / "README.md").read_text().splitlines():
+        match = re.match(r"^\| `(DGDN\w+)` \| ([a-z /]+) \|", line)
+        if match:
+            rows[match.group(1)] = set(match.group(2).split(" / "))
+    assert rows == severities
+    for path in (DEPLOY / "README.md", ROOT / "README.md"):
+        text = " ".join(path.read_text().split())
+        named = re.findall(r"\b(critical|warning|info) `(DGDN\w+)`", text)
+        named += [(severity, name) for name, severity in re.findall(r"`(DGDN\w+)` \((critical|warning|info)\)", text)]
+        assert named, path
+        for severity, name in named:
+            assert severity in severities[name], f"{path.name} calls {name} {severity}"
+        for name in set(re.findall(r"`(DGDN[A-Z]\w*)`", text)):
+            assert name in severities, f"{path.name} names {name}, which no rule defines"
+
+
 # ================================================================================================ Alertmanager
 def test_amtool_check_config():
     amtool = require_tool("amtool")
@@ -291,6 +444,7 @@ def test_amtool_check_config():
     [
         (["severity=critical", "alertname=DGDNTrainingLossNotFinite"], "critical"),
         (["severity=critical", "alertname=DGDNRunDown", "run_id=r1"], "critical"),
+        (["severity=critical", "alertname=DGDNRunFailed", "run_id=r1", "exception=ValueError"], "critical"),
         (["severity=warning", "alertname=DGDNHighTrainingLoss"], "default"),
         (["severity=info", "alertname=DGDNTrainingStagnation"], "default"),
         (["severity=warning", "component=monitoring", "alertname=DGDNMonitoringTargetDown"], "default"),
@@ -319,6 +473,43 @@ def test_alertmanager_default_sends_nowhere_and_says_so():
     assert inhibit["source_matchers"] == ['severity="critical"']
     assert inhibit["target_matchers"] == ['severity="warning"']
     assert set(inhibit["equal"]) == {"alertname", "instance"}
+
+
+def _matches(matchers: list[str], labels: dict[str, str]) -> bool:
+    """Whether ``labels`` satisfy Alertmanager matchers of the forms name="v", name=~"re" and name!="v"."""
+    for matcher in matchers:
+        name, op, value = re.fullmatch(r'(\w+)(=~|!=|=)"(.*)"', matcher).groups()
+        actual = labels.get(name, "")
+        if not {"=": actual == value, "!=": actual != value, "=~": re.fullmatch(value, actual) is not None}[op]:
+            return False
+    return True
+
+
+def test_the_failure_of_a_run_is_never_muted_by_what_it_caused():
+    """A rank that raises pages with DGDNRunFailed, critical; no inhibition rule mutes it for anything its run
+    raises, while it mutes the deaths, cancels and warnings of the same run that follow from it."""
+    config = load_yaml(ALERTMANAGER_CONFIG)
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    assert rules["DGDNRunFailed"]["labels"]["severity"] == "critical"
+    run = {"job": "dgdn-training", "run_id": "slurm-81750", "instance": "gpu001:41003"}
+    failed = {**run, "alertname": "DGDNRunFailed", "severity": "critical", "exception": "ValueError"}
+    others = [
+        {**run, "alertname": name, "severity": rules[name]["labels"]["severity"], "instance": "gpu002:41003"}
+        for name in ("DGDNRunDown", "DGDNRunTerminated", "DGDNRunUnreachable", "DGDNTrainingStalled")
+    ]
+
+    def inhibited(target: dict[str, str], source: dict[str, str]) -> bool:
+        return any(
+            _matches(rule["source_matchers"], source)
+            and _matches(rule["target_matchers"], target)
+            and all(source.get(label) == target.get(label) for label in rule["equal"])
+            for rule in config["inhibit_rules"]
+        )
+
+    for other in others:
+        assert not inhibited(failed, other), f"{other['alertname']} mutes DGDNRunFailed"
+        assert inhibited(other, failed), f"DGDNRunFailed does not mute {other['alertname']} of its run"
+        assert not inhibited(other, {**failed, "run_id": "another-run"})
 
 
 @pytest.mark.parametrize("name", sorted(ALERTMANAGER_EXAMPLES))

@@ -124,16 +124,20 @@ def test_rate_windows_use_rate_interval(dashboard):
             assert window and window.group(1) == "$__rate_interval", f"{query.where}: {query.expr}"
 
 
-def test_callback_queries_filter_on_job_instance_and_rank(dashboard):
+def test_callback_queries_filter_on_job_instance_rank_and_run(dashboard):
     for query in dashboard_queries(dashboard):
         if query.where.startswith(("variable", "annotation")):
             continue
-        for selector in re.finditer(r"\b(dgdn_\w+)(\{[^}]*\})?", query.expr):
+        for selector in re.finditer(r"\b(dgdn_[\w:]+)(\{[^}]*\})?", query.expr):
             labels = selector.group(2) or ""
             for name in ("job", "instance", "rank"):
                 assert f'{name}=~"${name}"' in labels, f"{query.where}: {selector.group(0)}"
-            # Pushed final figures of finished runs have no instance; "All" (.*) would match them.
-            assert 'instance!=""' in labels, f"{query.where}: {selector.group(0)}"
+            # Pushed final figures of finished runs have no instance; "All" (.*) would match them. Recorded series
+            # (a colon in their name) come from scraped series only.
+            assert 'instance!=""' in labels or ":" in selector.group(1), f"{query.where}: {selector.group(0)}"
+        if "dgdn_" in query.expr:
+            # The run is selected on dgdn_training_info or the recorded outcome, which name it on every target.
+            assert 'run_id=~"$run_id"' in query.expr, f"{query.where}: {query.expr}"
 
 
 def test_rows_and_their_panels(dashboard):

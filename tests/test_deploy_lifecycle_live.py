@@ -2,9 +2,10 @@
 ``make stack-native`` derives it (static quick-start target, file SD, derived relabelling) with the shipped rules, a
 real Alertmanager running the shipped webhook example, a webhook receiver in the test, and real Lightning runs
 (in this process, in child processes, and 2-rank DDP). For every way of running: each rank is scraped exactly once,
-the sums Prometheus holds equal what was trained, a normal end is quiet and a SIGKILL pages ``DGDNRunDown``; a
-stale discovery file is removed by the next run, and a target that was never reachable warns as a configuration
-problem."""
+the sums Prometheus holds equal what was trained, a normal end is quiet and a SIGKILL pages ``DGDNRunDown`` naming
+the run, on the static quick-start target as on discovered ones; a suspended process warns instead; a failed run
+pages with its exception, also when another rank of the run is killed after it; a stale discovery file is removed
+by the next run, and a target that was never reachable warns as a configuration problem."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from prom_helpers import (
     Alertmanager,
     HttpSink,
     Prometheus,
+    rules_evaluated_after,
     wait_until,
     webhook_alerts,
 )
@@ -38,13 +40,22 @@ pytestmark = pytest.mark.slow
 #: Alertmanager group_wait 1 s; generous for a loaded machine.
 ALERT_TIMEOUT_S = 60.0
 #: Lifecycle alerts whose `for` the test shortens; the others keep theirs and cannot fire in a short test.
-SHORTENED = {"DGDNRunDown": "3s", "DGDNTargetNeverScraped": "3s", "DGDNMetricsEndpointGone": "1s"}
+SHORTENED = {
+    "DGDNRunDown": "3s",
+    "DGDNRunUnreachable": "3s",
+    "DGDNTargetNeverScraped": "3s",
+    "DGDNMetricsEndpointGone": "1s",
+}
 START_TIMEOUT_S = 120.0
 
 
 def lifecycle_rules(workdir: Path) -> Path:
+    """The shipped rules with the lifecycle alerts' `for` shortened, and the run-identity group evaluated four times
+    per scrape (the shipped 2 s are for 5 s scrapes; these tests scrape every second)."""
     rules = yaml.safe_load(RULES_FILE.read_text())
     for group in rules["groups"]:
+        if "interval" in group:
+            group["interval"] = "250ms"
         for rule in group["rules"]:
             if rule.get("alert") in SHORTENED:
                 rule["for"] = SHORTENED[rule["alert"]]
@@ -233,7 +244,7 @@ def test_one_process_with_defaults_is_scraped_once_ends_quietly_and_pages_when_k
     _outcome_scraped(prometheus, f'instance="{static}"', "completed")
     assert _targets_ever(prometheus, f'job="{dt.JOB}"') == 1
     assert _scraped_total(prometheus, f'instance="{static}"') == train_graphs * max_epochs
-    time.sleep(6)  # twice the shortened `for` of DGDNRunDown, several evaluations
+    rules_evaluated_after(prometheus, time.time() + 6)  # twice the shortened `for` of DGDNRunDown, and more
     assert not _loud_about(sink, prometheus, instance=static)
 
     # The same defaults in a process killed mid-run.
@@ -244,7 +255,10 @@ def test_one_process_with_defaults_is_scraped_once_ends_quietly_and_pages_when_k
         _outcome_scraped(prometheus, f'instance="{static}"', "running")
         child.kill()
         alert = _wait_for_down_alert(sink, instance=static)
-        assert "run_id" not in alert["labels"]  # the static target: no run id, still a crash page
+        # The static target's series carry no run id; the page names the run all the same.
+        assert alert["labels"]["run_id"] == child.run_id and alert["labels"]["rank"] == "0"
+        assert alert["annotations"]["summary"] == f"Run {child.run_id}: rank 0 on {static} died"
+        assert f"run {child.run_id} " in alert["annotations"]["description"]
     finally:
         child.kill()
 
@@ -356,7 +370,7 @@ def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(st
             ALERT_TIMEOUT_S,
             "DGDNRunDown for both ranks",
         )  # fmt: skip
-        time.sleep(4)
+        rules_evaluated_after(prometheus, time.time() + 4)
         assert not _loud_about(sink, prometheus, run_id=run_id)
     finally:
         if killed.poll() is None:
@@ -404,8 +418,10 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
 
         def end(trainer) -> None:
             wait_until(
-                lambda: (_value(prometheus, f'count_over_time(up{{run_id="{monitor.run_id}"}}[1m])') or 0) >= 3
-                and prometheus.query(f'dgdn_global_step{{run_id="{monitor.run_id}"}} == {trainer.global_step}'),
+                lambda: (
+                    (_value(prometheus, f'count_over_time(up{{run_id="{monitor.run_id}"}}[1m])') or 0) >= 3
+                    and prometheus.query(f'dgdn_global_step{{run_id="{monitor.run_id}"}} == {trainer.global_step}')
+                ),
                 30,
                 what="the run scraped regularly and after its last step",
             )
@@ -418,7 +434,7 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
         _outcome_scraped(prometheus, f'run_id="{monitor.run_id}"', "completed")
         assert _targets_ever(prometheus, f'run_id="{monitor.run_id}"') == 1
         assert _scraped_total(prometheus, f'run_id="{monitor.run_id}"') == 32 * 2
-        time.sleep(5)  # past the shortened `for` of DGDNRunDown
+        rules_evaluated_after(prometheus, time.time() + 5)  # past the shortened `for` of DGDNRunDown
         assert not _loud_about(sink, prometheus, run_id=monitor.run_id)
         assert ghost.exists(), "a fresh file of another run was removed"
         down = {alert["labels"].get("instance") for _, alert in _alerts(sink.snapshot(), "DGDNRunDown")}
@@ -428,40 +444,109 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
         ghost.unlink(missing_ok=True)
 
 
-def test_a_failed_run_warns_with_its_exception_and_pages_nobody(stack):
-    """A discovered run whose training raises: its last scrape says failed with the exception's class, the warning
-    DGDNRunFailed reaches the webhook naming it, and no crash page follows."""
+def test_a_failed_run_pages_with_its_exception_and_the_rank_killed_after_it_does_not(stack):
+    """One rank of a discovered run raises; the launcher then kills the run's rank on another node (SIGKILL, as
+    torchrun or srun do), whose node's discovery file stays. The failed rank's last scrape says failed with the
+    exception's class, and DGDNRunFailed reaches the critical webhook naming it; the killed rank's death, which the
+    failure caused, pages nobody."""
     import deploy_training as dt
     import lightning.pytorch as pl
 
     from dgdn_lightning_monitor import MonitoringCallback
 
     prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
-    monitor = MonitoringCallback(addr="127.0.0.1", targets_dir=targets, targets_host="127.0.0.1", tracing=False)
+    run_id = f"failing-{os.getpid()}"
+    other_rank = Child("--port", "0", "--addr", "127.0.0.1", "--run-id", run_id)
+    other_node_file = targets / f"{dt.JOB}-othernode-node1-{run_id}.json"
+    monitor = MonitoringCallback(
+        addr="127.0.0.1", targets_dir=targets, targets_host="127.0.0.1", run_id=run_id, tracing=False
+    )
 
     class Fail(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if trainer.global_step == 1:
                 wait_until(
-                    lambda: (_value(prometheus, f'count_over_time(up{{run_id="{monitor.run_id}"}}[1m])') or 0) >= 3,
+                    lambda: (
+                        (_value(prometheus, f'min(count_over_time(up{{run_id="{run_id}"}}[1m]))') or 0) >= 3
+                        and _value(prometheus, f'count(up{{run_id="{run_id}"}} == 1)') == 2
+                    ),
                     30,
-                    what="three scrapes of the run",
+                    what="three scrapes of both ranks of the run",
                 )
             if trainer.global_step == 2:
                 raise ValueError("a broken batch")
 
-    train, val = dt.loaders()
-    with pytest.raises(ValueError, match="a broken batch"):
-        dt.trainer([Fail(), monitor], max_epochs=5).fit(dt.LiveGCN(step_sleep_s=0.0), train, val)
-    path, alert = sink.wait_for(
-        lambda r: [a for a in _alerts(r, "DGDNRunFailed") if a[1]["labels"].get("run_id") == monitor.run_id],
-        ALERT_TIMEOUT_S,
-        "DGDNRunFailed for the failed run",
-    )[0]
-    assert path == "/alerts" and alert["labels"]["severity"] == "warning"
-    assert alert["labels"]["exception"] == "ValueError"
-    assert not list(targets.glob(f"*{monitor.run_id}.json"))
-    time.sleep(5)  # past the shortened `for` of DGDNRunDown
-    assert not _alerts(sink.snapshot(), "DGDNRunDown") or all(
-        a["labels"].get("run_id") != monitor.run_id for _, a in _alerts(sink.snapshot(), "DGDNRunDown")
-    )
+    try:
+        other_rank.serving()
+        other_node_file.write_text(
+            json.dumps([{"targets": [other_rank.target], "labels": {"job": dt.JOB, "run_id": run_id}}])
+        )
+        train, val = dt.loaders()
+        with pytest.raises(ValueError, match="a broken batch"):
+            dt.trainer([Fail(), monitor], max_epochs=5).fit(dt.LiveGCN(step_sleep_s=0.0), train, val)
+        path, alert = sink.wait_for(
+            lambda r: [a for a in _alerts(r, "DGDNRunFailed") if a[1]["labels"].get("run_id") == run_id],
+            ALERT_TIMEOUT_S,
+            "DGDNRunFailed for the failed run",
+        )[0]
+        assert path == "/alerts/critical" and alert["labels"]["severity"] == "critical"
+        assert alert["labels"]["exception"] == "ValueError"
+        assert alert["annotations"]["summary"].startswith(f"Run {run_id} failed with ValueError on rank 0")
+        assert not list(targets.glob(f"*-node0-{run_id}.json")), "the failed rank left its discovery file"
+
+        other_rank.kill()
+        killed = other_rank.target
+        wait_until(
+            lambda: (_value(prometheus, f'count_over_time((up{{instance="{killed}"}} == 0)[30s:1s])') or 0) >= 5,
+            30,
+            what=f"the killed rank at {killed} down for 5 scrapes",
+        )
+        rules_evaluated_after(prometheus, time.time() + 5)  # past the shortened `for` of DGDNRunDown
+        assert prometheus.query(f'last_over_time(dgdn_run_outcome{{instance="{killed}", outcome="running"}}[1m]) == 1')
+        assert not prometheus.query(f'ALERTS{{alertname=~"DGDNRun(Down|Unreachable)", run_id="{run_id}"}}')
+        assert not [a for _, a in _alerts(sink.snapshot(), "DGDNRunDown") if a["labels"].get("run_id") == run_id]
+    finally:
+        other_rank.kill()
+        other_node_file.unlink(missing_ok=True)
+        for leftover in targets.glob(f"*{run_id}.json"):
+            leftover.unlink()
+
+
+def test_a_suspended_run_warns_that_it_does_not_answer_and_never_pages_as_died(stack):
+    """A run whose processes are stopped (SIGSTOP: SLURM's scontrol suspend, preemption in suspend mode, Ctrl-Z)
+    keeps its port open without answering: its scrapes time out. It warns with DGDNRunUnreachable, never pages
+    DGDNRunDown, and answers again when continued (SIGCONT)."""
+    prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
+    child = Child("--targets-dir", str(targets), "--targets-host", "127.0.0.1")
+    try:
+        child.serving()
+        _outcome_scraped(prometheus, f'run_id="{child.run_id}"', "running")
+        os.killpg(child.process.pid, signal.SIGSTOP)
+        path, alert = sink.wait_for(
+            lambda r: [a for a in _alerts(r, "DGDNRunUnreachable") if a[1]["labels"].get("run_id") == child.run_id],
+            ALERT_TIMEOUT_S,
+            "DGDNRunUnreachable for the suspended run",
+        )[0]
+        assert path == "/alerts" and alert["labels"]["severity"] == "warning"
+        assert alert["labels"]["instance"] == child.target and alert["labels"]["rank"] == "0"
+        assert alert["annotations"]["summary"].startswith(f"Run {child.run_id}: rank 0 on {child.target}")
+        # Its scrapes wait for their timeout (1 s here) rather than being refused.
+        assert (_value(prometheus, f'scrape_duration_seconds{{instance="{child.target}"}}') or 0) >= 1
+        assert not prometheus.query(f'ALERTS{{alertname="DGDNRunDown", run_id="{child.run_id}"}}')
+        assert not [a for _, a in _alerts(sink.snapshot(), "DGDNRunDown") if a["labels"].get("run_id") == child.run_id]
+
+        os.killpg(child.process.pid, signal.SIGCONT)
+        wait_until(
+            lambda: prometheus.query(f'up{{run_id="{child.run_id}"}} == 1'), 30, what="the continued run answering"
+        )
+        wait_until(
+            lambda: not prometheus.query(f'ALERTS{{alertname="DGDNRunUnreachable", run_id="{child.run_id}"}}'),
+            30,
+            what="DGDNRunUnreachable resolved once the run answers",
+        )
+    finally:
+        if child.process.poll() is None:
+            os.killpg(child.process.pid, signal.SIGCONT)
+        child.kill()
+        for leftover in targets.glob(f"*{child.run_id}.json"):
+            leftover.unlink()

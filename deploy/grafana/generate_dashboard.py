@@ -25,9 +25,12 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 #: pushes to the Pushgateway at the end of a run: they arrive without an instance and never go stale, so with
 #: "All" instances (``.*`` also matches a missing label) they would add finished runs to sums, maxima and the
 #: time since the last step for ever.
-#: ``run_id=~"$run_id"`` selects runs; with "All" (``.*``) it also matches the quick-start target's series, which
-#: carry no run_id.
 SEL = 'job=~"$job", run_id=~"$run_id", instance=~"$instance", instance!="", rank=~"$rank"'
+#: Which run each rank serves, among the selected runs. Only dgdn_training_info, which every rank exports, names
+#: the run of the static quick-start target (its other series carry no run_id); a discovered target carries it on
+#: every series. :func:`with_run` joins every query on the callback's metrics with it, so the Run selector picks
+#: the quick-start target's runs too.
+RUN_OF_RANK = f"max by (job, instance, rank, run_id) (dgdn_training_info{{{SEL}}})"
 
 #: Mean training batch time of each rank, the basis of the straggler panels (and of DGDNRankStraggler).
 PER_RANK_BATCH = (
@@ -307,26 +310,50 @@ def per_run_legend(legend: str) -> str:
     return legend if "{{run_id}}" in legend or legend == "__auto" else f"{{{{run_id}}}} · {legend}"
 
 
+#: A selector of a callback metric other than dgdn_training_info inside a range function, or alone.
+_METRIC = r"\bdgdn_(?!training_info\b)\w+\{" + re.escape(SEL) + r"[^}]*\}"
+_LEAF = re.compile(rf"\b[a-z_]+\({_METRIC}\[[^\]]+\]\)|{_METRIC}(?!\[)")
+
+
+def with_run(expr: str) -> str:
+    """``expr`` with the run of each rank (``run_id``, from :data:`RUN_OF_RANK`) joined to every selector of a
+    callback metric, or to the range function around it, in place of a ``run_id`` filter on the selector."""
+
+    def join(match: re.Match) -> str:
+        leaf = match.group(0).replace(f"{{{SEL}", "{" + SEL.replace(', run_id=~"$run_id"', ""), 1)
+        return f"({leaf} * on (job, instance, rank) group_left (run_id) {RUN_OF_RANK})"
+
+    return _LEAF.sub(join, expr)
+
+
 def group_by_run(panels: list[dict[str, Any]]) -> None:
-    """Applies :func:`per_run` to every query on the callback's metrics (machine-wide panels stay as they are)."""
+    """Applies :func:`per_run` and :func:`with_run` to every query on the callback's metrics (machine-wide panels
+    stay as they are)."""
     for panel in panels:
         for tgt in panel.get("targets", []):
             if "dgdn_" in tgt.get("expr", "") and "_run_table" not in panel:
-                tgt["expr"] = per_run(tgt["expr"])
+                tgt["expr"] = with_run(per_run(tgt["expr"]))
                 tgt["legendFormat"] = per_run_legend(tgt["legendFormat"])
         panel.pop("_run_table", None)
 
 
 def runs_table() -> dict[str, Any]:
-    """One row per run: id, start, whether its targets answer, outcome, ranks, samples/s and last loss."""
-    run = SEL
+    """One row per run: id, start, whether its targets answer, outcome, ranks, samples/s and last loss. Each rank's
+    outcome comes from the recording rule dgdn_rank:run_outcome:timestamp_seconds (deploy/prometheus/rules), which
+    keeps it, with its run id, after the run ended, on the static target as on discovered ones."""
+    outcomes = (
+        "last_over_time(dgdn_rank:run_outcome:timestamp_seconds"
+        '{job=~"$job", run_id=~"$run_id", instance=~"$instance", rank=~"$rank"}[$__range])'
+    )
+    run_of_target = f"max by (job, instance, run_id) (dgdn_training_info{{{SEL}}})"
     queries = [
-        ("Ranks", f"count by (run_id) (dgdn_training_info{{{run}}})"),
-        ("Started", f"min by (run_id) (last_over_time(dgdn_run_start_timestamp_seconds{{{run}}}[$__range])) * 1000"),
-        ("Up", 'min by (run_id) (up{job=~"$job", run_id=~"$run_id", instance=~"$instance"})'),
-        ("Outcome", f"max by (run_id, outcome, exception) (last_over_time(dgdn_run_outcome{{{run}}}[$__range]) == 1)"),
-        ("Samples/s", f"sum by (run_id) (dgdn_samples_per_second{{{run}}})"),
-        ("Last loss", f"avg by (run_id) (dgdn_training_loss{{{run}}})"),
+        ("Ranks", f"count by (run_id) (count by (job, instance, rank, run_id) ({outcomes}))"),
+        ("Started", f"min by (run_id) (min_over_time({outcomes[len('last_over_time('):]}) * 1000"),
+        ("Up", f'min by (run_id) (up{{job=~"$job", instance=~"$instance"}} * on (job, instance) group_left (run_id) '
+         f"{run_of_target})"),
+        ("Outcome", f"max by (run_id, outcome, exception) (topk by (job, instance, rank, run_id) (1, {outcomes})) * 0 + 1"),
+        ("Samples/s", with_run(f"sum by (run_id) (dgdn_samples_per_second{{{SEL}}})")),
+        ("Last loss", with_run(f"avg by (run_id) (dgdn_training_loss{{{SEL}}})")),
     ]
     targets = []
     for index, (name, expr) in enumerate(queries):
@@ -339,10 +366,11 @@ def runs_table() -> dict[str, Any]:
         "_run_table": True,
         "type": "table",
         "title": "Runs: state and outcome",
-        "description": "Every run in the time range: its id, when it was first scraped, whether all its ranks answer "
-        "(Up 1) or not (0, or empty once its targets are gone), how it ended or that it is running (dgdn_run_outcome; "
-        "failed runs name the exception), its ranks, samples per second summed over its ranks and its last training "
-        "loss (mean of its ranks). The quick-start target's run has no run id.",
+        "description": "Every run in the time range: its id, when it was first scraped in the range, whether all its "
+        "ranks answer (Up 1) or not (0, or empty once its targets are gone), how it ended or that it is running "
+        "(dgdn_run_outcome; failed runs name the exception), its ranks, samples per second summed over its ranks and "
+        "its last training loss (mean of its ranks). Runs of the quick-start target are listed with their run id "
+        "like discovered ones.",
         "datasource": DATASOURCE,
         "fieldConfig": {
             "defaults": {
@@ -1057,9 +1085,9 @@ def build() -> dict[str, Any]:
                     "hide": False,
                     "iconColor": "red",
                     "name": "Firing DGDN alerts",
-                    "expr": 'ALERTS{alertstate="firing", alertname=~"DGDN.*"}',
+                    "expr": 'ALERTS{alertstate="firing", alertname=~"DGDN.*", run_id=~"$run_id"}',
                     "titleFormat": "{{alertname}}",
-                    "textFormat": "{{instance}} rank {{rank}} ({{severity}})",
+                    "textFormat": "run {{run_id}}: {{instance}} rank {{rank}} ({{severity}})",
                     "useValueForTime": False,
                     "step": "60s",
                 },
