@@ -13,6 +13,9 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
+import multiprocessing
+import multiprocessing.util
+import os
 import socket
 import threading
 import time
@@ -250,6 +253,7 @@ class MetricsServer:
         # file's removal): atexit runs the last registered first.
         atexit.unregister(wait_for_final_scrapes)
         atexit.register(wait_for_final_scrapes)
+        _wait_at_worker_exit()
 
     def deadline(self, scrapes: int = 1) -> float:
         """When ``scrapes`` more scrapes after the last one should have arrived (monotonic): the largest interval
@@ -316,6 +320,19 @@ class MetricsServer:
         self.bound_port = None
         _SERVING.discard(self)
         self._forget_scrapes()  # a new condition: the parent's serving thread may have held this one at the fork
+
+
+_worker_exit_registered: Optional[int] = None  # the process id that registered it
+
+
+def _wait_at_worker_exit() -> None:
+    """A process that multiprocessing started (the workers of ddp_spawn, ddp_fork, ddp_notebook) runs
+    multiprocessing's exit finalizers and then, when forked, ends without atexit: wait there too."""
+    global _worker_exit_registered
+    if multiprocessing.parent_process() is None or _worker_exit_registered == os.getpid():
+        return
+    _worker_exit_registered = os.getpid()
+    multiprocessing.util.Finalize(None, wait_for_final_scrapes, exitpriority=0)
 
 
 def _hand_over(port: int) -> None:

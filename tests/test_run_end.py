@@ -213,10 +213,10 @@ def test_wait_for_final_scrape_must_be_a_bool() -> None:
 class Child:
     """``tests/run_end_child.py`` on ``port``: its lines, each as it comes."""
 
-    def __init__(self, port: int, *args: str) -> None:
+    def __init__(self, port: int, go: Path, *args: str) -> None:
+        self.go_file = go
         self.process = subprocess.Popen(
-            [sys.executable, str(CHILD), "--port", str(port), *args],
-            stdin=subprocess.PIPE,
+            [sys.executable, str(CHILD), "--port", str(port), "--go", str(go), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -243,9 +243,7 @@ class Child:
         raise TimeoutError(f"no {word!r} from the child")
 
     def go(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write("go\n")
-        self.process.stdin.flush()
+        self.go_file.touch()
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -253,48 +251,77 @@ class Child:
         self.process.wait(30)
 
 
-def _run_child(*args: str, scraped: bool) -> tuple[float, float, list[tuple[float, Optional[str]]]]:
-    """Run the child with or without a scraper every second, which pauses for a second when ``fit`` has returned.
+def _run_child(
+    tmp_path: Path, *args: str, scraped: bool, ranks: int = 1
+) -> tuple[float, float, list[list[tuple[float, Optional[str]]]]]:
+    """Run the child with or without a scraper every second on each rank's port, which pauses for a second when
+    ``fit`` has returned.
 
     Returns:
-        When fit returned, when the child's exit handlers were done, and the scraper's answers.
+        When fit returned, when the child's exit handlers were done, and each rank's scraper's answers.
     """
-    port = free_port()
-    child = Child(port, *args)
-    scraper: Optional[Scraper] = None
+    port = free_port_pair() if ranks == 2 else free_port()
+    child = Child(port, tmp_path / "go", *args)
+    scrapers: list[Scraper] = []
     try:
         child.expect("serving")
         if scraped:
-            scraper = Scraper(f"http://127.0.0.1:{port}/metrics")
-            scraper.wait_for_answers(2)
+            scrapers = [Scraper(f"http://127.0.0.1:{port + rank}/metrics") for rank in range(ranks)]
+            for scraper in scrapers:
+                scraper.wait_for_answers(2)
         child.go()
         returned = child.expect("returned")
-        if scraper is not None:
+        for scraper in scrapers:
             scraper.pause()
+        if scrapers:
             time.sleep(1.0)  # the scraper's own pause: a process that does not wait is gone when it resumes
+        for scraper in scrapers:
             scraper.resume()
         exited = child.expect("exited")
         assert child.process.wait(30) == 0
-        return returned, exited, list(scraper.answers) if scraper is not None else []
+        return returned, exited, [list(scraper.answers) for scraper in scrapers]
     finally:
-        if scraper is not None:
+        for scraper in scrapers:
             scraper.close()
         child.close()
 
 
-def test_a_process_with_a_regular_scraper_exits_once_a_scrape_has_read_how_its_run_ended():
-    returned, exited, answers = _run_child(scraped=True)
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free on loopback (rank 0 and rank 1)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_a_process_with_a_regular_scraper_exits_once_a_scrape_has_read_how_its_run_ended(tmp_path: Path):
+    returned, exited, [answers] = _run_child(tmp_path, scraped=True)
     completed = [began for began, said in answers if said == "completed"]
     assert completed, f"no scrape read the end: {answers}"
     assert completed[0] < exited  # the process still served when that scrape came
     assert exited - returned < 2 * SCRAPE_EVERY_S + 1 + QUICK_EXIT_S  # bounded: the scraper's deadline
 
 
-def test_a_process_nobody_scrapes_exits_at_once():
-    returned, exited, _ = _run_child(scraped=False)
+def test_a_process_nobody_scrapes_exits_at_once(tmp_path: Path):
+    returned, exited, _ = _run_child(tmp_path, scraped=False)
     assert exited - returned < QUICK_EXIT_S
 
 
-def test_wait_for_final_scrape_false_exits_at_once_even_with_a_regular_scraper():
-    returned, exited, _ = _run_child("--no-wait", scraped=True)
+def test_wait_for_final_scrape_false_exits_at_once_even_with_a_regular_scraper(tmp_path: Path):
+    returned, exited, _ = _run_child(tmp_path, "--no-wait", scraped=True)
     assert exited - returned < QUICK_EXIT_S
+
+
+def test_forked_ddp_workers_end_once_a_scrape_has_read_how_their_run_ended(tmp_path: Path):
+    """strategy="ddp_fork" (as ddp_notebook): each rank is a process forked by multiprocessing, which ends without
+    atexit; each still serves until a scrape has read its end, before fit returns in the parent, and nothing hangs."""
+    returned, exited, answers = _run_child(tmp_path, "--strategy", "ddp_fork", "--devices", "2", scraped=True, ranks=2)
+    for rank, seen in enumerate(answers):
+        completed = [began for began, said in seen if said == "completed"]
+        assert completed and completed[0] < returned, f"rank {rank}: no scrape read its end before fit returned"
+    assert exited - returned < QUICK_EXIT_S  # the parent's own endpoint served no run: nothing to wait for
