@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: venv install demo test bench stack stack-down lint clean
+.PHONY: venv install demo test bench stack stack-down lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,10 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check dgdn_lightning_monitor/
 	$(BIN)/ruff check dgdn_lightning_monitor/
 	$(BIN)/mypy
+
+# The documentation site (Sphinx, MyST, furo) in docs/_build/html; a warning, broken link or reference fails it.
+docs: $(VENV)/.installed-docs
+	$(BIN)/sphinx-build -W --keep-going -n -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs

@@ -24,13 +24,13 @@ from typing_extensions import override
 
 from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun, serving_port
 from dgdn_lightning_monitor.gpu import GPUMonitor
-from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSizer, sampled_per_hop
+from dgdn_lightning_monitor.graph_size import SIZING_FAILED, UNKNOWN, GraphSize, GraphSizer, sampled_per_hop
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
 from dgdn_lightning_monitor.oom import MemoryWatch
 from dgdn_lightning_monitor.outcome import classify
-from dgdn_lightning_monitor.scheduler import scheduler_run_id, termination_reason
+from dgdn_lightning_monitor.scheduler import check_launch, scheduler_run_id, termination_reason
 from dgdn_lightning_monitor.server import MetricsServer
 from dgdn_lightning_monitor.steps import RunState, StepStatistics, lightning_stage, span_stage
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
@@ -103,7 +103,7 @@ class MonitoringCallback(Callback):
         trainer.fit(model, datamodule)  # curl http://localhost:8000/metrics meanwhile
     """
 
-    #: Longest time between two traced training steps: a 5-minute window holds 30 samples per rank at any rate.
+    #: Longest time between two traced training steps, so that a 5-minute window holds 30 samples per rank at any rate.
     trace_floor_s: float = 10.0
 
     def __init__(
@@ -229,6 +229,7 @@ class MonitoringCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         labels = RankLabels.from_trainer(trainer)
+        check_launch(trainer.world_size, trainer.global_rank, self._warn)  # processes Lightning did not join
         self.metrics.labels = labels
         self.metrics.start_run()
         self.metrics.bind(trainer)
@@ -323,10 +324,10 @@ class MonitoringCallback(Callback):
                 record.mark("fetch_start", run.fetch_start_ns)
                 if run.fetch_end_ns > run.fetch_start_ns:
                     record.mark("fetch_end", run.fetch_end_ns)
-                self._memory.sample_start()  # CUDA: this step's peak memory against its size
+                self._memory.sample_start()  # CUDA: this step's peak memory against its size (its own errors)
                 record.mark("batch_start")
             except Exception as error:
-                self._degrade(error)
+                self._degrade(error, "tracing")
         run.batch_start = time.perf_counter()
 
     def _marker(boundary: str) -> Callable[..., None]:  # type: ignore[misc]  # builds hooks as the class is made
@@ -348,22 +349,21 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.batch = None  # the next batch must not meet this one in memory because of monitoring
+        # Each part degrades on its own: a batch that cannot be sized still counts its step, progress and time.
         try:
             size = self._sizer(batch)  # the same batch object on_train_batch_start saw
-            record, run.record = run.record, None
-            trace_id = None
-            if record is not None:
-                record.mark("batch_end")
-                record.size = size
-                trace_id = self.tracer.trace_id("train")
             hops = sampled_per_hop(batch) if size.nodes is not None else None  # only a graph is sampled by hops
+        except Exception as error:
+            self._degrade(error, "graph_size")
+            size, hops = UNKNOWN, None
+        record, run.record = run.record, None
+        if record is not None:
+            self._end_traced_step(run, record, size)
+        try:
+            trace_id = self.tracer.trace_id("train") if record is not None else None
             self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id, hops)
             self._train_batches += 1
             stats = run.stats
-            if record is not None:
-                stats.add_phases(record)
-                stats.when_ready(record, self.tracer.add_batch)  # on CUDA once its events completed
-                self._memory.sample_end(size)
             stats.keep_loss(outputs, trainer)
             if stats.pending:
                 stats.poll()
@@ -411,7 +411,7 @@ class MonitoringCallback(Callback):
                 record = run.eval_record = self._record(span_stage(trainer), trainer, pl_module, batch_idx)
                 record.mark("batch_start")
             except Exception as error:
-                self._degrade(error)
+                self._degrade(error, "tracing")
         run.batch, run.batch_idx = batch, batch_idx
         run.eval_start = time.perf_counter()
 
@@ -427,16 +427,23 @@ class MonitoringCallback(Callback):
             return
         try:
             size = self._sizer(batch)
+        except Exception as error:
+            self._degrade(error, "graph_size")
+            size = UNKNOWN
+        record, run.eval_record = run.eval_record, None
+        part = "metrics"
+        try:
             self.metrics.observe_inference(lightning_stage(trainer), end - run.eval_start, size.samples, end)
-            record, run.eval_record = run.eval_record, None
             if record is not None:
+                part = "tracing"
                 record.mark("batch_end")
                 record.size = size
                 run.stats.when_ready(record, self.tracer.add_batch)
+                part = "metrics"
             if run.stats.pending:
                 run.stats.poll()
         except Exception as error:
-            self._degrade(error)
+            self._degrade(error, part)
 
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.metrics.enter_stage("train" if trainer.state.fn == "fit" else "idle")
@@ -462,7 +469,30 @@ class MonitoringCallback(Callback):
         cuda, parent = pl_module.device.type == "cuda", self.tracer.epoch_span(stage)  # its spans go there, later
         return BatchRecord(stage, trainer.current_epoch, batch_idx, trainer.global_step, UNKNOWN, cuda, parent)
 
-    def _degrade(self, error: Exception) -> None:
-        """A monitoring fault never stops training: counted, said once, training goes on."""
-        message = "Monitoring hit an error and skips what it could not measure; training continues (%s: %s)"
-        self.metrics.errors.report("metrics", message, type(error).__name__, error, exc_info=error)
+    def _end_traced_step(self, run: RunState, record: BatchRecord, size: GraphSize) -> None:
+        """A traced training step's end: its peak memory, record, phases and spans, each part's error its own."""
+        part = "memory"
+        try:
+            self._memory.sample_end(size)
+            part = "tracing"
+            record.mark("batch_end")
+            record.size = size
+            part = "metrics"
+            run.stats.add_phases(record)
+            part = "tracing"
+            run.stats.when_ready(record, self.tracer.add_batch)  # on CUDA once its events completed
+        except Exception as error:
+            self._degrade(error, part)
+
+    def _degrade(self, error: Exception, part: str = "metrics") -> None:
+        """A monitoring fault never stops training: counted under its ``part``, said once, training goes on."""
+        message = _DEGRADED.get(part, _DEGRADED["metrics"])
+        self.metrics.errors.report(part, message, type(error).__name__, error, exc_info=error)
+
+
+#: What the first error of each part a batch hook degrades on says.
+_DEGRADED = {
+    "graph_size": SIZING_FAILED,
+    "tracing": "Could not trace a batch (%s: %s); its spans are dropped, training continues.",
+    "metrics": "Monitoring hit an error and skips what it could not measure; training continues (%s: %s)",
+}

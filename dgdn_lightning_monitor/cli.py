@@ -282,7 +282,7 @@ def run_training(cli: DGDNMonitorCLI, out: Any = None) -> dict[str, Any]:
         "metrics": {key: float(value) for key, value in trainer.callback_metrics.items()},
         "monitor": monitor.summary() if monitor is not None else {},
         "metrics_url": url["metrics"],
-        "tracing": monitor.tracer.description if monitor is not None else None,  # where spans went; None: off
+        "tracing": monitor.tracer.delivery if monitor is not None else None,  # what became of spans; None: off
         "tracing_option": monitor.tracer.enabled if monitor is not None else None,
         "prepare_seconds": 0.0,
         "fit_seconds": fit_seconds,
@@ -354,12 +354,17 @@ def format_summary(result: dict[str, Any], probe: Any = _answers) -> str:
     if result.get("metrics_url"):  # the endpoint closed with the run: its port, not a link that no longer answers
         port = result["metrics_url"].split("//", 1)[1].split("/", 1)[0].rpartition(":")[2]
         lines.append(f"metrics: were served on port {port} while the run trained (the endpoint closed with it)")
-    if result.get("tracing"):
+    if result.get("tracing"):  # delivered, dropped or none sent, as the exporter's results said
         lines.append(f"tracing: {result['tracing']}")
     elif result.get("tracing_option") is False:
-        lines.append("tracing: was off (--monitor.tracing false); drop that option to send spans to Jaeger")
+        lines.append(
+            "tracing: was off, no spans sent (--monitor.tracing false); drop that option to send spans to Jaeger"
+        )
     else:
-        lines.append("tracing: was off; to turn it on, start Jaeger (make stack) or set OTEL_EXPORTER_OTLP_ENDPOINT")
+        lines.append(
+            "tracing: was off, no spans sent; to turn it on, start Jaeger (make stack) or set "
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
 
     live = [
         (name, url, hint) for name, url, hint in (

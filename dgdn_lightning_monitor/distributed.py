@@ -50,7 +50,7 @@ PUSH_TIMEOUT_S = 2.0
 DEFAULT_PORT = 8000
 #: A run rewrites the modification time of its discovery file this often, from a daemon thread.
 REFRESH_S = 30.0
-#: A discovery file not refreshed for this long belongs to a run that is gone (killed, its node lost): the next run
+#: A discovery file not refreshed for this long belongs to a run that is gone (killed, its node lost); the next run
 #: writing into the directory, every live run's refresh and the native stack remove it.
 EXPIRE_S = 180.0
 
@@ -348,7 +348,7 @@ def remove_finished_groups(
 
 # ---------------------------------------------------------------------------------------------- collectives
 class DistributedRun:
-    """Set-up exchange, discovery file and final push for one :class:`MonitoringCallback`.
+    """Set-up exchange, discovery file and final push for one :class:`~dgdn_lightning_monitor.MonitoringCallback`.
 
     Outside ``torch.distributed`` (or with one process) no collective runs and every method still works.
 

@@ -357,7 +357,7 @@ class GPUMonitor:
         errors: MonitorErrors | None = None,
     ) -> None:
         self._namespace = check_namespace(namespace)
-        #: The watched devices as configured: ``"auto"``, a tuple of indices, or ``None`` (off).
+        #: The watched devices as configured, ``"auto"``, a tuple of indices, or ``None`` (off).
         self.devices: Literal["auto"] | tuple[int, ...] | None = (
             devices
             if devices is None or devices == "auto"

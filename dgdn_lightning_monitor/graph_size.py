@@ -34,6 +34,8 @@ class GraphSize(NamedTuple):
 
 
 UNKNOWN = GraphSize(None, None, None)
+#: The warning of a batch that could not be sized (the error's class and message follow).
+SIZING_FAILED = "Could not size a batch (%s: %s); it counts with an unknown size, training continues."
 # tuple.__new__ builds a GraphSize without the Python-level constructor a NamedTuple call goes through.
 _new = tuple.__new__
 
@@ -92,26 +94,33 @@ def _data_size(data: Data) -> GraphSize:
     return _new(GraphSize, (samples, nodes, _store_edges(store)))
 
 
-def _num_graphs(batch: Batch) -> Optional[int]:
-    """Graphs of a ``Batch`` from what it stores; ``Batch.num_graphs`` would fall back to ``batch.max()``."""
-    store = batch._store
+def _num_graphs(store: Any, node_store: Any) -> Optional[int]:
+    """Graphs of a ``Batch`` from what it stores (``store``: its own, or a heterogeneous batch's global one;
+    ``node_store``: where its offsets are); ``Batch.num_graphs`` would fall back to ``batch.max()``."""
     graphs = store.__dict__.get("_num_graphs")  # set by Batch.from_data_list
     if isinstance(graphs, int):
         return graphs
-    ptr = store._mapping.get("ptr")  # a Batch built from parts (ShaDowKHopSampler) keeps its offsets
-    return int(ptr.shape[0]) - 1 if isinstance(ptr, torch.Tensor) and ptr.dim() == 1 else None
+    ptr = node_store._mapping.get("ptr") if node_store is not None else None  # a Batch built from parts
+    return int(ptr.shape[0]) - 1 if isinstance(ptr, torch.Tensor) and ptr.dim() == 1 else None  # (ShaDowKHop)
 
 
 def _batch_size(batch: Batch) -> GraphSize:
     store = batch._store
-    return _new(GraphSize, (_num_graphs(batch), _store_nodes(store), _store_edges(store)))
+    return _new(GraphSize, (_num_graphs(store, store), _store_nodes(store), _store_edges(store)))
+
+
+def _hetero_batch_size(batch: Any) -> GraphSize:
+    """A batch of ``HeteroData`` graphs (PyG's ``HeteroDataBatch``): it keeps no ``_store``, but a global store
+    (the graph count) and per-type stores (nodes, edges, and each node type's ``ptr``)."""
+    node_stores = batch.node_stores
+    graphs = _num_graphs(batch._global_store, node_stores[0] if node_stores else None)
+    nodes = _sum_known([_store_nodes(s) for s in node_stores])
+    return GraphSize(graphs, nodes, _sum_known([_store_edges(s) for s in batch.edge_stores]))
 
 
 def _hetero_size(data: HeteroData) -> GraphSize:
     nodes = _sum_known([_store_nodes(s) for s in data.node_stores])
     edges = _sum_known([_store_edges(s) for s in data.edge_stores])
-    if isinstance(data, Batch):
-        return GraphSize(_num_graphs(data), nodes, edges)
     seeds = [s._mapping.get("batch_size") for s in data.node_stores]  # on the input node type
     seeds = [s for s in seeds if isinstance(s, int)]
     if seeds:
@@ -174,7 +183,7 @@ def _mapping_size(mapping: Mapping) -> GraphSize:
     return _sequence_size(tuple(mapping.values()))
 
 
-_GRAPH_HANDLERS = (_hetero_size, _temporal_size, _batch_size, _data_size)
+_GRAPH_HANDLERS = (_hetero_batch_size, _hetero_size, _temporal_size, _batch_size, _data_size)
 # Batch type -> handler, and element types of a tuple/list/dict batch -> (element index, handler): filled on
 # first sight, so the step path pays a dict lookup instead of a chain of isinstance checks against abstract
 # classes. Both stay as small as the number of batch layouts a program uses.
@@ -186,16 +195,21 @@ _PLANS: dict[tuple[type, ...], tuple[int, Callable[[Any], GraphSize]]] = {}
 def _handler(kind: type) -> Callable[[Any], GraphSize]:
     handler = _HANDLERS.get(kind)
     if handler is None:
-        rules: tuple[tuple[Any, Callable[[Any], GraphSize]], ...] = (
-            (HeteroData, _hetero_size),
-            (TemporalData, _temporal_size),
-            (Batch, _batch_size),
-            (Data, _data_size),
-            (torch.Tensor, _tensor_size),
-            (Mapping, _mapping_size),
-            ((tuple, list), _sequence_size),
+        # The first rule whose every base the class has wins. PyG builds its batch classes at run time (``Batch``
+        # plus the class of the batched graphs: DataBatch, HeteroDataBatch, ...): heterogeneous is decided first.
+        rules: tuple[tuple[tuple[type, ...], Callable[[Any], GraphSize]], ...] = (
+            ((HeteroData, Batch), _hetero_batch_size),
+            ((HeteroData,), _hetero_size),
+            ((TemporalData,), _temporal_size),
+            ((Batch,), _batch_size),
+            ((Data,), _data_size),
+            ((torch.Tensor,), _tensor_size),
+            ((Mapping,), _mapping_size),
+            ((tuple,), _sequence_size),
+            ((list,), _sequence_size),
         )
-        handler = _HANDLERS[kind] = next((h for base, h in rules if issubclass(kind, base)), _unknown_size)
+        handler = next((h for bases, h in rules if all(issubclass(kind, b) for b in bases)), _unknown_size)
+        _HANDLERS[kind] = handler
     return handler
 
 
@@ -204,7 +218,8 @@ def extract_graph_size(batch: Any) -> GraphSize:
 
     Samples are:
 
-    * graphs of a PyG ``Batch`` (``DataLoader``, ``DynamicBatchSampler``, ``ShaDowKHopSampler``);
+    * graphs of a PyG ``Batch`` of ``Data`` or ``HeteroData`` graphs (``DataLoader``, ``LightningDataset``,
+      ``DynamicBatchSampler``, ``ShaDowKHopSampler``);
     * seed nodes of a node-sampled graph (its ``batch_size``: ``NeighborLoader``, ``HGTLoader``; for
       ``HeteroData`` the input node type's);
     * seed edges of a link-sampled graph (its ``input_id``: ``LinkNeighborLoader``, ``LinkLoader``), without the
@@ -302,7 +317,7 @@ def sampled_per_hop(batch: Any) -> Optional[HopCounts]:
 
 
 class GraphSizer:
-    """Applies the user's overrides on top of :func:`extract_graph_size`.
+    """Applies the user's overrides on top of :func:`~dgdn_lightning_monitor.extract_graph_size`.
 
     A failing override is reported once and the batch counts as unknown: a monitoring fault never stops
     training.
@@ -344,10 +359,5 @@ class GraphSizer:
                 nodes, edges = (int(v) for v in self.graph_size_fn(batch))
             return GraphSize(samples, nodes, edges)
         except Exception as error:
-            self.errors.report(
-                "graph_size",
-                "Could not size a batch (%s: %s); graph metrics are not updated.",
-                type(error).__name__,
-                error,
-            )
+            self.errors.report("graph_size", SIZING_FAILED, type(error).__name__, error)
             return UNKNOWN

@@ -11,7 +11,7 @@ from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
 
-#: A Prometheus metric name prefix: letters, digits, underscores, not starting with a digit or ending with '_'.
+#: A Prometheus metric name prefix, of letters, digits and underscores, not starting with a digit or ending with '_'.
 NAMESPACE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*(?<!_)$")
 
 

@@ -41,7 +41,7 @@ from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
 from dgdn_lightning_monitor.outcome import OUTCOMES, RUNNING
 from dgdn_lightning_monitor.scheduler import info_labels
 
-#: Every family, by name after the namespace: (type, help). The README's metrics table follows this list.
+#: Every family, by name after the namespace, as (type, help). The README's metrics table follows this list.
 METRICS: dict[str, tuple[str, str]] = {
     "training_loss": ("gauge", "Last logged training loss."),
     "validation_loss": ("gauge", "Last logged validation loss."),
@@ -121,11 +121,11 @@ LOGGED_GAUGES: dict[str, str] = {
 TRAIN_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("training_"))
 VALIDATION_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("validation_"))
 
-#: The stages of :attr:`TrainingMetrics.stage` (Lightning's running stages, and ``idle`` before the first and after
+#: The stages of ``TrainingMetrics.stage`` (Lightning's running stages, and ``idle`` before the first and after
 #: the last). ``<namespace>_progress_total`` also counts checkpoint saves, under ``stage="checkpoint"``.
 STAGES: tuple[str, ...] = ("idle", "sanity_check", "train", "validate", "test", "predict")
 
-#: The phases of a training step, in order: phase -> (the hook mark that starts it, the marks that may end it,
+#: The phases of a training step, in order, as phase -> (the hook mark that starts it, the marks that may end it,
 #: the first one present wins). Metrics, spans, step statistics and the CLI all follow this table.
 PHASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "data_fetch": ("fetch_start", ("fetch_end", "batch_start")),

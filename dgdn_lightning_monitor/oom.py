@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: Allocation events the CUDA memory history keeps with ``memory_snapshot=True``.
 HISTORY_ENTRIES = 100_000
-#: What counts as running out of memory: CUDA's error and the host's.
+#: The errors that count as running out of memory, CUDA's and the host's.
 OOM_ERRORS: tuple[type[BaseException], ...] = (
     getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
     MemoryError,

@@ -13,6 +13,11 @@ Everything here reads the environment the scheduler gives the process; nothing i
   requeue (``scontrol requeue``, preemption in requeue mode), or a cancellation (``scancel``, preemption in cancel
   mode). :func:`termination_reason` gives it to ``<namespace>_run_outcome{outcome="terminated"}`` as its
   ``reason`` label.
+* :func:`check_launch` warns, once at set-up, when a launcher started several training processes (torchrun, SLURM's
+  ``srun``, the Kubeflow training operator's ``PyTorchJob``) but Lightning did not join them into one run: its
+  cluster environment was not detected (Lightning never detects ``KubeflowEnvironment`` by itself; an ``srun`` in
+  an allocation named ``bash`` or ``interactive`` is not taken for SLURM), so every process trains alone or as
+  rank 0. The warning names the plugin to pass.
 
 SLURM (from the variables ``sbatch``/``srun`` set in every task):
 
@@ -62,7 +67,7 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -83,6 +88,17 @@ _SLURM = (
 #: Job names of interactive allocations (as Lightning's SLURMEnvironment treats them).
 _INTERACTIVE = ("bash", "interactive")
 _LABEL = re.compile(r"[^A-Za-z0-9_]")
+
+#: Who starts the training processes, in Lightning's order of precedence (torchrun inside a SLURM job or a pod wins):
+#: (name, variables that say it started this process, variable with the number of processes, variable with this
+#: process's rank, Lightning's cluster environment that reads them). The Kubeflow training operator sets WORLD_SIZE
+#: and RANK (and MASTER_ADDR, MASTER_PORT, PET_NNODES, PET_NODE_RANK) in every container of a PyTorchJob; srun sets
+#: SLURM_STEP_ID in its tasks, not in the batch script.
+_LAUNCHERS = (
+    ("torchrun", ("TORCHELASTIC_RUN_ID",), "WORLD_SIZE", "RANK", "TorchElasticEnvironment"),
+    ("SLURM's srun", ("SLURM_STEP_ID",), "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURMEnvironment"),
+    ("Kubeflow's PyTorchJob", ("KUBERNETES_SERVICE_HOST", "MASTER_ADDR"), "WORLD_SIZE", "RANK", "KubeflowEnvironment"),
+)
 
 #: Why SLURM ended a run (the ``reason`` :func:`slurm_end` returns).
 TIME_LIMIT, REQUEUED, CANCELLED = "time_limit", "requeued", "cancelled"
@@ -149,6 +165,53 @@ def scheduler_run_id(environ: Optional[Mapping[str, str]] = None) -> Optional[st
     if "kubeflow.job.name" in found:
         return "-".join(part for part in (found.get("k8s.namespace.name"), found["kubeflow.job.name"]) if part)
     return None
+
+
+def check_launch(
+    world_size: int, global_rank: int, warn: Callable[..., object], environ: Optional[Mapping[str, str]] = None
+) -> Optional[str]:
+    """Warn when a launcher started several processes but Lightning does not run this one as their rank.
+
+    Lightning is fine when its world size is above 1 and its global rank is the launcher's rank for this process.
+    Otherwise (world size 1: the process trains alone; another rank: Lightning's own environment, which reads
+    ``NODE_RANK``, made every process rank 0) the processes do not form one run, and this says which cluster
+    environment to pass.
+
+    Args:
+        world_size: ``trainer.world_size``.
+        global_rank: ``trainer.global_rank``.
+        warn: called as ``warn("launch", "%s", message)`` (a :class:`~dgdn_lightning_monitor.guards.WarnOnce`).
+        environ: the environment to read; ``os.environ`` by default.
+
+    Returns:
+        The warning, or ``None`` when no launcher started several processes or Lightning joined them.
+
+    Example::
+
+        # in a PyTorchJob's worker pod (WORLD_SIZE=2, RANK=1) trained without KubeflowEnvironment
+        check_launch(trainer.world_size, trainer.global_rank, warn)
+        # warns: "Kubeflow's PyTorchJob started 2 training processes (WORLD_SIZE=2, RANK=1) but Lightning runs
+        # this one as rank 0 of 1 ... pass --trainer.plugins=lightning.pytorch.plugins.environments.KubeflowEnvironment"
+    """
+    env = _env(environ)
+    found = next((launcher for launcher in _LAUNCHERS if all(env.get(name) for name in launcher[1])), None)
+    if found is None:
+        return None
+    launcher, _, count, rank, plugin = found
+    try:
+        processes, own_rank = int(env[count]), int(env[rank])
+    except (KeyError, ValueError):
+        return None
+    if processes <= 1 or (world_size > 1 and global_rank == own_rank):
+        return None
+    message = (
+        f"{launcher} started {processes} training processes ({count}={processes}, {rank}={own_rank}) but Lightning "
+        f"runs this one as rank {global_rank} of {world_size}, so they do not train as one run: use Lightning's "
+        f"{plugin} (--trainer.plugins=lightning.pytorch.plugins.environments.{plugin}, or "
+        f"Trainer(plugins=[{plugin}()])) with devices x num_nodes = {processes}"
+    )
+    warn("launch", "%s", message)
+    return message
 
 
 def _seconds(duration: str) -> Optional[int]:

@@ -15,11 +15,19 @@ discovered targets that name ``host.docker.internal`` are scraped on loopback. R
 are used where they are, so edits to ``deploy/`` apply at the next start. While it runs, the stack removes expired
 discovery files and Pushgateway groups past their retention, as every run does at its start.
 
+On a SLURM cluster, without root, ``deploy/slurm/monitoring.sbatch`` runs it as a job of its own from the template
+``deploy/slurm/prometheus.yml`` (``--prometheus-config``; its ``localhost:9090``/``:9093`` become the chosen
+ports), with the user's discovery directory (``--targets-dir``), no Pushgateway (``--no-pushgateway``), the user's
+Alertmanager config (``--alertmanager-config``) and, for endpoints served with ``web_config_file``, the CA and
+client certificate to scrape them (``--scrape-certs``); see docs/slurm.md.
+
 Example::
 
     python scripts/native_stack.py up                  # foreground; Ctrl-C stops all three
     python scripts/native_stack.py up --detach         # returns once they are ready
     python scripts/native_stack.py down
+    python scripts/native_stack.py up --no-pushgateway --prometheus-config deploy/slurm/prometheus.yml \\
+        --dir ~/dgdn/stack --targets-dir ~/dgdn/targets     # what deploy/slurm/monitoring.sbatch runs
 """
 
 from __future__ import annotations
@@ -147,8 +155,9 @@ class Rewriter:
         if host in HOST_ALIASES:
             # Inside the Prometheus container, localhost:9090 is Prometheus itself; on the host, the same.
             service = self._by_container_port.get(port) if port is not None else None
-            if host != "host.docker.internal" and service in self.ports:
-                return f"{LOOPBACK}:{self.ports[service]}"
+            if host != "host.docker.internal" and service is not None:
+                # A server of the stack at its usual port: at its port here, or left out when not started.
+                return f"{LOOPBACK}:{self.ports[service]}" if service in self.ports else None
             return LOOPBACK if port is None else f"{LOOPBACK}:{port}"
         if host in self.compose_names:
             return None
@@ -243,9 +252,10 @@ def prometheus_config(shipped: Path, rewriter: Rewriter, targets_dir: Path | Non
             its own folder.
     """
     config = copy.deepcopy(_yaml().safe_load(shipped.read_text(encoding="utf-8")) or {})
-    base = shipped.parent
+    base = shipped.resolve().parent  # the derived file lives elsewhere: its paths must not be relative
     config["rule_files"] = [
-        str(base / pattern) if not os.path.isabs(pattern) else pattern for pattern in config.get("rule_files") or []
+        os.path.normpath(base / pattern) if not os.path.isabs(pattern) else pattern
+        for pattern in config.get("rule_files") or []
     ]
     for alertmanagers in (config.get("alerting") or {}).get("alertmanagers") or []:
         _targets(alertmanagers, rewriter)
@@ -261,7 +271,7 @@ def prometheus_config(shipped: Path, rewriter: Rewriter, targets_dir: Path | Non
                 if targets_dir is not None:
                     files.append(str(targets_dir / os.path.basename(pattern)))
                 else:
-                    files.append(pattern if os.path.isabs(pattern) else str(base / pattern))
+                    files.append(pattern if os.path.isabs(pattern) else os.path.normpath(base / pattern))
             file_sd["files"] = files
         _derive_training_job(job)
         if _discovers_anything(job):
@@ -321,15 +331,42 @@ def _pid_matches(pid: int, binary: str) -> bool:
     return os.path.basename(argv0) == os.path.basename(binary)
 
 
+def scrape_tls_config(certs_dir: Path) -> dict[str, str]:
+    """``tls_config`` of a scrape job for endpoints secured with ``scripts/make-certs.sh``'s certificates: its
+    ``ca.crt``, and ``client.crt``/``client.key`` when both exist (mutual TLS). :class:`StackError` without the CA."""
+    certs_dir = Path(certs_dir).resolve()
+    ca = certs_dir / "ca.crt"
+    if not ca.is_file():
+        raise StackError(f"--scrape-certs: {ca} does not exist (make it with scripts/make-certs.sh {certs_dir})")
+    tls = {"ca_file": str(ca)}
+    cert, key = certs_dir / "client.crt", certs_dir / "client.key"
+    if cert.is_file() and key.is_file():
+        tls.update(cert_file=str(cert), key_file=str(key))
+    return tls
+
+
 class Stack:
     """The native stack in ``state_dir``.
 
     Args:
         state_dir: data, logs, pid files and derived configs (created when missing).
         ports: loopback port of each server by name (``prometheus``, ``alertmanager``, ``pushgateway``).
-        targets_dir: file-SD directory Prometheus watches (default: the shipped ``deploy/prometheus/targets``).
+        targets_dir: file-SD directory Prometheus watches (default: ``targets/`` beside the Prometheus config,
+            the shipped ``deploy/prometheus/targets``).
         deploy_dir: the shipped configs.
         out: where progress lines go.
+        servers: the servers to start (default all three); the scrape jobs of the others are left out.
+        prometheus_template: the Prometheus config to derive from (default ``deploy/prometheus/prometheus.yml``;
+            ``deploy/slurm/prometheus.yml`` for SLURM).
+        alertmanager_template: the Alertmanager config to derive from (default
+            ``deploy/alertmanager/alertmanager.yml``, which sends nowhere).
+        scrape_certs: a ``scripts/make-certs.sh`` folder: the jobs that read discovery files scrape HTTPS
+            endpoints (``web_config_file``) with its CA and client certificate.
+
+    Example::
+
+        Stack(Path("~/dgdn/stack").expanduser(), servers=("prometheus", "alertmanager"),
+              prometheus_template=DEPLOY / "slurm" / "prometheus.yml").start()
     """
 
     def __init__(
@@ -339,12 +376,25 @@ class Stack:
         targets_dir: Path | None = None,
         deploy_dir: Path = DEPLOY,
         out: Any = None,
+        servers: tuple[str, ...] | None = None,
+        prometheus_template: Path | None = None,
+        alertmanager_template: Path | None = None,
+        scrape_certs: Path | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
-        self.ports = {server.name: server.container_port for server in SERVERS}
+        names = [server.name for server in SERVERS]
+        for name in servers or ():
+            if name not in names:
+                raise ValueError(f"servers: unknown server {name!r}; choose from {', '.join(names)}")
+        if servers is not None and "prometheus" not in servers:
+            raise ValueError(f"servers: prometheus is the stack; got {', '.join(servers) or 'none'}")
+        self.servers = tuple(name for name in names if servers is None or name in servers)
+        self.ports = {server.name: server.container_port for server in SERVERS if server.name in self.servers}
         for name, port in (ports or {}).items():
-            if name not in self.ports:
-                raise ValueError(f"ports: unknown server {name!r}; choose from {', '.join(self.ports)}")
+            if name not in names:
+                raise ValueError(f"ports: unknown server {name!r}; choose from {', '.join(names)}")
+            if name not in self.servers:
+                continue  # not started: its port is not used
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                 raise ValueError(f"ports: {name} port must be 1-65535, got {port!r}")
             self.ports[name] = port
@@ -352,8 +402,19 @@ class Stack:
             raise ValueError(f"ports: each server needs its own port, got {self.ports}")
         self.targets_dir = Path(targets_dir).resolve() if targets_dir is not None else None
         self.deploy_dir = Path(deploy_dir)
+        self.prometheus_template = Path(
+            prometheus_template or self.deploy_dir / "prometheus" / "prometheus.yml"
+        ).resolve()
+        self.alertmanager_template = Path(
+            alertmanager_template or self.deploy_dir / "alertmanager" / "alertmanager.yml"
+        ).resolve()
+        for what, path in (("prometheus", self.prometheus_template), ("alertmanager", self.alertmanager_template)):
+            if not path.is_file():
+                raise ValueError(f"{what}_template: {path} does not exist")
+        self.scrape_certs = Path(scrape_certs) if scrape_certs is not None else None
         self.out = sys.stdout if out is None else out
         self.processes: dict[str, subprocess.Popen] = {}
+        self.training_jobs: list[dict[str, Any]] = []  # the derived jobs that read discovery files
 
     def url(self, name: str) -> str:
         return f"http://{LOOPBACK}:{self.ports[name]}"
@@ -371,38 +432,48 @@ class Stack:
         config_dir = self.state_dir / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
         paths = {"prometheus": config_dir / "prometheus.yml", "alertmanager": config_dir / "alertmanager.yml"}
-        prometheus = prometheus_config(self.deploy_dir / "prometheus" / "prometheus.yml", rewriter, self.targets_dir)
-        alertmanager = alertmanager_config(self.deploy_dir / "alertmanager" / "alertmanager.yml", rewriter)
-        header = "# Derived at start-up by scripts/native_stack.py from deploy/; edit the shipped file instead.\n"
-        paths["prometheus"].write_text(header + yaml.safe_dump(prometheus, sort_keys=False), encoding="utf-8")
-        paths["alertmanager"].write_text(header + yaml.safe_dump(alertmanager, sort_keys=False), encoding="utf-8")
-        return paths
+        prometheus = prometheus_config(self.prometheus_template, rewriter, self.targets_dir)
+        if self.scrape_certs is not None:
+            tls = scrape_tls_config(self.scrape_certs)
+            for job in prometheus["scrape_configs"]:
+                if job.get("file_sd_configs"):
+                    job["tls_config"] = dict(tls)
+        templates = {"prometheus": self.prometheus_template, "alertmanager": self.alertmanager_template}
+        configs = {"prometheus": prometheus}
+        if "alertmanager" in self.servers:
+            configs["alertmanager"] = alertmanager_config(self.alertmanager_template, rewriter)
+        for name, config in configs.items():
+            header = (
+                f"# Derived at start-up by scripts/native_stack.py from {templates[name]}; edit that file instead.\n"
+            )
+            paths[name].write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        self.training_jobs = [job for job in prometheus["scrape_configs"] if job.get("file_sd_configs")]
+        return {name: paths[name] for name in configs}
 
     def _commands(self, binaries: dict[str, str], configs: dict[str, Path]) -> dict[str, list[str]]:
         data = self.state_dir / "data"
-        return {
+        port = self.ports.get  # None for a server not started (its options are left out)
+        options = {
             "alertmanager": [
-                binaries["alertmanager"],
-                f"--config.file={configs['alertmanager']}",
+                f"--config.file={configs.get('alertmanager')}",
                 f"--storage.path={data / 'alertmanager'}",
-                f"--web.listen-address={LOOPBACK}:{self.ports['alertmanager']}",
+                f"--web.listen-address={LOOPBACK}:{port('alertmanager')}",
                 "--cluster.listen-address=",  # a single instance: no gossip port
             ],
             "pushgateway": [
-                binaries["pushgateway"],
-                f"--web.listen-address={LOOPBACK}:{self.ports['pushgateway']}",
+                f"--web.listen-address={LOOPBACK}:{port('pushgateway')}",
                 f"--persistence.file={data / 'pushgateway' / 'pushgateway.db'}",
                 "--persistence.interval=1m",
             ],
             "prometheus": [
-                binaries["prometheus"],
                 f"--config.file={configs['prometheus']}",
                 f"--storage.tsdb.path={data / 'prometheus'}",
-                f"--web.listen-address={LOOPBACK}:{self.ports['prometheus']}",
+                f"--web.listen-address={LOOPBACK}:{port('prometheus')}",
                 "--web.enable-lifecycle",
                 "--enable-feature=exemplar-storage",
             ],
         }
+        return {name: [binaries[name], *options[name]] for name in self.servers}
 
     def running(self) -> dict[str, int]:
         """Servers of this state directory that run now, from their pid files."""
@@ -419,8 +490,8 @@ class Stack:
         return alive
 
     def start(self, ready_timeout_s: float = 60.0) -> None:
-        """Start the three servers and wait until each answers ``/-/ready``; on failure stop what started."""
-        binaries = {server.name: find_binary(server) for server in SERVERS}
+        """Start the servers and wait until each answers ``/-/ready``; on failure stop what started."""
+        binaries = {server.name: find_binary(server) for server in SERVERS if server.name in self.servers}
         if self.running():
             raise StackError(f"a native stack already runs from {self.state_dir} (stop it: make stack-native-down)")
         for name, port in self.ports.items():
@@ -430,11 +501,13 @@ class Stack:
                     f"--{name}-port with a free port"
                 )
         configs = self.write_configs()
-        for sub in ("run", "logs", "data/prometheus", "data/alertmanager", "data/pushgateway"):
-            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        for directory in ("run", "logs", *(f"data/{name}" for name in self.servers)):
+            (self.state_dir / directory).mkdir(parents=True, exist_ok=True)
+        self.targets.mkdir(parents=True, exist_ok=True)  # watched from the start, before a run writes to it
         commands = self._commands(binaries, configs)
         try:
-            for name in ("alertmanager", "pushgateway", "prometheus"):  # Prometheus last: its alertmanager is up
+            # Prometheus last: its Alertmanager is up.
+            for name in [name for name in ("alertmanager", "pushgateway", "prometheus") if name in self.servers]:
                 log = open(self.state_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
                 try:
                     process = subprocess.Popen(
@@ -474,16 +547,26 @@ class Stack:
                 )
             time.sleep(0.2)
 
+    @property
+    def targets(self) -> Path:
+        """The file-SD directory Prometheus watches."""
+        return self.targets_dir or self.prometheus_template.parent / "targets"
+
     def describe(self) -> list[str]:
-        targets = self.targets_dir or (self.deploy_dir / "prometheus" / "targets")
+        static = [
+            target
+            for job in self.training_jobs
+            for config in job.get("static_configs") or []
+            for target in config["targets"]
+        ]
+        runs = f"a run at {', '.join(static)} and " if static else ""
         return [
             (
                 f"Prometheus    {self.url('prometheus')}  (alerts: {self.url('prometheus')}/alerts, "
                 f"targets: {self.url('prometheus')}/targets)"
             ),
-            f"Alertmanager  {self.url('alertmanager')}",
-            f"Pushgateway   {self.url('pushgateway')}",
-            f"Scraped: a run on port 8000 of this machine, and file-SD targets in {targets} (expired ones removed)",
+            *(f"{name.capitalize():<13} {self.url(name)}" for name in self.servers if name != "prometheus"),
+            f"Scraped: {runs}file-SD targets in {self.targets} (expired ones removed)",
             f"Data and logs: {self.state_dir}",
         ]
 
@@ -528,8 +611,9 @@ class Stack:
             from dgdn_lightning_monitor import distributed
         except ImportError:
             return
-        distributed.remove_expired_targets(self.targets_dir or (self.deploy_dir / "prometheus" / "targets"))
-        distributed.remove_finished_groups(self.url("pushgateway"), retention_s=distributed.PUSH_RETENTION_S)
+        distributed.remove_expired_targets(self.targets)
+        if "pushgateway" in self.servers:
+            distributed.remove_finished_groups(self.url("pushgateway"), retention_s=distributed.PUSH_RETENTION_S)
 
     def wait(self, sweep_every_s: float = 30.0) -> None:
         """Block until a server exits (or is stopped from elsewhere), sweeping every ``sweep_every_s``."""
@@ -555,7 +639,33 @@ def _parser() -> argparse.ArgumentParser:
         "--targets-dir",
         type=Path,
         default=None,
-        help="file-SD directory Prometheus watches (default: deploy/prometheus/targets)",
+        help="file-SD directory Prometheus watches (default: targets/ beside the Prometheus config)",
+    )
+    parser.add_argument(
+        "--prometheus-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the Prometheus config to derive from (default: deploy/prometheus/prometheus.yml; SLURM: "
+        "deploy/slurm/prometheus.yml)",
+    )
+    parser.add_argument(
+        "--alertmanager-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the Alertmanager config to derive from (default: deploy/alertmanager/alertmanager.yml, sends nowhere)",
+    )
+    parser.add_argument(
+        "--no-pushgateway", action="store_true", help="start Prometheus and Alertmanager only (no pushes to receive)"
+    )
+    parser.add_argument(
+        "--scrape-certs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="scrape discovered HTTPS endpoints (web_config_file) with DIR's ca.crt, client.crt and client.key "
+        "(scripts/make-certs.sh)",
     )
     for server in SERVERS:
         parser.add_argument(
@@ -575,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
             args.dir,
             ports={server.name: getattr(args, f"{server.name}_port") for server in SERVERS},
             targets_dir=args.targets_dir,
+            servers=("prometheus", "alertmanager") if args.no_pushgateway else None,
+            prometheus_template=args.prometheus_config,
+            alertmanager_template=args.alertmanager_config,
+            scrape_certs=args.scrape_certs,
         )
     except ValueError as error:
         print(f"native_stack.py: error: {error}", file=sys.stderr)

@@ -1,10 +1,13 @@
 """A real single-node SLURM cluster for the tests: ``munged``, ``slurmctld`` and ``slurmd`` from Debian's
 ``munge`` and ``slurm-wlm``, started as root with every file (configuration, munge key and socket, state, spool,
-logs) in a temporary directory and on free ports, so nothing of the machine's own SLURM set-up is used or touched.
+logs) in temporary directories and on free ports, so nothing of the machine's own SLURM set-up is used or touched.
 
-The node offers at least ``MIN_CPUS`` CPUs (``SlurmdParameters=config_overrides`` lets it offer more than
-``slurmd -C`` counts, so that two 2-task jobs run at once on a small machine); ``proctrack/linuxproc`` and
-``task/none`` need no cgroups; ``KillWait`` is 10 s: a signalled job ends soon, after the callback's end.
+Any user of the machine can submit jobs, as on a real cluster: what every user reads (``slurm.conf``, munge's
+socket, slurmd's spool, where job scripts run from) is in a directory of its own that everyone may enter
+(``shared``); the munge key, state and logs stay in ``workdir``. The node offers at least ``MIN_CPUS`` CPUs
+(``SlurmdParameters=config_overrides`` lets it offer more than ``slurmd -C`` counts, so that two 2-task jobs run
+at once on a small machine); ``proctrack/linuxproc`` and ``task/none`` need no cgroups; ``KillWait`` is SLURM's
+default 30 s, which a signalled job's callback needs on a loaded machine too.
 
 Example::
 
@@ -17,17 +20,20 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 #: Commands every test of the cluster needs.
 TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
-#: Seconds from SIGTERM to SIGKILL: more than the callback needs at the end of a run (a last scrape at 1 s
-#: intervals, the final push), less than SLURM's default 30 s, to keep the tests short.
-KILL_WAIT_S = 10
+#: Seconds from SIGTERM to SIGKILL, SLURM's default: the callback's end (Lightning's stop, ``scontrol``, a last
+#: scrape) within it even on a loaded machine. It costs time only when a job's processes do not end by themselves.
+KILL_WAIT_S = 30
 MIN_CPUS = 4
 START_TIMEOUT_S = 60.0
 
@@ -54,10 +60,12 @@ class SlurmCluster:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = Path(workdir)
+        self.shared = Path(tempfile.mkdtemp(prefix="dgdn-slurm-"))
+        self.shared.chmod(0o755)
         self.node = socket.gethostname().split(".")[0]
         self.cpus = max(MIN_CPUS, node_cpus())
-        self.conf = self.workdir / "slurm.conf"
-        self.munge_socket = self.workdir / "munge" / "munge.socket"
+        self.conf = self.shared / "slurm.conf"
+        self.munge_socket = self.shared / "munge" / "munge.socket"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         for name in [key for key in self.env if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SQUEUE_"))]:
             if name != "SLURM_CONF":
@@ -66,10 +74,11 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ life
     def start(self) -> SlurmCluster:
-        munge = self.munge_socket.parent
-        for directory in (munge, self.workdir / "state", self.workdir / "spool"):
+        munge = self.workdir / "munge"  # the key, pid, seed and log: root's alone
+        for directory in (munge, self.munge_socket.parent, self.workdir / "state", self.shared / "spool"):
             directory.mkdir(parents=True, exist_ok=True)
         munge.chmod(0o700)
+        self.munge_socket.parent.chmod(0o755)
         key = munge / "munge.key"
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True, timeout=30)
         key.chmod(0o600)
@@ -94,10 +103,14 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Cancel every job, then stop the daemons this object started (killed if they do not stop)."""
-        if self._daemons:
-            subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
-            time.sleep(0.5)
+        """Cancel every job of every user and wait for them to end, then stop the daemons this object started
+        (killed if they do not stop)."""
+        if self._daemons and all(process.poll() is None for process, _ in self._daemons):
+            subprocess.run(["scancel", "--partition=debug"], env=self.env, capture_output=True, timeout=30)
+            try:
+                self._wait(self._no_jobs, "every job to end after scancel", KILL_WAIT_S + 60)
+            except (TimeoutError, subprocess.TimeoutExpired):
+                pass  # the daemons are stopped all the same
         for process, log in reversed(self._daemons):
             if process.poll() is None:
                 process.terminate()
@@ -108,6 +121,7 @@ class SlurmCluster:
                     process.wait(timeout=15)
             log.close()  # type: ignore[attr-defined]
         self._daemons = []
+        shutil.rmtree(self.shared, ignore_errors=True)
 
     def __enter__(self) -> SlurmCluster:
         try:
@@ -186,7 +200,7 @@ class SlurmCluster:
                 "CredType=cred/munge",
                 f"AuthInfo=socket={self.munge_socket}",
                 f"StateSaveLocation={w / 'state'}",
-                f"SlurmdSpoolDir={w / 'spool'}",
+                f"SlurmdSpoolDir={self.shared / 'spool'}",
                 f"SlurmctldPidFile={w / 'slurmctld.pid'}",
                 f"SlurmdPidFile={w / 'slurmd.pid'}",
                 f"SlurmctldLogFile={w / 'slurmctld.log'}",
@@ -216,6 +230,12 @@ class SlurmCluster:
         process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._daemons.append((process, log))
 
+    def _no_jobs(self) -> bool:
+        result = subprocess.run(
+            ["squeue", "--noheader", "--format=%i"], env=self.env, capture_output=True, text=True, timeout=30
+        )
+        return result.returncode == 0 and not result.stdout.strip()
+
     def _node_idle(self) -> bool:
         for process, _ in self._daemons:
             if process.poll() is not None:
@@ -236,3 +256,17 @@ class SlurmCluster:
                 raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{self.logs()}")
             time.sleep(0.2)
 
+
+def rules_evaluated_after(groups: list[dict], when: float) -> bool:
+    """Whether every rule group of Prometheus' ``/api/v1/rules`` answer was evaluated after ``when`` (Unix time):
+    the SLURM tests' "nothing fired" checks wait on it rather than on a fixed sleep."""
+
+    def seconds(stamp: str) -> float:  # RFC 3339 with nanoseconds, which datetime reads only from Python 3.11
+        match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", stamp)
+        if match is None:
+            return 0.0
+        base, fraction, zone = match.groups()
+        moment = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone))
+        return moment.timestamp() + float(fraction or 0)
+
+    return bool(groups) and all(seconds(group.get("lastEvaluation", "")) > when for group in groups)

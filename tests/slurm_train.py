@@ -3,9 +3,13 @@
 Started by ``srun`` in every task of a batch job with ``--ntasks-per-node=2``: Lightning picks its
 SLURMEnvironment (ranks from ``SLURM_PROCID``/``SLURM_LOCALID``, auto-requeue on), every rank serves its own
 endpoint on a free port, local rank 0 writes the node's discovery file. The run id is not given: the callback
-takes the job's. Each training step sleeps 0.2 s, so a long run costs little CPU while it waits to be ended, and a
-signal mostly finds the ranks outside a collective (Lightning 2.x broadcasts from inside its SIGTERM handler: a
-rank caught inside another collective can hang until SLURM's SIGKILL).
+takes the job's. Each training step sleeps 0.2 s, so a long run costs little CPU while it waits to be ended.
+
+A signal must find the ranks outside a collective: Lightning 2.x broadcasts from inside its SIGTERM handler, and
+a rank waiting in another collective (the gradient all-reduce, for the rank behind it) never runs its handler, so
+both wait until SLURM's SIGKILL. On a loaded machine the rank behind is often tens of milliseconds behind; with an
+all-reduce in every 0.2 s step about one signal in ten hung. Gradients are therefore accumulated over the epoch (50
+steps), which leaves one all-reduce every 10 s; the per-step broadcast Lightning adds pairs with the handler's.
 
 Example (in a batch script)::
 
@@ -27,7 +31,8 @@ from torch_geometric.loader import DataLoader
 
 from dgdn_lightning_monitor import MonitoringCallback
 
-GRAPHS, BATCH = 40, 4  # per epoch: 40 graphs, split over the ranks by Lightning's DistributedSampler
+GRAPHS, BATCH, RANKS = 400, 4, 2  # per epoch: 400 graphs, split over the ranks by Lightning's DistributedSampler
+STEPS_PER_EPOCH = GRAPHS // RANKS // BATCH
 
 
 class SlowGCN(TinyGCN):
@@ -57,9 +62,9 @@ def main() -> None:
         gpu_devices=None,
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", max_epochs=epochs, callbacks=[monitor],
+        accelerator="cpu", devices=RANKS, num_nodes=1, strategy="ddp", max_epochs=epochs, callbacks=[monitor],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=1,
+        log_every_n_steps=1, accumulate_grad_batches=STEPS_PER_EPOCH,
     )
     trainer.fit(SlowGCN(args.step_sleep), DataLoader(dataset, batch_size=BATCH, shuffle=True))
     print(f"rank {trainer.global_rank} finished run {monitor.run_id}", flush=True)

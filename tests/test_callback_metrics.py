@@ -310,7 +310,7 @@ def test_a_fault_inside_monitoring_never_stops_training(caplog):
     assert trainer.global_step == 10
     assert sum("training continues" in r.getMessage() for r in caplog.records) == 1
     assert value(exposition(callback.registry), "dgdn_samples_processed_total") == 72
-    assert value(exposition(callback.registry), "dgdn_monitor_errors_total", part="metrics") == 10 + 4  # train, val
+    assert value(exposition(callback.registry), "dgdn_monitor_errors_total", part="tracing") == 10 + 4  # train, val
 
 
 def test_lazy_layers_are_counted_once_initialised():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dgdn_lightning_monitor import cli
+from dgdn_testing.otlp_receiver import OTLPReceiver
 
 TINY = ["--data.num_nodes", "150", "--data.num_events", "2000", "--data.batch_size", "100", "--model.hidden_dim",
         "32", "--model.num_layers", "1", "--monitor.port", "0", "--trainer.enable_progress_bar", "false",
@@ -36,6 +37,11 @@ class _ScrapeOnAnnounce(io.StringIO):
         return super().write(text)
 
 
+def _tracing_line(printed: str) -> str:
+    (line,) = [line for line in printed.splitlines() if line.startswith("tracing:")]
+    return line
+
+
 def test_demo_trains_serves_metrics_and_summarises():
     out = _ScrapeOnAnnounce()
     result = cli.run_training(cli.build_cli(["--trainer.max_epochs", "2", *TINY], command="demo"), out=out)
@@ -50,7 +56,7 @@ def test_demo_trains_serves_metrics_and_summarises():
     quiet = cli.format_summary(result, probe=lambda url: False)
     for needle in ("train_loss=", "val_loss=", "val_ap=", "val_auc=", "events/s", "data_fetch", "forward",
                    "backward", "optimizer_step", "make stack", "make stack-native", "make notebooks",
-                   "tracing: was off (--monitor.tracing false)"):  # fmt: skip
+                   "tracing: was off, no spans sent (--monitor.tracing false)"):  # fmt: skip
         assert needle in quiet, needle
     assert "http://" not in quiet  # nothing answers: no URL is offered, and the closed endpoint is not a link
     port = result["metrics_url"].rsplit(":", 1)[1].split("/")[0]
@@ -68,7 +74,7 @@ def test_summary_says_how_to_turn_tracing_on():
               "metrics_url": None,
               "tracing": None, "tracing_option": None}  # fmt: skip
     summary = cli.format_summary(result, probe=lambda url: False)
-    assert "tracing: was off; to turn it on" in summary and "OTEL_EXPORTER_OTLP_ENDPOINT" in summary
+    assert "tracing: was off, no spans sent; to turn it on" in summary and "OTEL_EXPORTER_OTLP_ENDPOINT" in summary
     assert "metrics: were served" not in summary
 
 
@@ -82,6 +88,32 @@ def test_main_prints_each_fact_once(capsys):
     assert printed.count("Training DGDN on synthetic: 2000 events, 150 nodes, 1 epoch\n") == 1
     assert "Tip:" not in printed + captured.err
     assert "args parameter" not in captured.err
+    assert _tracing_line(printed).startswith("tracing: was off, no spans sent (--monitor.tracing false)")
+
+
+@pytest.mark.parametrize("receiver_state", ["answering", "closed"])
+def test_summary_says_whether_spans_were_delivered_or_dropped(receiver_state, monkeypatch, capsys):
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_BSP_SCHEDULE_DELAY"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["demo", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches",
+            "1", *TINY]  # fmt: skip
+    argv[argv.index("--monitor.tracing") + 1] = "true"
+    with OTLPReceiver() as receiver:
+        if receiver_state == "closed":
+            with socket.socket() as sock:  # a port nothing listens on
+                sock.bind(("127.0.0.1", 0))
+                endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/traces"
+        else:
+            endpoint = receiver.endpoint
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
+        assert cli.main(argv) == 0
+        received = len(receiver.spans)
+    line = _tracing_line(capsys.readouterr().out)
+    if receiver_state == "answering":
+        assert received > 0 and line == f"tracing: {received} spans delivered to {endpoint}"
+    else:
+        match = re.fullmatch(rf"tracing: spans dropped: {re.escape(endpoint)} did not accept (\d+) of (\d+)", line)
+        assert match and int(match.group(1)) == int(match.group(2)) > 0, line
 
 
 def test_print_config_is_accepted_by_config(tmp_path, capsys):

@@ -82,6 +82,35 @@ def test_hetero_data_sums_over_types():
     assert extract_graph_size(data) == GraphSize(5, 14, 20)
 
 
+def hetero_graph(papers: int, authors: int, writes: int) -> HeteroData:
+    data = HeteroData()
+    data["paper"].x = torch.empty(papers, 3, device=META)
+    data["author"].x = torch.empty(authors, 3, device=META)
+    data["author", "writes", "paper"].edge_index = torch.empty(2, writes, dtype=torch.long, device=META)
+    return data
+
+
+def test_batch_of_hetero_graphs_counts_graphs_and_sums_over_types():
+    # DataLoader / LightningDataset over HeteroData yield a HeteroDataBatch, a class PyG builds at run time from
+    # Batch and HeteroData; it keeps a global store and per-type stores, no _store. Collated on the meta device.
+    batch = Batch.from_data_list([hetero_graph(5, 2, 7), hetero_graph(1, 3, 2), hetero_graph(4, 4, 0)])
+    assert type(batch).__name__ == "HeteroDataBatch"
+    assert extract_graph_size(batch) == GraphSize(3, 19, 9)
+    assert extract_graph_size((batch, torch.empty(3))) == GraphSize(3, 19, 9)  # also inside a container
+    assert sampled_per_hop(batch) is None  # whole graphs, not a sampled subgraph
+    del batch._global_store._num_graphs  # assembled from parts: the graphs are told by a node type's ptr
+    assert extract_graph_size(batch) == GraphSize(3, 19, 9)
+
+
+def test_every_batch_class_pyg_builds_is_sized_by_its_own_rule():
+    class Molecule(Data):  # a Data subclass: its batches are "MoleculeBatch"
+        pass
+
+    molecules = Batch.from_data_list([Molecule(x=torch.empty(4, 1, device=META),
+                                               edge_index=torch.empty(2, 6, dtype=torch.long, device=META))] * 2)
+    assert type(molecules).__name__ == "MoleculeBatch" and extract_graph_size(molecules) == GraphSize(2, 8, 12)
+
+
 def test_temporal_data_counts_events_as_samples_and_edges():
     events = TemporalData(src=torch.empty(9, dtype=torch.long, device=META),
                           dst=torch.empty(9, dtype=torch.long, device=META),

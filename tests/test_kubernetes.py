@@ -1,11 +1,16 @@
-"""The Kubernetes base (deploy/kubernetes/): generated files in step with their sources, core objects valid against
-Kubernetes' own schemas (kubernetes-validate, offline), the custom resources checked on the fields their operators
-read, the PodMonitor's relabelling run by a real Prometheus, and the kube-state-metrics rules by promtool."""
+"""The Kubernetes base (deploy/kubernetes/) and the example job: generated files in step with their sources; the base
+as `kubectl kustomize` renders it (and the overlay docs/kubernetes.md shows); core objects valid against
+Kubernetes' own schemas (kubernetes-validate, offline); the custom resources valid against their operators'
+schemas (test_custom_resources_*, which say where the schemas come from); the PodMonitor's relabelling run by a real
+Prometheus; the kube-state-metrics rules by promtool; the example image's Dockerfile in step with the job and the
+docs. That the job trains as shipped is tests/test_kubernetes_pytorchjob.py."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import free_port, require_tool
+from kubeflow_operator import API_SERVICE_HOST, downward_env, operator_pod
 from prom_helpers import DASHBOARD_FILE, DEPLOY, Prometheus, run_tool, wait_until
 
 from dgdn_lightning_monitor.scheduler import info_labels, scheduler_run_id
@@ -22,6 +28,8 @@ from dgdn_lightning_monitor.scheduler import info_labels, scheduler_run_id
 K8S = DEPLOY / "kubernetes"
 GENERATOR = K8S / "generate.py"
 KUBERNETES_VERSION = "1.30"
+DOCS = DEPLOY.parent / "docs" / "kubernetes.md"
+DOCKERFILE = K8S / "example" / "Dockerfile"
 
 
 def load(path: Path) -> Any:
@@ -125,41 +133,12 @@ def test_pytorchjob_pods_are_valid_pods_that_the_podmonitor_selects():
         assert container["name"] == "pytorch"  # the container the training-operator configures
         assert container["command"] == ["dgdn-monitor", "train"]
         assert "--trainer.num_nodes=2" in container["args"] and "--trainer.devices=1" in container["args"]
+        # Lightning never detects KubeflowEnvironment: without the plugin both pods are rank 0.
+        assert "--trainer.plugins=lightning.pytorch.plugins.environments.KubeflowEnvironment" in container["args"]
         ports = [port for port in container["ports"] if re.fullmatch(keep["regex"], port["name"])]
         assert [port["containerPort"] for port in ports] == [8000]  # the callback's default port, one rank a pod
         # Long enough for the last scrape (15 s interval) plus the end of the run.
         assert template["spec"]["terminationGracePeriodSeconds"] >= 15 + 10
-
-
-def downward_env(pod: dict[str, Any]) -> dict[str, str]:
-    """The container's environment as the kubelet would fill it from the downward API for ``pod``."""
-    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "HOSTNAME": pod["metadata"]["name"]}
-    (container,) = pod["spec"]["containers"]
-    for item in container["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-            continue
-        path = item["valueFrom"]["fieldRef"]["fieldPath"]
-        match = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
-        if match:
-            env[item["name"]] = pod["metadata"]["labels"][match.group(1)]
-        else:
-            env[item["name"]] = pod["metadata"][path.split(".", 1)[1]]
-    return env
-
-
-def operator_pod(kind: str, index: int, job: dict[str, Any], namespace: str) -> dict[str, Any]:
-    """A pod as the training-operator creates it from the job: the template plus its labels."""
-    template = copy.deepcopy(job["spec"]["pytorchReplicaSpecs"][kind]["template"])
-    name = job["metadata"]["name"]
-    template["metadata"]["labels"].update({
-        "training.kubeflow.org/job-name": name,
-        "training.kubeflow.org/replica-type": kind.lower(),
-        "training.kubeflow.org/replica-index": str(index),
-        "training.kubeflow.org/operator-name": "pytorchjob-controller",
-    })
-    template["metadata"].update(name=f"{name}-{kind.lower()}-{index}", namespace=namespace)
-    return template
 
 
 def test_the_podmonitor_relabelling_gives_the_labels_the_rules_key_on_run_by_a_real_prometheus(tmp_path):
@@ -191,7 +170,7 @@ def test_the_podmonitor_relabelling_gives_the_labels_the_rules_key_on_run_by_a_r
             groups.append({"targets": [f"{address}:{port}"],
                            "labels": {**meta, "__meta_kubernetes_pod_container_port_name": name}})
         env = downward_env(pod) if pod is not trainer_pod else {
-            "KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_NAMESPACE": "ml", "KUBEFLOW_JOB_NAME": "gnn2"}
+            "KUBERNETES_SERVICE_HOST": API_SERVICE_HOST, "POD_NAMESPACE": "ml", "KUBEFLOW_JOB_NAME": "gnn2"}
         expected[f"{address}:8000"] = scheduler_run_id(env)
     (tmp_path / "pods.json").write_text(json.dumps(groups))
     config = {
@@ -235,3 +214,203 @@ def test_podmonitor_fields_the_operator_reads():
         for rule in endpoint["relabelings"]:
             snake = {re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key) for key in rule}
             assert snake <= allowed, rule
+
+
+# ------------------------------------------------------------------------------ kubectl kustomize
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl kustomize`` renders from ``directory``."""
+    kubectl = require_tool("kubectl")
+    output = run_tool([kubectl, "kustomize", str(directory)], cwd=directory, stdout_only=True)
+    return [document for document in yaml.safe_load_all(output) if document]
+
+
+def rendered(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (document,) = [d for d in documents if d["kind"] == kind]
+    return document
+
+
+def test_kubectl_kustomize_renders_the_base_into_its_namespace():
+    documents = kustomize(K8S)
+    assert sorted(d["kind"] for d in documents) == ["ConfigMap", "PodMonitor", "PrometheusRule"]
+    for name in load(K8S / "kustomization.yaml")["resources"]:
+        source = load(K8S / name)
+        (document,) = [d for d in documents if d["kind"] == source["kind"]]
+        assert document["metadata"].pop("namespace") == "monitoring"
+        assert document == source, f"kustomize changed {name} beyond its namespace"
+
+
+def test_the_overlay_the_docs_show_labels_every_object_and_no_selector(tmp_path):
+    """The overlay of docs/kubernetes.md, on the base: `labels` (not the deprecated commonLabels) puts the release
+    label on every object for kube-prometheus-stack's selectors, and leaves the PodMonitor's pod selector alone."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
+    (overlay,) = [yaml.safe_load(block) for block in blocks if "kind: Kustomization" in block]
+    assert "commonLabels" not in overlay
+    assert overlay["resources"] == ["../../deploy/kubernetes"]
+    overlay["resources"] = [os.path.relpath(K8S, tmp_path)]  # the same base, from where this overlay is
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    documents = kustomize(tmp_path)
+    assert len(documents) == 3
+    for document in documents:
+        assert document["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert document["metadata"]["namespace"] == overlay["namespace"]
+    monitor = rendered(documents, "PodMonitor")
+    assert monitor["spec"]["selector"] == load(K8S / "podmonitor.yaml")["spec"]["selector"]
+    base = load(K8S / "kustomization.yaml")
+    assert "commonLabels" not in base and "labels:\n#     - pairs:" in (K8S / "kustomization.yaml").read_text()
+
+
+# ---------------------------------------------------------------------- the operators' schemas
+def require_module(name: str) -> Any:
+    """Import ``name``; skip without it (fail under DGDN_MONITOR_REQUIRE_TOOLS): the dev extra installs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"{name} is not installed (pip install -e '.[dev]')"
+        if os.environ.get("DGDN_MONITOR_REQUIRE_TOOLS"):
+            pytest.fail(message + "; DGDN_MONITOR_REQUIRE_TOOLS is set, so this is a failure", pytrace=False)
+        pytest.skip(message)
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with every object that lists its properties closed to others: an unknown field is an error, as the
+    API server's strict field validation (kubectl's default) makes it."""
+    if isinstance(schema, dict):
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            closed(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            closed(value)
+    return schema
+
+
+def schema_of(model: Any) -> dict[str, Any]:
+    """The JSON schema of a pydantic model, closed to unknown fields."""
+    return closed(model.model_json_schema(by_alias=True))
+
+
+def schema_errors(schema: dict[str, Any], document: dict[str, Any]) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'/'.join(map(str, error.absolute_path))}: {error.message}" for error in validator.iter_errors(document)]
+
+
+def test_custom_resources_pass_the_prometheus_operator_crd_schemas():
+    """The rendered PodMonitor and PrometheusRule against the Prometheus Operator's CRD schemas, as the PyPI package
+    cloudcoil-models-prometheus-operator==0.80.1.0 (pinned in the dev extra) ships them: pydantic models generated
+    from the operator's v0.80.1 CRDs (types, required fields, enums, duration patterns), checked both by the models
+    and, closed to unknown fields, as JSON schema."""
+    models = require_module("cloudcoil.models.prometheus_operator.v1")
+    documents = kustomize(K8S)
+    for kind in ("PodMonitor", "PrometheusRule"):
+        model = getattr(models, kind)
+        document = rendered(documents, kind)
+        model.model_validate(document)
+        assert schema_errors(schema_of(model), document) == [], kind
+    # The schemas can fail: a misspelt field, a duration Prometheus cannot read.
+    monitor = rendered(documents, "PodMonitor")
+    misspelt = copy.deepcopy(monitor)
+    misspelt["spec"]["podMetricEndpoints"] = misspelt["spec"].pop("podMetricsEndpoints")
+    assert any("podMetricEndpoints" in error for error in schema_errors(schema_of(models.PodMonitor), misspelt))
+    slow = copy.deepcopy(monitor)
+    slow["spec"]["podMetricsEndpoints"][0]["interval"] = "15 seconds"
+    assert schema_errors(schema_of(models.PodMonitor), slow)
+
+
+def openapi_schema(type_name: str, models: Any, configuration: Any) -> dict[str, Any]:
+    """JSON schema of a type of an OpenAPI-generated SDK: its models' ``openapi_types``/``attribute_map`` give the
+    fields, a setter that refuses ``None`` a required field. Kubernetes' own types (object metadata, the pod
+    template, autoscaling metrics) are left open here: kubernetes-validate checks the pod templates against
+    Kubernetes' schema."""
+    if match := re.fullmatch(r"list\[(.+)\]", type_name):
+        return {"type": "array", "items": openapi_schema(match.group(1), models, configuration)}
+    if match := re.fullmatch(r"dict\(str, (.+)\)", type_name):
+        return {"type": "object", "additionalProperties": openapi_schema(match.group(1), models, configuration)}
+    primitives = {"str": "string", "int": "integer", "bool": "boolean", "float": "number", "datetime": "string"}
+    if type_name in primitives:
+        return {"type": primitives[type_name]}
+    if not hasattr(models, type_name):  # Kubernetes' own (V1ObjectMeta, V1PodTemplateSpec, K8sIoApi...)
+        return {"type": "object"}
+    model = getattr(models, type_name)
+    required = []
+    for attribute in model.openapi_types:
+        probe = model.__new__(model)
+        probe.local_vars_configuration = configuration
+        try:
+            setattr(probe, attribute, None)
+        except ValueError:
+            required.append(model.attribute_map[attribute])
+    return {
+        "type": "object",
+        "properties": {model.attribute_map[attribute]: openapi_schema(kind, models, configuration)
+                       for attribute, kind in model.openapi_types.items()},
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+def test_custom_resources_pass_the_training_operator_pytorchjob_schema():
+    """The example PyTorchJob against the training operator's kubeflow.org/v1 API, as the PyPI package
+    kubeflow-training==1.9.4 (the training operator's own SDK, pinned in the dev extra) ships it: OpenAPI models
+    generated from the operator's v1.9 Go types, from which its CRD's schema is generated too. No registry package
+    ships the CRD itself; the pod templates inside are checked against Kubernetes' Pod schema by
+    test_pytorchjob_pods_are_valid_pods_that_the_podmonitor_selects."""
+    require_module("kubeflow.training")
+    from kubeflow.training import Configuration, models
+
+    job = pytorchjob()
+    schema = openapi_schema("KubeflowOrgV1PyTorchJob", models, Configuration())
+    assert schema["properties"]["spec"]["required"] == ["pytorchReplicaSpecs", "runPolicy"]
+    assert schema_errors(schema, job) == []
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    misspelt = copy.deepcopy(job)
+    misspelt["spec"]["runPolicy"]["cleanPodPolice"] = misspelt["spec"]["runPolicy"].pop("cleanPodPolicy")
+    assert any("cleanPodPolice" in error for error in schema_errors(schema, misspelt))
+    wrong_type = copy.deepcopy(job)
+    wrong_type["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "1"
+    assert schema_errors(schema, wrong_type)
+
+
+# ------------------------------------------------------------------------------------ the image
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile, continuation lines joined, comments left out."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_the_image_the_job_names_is_the_one_the_docs_build_from_the_dockerfile():
+    replicas = pytorchjob()["spec"]["pytorchReplicaSpecs"].values()
+    (image,) = {spec["template"]["spec"]["containers"][0]["image"] for spec in replicas}
+    docs = DOCS.read_text(encoding="utf-8")
+    build = f"docker build -f {DOCKERFILE.relative_to(DEPLOY.parent)} -t {image} ."
+    assert build in docs and f"docker push {image}" in docs
+    # The tag says the project's version and the build the Dockerfile makes by default.
+    version = re.search(r'^version = "([^"]+)"', (DEPLOY.parent / "pyproject.toml").read_text(), flags=re.M).group(1)
+    default_variant = next(args.split("=", 1)[1] for op, args in dockerfile_instructions()
+                           if op == "ARG" and args.startswith("TORCH_VARIANT="))
+    assert image.endswith(f":{version}-{default_variant}")
+
+
+def test_the_dockerfile_entry_point_is_the_job_command_and_its_context_holds_what_it_copies():
+    instructions = dockerfile_instructions()
+    entrypoints = [json.loads(args) for op, args in instructions if op == "ENTRYPOINT"]
+    for spec in pytorchjob()["spec"]["pytorchReplicaSpecs"].values():
+        (container,) = spec["template"]["spec"]["containers"]
+        assert entrypoints[-1] == container["command"]
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+        assert ("EXPOSE", str(port)) in instructions
+    # The build context (the repository root, cut down by Dockerfile.dockerignore) holds every file it copies.
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = [part for op, args in instructions if op == "COPY" and "--from" not in args
+              for part in args.split()[:-1]]
+    assert set(copied) == kept
+    for path in copied:
+        assert (DEPLOY.parent / path).exists(), path
+    # The wheel it builds is the project's: pyproject's package and console script.
+    project = (DEPLOY.parent / "pyproject.toml").read_text()
+    assert 'dgdn-monitor = "dgdn_lightning_monitor.cli:main"' in project
+    assert entrypoints[-1][0] == "dgdn-monitor"

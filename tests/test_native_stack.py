@@ -58,7 +58,9 @@ def test_the_training_job_is_derived_from_its_static_targets(native_stack):
     assert job["relabel_configs"] == [native_stack.quick_start_relabel(statics)]
 
     rewriter = native_stack.Rewriter(PORTS, native_stack.compose_services(COMPOSE_FILE))
-    native = {job["job_name"]: job for job in native_stack.prometheus_config(PROMETHEUS_CONFIG, rewriter)["scrape_configs"]}
+    native = {
+        job["job_name"]: job for job in native_stack.prometheus_config(PROMETHEUS_CONFIG, rewriter)["scrape_configs"]
+    }
     derived = native["dgdn-training"]
     native_statics = [t for static in derived["static_configs"] for t in static["targets"]]
     assert native_statics == ["127.0.0.1:8000"]
@@ -178,6 +180,88 @@ def test_derived_configs_pass_the_official_checks(native_stack, tmp_path):
     shipped = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
     assert amcfg["route"] == shipped["route"] and amcfg.get("inhibit_rules") == shipped.get("inhibit_rules")
     assert "host.docker.internal" not in paths["alertmanager"].read_text()
+
+
+def test_the_slurm_template_is_derived_for_a_user_and_passes_the_official_checks(native_stack, tmp_path, monkeypatch):
+    """deploy/slurm/prometheus.yml as monitoring.sbatch derives it: the user's discovery directory and ports, the
+    shipped rules by absolute path, no Pushgateway, the user's Alertmanager config and, for endpoints served with
+    web_config_file, the CA and client certificate of scripts/make-certs.sh."""
+    promtool, amtool = require_tool("promtool"), require_tool("amtool")
+    certs, targets = tmp_path / "certs", tmp_path / "targets"
+    certs.mkdir()
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (certs / name).write_text("")
+    own = tmp_path / "alertmanager.yml"
+    own.write_text(ALERTMANAGER_CONFIG.read_text().replace("resolve_timeout: 5m", "resolve_timeout: 7m"))
+    monkeypatch.chdir(ROOT)  # the template named as the batch script names it, relative to the repository
+    stack = native_stack.Stack(
+        tmp_path / "state",
+        ports={"prometheus": 29090, "alertmanager": 29093, "pushgateway": 29091},
+        targets_dir=targets,
+        servers=("prometheus", "alertmanager"),
+        prometheus_template=Path("deploy/slurm/prometheus.yml"),
+        alertmanager_template=own,
+        scrape_certs=certs,
+    )
+    paths = stack.write_configs()
+    assert set(paths) == {"prometheus", "alertmanager"}
+    config = yaml.safe_load(paths["prometheus"].read_text())
+    assert config["rule_files"] == [str(RULES_FILE.parent / "*.yml")]
+    assert _all_targets(config) == ["127.0.0.1:29090", "127.0.0.1:29093", "127.0.0.1:29093"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"dgdn-training", "prometheus", "alertmanager"}
+    assert jobs["dgdn-training"]["file_sd_configs"][0]["files"] == [str(targets / "*.json")]
+    assert jobs["dgdn-training"]["tls_config"] == {
+        "ca_file": str(certs / "ca.crt"),
+        "cert_file": str(certs / "client.crt"),
+        "key_file": str(certs / "client.key"),
+    }
+    assert "tls_config" not in jobs["prometheus"]
+    assert yaml.safe_load(paths["alertmanager"].read_text())["global"]["resolve_timeout"] == "7m"
+    for command in (
+        [promtool, "check", "config", "--syntax-only", str(paths["prometheus"])],
+        [amtool, "check-config", str(paths["alertmanager"])],
+    ):
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert stack.targets == targets.resolve()
+
+
+def test_a_server_not_started_is_left_out_wherever_the_config_names_it(native_stack, tmp_path):
+    """Without the Pushgateway its scrape job goes, whether the config names it as a Compose service or as
+    localhost at its usual port; without Alertmanager, Prometheus is not pointed at a port nothing serves."""
+    rewriter = native_stack.Rewriter({"prometheus": 29090}, native_stack.compose_services(COMPOSE_FILE))
+    assert rewriter.address("localhost:9091") is None and rewriter.address("pushgateway:9091") is None
+    assert rewriter.address("localhost:9093") is None
+    assert rewriter.address("localhost:9090") == "127.0.0.1:29090"
+    assert rewriter.address("localhost:8000") == "127.0.0.1:8000"  # not a server of the stack: kept
+    config = native_stack.prometheus_config(ROOT / "deploy" / "slurm" / "prometheus.yml", rewriter, tmp_path)
+    assert not (config.get("alerting") or {}).get("alertmanagers")
+    assert [job["job_name"] for job in config["scrape_configs"]] == ["dgdn-training", "prometheus"]
+
+
+def test_scraping_https_endpoints_needs_the_ca(native_stack, tmp_path):
+    stack = native_stack.Stack(tmp_path / "state", ports=PORTS, scrape_certs=tmp_path / "no-certs")
+    with pytest.raises(native_stack.StackError, match="--scrape-certs: .*ca.crt does not exist"):
+        stack.write_configs()
+    (tmp_path / "ca.crt").write_text("")
+    only_ca = native_stack.Stack(tmp_path / "state", ports=PORTS, scrape_certs=tmp_path)
+    config = yaml.safe_load(only_ca.write_configs()["prometheus"].read_text())
+    training = next(job for job in config["scrape_configs"] if job["job_name"] == "dgdn-training")
+    assert training["tls_config"] == {"ca_file": str(tmp_path / "ca.crt")}  # no client certificate: TLS only
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"servers": ("alertmanager",)}, "servers: prometheus"),
+        ({"servers": ("prometheus", "grafana")}, "servers: unknown server 'grafana'"),
+        ({"prometheus_template": Path("/nonexistent/prometheus.yml")}, "prometheus_template: .* does not exist"),
+    ],
+)
+def test_bad_stack_settings_are_refused_at_construction(native_stack, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        native_stack.Stack(tmp_path, **kwargs)
 
 
 @pytest.mark.parametrize("ports", [{"prometheus": 0}, {"grafana": 3000}, {"prometheus": 9093}])
@@ -329,7 +413,9 @@ def test_native_stack_scrapes_a_run_evaluates_the_rules_and_stops(tmp_path):
             # The shipped rules evaluate the scraped figures (NaN in every step here): the alert is pending.
             seen["pending"] = wait_until(
                 lambda: _api(
-                    urls["prometheus"], "query", query='ALERTS{alertname="DGDNTrainingLossNotFinite",alertstate="pending"}'
+                    urls["prometheus"],
+                    "query",
+                    query='ALERTS{alertname="DGDNTrainingLossNotFinite",alertstate="pending"}',
                 )["result"],
                 90,
                 what="DGDNTrainingLossNotFinite pending",

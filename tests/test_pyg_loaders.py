@@ -22,7 +22,7 @@ from conftest import require_tool
 from exposition import exposition, samples, scrape, value
 from lit_models import quiet_trainer
 from torch_geometric.data import Data, HeteroData, TemporalData
-from torch_geometric.data.lightning import LightningLinkData, LightningNodeData
+from torch_geometric.data.lightning import LightningDataset, LightningLinkData, LightningNodeData
 from torch_geometric.datasets import FakeDataset, FakeHeteroDataset
 from torch_geometric.loader import (
     ClusterData,
@@ -114,6 +114,36 @@ def test_dataloader_of_graphs_counts_graphs():
     text = exposition(callback.registry)
     assert value(text, "dgdn_samples_processed_total") == sum(module.seen) == EPOCHS * len(graphs)
     assert "dgdn_sampled_nodes_total" not in samples(text)  # no sampler, no per-hop series
+
+
+def test_lightning_dataset_of_hetero_graphs_counts_graphs_nodes_edges_and_progress():
+    # Graph classification over heterogeneous graphs: every batch is a HeteroDataBatch, validation included.
+    _seed(0)
+    graphs = list(FakeHeteroDataset(num_graphs=26, num_node_types=2, num_edge_types=3, avg_num_nodes=12))
+    nodes_edges: list[tuple[int, int]] = []
+    validated: list[int] = []
+
+    class Classifier(Recorder):
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            nodes_edges.append((batch.num_nodes, batch.num_edges))
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            validated.append(batch.num_graphs)
+
+    module = Classifier(lambda batch: batch.num_graphs)
+    callback = MonitoringCallback(port=0, addr="127.0.0.1", stall_dump_after_s=30)
+    trainer = quiet_trainer(max_epochs=EPOCHS, callbacks=[callback], log_every_n_steps=1, num_sanity_val_steps=0)
+    datamodule = LightningDataset(graphs[:20], graphs[20:], batch_size=6, num_workers=0, pin_memory=False)
+    trainer.fit(module, datamodule=datamodule)
+    text = exposition(callback.registry)
+    assert value(text, "dgdn_samples_processed_total") == sum(module.seen) == EPOCHS * 20
+    assert value(text, "dgdn_nodes_processed_total") == sum(nodes for nodes, _ in nodes_edges)
+    assert value(text, "dgdn_edges_processed_total") == sum(edges for _, edges in nodes_edges)
+    steps = len(module.seen)
+    assert value(text, "dgdn_progress_total", stage="train") == steps == callback.summary()["steps"] == 4 * EPOCHS
+    assert value(text, "dgdn_progress_total", stage="validate") == len(validated) == EPOCHS
+    assert value(text, "dgdn_inference_time_seconds_count", stage="validate") == len(validated)
+    assert sum(v for _, v in samples(text)["dgdn_monitor_errors_total"]) == 0
 
 
 def test_dynamic_batch_sampler_counts_the_varying_graphs_of_each_batch():

@@ -4,9 +4,17 @@ default run id. The same, under a real SLURM cluster, is in tests/test_slurm.py.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
+from kubeflow_operator import container_env
 from lightning.pytorch import Callback
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
 from otlp_receiver import OTLPReceiver
@@ -17,6 +25,7 @@ from dgdn_lightning_monitor.scheduler import (
     CANCELLED,
     REQUEUED,
     TIME_LIMIT,
+    check_launch,
     classify_slurm_job,
     identity,
     info_labels,
@@ -159,22 +168,113 @@ def test_a_real_run_labels_its_info_series_and_spans_with_the_job_and_takes_its_
     assert {k: v for k, v in resource.items() if k.startswith("slurm.")} == identity(SLURM_ARRAY)
 
 
-def test_the_slurm_deploy_files_are_valid():
-    """deploy/slurm: the Prometheus configuration passes promtool with the shipped rules it loads; the batch script
-    is valid bash whose #SBATCH lines ask for one task per GPU, as Lightning's SLURMEnvironment wants."""
-    import re
-    import subprocess
+# ---------------------------------------------------------------------------------------- check_launch
+EXAMPLE_JOB = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "example" / "pytorchjob.yaml"
+#: What srun sets in task 1 of `srun --ntasks=2` inside an allocation named "interactive" (copied from a real task's
+#: environment; host-specific values left out). Lightning does not take such a job for SLURM.
+SRUN_TASK = {
+    "SLURM_JOB_ID": "2", "SLURM_JOB_NAME": "interactive", "SLURM_JOB_PARTITION": "debug", "SLURM_JOB_NODELIST": "vm",
+    "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2", "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1", "SLURM_GTIDS": "0,1", "SLURM_TASKS_PER_NODE": "2", "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2",
+}
+#: The batch script of the same job (`sbatch --ntasks=2`): one process, no step.
+SLURM_BATCH = {k: v for k, v in SRUN_TASK.items() if not k.startswith("SLURM_STEP")} | {
+    "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
 
-    from conftest import require_tool
-    from prom_helpers import ALL_RULES_FILES, DEPLOY, run_tool
 
-    promtool = require_tool("promtool")
-    output = run_tool([promtool, "check", "config", str(DEPLOY / "slurm" / "prometheus.yml")])
-    for path in ALL_RULES_FILES:
-        assert path.name in output
-    script = DEPLOY / "slurm" / "train.sbatch"
-    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
-    options = dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", script.read_text(), flags=re.M))
-    assert options["ntasks-per-node"] == options["gpus-per-node"]
-    assert "--trainer.devices " + options["gpus-per-node"] in script.read_text()
-    assert "--trainer.num_nodes " + options["nodes"] in script.read_text()
+def said(world_size: int, global_rank: int, environ: dict[str, str]) -> list[str]:
+    """What check_launch warns for a process Lightning runs as ``global_rank`` of ``world_size``."""
+    warnings: list[str] = []
+    returned = check_launch(world_size, global_rank, lambda kind, fmt, *args: warnings.append(fmt % args), environ)
+    assert warnings == ([returned] if returned else [])
+    return warnings
+
+
+def pytorchjob_pods() -> dict[str, dict[str, str]]:
+    """The environment of the example job's two pods, as the training operator and Kubernetes give it."""
+    job = yaml.safe_load(EXAMPLE_JOB.read_text(encoding="utf-8"))
+    return {f"gnn-{kind.lower()}-0": container_env(job, kind, 0, "ml") for kind in ("Master", "Worker")}
+
+
+def test_the_operator_environment_of_the_example_job():
+    pods = pytorchjob_pods()
+    for name, rank in (("gnn-master-0", "0"), ("gnn-worker-0", "1")):
+        operator = {k: v for k, v in pods[name].items() if k in (
+            "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NODE_RANK", "PET_NNODES", "PET_NPROC_PER_NODE")}
+        assert operator == {"MASTER_ADDR": "gnn-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": rank,
+                            "PET_NODE_RANK": rank, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "auto"}
+
+
+def test_a_pytorchjob_trained_without_kubeflow_environment_is_told_which_plugin_to_pass():
+    pods = pytorchjob_pods()
+    # Lightning's fall-back environment: each pod trains alone (num_nodes 1) ...
+    for env in pods.values():
+        (message,) = said(1, 0, env)
+        assert message.startswith("Kubeflow's PyTorchJob started 2 training processes (WORLD_SIZE=2, RANK="), message
+        assert "--trainer.plugins=lightning.pytorch.plugins.environments.KubeflowEnvironment" in message
+        assert "\n" not in message
+    # ... or, with num_nodes 2, every pod is rank 0 (it reads NODE_RANK, which the operator does not set): the
+    # worker says so, should its rendezvous ever complete.
+    (message,) = said(2, 0, pods["gnn-worker-0"])
+    assert "(WORLD_SIZE=2, RANK=1) but Lightning runs this one as rank 0 of 2" in message
+    # With KubeflowEnvironment: rank RANK of 2, nothing to say.
+    for env in pods.values():
+        assert said(2, int(env["RANK"]), env) == []
+
+
+def test_srun_tasks_lightning_does_not_take_for_slurm_are_told_to_pass_slurm_environment():
+    (message,) = said(1, 0, SRUN_TASK)
+    assert message.startswith("SLURM's srun started 2 training processes (SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=1)")
+    assert "lightning.pytorch.plugins.environments.SLURMEnvironment" in message
+    assert said(2, 1, SRUN_TASK) == []  # SLURMEnvironment: rank SLURM_PROCID
+    assert said(1, 0, SLURM_BATCH) == []  # the batch script is one process, whatever --ntasks says
+
+
+def test_torchrun_processes_trained_alone_are_told_of_torch_elastic_environment(tmp_path):
+    """The environments a real torchrun gives its two workers."""
+    dump = "import json, os, sys; open(f'{sys.argv[1]}/{os.environ[\"RANK\"]}', 'w').write(json.dumps({**os.environ}))"
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SLURM_", "TORCHELASTIC_", "PET_", "KUBERNETES_"))
+             and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    "--no-python", sys.executable, "-c", dump, str(tmp_path)],
+                   env=clean, check=True, timeout=120, capture_output=True)
+    workers = [json.loads((tmp_path / rank).read_text()) for rank in ("0", "1")]
+    for rank, env in enumerate(workers):
+        (message,) = said(1, 0, env)
+        assert message.startswith(f"torchrun started 2 training processes (WORLD_SIZE=2, RANK={rank})"), message
+        assert "TorchElasticEnvironment" in message
+        assert said(2, rank, env) == []  # Lightning detects TorchElasticEnvironment itself
+
+
+def test_nothing_to_say_on_a_laptop_or_in_a_one_process_job():
+    laptop = {"HOME": "/home/me", "HOSTNAME": "laptop", "PATH": "/usr/bin"}
+    for world_size, rank in ((1, 0), (2, 0), (2, 1)):
+        assert said(world_size, rank, laptop) == []
+    master = pytorchjob_pods()["gnn-master-0"]
+    one_pod = {**master, "WORLD_SIZE": "1", "PET_NNODES": "1"}  # a PyTorchJob with only a Master
+    assert said(1, 0, one_pod) == []
+    # Lightning's own launcher in one pod (devices=4 of a one-replica job): its ranks are its own.
+    assert said(4, 3, one_pod) == []
+
+
+def test_a_real_run_in_a_pytorchjob_pod_without_the_plugin_warns_once(monkeypatch, caplog):
+    """A real Trainer in gnn-worker-0's environment, without KubeflowEnvironment and with num_nodes 1: Lightning
+    trains it alone; the callback says so in one line, once, also when the Trainer is set up again."""
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "TORCHELASTIC_", "PET_", "OTEL_"))]:
+        monkeypatch.delenv(name)
+    for name, value in pytorchjob_pods()["gnn-worker-0"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    callback = MonitoringCallback(port=0, addr="127.0.0.1", gpu_devices=None)
+    train, val, *_ = graph_loaders()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
+    with caplog.at_level(logging.WARNING, logger="dgdn_lightning_monitor"):
+        trainer.fit(GraphClassifier(), train, val)
+        trainer.validate(trainer.lightning_module, val, verbose=False)
+    assert trainer.world_size == 1
+    warnings = [r.getMessage() for r in caplog.records if "training processes" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "(WORLD_SIZE=2, RANK=1) but Lightning runs this one as rank 0 of 1" in warnings[0]
+    assert "KubeflowEnvironment" in warnings[0]

@@ -6,6 +6,10 @@ rules (``dgdn-alerts.yml`` and ``dgdn-scheduler.yml``).
 Each job ends the way SLURM ends jobs: normally, by ``scancel``, at its time limit, by ``scontrol requeue``; the
 tests assert what Prometheus saw and which alerts it raised. The time-limited job is submitted first and checked
 last: SLURM's limits count in minutes, so it runs while the others do.
+
+Every wait is on a condition, bounded for a loaded 2-core machine: a job's start (Python, torch and PyG in both
+tasks), SLURM's ``KillWait`` after a signal, and, before "nothing fired", Prometheus having evaluated the rules
+for longer than the shortened ``for`` since the moment in question (:func:`quiet_since`).
 """
 
 from __future__ import annotations
@@ -19,14 +23,20 @@ import pytest
 import yaml
 from conftest import free_port, require_tool
 from prom_helpers import ROOT, RULES_FILE, SCHEDULER_RULES_FILE, Prometheus, wait_until
+from slurm_cluster import KILL_WAIT_S, rules_evaluated_after
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).with_name("slurm_train.py")
 #: ``for`` of the lifecycle alerts cut so that a wrong crash page shows within the test (shipped: 1 minute).
 SHORTENED_FOR = {"DGDNRunDown": "5s", "DGDNTargetNeverScraped": "5s", "DGDNMetricsEndpointGone": "5s"}
-START_TIMEOUT_S = 150.0  # sbatch to both ranks scraped: Python, torch and PyG start in every task of a busy machine
-GRAPHS_PER_RANK = 20  # slurm_train.py: 40 graphs split over 2 ranks
+#: Seconds of rule evaluations after which an alert that was going to fire has fired: the shortened `for` and one.
+QUIET_S = 6.0
+START_TIMEOUT_S = 300.0  # sbatch to both ranks scraped: Python, torch and PyG start in every task of a busy machine
+END_TIMEOUT_S = 300.0  # a job's last steps, Lightning's teardown and the callback's end on a busy machine
+SIGNALLED_S = KILL_WAIT_S + 60  # a signalled job's end: the callback's, or SLURM's SIGKILL after KillWait
+TIME_LIMIT_MIN = 2  # SLURM's limits count in minutes; two leave a slow start a minute of training
+GRAPHS_PER_RANK = 200  # slurm_train.py: 400 graphs split over 2 ranks, 50 steps of 0.2 s per epoch
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +116,15 @@ def wait_scraped(stack: dict[str, Any], job: str, restarts: str = "0") -> list[d
         raise AssertionError(f"{error}\n{job_log(stack, job)}") from error
 
 
+def quiet_since(prometheus: Prometheus, since: float) -> None:
+    """Wait until every rule group was evaluated more than QUIET_S after ``since`` (Unix time)."""
+    wait_until(
+        lambda: rules_evaluated_after(prometheus.api("rules")["groups"], since + QUIET_S),
+        QUIET_S + 60,
+        what=f"the rules evaluated {QUIET_S:.0f} s after the moment checked",
+    )
+
+
 def alerts(prometheus: Prometheus, run: str) -> dict[str, list[dict[str, str]]]:
     """The run's alerts in Prometheus (pending or firing), by name."""
     found: dict[str, list[dict[str, str]]] = {}
@@ -143,14 +162,14 @@ def last_outcomes(prometheus: Prometheus, run: str) -> set[tuple[str, str, str, 
 
 @pytest.fixture(scope="module")
 def time_limited_job(stack) -> str:
-    """Submitted before the other jobs: its one-minute limit (SLURM's smallest) runs out while they run."""
-    return submit(stack, "--time=1")
+    """Submitted before the other jobs: its limit runs out while they run."""
+    return submit(stack, f"--time={TIME_LIMIT_MIN}")
 
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_a_job_is_discovered_labelled_with_its_job_and_its_normal_end_is_quiet(stack, time_limited_job):
     prometheus, cluster = stack["prometheus"], stack["cluster"]
-    epochs = 10  # 5 steps per epoch and rank, 0.2 s each: about 10 s of training
+    epochs = 2  # 50 steps per epoch and rank, 0.2 s each: about 20 s of training
     job = submit(stack, epochs=epochs)
     run = f"slurm-{job}"
     info = wait_scraped(stack, job)
@@ -169,13 +188,16 @@ def test_a_job_is_discovered_labelled_with_its_job_and_its_normal_end_is_quiet(s
     up = prometheus.query(f'up{{run_id="{run}"}} == 1')
     assert len(up) == 2 and len({s["metric"]["instance"] for s in up}) == 2
 
-    fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=120)
+    fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=END_TIMEOUT_S)
     assert fields["JobState"] == "COMPLETED", job_log(stack, job)
     assert "finished run " + run in job_log(stack, job)
 
     # The last scrape of each rank read its outcome and its final counts: every graph of its shard, every epoch.
-    wait_until(lambda: len(last_outcomes(prometheus, run) & {("0", "completed", "", ""), ("1", "completed", "", "")})
-               == 2, 30, what=f"the completed outcome of {run}")
+    wait_until(
+        lambda: len(last_outcomes(prometheus, run) & {("0", "completed", "", ""), ("1", "completed", "", "")}) == 2,
+        30,
+        what=f"the completed outcome of {run}",
+    )
     samples = prometheus.query(f'max by (rank) (max_over_time(dgdn_samples_processed_total{{run_id="{run}"}}[10m]))')
     assert {s["metric"]["rank"]: float(s["value"][1]) for s in samples} == {
         "0": GRAPHS_PER_RANK * epochs,
@@ -183,7 +205,7 @@ def test_a_job_is_discovered_labelled_with_its_job_and_its_normal_end_is_quiet(s
     }
     assert not list(stack["targets"].glob(f"*{run}*.json")), "a normal end leaves no discovery file"
     wait_until(lambda: not prometheus.query(f'up{{run_id="{run}"}}'), 30, what="the run's targets gone")
-    time.sleep(8)  # longer than the shortened `for` of DGDNRunDown, many evaluations
+    quiet_since(prometheus, time.time())
     assert alerts(prometheus, run) == {}
 
 
@@ -205,26 +227,26 @@ def test_scancel_raises_the_crash_alert(stack, time_limited_job):
                 return name, firing
         return None
 
-    name, firing = wait_until(paged, 60, interval=0.5, what=f"a crash page for {run}")
+    name, firing = wait_until(paged, SIGNALLED_S, interval=0.5, what=f"a crash page for {run}")
     assert {a["severity"] for a in firing} == {"critical"}
     if name == "DGDNRunTerminated":
         assert {(a["rank"], a["reason"], a["exception"]) for a in firing} == {
             ("0", "cancelled", "SIGTERMException"),
             ("1", "cancelled", "SIGTERMException"),
         }
-    assert cluster.wait_state(job, {"CANCELLED"}, timeout=60)["JobState"] == "CANCELLED"
-    time.sleep(8)
+    assert cluster.wait_state(job, {"CANCELLED"}, timeout=SIGNALLED_S)["JobState"] == "CANCELLED"
+    quiet_since(prometheus, time.time())
     found = alerts(prometheus, run)
     assert set(found) == {name}, found  # never taken for a time limit
 
 
 def test_a_requeued_job_continues_as_the_same_run_and_stays_quiet(stack, time_limited_job):
     prometheus, cluster = stack["prometheus"], stack["cluster"]
-    job = submit(stack, "--requeue", after_requeue=10)
+    job = submit(stack, "--requeue", after_requeue=2)
     run = f"slurm-{job}"
     wait_scraped(stack, job)
     cluster.run("scontrol", "requeue", job)
-    cluster.wait_state(job, {"PENDING"}, timeout=60)
+    cluster.wait_state(job, {"PENDING"}, timeout=SIGNALLED_S)
     # SLURM holds a requeued job back for a while (Reason=BeginTime); let it start now.
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
@@ -232,10 +254,10 @@ def test_a_requeued_job_continues_as_the_same_run_and_stays_quiet(stack, time_li
     assert {s["metric"]["slurm_job_id"] for s in second} == {job}
     requeued = {(rank, "terminated", "SIGTERMException", "requeued") for rank in ("0", "1")}
     assert requeued <= last_outcomes(prometheus, run)
-    fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=120)
+    fields = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=END_TIMEOUT_S)
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", job_log(stack, job)
     wait_until(lambda: ("0", "completed", "", "") in last_outcomes(prometheus, run), 30, what="the restart's end")
-    time.sleep(8)
+    quiet_since(prometheus, time.time())
     assert alerts(prometheus, run) == {}  # neither the requeue nor the restart's end raised anything
 
 
@@ -243,16 +265,16 @@ def test_a_time_limit_gives_its_own_outcome_told_apart_from_a_crash(stack, time_
     prometheus, cluster = stack["prometheus"], stack["cluster"]
     job, run = time_limited_job, f"slurm-{time_limited_job}"
     # Submitted first, it may have ended already while the other tests ran.
-    # SLURM checks limits about every 30 s: the SIGTERM comes between 60 and 90 s after the start. (A DGDNRunDown
-    # here means Lightning's SIGTERM handling hung until SIGKILL: see test_scancel_raises_the_crash_alert.)
-    firing = wait_firing(stack, job, "DGDNRunTimeLimit", timeout=150)
+    # SLURM checks limits about every 30 s: the SIGTERM comes up to 30 s after the limit. (A DGDNRunDown here means
+    # Lightning's SIGTERM handling hung until SIGKILL: see test_scancel_raises_the_crash_alert.)
+    firing = wait_firing(stack, job, "DGDNRunTimeLimit", timeout=TIME_LIMIT_MIN * 60 + 30 + START_TIMEOUT_S)
     assert {(a["rank"], a["severity"], a["reason"]) for a in firing} == {
         ("0", "warning", "time_limit"),
         ("1", "warning", "time_limit"),
     }
-    assert cluster.wait_state(job, {"TIMEOUT"}, timeout=60)["JobState"] == "TIMEOUT"
+    assert cluster.wait_state(job, {"TIMEOUT"}, timeout=SIGNALLED_S)["JobState"] == "TIMEOUT"
     info = prometheus.query(f'max_over_time(dgdn_training_info{{run_id="{run}"}}[10m])')
     assert {(s["metric"]["rank"], s["metric"]["slurm_job_id"]) for s in info} == {("0", job), ("1", job)}
-    time.sleep(8)
+    quiet_since(prometheus, time.time())
     found = alerts(prometheus, run)
     assert set(found) == {"DGDNRunTimeLimit"}, found

@@ -95,6 +95,7 @@ def test_span_tree_one_trace_per_epoch_with_sampled_batches_and_phases():
 
 def test_unsampled_steps_create_no_spans():
     callback, exporter = in_memory(trace_every_n_steps=50)
+    callback.trace_floor_s = float("inf")  # on a loaded machine the fit may outlast the 10 s floor
     fit(callback, epochs=2)
     assert len(by_name(exporter.get_finished_spans(), "train_batch")) == 1  # step 0 only
     assert callback.summary()["phase_seconds"]["forward"] > 0
@@ -137,6 +138,8 @@ def test_end_to_end_otlp_export_to_a_real_receiver(monkeypatch):
         callback = MonitoringCallback(port=0, trace_every_n_steps=5, run_id="e2e")
         fit(callback, epochs=2)
         spans = receiver.spans
+    # What became of the spans, from the exporter's own results: every one the receiver decoded, delivered.
+    assert callback.tracer.delivery == f"{len(spans)} spans delivered to {receiver.endpoint}"
     epochs = [s for s in spans if s.name == "train_epoch"]
     assert len(epochs) == 2
     resource = epochs[0].resource
@@ -209,6 +212,7 @@ def test_auto_mode_without_receiver_is_off_with_one_line(caplog):
     lines = [r for r in caplog.records if "trac" in r.getMessage().lower() and r.name.startswith("dgdn")]
     assert len(lines) == 1 and "OTEL_EXPORTER_OTLP_ENDPOINT" in lines[0].getMessage()
     assert callback.tracer.setup is None and callback.tracer.description is None
+    assert callback.tracer.delivery is None  # no spans were sent
 
 
 def test_auto_mode_finds_a_local_receiver(monkeypatch):
@@ -282,6 +286,11 @@ def test_broken_collector_neither_slows_training_nor_floods_the_log(monkeypatch,
     theirs = [(r.name, r.msg) for r in caplog.records if r.name.startswith("opentelemetry.exporter")]
     assert theirs and len(theirs) == len(set(theirs)), theirs  # the first of each gets through
     assert value(exposition(callback.registry), "dgdn_monitor_errors_total", part="tracing") >= 1
+    # None of the spans arrived, and the closing figures say so (not where spans were meant to go).
+    assert callback.tracer.delivery.startswith(f"spans dropped: {endpoint} did not accept ")
+    dropped, of = callback.tracer.delivery.split(" did not accept ")[1].split(";")[0].split(" of ")
+    assert int(dropped) == int(of) > 0
+    assert receiver.spans == []
 
 
 @pytest.mark.parametrize("env_delay", [None, "600000"])

@@ -57,7 +57,8 @@ _EXPORTER_LOGGERS = (
 
 class ReportingExporter(SpanExporter):
     """Wraps an exporter so that failures are counted (as ``tracing`` errors), the first is warned, and none
-    raises into the SDK's worker thread.
+    raises into the SDK's worker thread; the spans of each export are counted as ``delivered`` or ``dropped``
+    by the exporter's own result.
 
     Args:
         exporter: the exporter that sends spans.
@@ -69,6 +70,7 @@ class ReportingExporter(SpanExporter):
         self.exporter = exporter
         self.destination = destination
         self.errors = errors if errors is not None else MonitorErrors(log)
+        self.delivered = self.dropped = 0  # spans, by the result of the export that carried them
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -77,7 +79,10 @@ class ReportingExporter(SpanExporter):
             result, reason = SpanExportResult.FAILURE, f"{type(error).__name__}: {error}"
         else:
             reason = "the receiver did not accept them"
-        if result is not SpanExportResult.SUCCESS:
+        if result is SpanExportResult.SUCCESS:
+            self.delivered += len(spans)
+        else:
+            self.dropped += len(spans)
             self.errors.report(
                 "tracing",
                 "Could not export spans to %s (%s); spans are dropped, training continues.",
@@ -124,6 +129,7 @@ class TracingSetup:
     exporter: Optional[ReportingExporter] = None
     borrowed: Optional[trace.TracerProvider] = None
     ids: Optional[GivenIds] = None
+    flushed: Optional[bool] = None  # whether the final flush finished in time; None before it
     _filter: Callable[[logging.LogRecord], bool] = field(default_factory=lambda: _first_of_each_message())
 
     def finish(self) -> bool:
@@ -147,7 +153,7 @@ class TracingSetup:
         worker = threading.Thread(target=target, name="dgdn-trace-flush", daemon=True)
         worker.start()
         worker.join(FLUSH_TIMEOUT_S)
-        finished = not worker.is_alive()
+        finished = self.flushed = not worker.is_alive()
         if not finished:  # counted; warned unless a failed export already was (one line about a collector is enough)
             errors = self.exporter.errors if self.exporter is not None else MonitorErrors(log)
             message = "Spans were not delivered within %.1f s at the end of the run; the rest are dropped."
@@ -155,6 +161,22 @@ class TracingSetup:
         for name in _EXPORTER_LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
         return finished
+
+    def delivery(self) -> str:
+        """What became of the spans, from the exporter's own results: delivered, dropped, or none sent."""
+        exporter = self.exporter
+        if exporter is None:  # the application's provider: its own exporters know
+            return f"spans handed to {self.description} (its exporters tell whether they arrived)"
+        destination, delivered, dropped = exporter.destination, exporter.delivered, exporter.dropped
+        if dropped:
+            said = f"spans dropped: {destination} did not accept {dropped} of {delivered + dropped}"
+        elif delivered:
+            said = f"{delivered} spans delivered to {destination}"
+        else:
+            said = f"no spans sent to {destination}"
+        if self.flushed is False:
+            said += f"; those still queued after the {FLUSH_TIMEOUT_S:g} s flush bound were dropped"
+        return said
 
 
 def _first_of_each_message() -> Callable[[logging.LogRecord], bool]:

@@ -1,4 +1,4 @@
-"""Turns epoch boundaries and :class:`BatchRecord`\\ s into a span tree.
+"""Turns epoch boundaries and :class:`~dgdn_lightning_monitor.tracing.BatchRecord`\\ s into a span tree.
 
 One trace per training epoch::
 
@@ -140,6 +140,7 @@ class TrainingTracer:
         self.errors = errors if errors is not None else MonitorErrors(log)
         self.setup: Optional[TracingSetup] = None
         self.description: Optional[str] = None  # where the last run's spans went; None while tracing was off
+        self.delivery: Optional[str] = None  # what became of them, once the run ended; None: none were sent
         self._attributes: dict[str, Any] = {}
         self._share: Optional[str] = None
         self._epochs: dict[str, Span] = {}
@@ -163,7 +164,8 @@ class TrainingTracer:
         Args:
             attributes: attributes of every epoch span (``training.rank`` among them).
             share: under DDP, a key every rank of the run shares: each training epoch is then one trace across the
-                ranks (see :func:`epoch_ids`), rooted at rank 0's ``train_epoch`` span.
+                ranks (see :func:`~dgdn_lightning_monitor.tracing.tracer.epoch_ids`), rooted at rank 0's
+                ``train_epoch`` span.
         """
         self._attributes, self._share = dict(attributes), share
         self._offset_ns = time.time_ns() - time.perf_counter_ns()
@@ -174,6 +176,7 @@ class TrainingTracer:
                 self.enabled, resource_attributes=resource, tracer_provider=self.tracer_provider, errors=self.errors
             )
         self.description = self.setup.description if self.setup is not None else None
+        self.delivery = None
 
     # ------------------------------------------------------------------ epochs
     def start_epoch(self, stage: str, epoch: int) -> None:
@@ -217,7 +220,10 @@ class TrainingTracer:
         """Queue a finished batch whose CUDA events (if any) completed; its spans are built on the builder thread,
         under ``record.parent``."""
         if self.setup is not None:
-            self._builder.submit(record)
+            try:
+                self._builder.submit(record)
+            except Exception as error:  # e.g. no thread can be started: the spans of this batch are lost
+                self.errors.report("tracing", "Could not queue a traced batch (%s); its spans are dropped.", error)
 
     def _ns(self, perf_ns: Optional[int] = None) -> int:
         """Wall-clock ns of a ``perf_counter_ns`` reading (of now by default): spans need wall-clock times."""
@@ -269,3 +275,4 @@ class TrainingTracer:
         finally:
             setup, self.setup = self.setup, None
             setup.finish()
+            self.delivery = setup.delivery()
