@@ -54,18 +54,23 @@ def wait_for_final_scrapes(limit_s: float = FINAL_SCRAPE_LIMIT_S) -> None:
     """Run at the interpreter's exit: wait until a scrape has read how each finished run ended on the endpoints
     that owe one (:meth:`MetricsServer.owes_final_scrape`), at most until the latest of their deadlines and
     ``limit_s``. Returns at once when no endpoint owes a scrape (nothing scrapes them regularly, a scrape after the
-    end read it, or the scraper stopped); the endpoints then go with the process."""
+    end read it, or the scraper stopped); the endpoints then go with the process. Ctrl-C ends the wait."""
     owing = [server for server in list(_SERVING) if server.wait_at_exit and server.owes_final_scrape()]
-    if owing:
-        log.info(
-            "Waiting (at most %.0f s) for a scrape of %s to read how the run ended; wait_for_final_scrape=False "
-            "skips this",
-            min(limit_s, max(server.deadline() for server in owing) - time.monotonic()),
-            ", ".join(str(server.url) for server in owing),
-        )
-        give_up = time.monotonic() + limit_s
+    if not owing:
+        return
+    log.info(
+        "Waiting (at most %.0f s) for a scrape of %s to read how the run ended (Ctrl-C skips it; "
+        "wait_for_final_scrape=False turns it off)",
+        min(limit_s, max(server.deadline() for server in owing) - time.monotonic()),
+        ", ".join(str(server.url) for server in owing),
+    )
+    give_up = time.monotonic() + limit_s
+    try:
         for server in owing:  # one after another, each until its own deadline: at most the latest one overall
             server.wait_for_final_scrape(give_up_at=give_up)
+    except KeyboardInterrupt:  # skipped: not again at a later exit hook of this process
+        for server in owing:
+            server.wait_at_exit = False
 
 
 def reachable_host(addr: str, local: bool = True) -> str:

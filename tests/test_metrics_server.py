@@ -268,8 +268,8 @@ def test_an_ended_run_serves_on_and_owes_a_scrape_only_to_a_regular_scraper() ->
         assert _read(server) == 0.0  # once: still no regular scraper
         assert not server.owes_final_scrape() and time.monotonic() - started < 1.0
         server.run_started()
-        _read(server)  # twice: a regular scraper, about every 0.3 s
-        time.sleep(0.3)
+        _read(server)  # twice: a regular scraper, about every second
+        time.sleep(1.0)
         _read(server)
         counter.value = 1.0  # how the run ended
         server.run_ended()
@@ -314,10 +314,11 @@ def test_exit_handler_waits_only_for_endpoints_that_owe_a_scrape() -> None:
         started = time.monotonic()
         wait_for_final_scrapes()
         assert time.monotonic() - started < 0.5
-        for server in (owing, skipped):
-            for _ in range(2):
+        for _ in range(2):  # both scraped every second: each owes the next scrape within 3 s of its last
+            for server in (owing, skipped):
                 urllib.request.urlopen(str(server.url), timeout=5).read()
-                time.sleep(0.5)
+            time.sleep(1.0)
+        for server in (owing, skipped):
             server.run_ended()
         assert owing.owes_final_scrape() and skipped.owes_final_scrape()
         scraped = threading.Timer(0.5, lambda: urllib.request.urlopen(str(owing.url), timeout=5).read())
@@ -325,9 +326,10 @@ def test_exit_handler_waits_only_for_endpoints_that_owe_a_scrape() -> None:
         scraped.start()
         wait_for_final_scrapes()
         waited = time.monotonic() - started
+        read = not owing.owes_final_scrape()  # it returned once the scrape had been sent
         scraped.join()
-        assert not owing.owes_final_scrape() and skipped.owes_final_scrape()
-        assert 0.4 <= waited < 2.0  # until the owing endpoint's scrape, not the skipped one's deadline
+        assert read and skipped.owes_final_scrape()
+        assert 0.4 <= waited < 2.5  # until the owing endpoint's scrape, not the skipped one's deadline
     finally:
         owing.stop()
         skipped.stop()
@@ -358,9 +360,9 @@ def test_a_new_endpoint_closes_ended_ones_that_owe_nothing_and_keeps_one_that_ow
     unscraped, _ = _counting_server()
     owing, _ = _counting_server()
     try:
-        for _ in range(2):
+        for _ in range(2):  # every second: owes its next scrape for 3 s
             _read(owing)
-            time.sleep(0.2)
+            time.sleep(1.0)
         unscraped.run_ended()
         owing.run_ended()
         new, _ = _counting_server()
@@ -386,7 +388,7 @@ def test_a_forked_child_forgets_the_parents_endpoints_and_waits_for_nothing() ->
     try:
         for _ in range(2):
             _read(server)
-            time.sleep(0.5)
+            time.sleep(1.0)
         server.run_ended()
         assert server.owes_final_scrape()
         pid = os.fork()
@@ -403,6 +405,6 @@ def test_a_forked_child_forgets_the_parents_endpoints_and_waits_for_nothing() ->
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert server.running and server.owes_final_scrape()  # the parent's endpoint is untouched
+        assert server.running and _read(server) == 0.0  # the parent's endpoint is untouched
     finally:
         server.stop()
