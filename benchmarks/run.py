@@ -33,7 +33,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "end_to_end": ("benchmarks.end_to_end", "step time with / without the callback: PyG GCN and DGDN"),
     "scrape": ("benchmarks.scrape", "/metrics latency for 1 and 8 ranks' label sets"),
     "memory": ("benchmarks.memory", "RSS growth over 100k steps"),
-    "run_end": ("benchmarks.run_end", "last batch to fit returning: live, closed and hanging OTLP receiver"),
+    "run_end": ("benchmarks.run_end", "last batch to fit returning (OTLP receiver live, closed, hanging; scraper "
+                "live, slow, stopped) and fit returning to the process's exit"),
     "gpu": ("benchmarks.gpu", "synchronisations and GPU step-time ratio (CUDA only; skipped otherwise)"),
 }
 

@@ -43,8 +43,12 @@ log = logging.getLogger(__name__)
 class MonitoringCallback(Callback):
     r"""Export a Lightning training run to Prometheus (``/metrics``) and OpenTelemetry (spans).
 
-    Add it to any ``Trainer``; it serves metrics from ``setup`` until the run ends (also when it ends in an
-    exception). Counters keep counting across several ``fit`` calls with the same callback.
+    Add it to any ``Trainer``; it serves metrics from ``setup`` on. When a run (``fit``, ``validate``, ``test``,
+    ``predict``) ends, also in an exception, the endpoint serves on with how it ended (``<namespace>_run_outcome``) and
+    the run returns at once; the next run of the callback serves from the same endpoint. The endpoint goes with the
+    process, whose exit waits (once, at most twice the scrape interval plus a second, 30 s at most) until a scrape has
+    read how the last run ended, only when something scrapes it regularly: a process killed before that is told from
+    one that ended. Counters keep counting across several ``fit`` calls with the same callback.
 
     Args:
         port: TCP port of ``/metrics``; ``0`` picks a free one (:attr:`metrics_url`). By default 8000 (the stack's
@@ -86,6 +90,9 @@ class MonitoringCallback(Callback):
             (and the flight recorder's trace) to ``dgdn-dumps/`` in ``trainer.log_dir``; ``None``: off.
         memory_snapshot: on CUDA, record PyTorch's allocation history during the run and write it to
             ``dgdn-dumps/`` when a step runs out of memory (see :mod:`~dgdn_lightning_monitor.oom`).
+        wait_for_final_scrape: at the exit of the process, keep the endpoint up until a scrape has read how the last
+            run ended, when something scraped it regularly (see above); ``False``: the process exits at once, and a
+            Prometheus that had not scraped the end yet last saw the run running (``DGDNRunDown`` on a static target).
 
     Example::
 
@@ -127,6 +134,7 @@ class MonitoringCallback(Callback):
         web_config_file: Optional[Union[str, os.PathLike]] = None,
         stall_dump_after_s: Optional[float] = 600.0,
         memory_snapshot: bool = False,
+        wait_for_final_scrape: bool = True,
     ) -> None:
         super().__init__()
         self.port = None if port is None else check_int("port", port, 0, 65535)
@@ -143,6 +151,8 @@ class MonitoringCallback(Callback):
         self.run_id = run_id or scheduler_run_id() or uuid.uuid4().hex[:12]
         valid = isinstance(port_per_local_rank, bool)
         self.port_per_local_rank = check("port_per_local_rank", port_per_local_rank, valid, "True or False")
+        valid = isinstance(wait_for_final_scrape, bool)
+        self.wait_for_final_scrape = check("wait_for_final_scrape", wait_for_final_scrape, valid, "True or False")
         self._web_config_file = web_config_file
         self.web_config: Any = load_web_config(web_config_file) if web_config_file is not None else None
         self.metrics = TrainingMetrics(namespace, check_int("throughput_window", throughput_window, 2))
@@ -159,13 +169,15 @@ class MonitoringCallback(Callback):
         self._warn = WarnOnce(log)
         self._train_batches = 0  # across runs: drives trace sampling
         self._run: Optional[RunState] = None
+        self._server: Optional[MetricsServer] = None  # serves on after a run; the next run reuses it
 
     # ------------------------------------------------------------------------------------------ public API
     @property
     def metrics_url(self) -> Optional[str]:
-        """``http://host:port/metrics`` while the endpoint serves, else ``None``."""
-        run = self._run
-        return run.server.url if run is not None and run.server.running else None
+        """``http://host:port/metrics`` while the endpoint serves (from ``setup`` on, after the run too), else
+        ``None``."""
+        server = self._server
+        return server.url if server is not None and server.running else None
 
     def summary(self) -> dict[str, Any]:
         """Figures for a closing report.
@@ -190,7 +202,7 @@ class MonitoringCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         """Settings and counters, for ``strategy="ddp_spawn"`` (it pickles the callbacks into every worker); the
         parts that hold threads, sockets or a provider rebuild themselves in the worker."""
-        state = {**self.__dict__, "_run": None, "web_config": None}  # an SSL context does not pickle
+        state = {**self.__dict__, "_run": None, "_server": None, "web_config": None}  # an SSL context does not pickle
         state["registry"] = "global" if self.registry is prometheus_client.REGISTRY else None
         return state
 
@@ -222,11 +234,16 @@ class MonitoringCallback(Callback):
         self.metrics.start_run()
         self.metrics.bind(trainer)
         failure: Optional[Exception] = None
-        server: Optional[MetricsServer] = None
+        server = self._server
         try:  # a taken port fails here, before any training step
-            port = serving_port(self.port, labels.local_rank, self.port_per_local_rank, self._dist.targets_dir)
-            server = MetricsServer(self.registry, self.addr, port, self.web_config, free_port_if_taken=not self.port)
-            server.start()
+            if server is None or not server.running:  # else the endpoint of this callback's previous run serves on
+                port = serving_port(self.port, labels.local_rank, self.port_per_local_rank, self._dist.targets_dir)
+                server = MetricsServer(
+                    self.registry, self.addr, port, self.web_config, not self.port, self.wait_for_final_scrape
+                )
+                server.start()
+                self._server = server
+            server.run_started()
         except (OSError, OverflowError, ValueError) as error:
             failure = error
         # Every rank takes part in the exchange, also one whose server failed, so that no rank waits forever;
@@ -275,10 +292,11 @@ class MonitoringCallback(Callback):
         outcome = classify(exception)
         self.metrics.end_run(outcome, termination_reason(outcome[0]))  # before the final push, which carries it
         self.gpu.stop()
-        run.server.linger()  # the next scrape reads the outcome: the end of a run is told from a crash
-        self._dist.finish(self.registry, self.metrics.labels, self.run_id)  # discovery file, Pushgateway
+        # The endpoint serves on: the next scrape reads the outcome (the end of a run is told from a crash), and the
+        # process's exit waits for it; the discovery file goes once it did.
+        run.server.run_ended()
+        self._dist.finish(self.registry, self.metrics.labels, self.run_id, run.server)  # discovery file, Pushgateway
         self.tracer.finish(exception)
-        run.server.stop()
 
     # ------------------------------------------------------------------------------------------ training
     @override

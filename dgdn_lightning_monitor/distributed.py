@@ -5,7 +5,8 @@
   0's run id and trace key (from which every rank derives each epoch's trace ids); a rank whose part failed
   still takes part, with the cause.
 * **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing its node's endpoints
-  (written atomically, removed when the run ends, also after an exception).
+  (written atomically, removed when the run ends, also after an exception: once a scrape has read how the run
+  ended, when something scrapes it regularly, from a background thread).
 * **Pushgateway**: at the end of a run every rank pushes its final figures (job, run id, rank), in bounded time.
 
 A failed write, push or exchange is counted, warned once, and the feature dropped; training goes on.
@@ -35,7 +36,7 @@ from prometheus_client.exposition import default_handler
 
 from dgdn_lightning_monitor.guards import MonitorErrors, check
 from dgdn_lightning_monitor.labels import RankLabels
-from dgdn_lightning_monitor.server import LINGER_LIMIT_S, host_port, reachable_host
+from dgdn_lightning_monitor.server import MetricsServer, host_port, reachable_host
 from dgdn_lightning_monitor.web_config import push_handler_from_env
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,18 @@ _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
 # Hosts of a discovered target the stacks merge with their static quick-start target (deploy/prometheus/prometheus.yml
 # and its derivation by scripts/native_stack.py).
 _QUICK_START_HOSTS = ("host.docker.internal", "127.0.0.1", "localhost")
+# Held to remove a finished run's discovery file and to claim it for the next run, so that a removal waiting for the
+# last scrape of one run never deletes the file of the next; a new one in a forked child (never inherited held).
+_DISCOVERY_LOCK = threading.Lock()
+
+
+def _new_discovery_lock() -> None:
+    global _DISCOVERY_LOCK
+    _DISCOVERY_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_discovery_lock)
 
 
 def _is_url(value: Any) -> bool:
@@ -389,6 +402,7 @@ class DistributedRun:
         self._heartbeat: Optional[_Heartbeat] = None
         self._node_peers: list[int] = []
         self._retention: Optional[threading.Thread] = None
+        self._file_generation = 0  # one more at every publish: the file then belongs to the new run
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def exchange(self, labels: RankLabels, addr: str, port: Optional[int], run_id: str) -> str:
@@ -444,6 +458,8 @@ class DistributedRun:
             self._retention.start()
         if self.targets_dir is None or labels.local_rank != 0:
             return
+        with _DISCOVERY_LOCK:  # a removal still waiting for the previous run's last scrape leaves the file alone
+            self._file_generation += 1
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
         self._node_peers = [peer.port for peer in node if peer.local_rank != 0 and peer.port is not None]
         wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id, errors=self.errors)
@@ -477,14 +493,37 @@ class DistributedRun:
             self.errors.report("discovery", message + "by hand.", self._sd.path, error)
 
     # ------------------------------------------------------------------ end of run (never raises)
-    def finish(self, registry: CollectorRegistry, labels: RankLabels, run_id: str) -> None:
-        """Remove this node's discovery file and push the final figures; failures are reported once."""
+    def finish(
+        self, registry: CollectorRegistry, labels: RankLabels, run_id: str, server: Optional[MetricsServer] = None
+    ) -> None:
+        """Remove this node's discovery file and push the final figures; failures are reported once.
+
+        Args:
+            registry: what to push.
+            labels: this rank's labels.
+            run_id: the run's id, in the push's grouping key.
+            server: this rank's endpoint, which holds how the run ended: when a scraper reads it regularly, the file
+                goes once a scrape has read that end (two, when the file lists other ranks of this node, so that
+                they were scraped after their end too), from a background thread; else at once.
+        """
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
         if self._sd is not None:
-            _wait_until_closed(self._node_peers, LINGER_LIMIT_S)  # every rank listed had its last scrape
-            self._sd.remove()
+            sd, generation = self._sd, self._file_generation
+            scrapes = 2 if self._node_peers else 1
+
+            def remove(server: Optional[MetricsServer]) -> None:
+                if server is not None:
+                    server.wait_for_final_scrape(scrapes)
+                with _DISCOVERY_LOCK:
+                    if self._file_generation == generation:
+                        sd.remove()
+
+            if server is not None and server.owes_final_scrape():
+                threading.Thread(target=remove, args=(server,), name="dgdn-discovery-removal", daemon=True).start()
+            else:
+                remove(None)
         if self._retention is not None:
             self._retention.join(PUSH_TIMEOUT_S)  # before this run's own push: never deletes it
             self._retention = None
@@ -500,20 +539,6 @@ class DistributedRun:
     def _failed(self, what: str, cause: str) -> None:
         message = "Could not exchange %s with the other ranks (%s); continuing without it."
         self.errors.report("exchange", message, what, cause)
-
-
-def _wait_until_closed(ports: Sequence[int], limit_s: float) -> None:
-    """Wait (at most ``limit_s``) until nothing on this machine's loopback serves ``ports``: the other ranks of the
-    node stop serving once Prometheus has scraped their outcome, and only then may their discovery file go. A rank
-    bound to another interface is not seen here and not waited for."""
-    deadline = time.monotonic() + limit_s
-    for port in ports:
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            except OSError:
-                break
-            time.sleep(0.1)
 
 
 class _Heartbeat:

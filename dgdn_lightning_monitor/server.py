@@ -1,12 +1,21 @@
 """The HTTP endpoint that serves ``/metrics`` from a registry with ``prometheus_client``'s own WSGI app (text and
 OpenMetrics negotiation, gzip, exemplars), adding what a training process needs: a clear error when the port is
 taken, a deep listen backlog, renders one at a time (each after its request arrived), an optional TLS / basic-auth web
-configuration, and a fast stop."""
+configuration, a fast stop, and the end of a run told to Prometheus without keeping the user waiting.
+
+An endpoint outlives the run it serves: when a run ends it keeps serving the run's final figures (the next run of its
+callback reuses it), and the process's exit waits, once and bounded, until a scrape has read them, but only where
+something scrapes the endpoint regularly (:func:`wait_for_final_scrapes`). A new endpoint in the same process takes
+over the port of a finished one, and closes the finished ones that owe Prometheus nothing."""
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
+import multiprocessing
+import multiprocessing.util
+import os
 import socket
 import threading
 import time
@@ -23,16 +32,45 @@ from dgdn_lightning_monitor.web_config import WebConfig
 
 log = logging.getLogger(__name__)
 
-# How often the serving loop checks for shutdown; stopping waits up to this long (the library's default is
-# 0.5 s, which would be most of the run-end budget).
+# How often the serving loop checks for shutdown; stopping (a new run taking the port over, in its set-up) waits up
+# to this long (the library's default is 0.5 s).
 _POLL_INTERVAL_S = 0.05
 # Connections the kernel queues while every handler is busy: several Prometheus servers, federation and a user's
 # curl loop at once must not be refused (the socketserver default is 5).
 LISTEN_BACKLOG = 128
-#: The longest :meth:`MetricsServer.linger` keeps an ending run's endpoint up for a last scrape.
-LINGER_LIMIT_S = 30.0
+#: The longest the exit of a process waits for a scrape to read how its runs ended (:func:`wait_for_final_scrapes`).
+FINAL_SCRAPE_LIMIT_S = 30.0
+# Scrapes whose arrivals are closer than this are one burst (concurrent scrapers): one arrival for the interval.
+_BURST_S = 0.1
 
 StartResponse = Callable[..., Any]
+
+# The serving endpoints of this process. Changed only by plain set operations (atomic under the GIL), so neither the
+# exit handler nor a forked child can ever wait on a lock here.
+_SERVING: set[MetricsServer] = set()
+
+
+def wait_for_final_scrapes(limit_s: float = FINAL_SCRAPE_LIMIT_S) -> None:
+    """Run at the interpreter's exit: wait until a scrape has read how each finished run ended on the endpoints
+    that owe one (:meth:`MetricsServer.owes_final_scrape`), at most until the latest of their deadlines and
+    ``limit_s``. Returns at once when no endpoint owes a scrape (nothing scrapes them regularly, a scrape after the
+    end read it, or the scraper stopped); the endpoints then go with the process. Ctrl-C ends the wait."""
+    owing = [server for server in list(_SERVING) if server.wait_at_exit and server.owes_final_scrape()]
+    if not owing:
+        return
+    log.info(
+        "Waiting (at most %.0f s) for a scrape of %s to read how the run ended (Ctrl-C skips it; "
+        "wait_for_final_scrape=False turns it off)",
+        min(limit_s, max(server.deadline() for server in owing) - time.monotonic()),
+        ", ".join(str(server.url) for server in owing),
+    )
+    give_up = time.monotonic() + limit_s
+    try:
+        for server in owing:  # one after another, each until its own deadline: at most the latest one overall
+            server.wait_for_final_scrape(give_up_at=give_up)
+    except KeyboardInterrupt:  # skipped: not again at a later exit hook of this process
+        for server in owing:
+            server.wait_at_exit = False
 
 
 def reachable_host(addr: str, local: bool = True) -> str:
@@ -81,13 +119,15 @@ class MetricsServer:
         web_config: TLS and basic auth to apply, or ``None`` for plain HTTP.
         free_port_if_taken: when ``port`` is taken, serve on a free port instead (with a warning) of raising
             :class:`PortInUseError`.
+        wait_at_exit: whether the exit of the process waits for a scrape to read how its last run ended
+            (:func:`wait_for_final_scrapes`).
 
     Example::
 
         server = MetricsServer(registry, "127.0.0.1", 0)
         server.start()
         print(server.url)  # http://127.0.0.1:43121/metrics
-        server.stop()
+        server.run_ended()  # the registry holds how the run ended: serve on; the exit waits for a scrape of it
     """
 
     def __init__(
@@ -97,18 +137,26 @@ class MetricsServer:
         port: int = 8000,
         web_config: Optional[WebConfig] = None,
         free_port_if_taken: bool = False,
+        wait_at_exit: bool = True,
     ) -> None:
         self.registry = registry
         self.addr = addr
         self.port = port
         self.web_config = web_config
         self.free_port_if_taken = free_port_if_taken
+        self.wait_at_exit = wait_at_exit
         self._httpd: Optional[ThreadingWSGIServer] = None
         self._thread: Optional[threading.Thread] = None
         self.bound_port: Optional[int] = None
-        # Arrival times (monotonic) of the last scrapes, to wait for the next one when the run ends.
-        self._scrapes: deque[float] = deque(maxlen=3)
+        self._forget_scrapes()
+
+    def _forget_scrapes(self) -> None:
+        # Arrival times (monotonic) of the last scrapes (a burst counts once), for the interval at which the
+        # endpoint is scraped; when the registry last took a run's end, and how many scrapes were sent since.
+        self._scrapes: deque[float] = deque(maxlen=8)
         self._scraped = threading.Condition()
+        self.ended_at: Optional[float] = None
+        self._read_since_end = 0
 
     @property
     def running(self) -> bool:
@@ -130,20 +178,19 @@ class MetricsServer:
             address_family = info[0][0]
             request_queue_size = LISTEN_BACKLOG
 
-        render, lock, scraped = make_wsgi_app(self.registry), threading.Lock(), self._scraped
+        render, lock = make_wsgi_app(self.registry), threading.Lock()
 
         def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-            arrived = time.monotonic()
+            arrived = self._arrived()
 
-            def sent() -> None:  # the server has written the whole answer: the process may exit now
-                with scraped:
-                    self._scrapes.append(arrived)
-                    scraped.notify_all()
+            def sent() -> None:  # the server has written the whole answer: what it rendered has been read
+                self._sent(arrived)
 
             with lock:  # one render at a time, each after its request arrived (the library renders in the call)
                 return _Answer(render(environ, start_response), sent)
 
         served = self.web_config.wrap(app) if self.web_config is not None else app  # authenticated before the lock
+        _hand_over(self.port)
         try:
             httpd = make_server(self.addr, self.port, served, Server, handler_class=_QuietHandler)
         except OSError as error:
@@ -176,36 +223,93 @@ class MetricsServer:
         thread.start()
         self._httpd, self._thread = httpd, thread
         self.bound_port = int(httpd.server_address[1])
+        _SERVING.add(self)
         forget_threads_after_fork(self)
 
-    def linger(self, limit_s: float = LINGER_LIMIT_S) -> bool:
-        """Keep serving until the next scrape has read what is registered now, so that Prometheus sees a run's last
-        values (its outcome above all) before the endpoint goes.
+    def _arrived(self) -> float:
+        with self._scraped:
+            arrived, scrapes = time.monotonic(), self._scrapes
+            if scrapes and arrived - scrapes[-1] < _BURST_S:
+                scrapes[-1] = arrived
+            else:
+                scrapes.append(arrived)
+            return arrived
 
-        Waits at most twice the interval seen between the last two scrapes, plus a second (and ``limit_s``); returns
-        at once when the endpoint was scraped fewer than twice (nothing scrapes it regularly).
+    def _sent(self, arrived: float) -> None:
+        with self._scraped:
+            if self.ended_at is not None and arrived >= self.ended_at:
+                self._read_since_end += 1
+                self._scraped.notify_all()
+
+    # ------------------------------------------------------------------ the end of a run
+    def run_started(self) -> None:
+        """A new run serves from this endpoint: nothing is owed for the previous one."""
+        with self._scraped:
+            self.ended_at, self._read_since_end = None, 0
+            self._scraped.notify_all()
+
+    def run_ended(self) -> None:
+        """The registry now holds how the run ended. The endpoint serves on; a scrape that arrives from now on
+        reads the end, and the exit of the process waits for one (:func:`wait_for_final_scrapes`)."""
+        with self._scraped:
+            self.ended_at, self._read_since_end = time.monotonic(), 0
+            self._scraped.notify_all()
+        # Registered again at every end, so that it runs before the exit handlers registered since (a discovery
+        # file's removal): atexit runs the last registered first.
+        atexit.unregister(wait_for_final_scrapes)
+        atexit.register(wait_for_final_scrapes)
+        _wait_at_worker_exit()
+
+    def deadline(self, scrapes: int = 1) -> float:
+        """When ``scrapes`` more scrapes after the last one should have arrived (monotonic): the largest interval
+        between recent scrapes once per scrape and once more, plus a second; ``-inf`` before two scrapes (nothing
+        scrapes the endpoint regularly)."""
+        with self._scraped:
+            arrivals = list(self._scrapes)
+        if len(arrivals) < 2:
+            return float("-inf")
+        interval = max(later - earlier for earlier, later in zip(arrivals, arrivals[1:]))
+        return arrivals[-1] + (scrapes + 1) * interval + 1.0
+
+    def owes_final_scrape(self) -> bool:
+        """Whether the endpoint serves a finished run that a regular scraper has not read yet, and that scraper is
+        not overdue (one that stopped is not waited for)."""
+        return (
+            self.running
+            and self.ended_at is not None
+            and self._read_since_end == 0
+            and time.monotonic() < self.deadline()
+        )
+
+    def wait_for_final_scrape(self, scrapes: int = 1, give_up_at: Optional[float] = None) -> bool:
+        """Wait until ``scrapes`` scrapes have read the end of the run, at most until they are overdue
+        (:meth:`deadline`), ``give_up_at`` (monotonic) or :data:`FINAL_SCRAPE_LIMIT_S`; a new run on the
+        endpoint, or its stop, ends the wait.
 
         Returns:
-            Whether a scrape arrived. A run that ends before its second scrape is not waited for: Prometheus
-            last saw it running.
+            Whether they did.
         """
+        ended_at = self.ended_at
+        if ended_at is None:
+            return False
+        give_up = min(self.deadline(scrapes), time.monotonic() + FINAL_SCRAPE_LIMIT_S)
+        if give_up_at is not None:
+            give_up = min(give_up, give_up_at)
         with self._scraped:
-            if self._httpd is None or len(self._scrapes) < 2:
-                return False
-            interval = self._scrapes[-1] - self._scrapes[-2]
-        start = time.monotonic()
-        deadline = start + min(limit_s, 2 * interval + 1)
-        with self._scraped:
-            while not (self._scrapes and self._scrapes[-1] >= start):
-                remaining = deadline - time.monotonic()
+            while self._read_since_end < scrapes and self.ended_at == ended_at and self.running:
+                remaining = give_up - time.monotonic()
                 if remaining <= 0:
-                    return False
+                    break
                 self._scraped.wait(remaining)
-        return True
+            return self._read_since_end >= scrapes and self.ended_at == ended_at
 
     def stop(self) -> None:
+        """Close the endpoint (within one poll interval)."""
         httpd, thread = self._httpd, self._thread
         self._httpd = self._thread = None
+        _SERVING.discard(self)
+        with self._scraped:
+            self._scraped.notify_all()  # a wait for a final scrape ends
         if httpd is None:
             return
         httpd.shutdown()  # returns once serve_forever has left its loop (within one poll interval)
@@ -215,6 +319,31 @@ class MetricsServer:
 
     def after_fork_in_child(self) -> None:
         """In a forked child the serving thread does not exist and the socket belongs to the parent: forget both
-        (without closing the parent's socket) so that the child can start its own server."""
+        (without closing the parent's socket) so that the child can start its own server; its exit waits for
+        nothing."""
         self._httpd = self._thread = None
         self.bound_port = None
+        _SERVING.discard(self)
+        self._forget_scrapes()  # a new condition: the parent's serving thread may have held this one at the fork
+
+
+_worker_exit_registered: Optional[int] = None  # the process id that registered it
+
+
+def _wait_at_worker_exit() -> None:
+    """A process that multiprocessing started (the workers of ddp_spawn, ddp_fork, ddp_notebook) runs
+    multiprocessing's exit finalizers and then, when forked, ends without atexit: wait there too."""
+    global _worker_exit_registered
+    if multiprocessing.parent_process() is None or _worker_exit_registered == os.getpid():
+        return
+    _worker_exit_registered = os.getpid()
+    multiprocessing.util.Finalize(None, wait_for_final_scrapes, exitpriority=0)
+
+
+def _hand_over(port: int) -> None:
+    """Before a new endpoint binds ``port``: close the endpoints of this process whose run has ended and that
+    either hold that port (a notebook cell run again: the new run takes the address Prometheus scrapes) or owe
+    Prometheus nothing (read, or never scraped regularly), so that finished endpoints do not pile up."""
+    for server in list(_SERVING):
+        if server.ended_at is not None and ((port and server.bound_port == port) or not server.owes_final_scrape()):
+            server.stop()

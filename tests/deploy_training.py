@@ -3,6 +3,7 @@ while the run's metrics endpoint is up."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,7 +216,8 @@ def shipped_training_config(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Trains (until killed, or ``--epochs``); prints the metrics URL and run id once it serves, and the samples it
-    trained on once it has ended normally.
+    trained on once it has ended normally. With ``--hold`` it prints ``holding`` after its last step and waits for a
+    line on stdin before its run ends (a test lets Prometheus scrape it meanwhile).
 
     Used by the live tests as a process to kill or to let end: ``python tests/deploy_training.py --targets-dir DIR``.
     ``default`` for ``--port``, ``--addr`` or ``--targets-host`` leaves the callback's default; ``--default-port``
@@ -237,6 +239,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--epochs", type=int, default=100_000)
     parser.add_argument("--step-sleep", type=float, default=0.05)
     parser.add_argument("--run-id", help="the run id (by default the callback draws one)")
+    parser.add_argument("--hold", action="store_true")
     args = parser.parse_args(argv)
     if args.default_port is not None:
         distributed.DEFAULT_PORT = args.default_port
@@ -253,8 +256,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     def start(trainer: pl.Trainer) -> None:
         print(f"serving {monitor.run_id} {monitor.metrics_url}", flush=True)
 
+    def end(trainer: pl.Trainer) -> None:
+        if args.hold:
+            print("holding", flush=True)
+            sys.stdin.readline()
+
     train, val = loaders()
-    trainer([Hooks(start, lambda t: None, lambda t: None), monitor], max_epochs=args.epochs).fit(
+    trainer([Hooks(start, lambda t: None, end), monitor], max_epochs=args.epochs).fit(
         LiveGCN(step_sleep_s=args.step_sleep), train, val
     )
     print(f"done {monitor.run_id} samples={monitor.metrics.samples_total}", flush=True)

@@ -83,7 +83,8 @@ def test_http_endpoint_serves_live_figures_during_training():
 
     fit(callback, epochs=1, extra=[ScrapeMidRun()])
     step, text = seen[0]
-    assert callback.metrics_url is None  # stopped with the run
+    # The endpoint serves on after the run, saying how it ended.
+    assert value(scrape(callback.metrics_url), "dgdn_run_outcome", outcome="completed") == 1
     assert value(text, "dgdn_samples_processed_total") == 3 * 8
     assert value(text, "dgdn_batch_processing_seconds_count") == 3
     assert value(text, "dgdn_global_step") == step
@@ -257,7 +258,7 @@ def test_fixed_port_serves_there():
     assert urls == [f"http://127.0.0.1:{port}/metrics"]
 
 
-def test_exception_in_training_stops_the_server_and_keeps_figures():
+def test_exception_in_training_ends_the_run_keeps_figures_and_serves_on_saying_it_failed():
     class Boom(GraphClassifier):
         def training_step(self, batch, batch_idx):
             if batch_idx == 3:
@@ -273,11 +274,12 @@ def test_exception_in_training_stops_the_server_and_keeps_figures():
 
     with pytest.raises(RuntimeError, match="boom"):
         fit(callback, model=Boom(), epochs=1, extra=[Grab()])
-    assert callback.metrics_url is None
-    with pytest.raises(urllib.error.URLError):
-        scrape(urls[0], timeout=2)
-    assert value(exposition(callback.registry), "dgdn_samples_processed_total") == 3 * 8
-    assert not [t for t in threading.enumerate() if t.name.startswith("dgdn-")]
+    assert callback.metrics_url == urls[0]
+    text = scrape(urls[0], timeout=2)
+    assert value(text, "dgdn_run_outcome", outcome="failed", exception="RuntimeError") == 1
+    assert value(text, "dgdn_samples_processed_total") == 3 * 8
+    # Only endpoints serve on: every other part of the run stopped.
+    assert {t.name for t in threading.enumerate() if t.name.startswith("dgdn-")} <= {"dgdn-metrics-server"}
 
 
 @pytest.mark.parametrize("kwargs, argument", [

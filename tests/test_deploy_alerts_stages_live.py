@@ -326,6 +326,7 @@ def test_training_job_of_another_name_is_watched_and_never_a_stack_outage(tmp_pa
         train, val = dt.loaders()
         dt.trainer([Hang(), monitor], max_epochs=1).fit(dt.Paced(), train, val)
         assert state["stalled"][0]["job"] == "train-gnn"
+        monitor._server.stop()  # the endpoint serves on after the run until its process exits: it goes here
         wait_until(lambda: prometheus.query('up{job="train-gnn"} == 0'), 30, what="the ended run's target down")
         down = wait_until(lambda: firing(prometheus, "DGDNMonitoringTargetDown"), 30, what="the stack alert")
         time.sleep(2 * 120 / SCALE + 1)  # the ended run's target has been down longer than the alert's for:

@@ -2,10 +2,12 @@
 ``make stack-native`` derives it (static quick-start target, file SD, derived relabelling) with the shipped rules, a
 real Alertmanager running the shipped webhook example, a webhook receiver in the test, and real Lightning runs
 (in this process, in child processes, and 2-rank DDP). For every way of running: each rank is scraped exactly once,
-the sums Prometheus holds equal what was trained, a normal end is quiet and a SIGKILL pages ``DGDNRunDown`` naming
-the run, on the static quick-start target as on discovered ones; a suspended process warns instead; a failed run
-pages with its exception, also when another rank of the run is killed after it; a stale discovery file is removed
-by the next run, and a target that was never reachable warns as a configuration problem."""
+the sums Prometheus holds equal what was trained, a normal end is quiet once the endpoint is gone (its process has
+exited after a scrape read the end) or no longer listed (its discovery file removed), and a SIGKILL pages
+``DGDNRunDown`` naming the run, on the static quick-start target as on discovered ones; a suspended process warns
+instead; a failed run pages with its exception, also when another rank of the run is killed after it; a stale
+discovery file is removed by the next run, and a target that was never reachable warns as a configuration problem.
+Every wait is on a condition Prometheus or the process reports, never a fixed sleep."""
 
 from __future__ import annotations
 
@@ -163,6 +165,20 @@ def _scraped_total(prometheus: Prometheus, selector: str) -> Optional[float]:
     return _value(prometheus, f'sum(last_over_time(dgdn_samples_processed_total{{instance!="", {selector}}}[10m]))')
 
 
+def _gone_quietly(prometheus: Prometheus, sink: HttpSink, selector: str, **labels: str) -> None:
+    """The targets matching ``selector`` no longer answer or are no longer scraped, for longer than the shortened
+    ``for`` of DGDNRunDown plus two evaluations, and nothing warning or critical fired about them."""
+    wait_until(lambda: not prometheus.query(f"up{{{selector}}} == 1"), 60, what=f"{selector} gone")
+    down_for = int(SHORTENED["DGDNRunDown"].rstrip("s")) + 3
+    wait_until(
+        lambda: not prometheus.query(f"up{{{selector}}}")  # dropped with its discovery file
+        or (_value(prometheus, f"min(count_over_time((up{{{selector}}} == 0)[30s:1s]))") or 0) >= down_for,
+        60,
+        what=f"{selector} dropped, or down for {down_for} s of evaluations",
+    )
+    assert not _loud_about(sink, prometheus, **labels)
+
+
 def _outcome_scraped(prometheus: Prometheus, selector: str, outcome: str) -> None:
     wait_until(
         lambda: prometheus.query(f'last_over_time(dgdn_run_outcome{{{selector}, outcome="{outcome}"}}[1m]) == 1'),
@@ -186,6 +202,7 @@ class Child:
             [sys.executable, str(ROOT / "tests" / "deploy_training.py"), *args],
             cwd=ROOT,
             env=_env(),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -193,15 +210,30 @@ class Child:
         )
         self.run_id = self.target = ""
 
-    def serving(self) -> Child:
+    def _expect(self, word: str) -> str:
         line = ""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not line.startswith("serving") and time.monotonic() < deadline and self.process.poll() is None:
+        while not line.startswith(word) and time.monotonic() < deadline and self.process.poll() is None:
             line = self.process.stdout.readline()
-        assert line.startswith("serving"), f"the training process did not start (exit {self.process.poll()})"
-        _, self.run_id, url = line.split()
+        assert line.startswith(word), f"no {word!r} from the training process (exit {self.process.poll()})"
+        return line
+
+    def serving(self) -> Child:
+        _, self.run_id, url = self._expect("serving").split()
         self.target = url.split("//", 1)[1].split("/", 1)[0]
         return self
+
+    def release_once_scraped(self, prometheus: Prometheus, selector: str) -> None:
+        """With ``--hold``: once its last step is done and Prometheus has scraped it three times (a regular scraper,
+        whose scrape of the end its exit waits for), let its run end."""
+        self._expect("holding")
+        wait_until(
+            lambda: (_value(prometheus, f"min(count_over_time(up{{{selector}}}[1m]))") or 0) >= 3,
+            60,
+            what=f"three scrapes of {selector}",
+        )
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
 
     def done(self) -> int:
         """Samples trained by a run that ends by itself."""
@@ -217,38 +249,29 @@ class Child:
 
 
 # ------------------------------------------------------------------------------------------------ tests
-def test_one_process_with_defaults_is_scraped_once_ends_quietly_and_pages_when_killed(stack, monkeypatch):
+def test_one_process_with_defaults_is_scraped_once_ends_quietly_and_pages_when_killed(stack):
     """No arguments: the run serves the quick-start port (a free port stands for 8000 here) and is scraped by the
-    static target once, sums equal; its normal end is quiet; the same set-up killed with SIGKILL pages."""
+    static target once, sums equal; its process exits once a scrape read the end, and that end is quiet; the same
+    set-up killed with SIGKILL pages."""
     import deploy_training as dt
-
-    from dgdn_lightning_monitor import MonitoringCallback, distributed
 
     prometheus, sink, port = stack["prometheus"], stack["sink"], stack["static_port"]
     static = f"127.0.0.1:{port}"
-    monkeypatch.setattr(distributed, "DEFAULT_PORT", port)
-    monitor = MonitoringCallback(tracing=False)  # tracing off: nothing else may look at localhost:4318
-    max_epochs, train_graphs = 3, 32
-
-    def end(trainer) -> None:
-        wait_until(
-            lambda: prometheus.query(f'dgdn_global_step{{instance="{static}"}} == {trainer.global_step}'),
-            20,
-            what="a scrape after the last step",
-        )
-
-    train, val = dt.loaders(train_graphs=train_graphs)
-    dt.trainer([dt.Hooks(lambda t: dt.wait_for_target_up(prometheus), lambda t: None, end), monitor], max_epochs).fit(
-        dt.LiveGCN(step_sleep_s=0.02), train, val
-    )
-    _outcome_scraped(prometheus, f'instance="{static}"', "completed")
-    assert _targets_ever(prometheus, f'job="{dt.JOB}"') == 1
-    assert _scraped_total(prometheus, f'instance="{static}"') == train_graphs * max_epochs
-    rules_evaluated_after(prometheus, time.time() + 6)  # twice the shortened `for` of DGDNRunDown, and more
-    assert not _loud_about(sink, prometheus, instance=static)
+    defaults = ("--targets-dir", "default", "--port", "default", "--addr", "default", "--default-port", str(port))
+    ending = Child(*defaults, "--epochs", "3", "--hold")
+    try:
+        assert ending.serving().target.endswith(f":{port}")
+        ending.release_once_scraped(prometheus, f'instance="{static}"')
+        samples = ending.done()  # returns once the process has exited: its endpoint is gone
+        _outcome_scraped(prometheus, f'instance="{static}"', "completed")
+        assert _targets_ever(prometheus, f'job="{dt.JOB}"') == 1
+        assert _scraped_total(prometheus, f'instance="{static}"') == samples == 32 * 3
+        _gone_quietly(prometheus, sink, f'instance="{static}"', instance=static)
+    finally:
+        ending.kill()
 
     # The same defaults in a process killed mid-run.
-    child = Child("--targets-dir", "default", "--port", "default", "--addr", "default", "--default-port", str(port))
+    child = Child(*defaults)
     try:
         child.serving()
         assert child.target.endswith(f":{port}")
@@ -271,18 +294,20 @@ def test_discovered_runs_on_one_node_with_default_ports_any_host_each_scraped_on
     common = ("--targets-dir", str(targets), "--port", "default", "--addr", "default")
     killed = Child(*common, "--targets-host", "default")
     killed_docker = Child(*common, "--targets-host", "host.docker.internal")
-    ending = Child(*common, "--targets-host", "host.docker.internal", "--epochs", "12")
+    ending = Child(*common, "--targets-host", "host.docker.internal", "--epochs", "12", "--hold")
     children = (killed, killed_docker, ending)
     try:
         for child in children:
             child.serving()
         ports = {int(child.target.rsplit(":", 1)[1]) for child in children}
         assert len(ports) == 3 and stack["static_port"] not in ports
+        ending.release_once_scraped(prometheus, f'run_id="{ending.run_id}"')
         samples = ending.done()
         _outcome_scraped(prometheus, f'run_id="{ending.run_id}"', "completed")
         assert not list(targets.glob(f"*{ending.run_id}.json")), "a run that ended left its discovery file"
         assert _targets_ever(prometheus, f'run_id="{ending.run_id}"') == 1
         assert _scraped_total(prometheus, f'run_id="{ending.run_id}"') == samples == 32 * 12
+        _gone_quietly(prometheus, sink, f'run_id="{ending.run_id}"', run_id=ending.run_id)
 
         for child in (killed, killed_docker):
             wait_until(
@@ -299,7 +324,7 @@ def test_discovered_runs_on_one_node_with_default_ports_any_host_each_scraped_on
         killed_docker.kill()
         assert _wait_for_down_alert(sink, run_id=killed.run_id)["labels"]["instance"] == instance
         assert _wait_for_down_alert(sink, run_id=killed_docker.run_id)["labels"]["instance"] == docker_instance
-        assert not _loud_about(sink, prometheus, run_id=ending.run_id)
+        assert not _loud_about(sink, prometheus, run_id=ending.run_id)  # still quiet after those pages
     finally:
         for child in children:
             child.kill()
@@ -352,6 +377,7 @@ def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(st
         assert _targets_ever(prometheus, f'run_id="{run_id}"') == 2
         assert _scraped_total(prometheus, f'run_id="{run_id}"') == sum(r["samples"] for r in ranks) == 40 * 2
         assert not list(targets.glob(f"*{run_id}.json"))
+        _gone_quietly(prometheus, sink, f'run_id="{run_id}"', run_id=run_id)
     finally:
         if ended.poll() is None:
             os.killpg(ended.pid, signal.SIGKILL)
@@ -370,8 +396,7 @@ def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(st
             ALERT_TIMEOUT_S,
             "DGDNRunDown for both ranks",
         )  # fmt: skip
-        rules_evaluated_after(prometheus, time.time() + 4)
-        assert not _loud_about(sink, prometheus, run_id=run_id)
+        assert not _loud_about(sink, prometheus, run_id=run_id)  # the ended run: still quiet after those pages
     finally:
         if killed.poll() is None:
             os.killpg(killed.pid, signal.SIGKILL)
@@ -434,8 +459,9 @@ def test_a_stale_file_is_removed_by_the_next_run_and_a_never_reachable_target_wa
         _outcome_scraped(prometheus, f'run_id="{monitor.run_id}"', "completed")
         assert _targets_ever(prometheus, f'run_id="{monitor.run_id}"') == 1
         assert _scraped_total(prometheus, f'run_id="{monitor.run_id}"') == 32 * 2
-        rules_evaluated_after(prometheus, time.time() + 5)  # past the shortened `for` of DGDNRunDown
-        assert not _loud_about(sink, prometheus, run_id=monitor.run_id)
+        # Its endpoint serves on in this process; its discovery file goes once a scrape read the end.
+        wait_until(lambda: not list(targets.glob(f"*{monitor.run_id}.json")), 30, what="the discovery file removed")
+        _gone_quietly(prometheus, sink, f'run_id="{monitor.run_id}"', run_id=monitor.run_id)
         assert ghost.exists(), "a fresh file of another run was removed"
         down = {alert["labels"].get("instance") for _, alert in _alerts(sink.snapshot(), "DGDNRunDown")}
         assert not down & {stale_target, ghost_target}
@@ -492,7 +518,8 @@ def test_a_failed_run_pages_with_its_exception_and_the_rank_killed_after_it_does
         assert path == "/alerts/critical" and alert["labels"]["severity"] == "critical"
         assert alert["labels"]["exception"] == "ValueError"
         assert alert["annotations"]["summary"].startswith(f"Run {run_id} failed with ValueError on rank 0")
-        assert not list(targets.glob(f"*-node0-{run_id}.json")), "the failed rank left its discovery file"
+        # The failed rank serves on in this process; its discovery file goes once a scrape read its end.
+        wait_until(lambda: not list(targets.glob(f"*-node0-{run_id}.json")), 30, what="the discovery file removed")
 
         other_rank.kill()
         killed = other_rank.target

@@ -406,11 +406,12 @@ def test_port_offset_by_local_rank_is_configurable(per_local_rank: bool) -> None
     base = free_port()
     callback = monitor(port=base, port_per_local_rank=per_local_rank)
     callback.setup(fake_trainer(1), Regressor(), "fit")
+    url = f"http://127.0.0.1:{base + 1 if per_local_rank else base}/metrics"
     try:
-        assert callback.metrics_url == f"http://127.0.0.1:{base + 1 if per_local_rank else base}/metrics"
+        assert callback.metrics_url == url
     finally:
         callback.teardown(fake_trainer(1), Regressor(), "fit")
-    assert callback.metrics_url is None
+    assert callback.metrics_url == url  # serves on after the run
 
 
 def test_taken_port_of_a_local_rank_fails_its_setup_naming_the_port() -> None:

@@ -1,10 +1,12 @@
 """MetricsServer: prometheus_client's exposition (text and OpenMetrics with exemplars, gzip) of a filled
-TrainingMetrics, a clear error for a taken port, a fast stop, and simultaneous scrapes rendered one at a time, each
-after it arrived (never for a client that fails basic auth)."""
+TrainingMetrics, a clear error for a taken port, a fast stop, simultaneous scrapes rendered one at a time, each
+after it arrived (never for a client that fails basic auth), and the end of a run: the endpoint serves on, owes a
+scrape only to a regular scraper, hands its port to a new run, and is forgotten by a forked child."""
 
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import threading
 import time
@@ -25,7 +27,7 @@ from tls_helpers import basic, bcrypt_hash, fetch, write_web_config
 from dgdn_lightning_monitor import PortInUseError
 from dgdn_lightning_monitor.graph_size import GraphSize
 from dgdn_lightning_monitor.metrics import TrainingMetrics
-from dgdn_lightning_monitor.server import MetricsServer
+from dgdn_lightning_monitor.server import MetricsServer, wait_for_final_scrapes
 from dgdn_lightning_monitor.web_config import load_web_config
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -243,30 +245,166 @@ class _Counter:
         yield family
 
 
-def test_linger_waits_for_the_next_scrape_and_serves_it_fresh_values() -> None:
-    """An endpoint scraped regularly stays up until the next scrape, which reads the values set before linger
-    and not a render of before; an endpoint nobody scrapes regularly does not wait."""
+def _counting_server(port: int = 0) -> tuple[MetricsServer, _Counter]:
     registry, counter = CollectorRegistry(), _Counter()
     registry.register(counter)
-    server = MetricsServer(registry, "127.0.0.1", 0)
+    server = MetricsServer(registry, "127.0.0.1", port)
     server.start()
+    return server, counter
+
+
+def _read(server: MetricsServer) -> float:
+    return value(urllib.request.urlopen(str(server.url), timeout=5).read().decode(), "dgdn_value")
+
+
+def test_an_ended_run_serves_on_and_owes_a_scrape_only_to_a_regular_scraper() -> None:
+    """After run_ended the endpoint serves on. Never or once scraped, it owes nothing and a wait returns at once;
+    scraped regularly, it owes the next scrape, which reads the values of the end, and then owes nothing."""
+    server, counter = _counting_server()
+    try:
+        server.run_ended()
+        started = time.monotonic()
+        assert not server.owes_final_scrape() and server.wait_for_final_scrape() is False
+        assert _read(server) == 0.0  # once: still no regular scraper
+        assert not server.owes_final_scrape() and time.monotonic() - started < 1.0
+        server.run_started()
+        _read(server)  # twice: a regular scraper, about every second
+        time.sleep(1.0)
+        _read(server)
+        counter.value = 1.0  # how the run ended
+        server.run_ended()
+        assert server.running and server.owes_final_scrape()
+        seen: list[float] = []
+        scraper = threading.Timer(0.2, lambda: seen.append(_read(server)))
+        scraper.start()
+        assert server.wait_for_final_scrape() is True
+        scraper.join()
+        assert seen == [1.0] and not server.owes_final_scrape()  # rendered after the end
+        server.run_started()  # a new run on the endpoint owes nothing for the previous one
+        assert not server.owes_final_scrape()
+    finally:
+        server.stop()
+
+
+def test_a_scraper_that_stopped_is_waited_for_at_most_twice_its_interval_and_a_second() -> None:
+    server, _ = _counting_server()
+    try:
+        for _ in range(3):  # a scraper every 0.2 s that then stops
+            _read(server)
+            time.sleep(0.2)
+        last = time.monotonic()
+        server.run_ended()
+        assert server.owes_final_scrape()
+        assert server.wait_for_final_scrape() is False
+        waited = time.monotonic() - last
+        # Due by the last scrape plus two of the largest intervals (0.2 s and what this machine added) and a second.
+        assert 1.0 <= waited <= server.deadline() - last + 0.5 < 5.0
+        assert not server.owes_final_scrape()  # overdue: no longer waited for, at the exit either
+    finally:
+        server.stop()
+
+
+def test_exit_handler_waits_only_for_endpoints_that_owe_a_scrape() -> None:
+    """wait_for_final_scrapes (the atexit handler) returns at once with nothing owed, and otherwise once the scrape
+    of every owing endpoint has come; an endpoint built with wait_at_exit=False is not waited for."""
+    owing, _ = _counting_server()
+    skipped = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, wait_at_exit=False)
+    skipped.start()
     try:
         started = time.monotonic()
-        assert server.linger() is False  # never scraped: returns at once
+        wait_for_final_scrapes()
         assert time.monotonic() - started < 0.5
-        read = lambda: value(urllib.request.urlopen(server.url, timeout=5).read().decode(), "dgdn_value")  # noqa: E731
-        assert read() == 0.0
-        time.sleep(0.3)
-        assert read() == 0.0  # two scrapes: linger knows the interval
-        counter.value = 1.0
-        seen: list[Optional[float]] = []
-        scraper = threading.Timer(0.2, lambda: seen.append(read()))
-        scraper.start()
-        assert server.linger() is True
-        scraper.join()
-        assert seen == [1.0]  # rendered after linger began
+        for _ in range(2):  # both scraped every second: each owes the next scrape within 3 s of its last
+            for server in (owing, skipped):
+                urllib.request.urlopen(str(server.url), timeout=5).read()
+            time.sleep(1.0)
+        for server in (owing, skipped):
+            server.run_ended()
+        assert owing.owes_final_scrape() and skipped.owes_final_scrape()
+        scraped = threading.Timer(0.5, lambda: urllib.request.urlopen(str(owing.url), timeout=5).read())
         started = time.monotonic()
-        assert server.linger() is False  # nobody scrapes again: gives up after about 1.5 intervals
-        assert time.monotonic() - started < 5
+        scraped.start()
+        wait_for_final_scrapes()
+        waited = time.monotonic() - started
+        read = not owing.owes_final_scrape()  # it returned once the scrape had been sent
+        scraped.join()
+        assert read and skipped.owes_final_scrape()
+        assert 0.4 <= waited < 2.5  # until the owing endpoint's scrape, not the skipped one's deadline
+    finally:
+        owing.stop()
+        skipped.stop()
+
+
+def test_a_new_endpoint_takes_over_the_port_of_an_ended_run_never_of_a_running_one() -> None:
+    first, _ = _counting_server()
+    port = first.bound_port
+    assert port is not None
+    try:
+        with pytest.raises(PortInUseError, match=str(port)):  # its run still runs
+            MetricsServer(CollectorRegistry(), "127.0.0.1", port).start()
+        for _ in range(2):  # scraped regularly: its end is owed, still the new run takes its address
+            _read(first)
+            time.sleep(0.2)
+        first.run_ended()
+        second, counter = _counting_server(port)
+        try:
+            counter.value = 2.0
+            assert not first.running and second.bound_port == port and _read(second) == 2.0
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+def test_a_new_endpoint_closes_ended_ones_that_owe_nothing_and_keeps_one_that_owes() -> None:
+    unscraped, _ = _counting_server()
+    owing, _ = _counting_server()
+    try:
+        for _ in range(2):  # every second: owes its next scrape for 3 s
+            _read(owing)
+            time.sleep(1.0)
+        unscraped.run_ended()
+        owing.run_ended()
+        new, _ = _counting_server()
+        try:
+            assert not unscraped.running and owing.running
+            _read(owing)  # the end read (counted once the server has sent it): the next new endpoint closes it
+            assert owing.wait_for_final_scrape() is True
+            newer, _ = _counting_server()
+            newer.stop()
+            assert not owing.running
+        finally:
+            new.stop()
+    finally:
+        unscraped.stop()
+        owing.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_forgets_the_parents_endpoints_and_waits_for_nothing() -> None:
+    """A forked child (a DataLoader worker, a process a user forks) inherits an endpoint that owes a scrape, but not
+    its thread or socket: its exit handler returns at once, and it can serve its own endpoint."""
+    server, _ = _counting_server()
+    try:
+        for _ in range(2):
+            _read(server)
+            time.sleep(1.0)
+        server.run_ended()
+        assert server.owes_final_scrape()
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit status only, never return into pytest
+            code = 1
+            try:
+                started = time.monotonic()
+                wait_for_final_scrapes()
+                own = MetricsServer(CollectorRegistry(), "127.0.0.1", 0)
+                own.start()
+                own.stop()
+                code = 0 if time.monotonic() - started < 1.0 and not server.running else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert server.running and _read(server) == 0.0  # the parent's endpoint is untouched
     finally:
         server.stop()

@@ -104,4 +104,6 @@ def test_the_outcome_is_running_while_training_and_pushed_at_the_end(gateway, ac
     mine = [(labels["outcome"], labels["exception"]) for labels, v in pushed if labels["run_id"] == monitor.run_id and v]
     assert mine == [expected]
     assert sum(1 for labels, _ in pushed if labels["run_id"] == monitor.run_id) == len(OUTCOMES)
-    assert monitor.metrics_url is None  # the endpoint is closed
+    # The endpoint serves on after the run, saying the same.
+    served = samples(http_get(str(monitor.metrics_url)).decode())["dgdn_run_outcome"]
+    assert [(labels["outcome"], labels["exception"]) for labels, v in served if v] == [expected]
