@@ -19,11 +19,10 @@ import atexit
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from lightning.pytorch import Callback
 
@@ -37,6 +36,7 @@ from benchmarks.common import (
     summarize,
 )
 from dgdn_testing.models import TensorRegressor, tiny_loader
+from dgdn_testing.scrapers import Scraper, held_connections
 
 #: Seconds between two scrapes of the scraper cases.
 SCRAPE_EVERY_S = 1.0
@@ -68,62 +68,6 @@ TARGETS_S: dict[str, Optional[float]] = {
 }
 
 
-class Scraper:
-    """GETs ``url`` every :data:`SCRAPE_EVERY_S` from a thread until closed; :meth:`pause` stops it."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.answered = url, 0
-        self._on, self._closed = threading.Event(), threading.Event()
-        self._on.set()
-        self._thread = threading.Thread(target=self._loop, name="bench-scraper", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._closed.is_set():
-            if not self._on.wait(0.05):
-                continue
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as response:
-                    response.read()
-                self.answered += 1
-            except OSError:
-                pass
-            self._closed.wait(SCRAPE_EVERY_S)
-
-    def wait_for_answers(self, count: int, timeout_s: float = 30.0) -> None:
-        wanted, deadline = self.answered + count, time.monotonic() + timeout_s
-        while self.answered < wanted and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def pause(self) -> None:
-        self._on.clear()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join(10)
-
-
-def slow_connections(port: int) -> list[socket.socket]:
-    """A request trickled one byte every 0.2 s (from a thread, until closed) and one whose answer is never read."""
-    trickling = socket.create_connection(("127.0.0.1", port), timeout=5)
-    unread = socket.socket()
-    unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    unread.connect(("127.0.0.1", port))
-    unread.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-
-    def trickle() -> None:
-        try:
-            trickling.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
-            while True:
-                trickling.sendall(b"x")
-                time.sleep(0.2)
-        except OSError:
-            pass
-
-    threading.Thread(target=trickle, name="bench-trickle", daemon=True).start()
-    return [trickling, unread]
-
-
 class _Scraped(Callback):
     """Once the endpoint serves, scrapes it (and holds the slow connections) and waits for two answers: a regular
     scraper; the stopping one stops at the end of training."""
@@ -135,9 +79,9 @@ class _Scraped(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         url = str(self.callback.metrics_url)
-        self.scraper = Scraper(url)
+        self.scraper = Scraper(url, SCRAPE_EVERY_S)
         if self.kind == "scraper_slow":
-            self.held = slow_connections(int(url.rsplit(":", 1)[1].split("/")[0]))
+            self.held = held_connections("slow", int(url.rsplit(":", 1)[1].split("/")[0]))
         self.scraper.wait_for_answers(2)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -249,7 +193,7 @@ def exit_once(case: str, steps: int) -> dict[str, Any]:
             word, _, rest = line.strip().partition(" ")
             if word == "serving":
                 if case != "exit_unscraped":
-                    scraper = Scraper(rest)
+                    scraper = Scraper(rest, SCRAPE_EVERY_S)
                     scraper.wait_for_answers(2)
                 child.stdin.write("go\n")
                 child.stdin.flush()
@@ -288,17 +232,23 @@ def run(quick: bool = False, reps: Optional[int] = None, steps: int = 300, trace
         cases[case] = {
             "description": DESCRIPTIONS[case],
             "seconds": summarize(seconds),
-            "parts_seconds": {name: summarize([run["parts"].get(name, 0.0) for run in runs])["median"]
-                              for name in names},
+            "parts_seconds": {
+                name: summarize([run["parts"].get(name, 0.0) for run in runs])["median"] for name in names
+            },
             "target_s": target,
             "met": max(seconds) <= target if target is not None else None,
         }
     return {
         "name": "run_end",
         "what": "seconds from the end of the last batch to Trainer.fit returning, and from fit returning to the "
-                "end of the process's exit handlers",
-        "config": {"reps": reps, "steps": steps, "trace_every_n_steps": trace_every,
-                   "scrape_every_s": SCRAPE_EVERY_S, "verdict": "the slowest repetition against the target"},
+        "end of the process's exit handlers",
+        "config": {
+            "reps": reps,
+            "steps": steps,
+            "trace_every_n_steps": trace_every,
+            "scrape_every_s": SCRAPE_EVERY_S,
+            "verdict": "the slowest repetition against the target",
+        },
         "cases": cases,
     }
 

@@ -21,9 +21,10 @@ import pytest
 from conftest import free_port
 from exposition import samples, scrape
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
-from prom_helpers import wait_until
 
 from dgdn_lightning_monitor import MonitoringCallback, distributed
+from dgdn_testing import scrapers
+from dgdn_testing.scrapers import held_connections
 
 pytestmark = pytest.mark.slow
 
@@ -42,68 +43,16 @@ def outcome(text: str) -> Optional[str]:
     return next((labels["outcome"] for labels, v in samples(text).get("dgdn_run_outcome", []) if v == 1), None)
 
 
-class Scraper:
-    """GETs ``url`` every ``every_s`` from a thread until closed, recording when each request began and the outcome
-    its answer said; :meth:`pause` and :meth:`resume` stop and restart it (a scraper that stops)."""
+class Scraper(scrapers.Scraper):
+    """A regular scraper whose answers are ``(when the request began, the outcome the answer said)``, and whose wait
+    for answers fails the test when they do not come."""
 
     def __init__(self, url: str, every_s: float = SCRAPE_EVERY_S) -> None:
-        self.url, self.every_s = url, every_s
-        self.answers: list[tuple[float, Optional[str]]] = []
-        self._on, self._closed = threading.Event(), threading.Event()
-        self._on.set()
-        self._thread = threading.Thread(target=self._loop, name="test-scraper", daemon=True)
-        self._thread.start()
+        super().__init__(url, every_s, read=outcome, name="test-scraper")
 
-    def _loop(self) -> None:
-        while not self._closed.is_set():
-            if not self._on.wait(0.05):
-                continue
-            began = time.time()
-            try:
-                self.answers.append((began, outcome(scrape(self.url, timeout=5))))
-            except OSError:  # nothing serves yet, or any more
-                pass
-            self._closed.wait(self.every_s)
-
-    def wait_for_answers(self, count: int) -> None:
-        wanted = len(self.answers) + count
-        wait_until(lambda: len(self.answers) >= wanted, 30, 0.05, what=f"{count} answered scrapes of {self.url}")
-
-    def pause(self) -> None:
-        self._on.clear()
-
-    def resume(self) -> None:
-        self._on.set()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join(10)
-
-
-def held_connections(kind: str, port: int) -> list[socket.socket]:
-    """Connections a misbehaving scraper keeps open on the endpoint: ``slow`` trickles its request one byte at a
-    time (from a thread, until closed) and sends another that it never reads; ``idle`` connects and says nothing."""
-    if kind == "idle":
-        return [socket.create_connection(("127.0.0.1", port), timeout=5)]
-    if kind != "slow":
-        return []
-    trickling = socket.create_connection(("127.0.0.1", port), timeout=5)
-    unread = socket.socket()
-    unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    unread.connect(("127.0.0.1", port))
-    unread.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-
-    def trickle() -> None:
-        try:
-            trickling.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
-            while True:
-                trickling.sendall(b"x")
-                time.sleep(0.2)
-        except OSError:  # closed by the test
-            pass
-
-    threading.Thread(target=trickle, name="test-trickle", daemon=True).start()
-    return [trickling, unread]
+    def wait_for_answers(self, count: int, timeout_s: float = 30.0) -> bool:
+        assert super().wait_for_answers(count, timeout_s), f"{count} answered scrapes of {self.url} in {timeout_s} s"
+        return True
 
 
 class StageClock(pl.Callback):
