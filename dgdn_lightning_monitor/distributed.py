@@ -6,7 +6,7 @@
   still takes part, with the cause.
 * **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing its node's endpoints
   (written atomically, removed when the run ends, also after an exception: once a scrape has read how the run
-  ended, when something scrapes it regularly, from a background thread).
+  ended and the node's other ranks have closed their endpoints, from a background thread).
 * **Pushgateway**: at the end of a run every rank pushes its final figures (job, run id, rank), in bounded time.
 
 A failed write, push or exchange is counted, warned once, and the feature dropped; training goes on.
@@ -17,6 +17,8 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import multiprocessing
+import multiprocessing.util
 import os
 import re
 import socket
@@ -24,7 +26,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -36,7 +38,7 @@ from prometheus_client.exposition import default_handler
 
 from dgdn_lightning_monitor.guards import MonitorErrors, check
 from dgdn_lightning_monitor.labels import RankLabels
-from dgdn_lightning_monitor.server import MetricsServer, host_port, reachable_host
+from dgdn_lightning_monitor.server import FINAL_SCRAPE_LIMIT_S, MetricsServer, host_port, reachable_host
 from dgdn_lightning_monitor.web_config import push_handler_from_env
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,41 @@ _QUICK_START_HOSTS = ("host.docker.internal", "127.0.0.1", "localhost")
 # Held to remove a finished run's discovery file and to claim it for the next run, so that a removal waiting for the
 # last scrape of one run never deletes the file of the next; a new one in a forked child (never inherited held).
 _DISCOVERY_LOCK = threading.Lock()
+
+
+# How often a finished run's removal checks whether the other ranks of its node still serve, and how long one check
+# may take.
+_PEER_POLL_S = 0.1
+
+
+def _serving(peer: Endpoint) -> bool:
+    """Whether ``peer``'s endpoint still accepts connections (its process has not exited)."""
+    try:
+        with socket.create_connection((peer.host, int(peer.port or 0)), timeout=_PEER_POLL_S):
+            return True
+    except OSError:
+        return False
+
+
+def _join_at_exit(thread: threading.Thread) -> Callable[[], None]:
+    """Make the exit of the process (also of a multiprocessing worker, which may end without atexit) wait for
+    ``thread``, a discovery file's removal; registered after the endpoint's own exit wait, so it runs first.
+    Returns what forgets it again (once the thread is done)."""
+
+    def join() -> None:
+        thread.join(FINAL_SCRAPE_LIMIT_S)
+
+    atexit.register(join)
+    finalizer = None
+    if multiprocessing.parent_process() is not None:
+        finalizer = multiprocessing.util.Finalize(None, join, exitpriority=1)
+
+    def forget() -> None:
+        atexit.unregister(join)
+        if finalizer is not None:
+            finalizer.cancel()
+
+    return forget
 
 
 def _new_discovery_lock() -> None:
@@ -400,7 +437,7 @@ class DistributedRun:
         self._sd: Optional[FileSDTargets] = None
         self.errors = errors if errors is not None else MonitorErrors(log)
         self._heartbeat: Optional[_Heartbeat] = None
-        self._node_peers: list[int] = []
+        self._node_peers: list[Endpoint] = []
         self._retention: Optional[threading.Thread] = None
         self._file_generation = 0  # one more at every publish: the file then belongs to the new run
 
@@ -461,7 +498,7 @@ class DistributedRun:
         with _DISCOVERY_LOCK:  # a removal still waiting for the previous run's last scrape leaves the file alone
             self._file_generation += 1
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
-        self._node_peers = [peer.port for peer in node if peer.local_rank != 0 and peer.port is not None]
+        self._node_peers = [peer for peer in node if peer.local_rank != 0 and peer.port is not None]
         wanted = FileSDTargets(self.targets_dir, self.job, labels.node_rank, run_id, errors=self.errors)
         if self._sd is None or self._sd.path != wanted.path:
             if self._sd is not None:
@@ -503,25 +540,43 @@ class DistributedRun:
             labels: this rank's labels.
             run_id: the run's id, in the push's grouping key.
             server: this rank's endpoint, which holds how the run ended: when a scraper reads it regularly, the file
-                goes once a scrape has read that end (two, when the file lists other ranks of this node, so that
-                they were scraped after their end too), from a background thread; else at once.
+                goes once a scrape has read that end and the other ranks it lists have closed their endpoints
+                (their processes exit once a scrape has read their own end), from a background thread that the
+                process's exit waits for (:data:`FINAL_SCRAPE_LIMIT_S` at most); else at once.
         """
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
         if self._sd is not None:
-            sd, generation = self._sd, self._file_generation
-            scrapes = 2 if self._node_peers else 1
+            sd, generation, peers = self._sd, self._file_generation, list(self._node_peers)
 
-            def remove(server: Optional[MetricsServer]) -> None:
+            def current() -> bool:
+                return self._file_generation == generation  # a next run has not claimed the file
+
+            def remove(server: Optional[MetricsServer], at_exit: Sequence[Callable[[], None]] = ()) -> None:
+                give_up = time.monotonic() + FINAL_SCRAPE_LIMIT_S
                 if server is not None:
-                    server.wait_for_final_scrape(scrapes)
+                    server.wait_for_final_scrape()
+                # The other ranks of this node may end later than this one: their processes exit once a scrape has
+                # read their end (or nothing scrapes them), so the file lists them until their endpoints are gone.
+                while peers and current() and time.monotonic() < give_up:
+                    peers[:] = [peer for peer in peers if _serving(peer)]
+                    if peers:
+                        time.sleep(_PEER_POLL_S)
                 with _DISCOVERY_LOCK:
-                    if self._file_generation == generation:
+                    if current():
                         sd.remove()
+                for forget in at_exit:
+                    forget()
 
-            if server is not None and server.owes_final_scrape():
-                threading.Thread(target=remove, args=(server,), name="dgdn-discovery-removal", daemon=True).start()
+            if peers or (server is not None and server.owes_final_scrape()):
+                owed = server if server is not None and server.owes_final_scrape() else None
+                at_exit: list[Callable[[], None]] = []
+                removal = threading.Thread(
+                    target=remove, args=(owed, at_exit), name="dgdn-discovery-removal", daemon=True
+                )
+                at_exit.append(_join_at_exit(removal))
+                removal.start()
             else:
                 remove(None)
         if self._retention is not None:

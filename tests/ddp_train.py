@@ -2,7 +2,8 @@
 
 Every rank trains a two-layer GCN on PyG's FakeDataset. At ``on_train_end`` each rank writes
 ``<out>/ready-rank<R>.json`` (its metrics URL, run id and sample count) and, with ``--hold``, waits until
-``<out>/release`` exists, so the test can scrape the live endpoints and read the discovery files.
+``<out>/release`` exists, so the test can scrape the live endpoints and read the discovery files; with
+``--late-rank R --late-s S``, rank R then ends S seconds after the others.
 
 Example::
 
@@ -87,9 +88,10 @@ class TinyGCN(pl.LightningModule):
 class ReportAndHold(pl.Callback):
     """Write what this rank saw at ``on_train_end``; optionally wait for the test's release file."""
 
-    def __init__(self, out: str, hold: bool) -> None:
+    def __init__(self, out: str, hold: bool, late_rank: Optional[int] = None, late_s: float = 0.0) -> None:
         self.out = out
         self.hold = hold
+        self.late_rank, self.late_s = late_rank, late_s
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         monitor = next(cb for cb in trainer.callbacks if isinstance(cb, MonitoringCallback))
@@ -103,6 +105,8 @@ class ReportAndHold(pl.Callback):
         deadline = time.monotonic() + HOLD_TIMEOUT_S
         while self.hold and not (out / "release").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+        if trainer.global_rank == self.late_rank:
+            time.sleep(self.late_s)  # this rank's run ends (its teardown) that much after the others'
 
 
 def main() -> None:
@@ -121,6 +125,8 @@ def main() -> None:
     parser.add_argument("--pushgateway")
     parser.add_argument("--trace-ranks", default="all", help="'all', 'none' or comma-separated global ranks")
     parser.add_argument("--hold", action="store_true")
+    parser.add_argument("--late-rank", type=int, help="this global rank ends its run --late-s after the others")
+    parser.add_argument("--late-s", type=float, default=0.0)
     parser.add_argument("--fail-exchange-rank", type=int, help="this global rank's part of the set-up exchange raises")
     parser.add_argument("--stall-rank", type=int, help="this rank skips a collective the others enter")
     parser.add_argument("--stall-dump-after-s", type=float, default=600.0)
@@ -155,7 +161,7 @@ def main() -> None:
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
-        max_epochs=args.epochs, callbacks=[monitor, ReportAndHold(args.out, args.hold)],
+        max_epochs=args.epochs, callbacks=[monitor, ReportAndHold(args.out, args.hold, args.late_rank, args.late_s)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=1, default_root_dir=args.out,
     )

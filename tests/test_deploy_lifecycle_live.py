@@ -335,15 +335,16 @@ def test_discovered_runs_on_one_node_with_default_ports_any_host_each_scraped_on
 
 def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(stack, tmp_path):
     """2-rank DDP with a discovery directory and default ports: one file lists both ranks, each scraped once with
-    the samples it trained; a normal end is quiet; the same run killed (its process group) pages for both ranks."""
+    the samples it trained; a normal end is quiet, also when rank 1 ends several scrapes after rank 0 (the file
+    lists it until a scrape has read its end too); the same run killed (its process group) pages for both ranks."""
     prometheus, sink, targets = stack["prometheus"], stack["sink"], stack["targets"]
     script = ROOT / "tests" / "ddp_train.py"
 
-    def start(out: Path) -> subprocess.Popen:
+    def start(out: Path, *late: str) -> subprocess.Popen:
         out.mkdir()
         return subprocess.Popen(
             [sys.executable, str(script), "--out", str(out), "--targets-dir", str(targets), "--default-port",
-             "--trace-ranks", "none", "--hold"],
+             "--trace-ranks", "none", "--hold", *late],
             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
 
@@ -359,7 +360,7 @@ def test_two_ddp_ranks_are_scraped_once_each_end_quietly_and_page_when_killed(st
         )
         return ranks
 
-    ended = start(tmp_path / "ended")
+    ended = start(tmp_path / "ended", "--late-rank", "1", "--late-s", "4")  # 4 scrape intervals after rank 0
     try:
         ranks = reports(tmp_path / "ended")
         run_id = ranks[0]["run_id"]
