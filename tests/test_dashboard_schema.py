@@ -4,7 +4,8 @@ the type its model declares, and a panel has no field its model does not know.
 
 The SDK's ``from_json`` copies values as they come and drops the fields it does not know, so the strictness is here:
 :func:`type_errors` checks each value of the decoded models against the type its model declares, and each panel,
-written back with the SDK's encoder, must still carry every field of the dashboard's panel with its value."""
+written back with the SDK's encoder, must still carry every field of the dashboard's panel with its value. A wrong
+type is reported by the SDK's attribute name (``grid_pos.h``), a field the SDK does not know by its JSON name."""
 
 from __future__ import annotations
 
