@@ -348,10 +348,16 @@ def runs_table() -> dict[str, Any]:
     run_of_target = f"max by (job, instance, run_id) (dgdn_training_info{{{SEL}}})"
     queries = [
         ("Ranks", f"count by (run_id) (count by (job, instance, rank, run_id) ({outcomes}))"),
-        ("Started", f"min by (run_id) (min_over_time({outcomes[len('last_over_time('):]}) * 1000"),
-        ("Up", f'min by (run_id) (up{{job=~"$job", instance=~"$instance"}} * on (job, instance) group_left (run_id) '
-         f"{run_of_target})"),
-        ("Outcome", f"max by (run_id, outcome, exception) (topk by (job, instance, rank, run_id) (1, {outcomes})) * 0 + 1"),
+        ("Started", f"min by (run_id) (min_over_time({outcomes[len('last_over_time(') :]}) * 1000"),
+        (
+            "Up",
+            f'min by (run_id) (up{{job=~"$job", instance=~"$instance"}} * on (job, instance) group_left (run_id) '
+            f"{run_of_target})",
+        ),
+        (
+            "Outcome",
+            f"max by (run_id, outcome, exception) (topk by (job, instance, rank, run_id) (1, {outcomes})) * 0 + 1",
+        ),
         ("Samples/s", with_run(f"sum by (run_id) (dgdn_samples_per_second{{{SEL}}})")),
         ("Last loss", with_run(f"avg by (run_id) (dgdn_training_loss{{{SEL}}})")),
     ]
@@ -401,10 +407,9 @@ def runs_table() -> dict[str, Any]:
     }
 
 
-def build() -> dict[str, Any]:
-    d = Dashboard()
-
-    # ---------------------------------------------------------------------------------------------- Training
+def training_row(d: Dashboard) -> None:
+    """The runs in view and how their training goes: loss and accuracy, throughput, batch and epoch time, step and
+    epoch, stragglers and where each sampled step's time goes."""
     d.row("Training")
     d.line(6, runs_table())
     d.line(
@@ -601,7 +606,11 @@ def build() -> dict[str, Any]:
         ),
     )
 
-    # ---------------------------------------------------------------------------------------------- Graph
+
+def graph_row(d: Dashboard) -> None:
+    """The graph batches: their size, what was processed so far, the largest batch that fits, what a neighbour
+    sampler drew, progress by stage, and the errors the run and the monitor met (out of memory, stall dumps, monitor
+    errors)."""
     d.row("Graph")
     d.line(
         8,
@@ -738,7 +747,8 @@ def build() -> dict[str, Any]:
             "none",
             [
                 (
-                    f"sum by (part) (dgdn_monitor_errors_total{{{SEL}}}) > 0 or sum(dgdn_monitor_errors_total{{{SEL}}})",
+                    f"sum by (part) (dgdn_monitor_errors_total{{{SEL}}}) > 0 "
+                    f"or sum(dgdn_monitor_errors_total{{{SEL}}})",
                     "{{part}}",
                 )
             ],
@@ -747,7 +757,9 @@ def build() -> dict[str, Any]:
         ),
     )
 
-    # ---------------------------------------------------------------------------------------------- Model
+
+def model_row(d: Dashboard) -> None:
+    """The model's parameters and memory, and the latency and rate of its inference batches."""
     d.row("Model")
     d.line(
         5,
@@ -817,7 +829,10 @@ def build() -> dict[str, Any]:
         ),
     )
 
-    # ---------------------------------------------------------------------------------------------- GPU
+
+def gpu_row(d: Dashboard) -> None:
+    """Each rank's GPUs as the callback samples them (NVML, the PyTorch allocator), and every GPU of the host as the
+    DCGM exporter reports it."""
     d.row("GPU")
     d.line(
         8,
@@ -941,7 +956,9 @@ def build() -> dict[str, Any]:
         ),
     )
 
-    # ---------------------------------------------------------------------------------------------- System
+
+def system_row(d: Dashboard) -> None:
+    """The hosts and containers of the stack (node-exporter, cAdvisor) and the targets Prometheus scrapes."""
     d.row("System")
     fs = 'fstype!~"tmpfs|overlay|squashfs|nsfs"'
     d.line(
@@ -1029,26 +1046,92 @@ def build() -> dict[str, Any]:
         ),
     )
 
-    group_by_run(d.panels)
 
-    def query_variable(name: str, label: str, query: str, sort: int) -> dict[str, Any]:
-        return {
-            "type": "query",
-            "name": name,
-            "label": label,
-            "datasource": DATASOURCE,
-            "definition": query,
-            "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-            "refresh": 2,
-            "includeAll": True,
-            "multi": True,
-            "allValue": ".*",
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+def query_variable(name: str, label: str, query: str, sort: int) -> dict[str, Any]:
+    """A multi-value selector of the label values ``query`` returns; "All" matches any value (``.*``), a missing
+    label too."""
+    return {
+        "type": "query",
+        "name": name,
+        "label": label,
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "refresh": 2,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "options": [],
+        "regex": "",
+        "sort": sort,
+        "hide": 0,
+    }
+
+
+def variables() -> list[dict[str, Any]]:
+    """The data source, and the job, run, instance, rank and DCGM GPU selectors every query filters on."""
+    return [
+        {
+            "type": "datasource",
+            "name": "datasource",
+            "label": "Data source",
+            "query": "prometheus",
+            "current": {"selected": False, "text": "Prometheus", "value": "prometheus"},
             "options": [],
+            "refresh": 1,
             "regex": "",
-            "sort": sort,
             "hide": 0,
-        }
+            "includeAll": False,
+            "multi": False,
+        },
+        query_variable("job", "Job", "label_values(dgdn_training_info, job)", 1),
+        query_variable("run_id", "Run", 'label_values(dgdn_training_info{job=~"$job", instance!=""}, run_id)', 1),
+        query_variable("instance", "Instance", 'label_values(dgdn_training_info{job=~"$job"}, instance)', 1),
+        query_variable(
+            "rank",
+            "Rank",
+            'label_values(dgdn_training_info{job=~"$job", instance=~"$instance", instance!=""}, rank)',
+            3,
+        ),
+        query_variable("gpu_host", "GPU host (DCGM)", "label_values(DCGM_FI_DEV_GPU_UTIL, Hostname)", 1),
+        query_variable("gpu", "GPU (DCGM)", 'label_values(DCGM_FI_DEV_GPU_UTIL{Hostname=~"$gpu_host"}, gpu)', 3),
+    ]
+
+
+def annotations() -> list[dict[str, Any]]:
+    """Grafana's own annotations and alerts, and the firing DGDN alerts of the selected runs."""
+    return [
+        {
+            "builtIn": 1,
+            "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+            "enable": True,
+            "hide": True,
+            "iconColor": "rgba(0, 211, 255, 1)",
+            "name": "Annotations & Alerts",
+            "type": "dashboard",
+        },
+        {
+            "datasource": DATASOURCE,
+            "enable": True,
+            "hide": False,
+            "iconColor": "red",
+            "name": "Firing DGDN alerts",
+            "expr": 'ALERTS{alertstate="firing", alertname=~"DGDN.*", run_id=~"$run_id"}',
+            "titleFormat": "{{alertname}}",
+            "textFormat": "run {{run_id}}: {{instance}} rank {{rank}} ({{severity}})",
+            "useValueForTime": False,
+            "step": "60s",
+        },
+    ]
+
+
+def build() -> dict[str, Any]:
+    d = Dashboard()
+    # Panel ids and grid positions follow the order the rows are laid out in.
+    for row in (training_row, graph_row, model_row, gpu_row, system_row):
+        row(d)
+    group_by_run(d.panels)
 
     return {
         "uid": "dgdn-training",
@@ -1068,63 +1151,8 @@ def build() -> dict[str, Any]:
         "timezone": "browser",
         "weekStart": "",
         "links": [],
-        "annotations": {
-            "list": [
-                {
-                    "builtIn": 1,
-                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                    "enable": True,
-                    "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)",
-                    "name": "Annotations & Alerts",
-                    "type": "dashboard",
-                },
-                {
-                    "datasource": DATASOURCE,
-                    "enable": True,
-                    "hide": False,
-                    "iconColor": "red",
-                    "name": "Firing DGDN alerts",
-                    "expr": 'ALERTS{alertstate="firing", alertname=~"DGDN.*", run_id=~"$run_id"}',
-                    "titleFormat": "{{alertname}}",
-                    "textFormat": "run {{run_id}}: {{instance}} rank {{rank}} ({{severity}})",
-                    "useValueForTime": False,
-                    "step": "60s",
-                },
-            ]
-        },
-        "templating": {
-            "list": [
-                {
-                    "type": "datasource",
-                    "name": "datasource",
-                    "label": "Data source",
-                    "query": "prometheus",
-                    "current": {"selected": False, "text": "Prometheus", "value": "prometheus"},
-                    "options": [],
-                    "refresh": 1,
-                    "regex": "",
-                    "hide": 0,
-                    "includeAll": False,
-                    "multi": False,
-                },
-                query_variable("job", "Job", "label_values(dgdn_training_info, job)", 1),
-                query_variable(
-                    "run_id", "Run", 'label_values(dgdn_training_info{job=~"$job", instance!=""}, run_id)', 1
-                ),
-                query_variable("instance", "Instance", 'label_values(dgdn_training_info{job=~"$job"}, instance)', 1),
-                query_variable(
-                    "rank",
-                    "Rank",
-                    'label_values(dgdn_training_info{job=~"$job", instance=~"$instance", instance!=""}, rank)',
-                    3,
-                ),
-                query_variable("gpu_host", "GPU host (DCGM)", "label_values(DCGM_FI_DEV_GPU_UTIL, Hostname)", 1),
-                query_variable(
-                    "gpu", "GPU (DCGM)", 'label_values(DCGM_FI_DEV_GPU_UTIL{Hostname=~"$gpu_host"}, gpu)', 3
-                ),
-            ]
-        },
+        "annotations": {"list": annotations()},
+        "templating": {"list": variables()},
         "panels": d.panels,
     }
 
