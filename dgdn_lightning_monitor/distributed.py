@@ -254,6 +254,12 @@ class FileSDTargets:
                 log.info("Removing %s: it lists %s, now served by this run", path, ", ".join(sorted(listed & targets)))
                 path.unlink(missing_ok=True)
 
+    def leave(self) -> None:
+        """Stop owning the file without deleting it (not even at exit): it expires like the file of a dead run."""
+        if self._written:
+            self._written = False
+            atexit.unregister(self.remove)
+
     def remove(self) -> bool:
         """Delete the file if this object wrote it; returns whether a file was removed. Never raises."""
         if not self._written:
@@ -564,7 +570,13 @@ class DistributedRun:
                     if peers:
                         time.sleep(_PEER_POLL_S)
                 with _DISCOVERY_LOCK:
-                    if current():
+                    if current() and peers:
+                        # A rank still serving long after this one ended is hung or lives on: the file stays for
+                        # it (a killed rank then pages as down) and expires like a dead run's.
+                        sd.leave()
+                        serving = ", ".join(peer.target or "?" for peer in peers)
+                        log.info("Left %s for %s, still serving; it expires in %.0f s", sd.path, serving, EXPIRE_S)
+                    elif current():
                         sd.remove()
                 for forget in at_exit:
                     forget()

@@ -222,6 +222,44 @@ def test_discovery_file_is_removed_when_training_fails(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def _node_of_two(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, peer_port: int) -> DistributedRun:
+    """Local rank 0 of a node whose local rank 1 serves on ``peer_port``, after a real exchange and publish."""
+    gathering(monkeypatch, [("run", "key", Endpoint(1, 1, 0, "127.0.0.1", peer_port))])
+    run = DistributedRun(targets_dir=tmp_path)
+    labels = RankLabels(world_size=2)
+    run.publish(labels, run.exchange(labels, "127.0.0.1", free_port(), "run"))
+    return run
+
+
+def test_the_node_file_lists_a_later_rank_until_its_endpoint_closes(monkeypatch, tmp_path: Path) -> None:
+    # Local rank 1 ends after local rank 0: its process exits (closing its endpoint) only once a scrape has read
+    # its end, so rank 0's removal waits for that, not for rank 0's own end alone.
+    with socket.create_server(("127.0.0.1", 0)) as peer:
+        run = _node_of_two(monkeypatch, tmp_path, peer.getsockname()[1])
+        (path,) = tmp_path.glob("*.json")
+        run.finish(CollectorRegistry(), RankLabels(world_size=2), "run")
+        time.sleep(0.5)  # several polls of the peer
+        assert path.exists(), "removed while the node's other rank still serves"
+    deadline = time.monotonic() + 10
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not path.exists(), "not removed once the node's other rank closed its endpoint"
+
+
+def test_a_rank_that_serves_on_past_the_limit_keeps_the_node_file_for_expiry(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("dgdn_lightning_monitor.distributed.FINAL_SCRAPE_LIMIT_S", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as peer:
+        run = _node_of_two(monkeypatch, tmp_path, peer.getsockname()[1])
+        (path,) = tmp_path.glob("*.json")
+        sd = run._sd
+        run.finish(CollectorRegistry(), RankLabels(world_size=2), "run")
+        deadline = time.monotonic() + 10
+        while sd is not None and sd._written and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # A hung rank killed later pages as down: its target stays listed, and not even the exit removes it.
+        assert path.exists() and sd is not None and sd.remove() is False and path.exists()
+
+
 # ---------------------------------------------------------------------------------------------- pushgateway
 def test_push_to_a_closed_port_reports_a_reason_quickly() -> None:
     start = time.monotonic()
