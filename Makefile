@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is installed first, as TORCH_SPEC says; which build that is depends on the package index (PyPI serves
-# CUDA builds on Linux). README "Which torch" shows how to pick the CPU or a CUDA build; TORCH_SPEC= keeps yours.
+# CUDA builds on Linux). "Which torch" in docs/getting-started.md shows how to pick the CPU or a CUDA build;
+# TORCH_SPEC= keeps yours.
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 

@@ -1,5 +1,5 @@
-"""Every kind of training batch the monitor sizes, in one list: README's "What counts as a sample" table is rendered
-from it (:func:`sample_table`) and the batch-exactness test draws its cases from it.
+"""Every kind of training batch the monitor sizes, in one list: the "What counts as a sample" table of
+docs/metrics.md is rendered from it (:func:`sample_table`) and the batch-exactness test draws its cases from it.
 
 Each :class:`BatchKind` is one row of the table (which loaders, what a sample is, what it is read from) with the
 :class:`Case`\\ s that make such batches: a Hypothesis ``draw`` picks a random graph (PyG's ``FakeDataset`` /
@@ -73,7 +73,7 @@ class Case:
 
 @dataclass(frozen=True)
 class BatchKind:
-    """A row of README's sample table and the cases that make its batches."""
+    """A row of the sample table and the cases that make its batches."""
 
     loaders: str
     sample: str
@@ -407,7 +407,7 @@ CASES: dict[str, Case] = {case.name: case for kind in BATCH_KINDS for case in ki
 
 
 def sample_table() -> str:
-    """README's "What counts as a sample" table, rendered from :data:`BATCH_KINDS`."""
+    """The "What counts as a sample" table of docs/metrics.md, rendered from :data:`BATCH_KINDS`."""
     rows = ["| loader (PyG) | a sample is | read from |", "|---|---|---|"]
     rows += [f"| {kind.loaders} | {kind.sample} | {kind.read_from} |" for kind in BATCH_KINDS]
     return "\n".join(rows)

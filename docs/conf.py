@@ -1,7 +1,7 @@
 """Sphinx configuration of the documentation site: ``make docs`` builds it into docs/_build/html.
 
-The pages are Markdown (MyST). Most of them include sections of the repository's README.md between
-``<!-- docs:NAME:start -->`` and ``<!-- docs:NAME:end -->`` markers, so the README and the site say the same.
+The pages are Markdown (MyST) and hold their own text; the index includes the README's introduction (between
+``<!-- docs:intro:start -->`` and ``<!-- docs:intro:end -->``) and monitoring-stack.md includes deploy/README.md.
 """
 
 import posixpath
@@ -24,7 +24,7 @@ exclude_patterns = ["_build"]
 
 # Links to headings up to ### get anchors, as GitHub gives them (README and docs/*.md link to them that way).
 myst_heading_anchors = 3
-# The existing docs/*.md pages and the README sections the pages include start at ## (their level in README.md).
+# Some pages (distributed, slurm, kubernetes, deploy/README.md's sections) start at ## under the page of their toctree.
 suppress_warnings = ["myst.header"]
 
 autodoc_default_options = {"members": True, "undoc-members": True, "member-order": "bysource", "show-inheritance": True}
@@ -52,7 +52,7 @@ html_title = f"{project} {release}"
 html_show_copyright = False
 
 # The Markdown files link to each other the way GitHub shows the repository. On the site, a link to a file that a
-# page shows leads to that page (README.md#x to the label x, which the page that includes that README section sets;
+# page shows leads to that page (README.md to the index, README.md#x to the label x;
 # deploy/README.md to monitoring-stack; docs/X.md to X), another file of the repository is a download, and a folder
 # is its text.
 _SHOWN_AS = {"deploy/README.md": "/monitoring-stack.md"}

@@ -1,7 +1,7 @@
-"""Every kind of batch in README's sample table is counted exactly, batch by batch, in real Trainer runs.
+"""Every kind of batch in docs/metrics.md's sample table is counted exactly, batch by batch, in real Trainer runs.
 
 Hypothesis draws the graphs and the loader settings of each case of ``dgdn_testing.batch_kinds.BATCH_KINDS`` (the
-list README's table is rendered from); the LightningModule counts each batch it receives with PyG's public API,
+list that table is rendered from); the LightningModule counts each batch it receives with PyG's public API,
 and after every step the samples, nodes, edges and per-hop figures the callback exports must have grown by exactly
 that, with no monitor error. Neighbour and HGT sampling run PyG's own loaders, on the pure-torch kernels of
 ``dgdn_testing.sampling`` where pyg-lib or torch-sparse is missing.
@@ -26,7 +26,7 @@ from dgdn_testing.batch_kinds import BATCH_KINDS, CASES, Case, Counts, sample_ta
 from dgdn_testing.models import quiet_trainer
 from dgdn_testing.sampling import use_pure_torch_sampler
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+METRICS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 #: Examples drawn per case; with up to 10 steps each, a few hundred batches over all cases.
 EXAMPLES = 5
 
@@ -127,9 +127,10 @@ def test_every_batch_is_counted_exactly(case: Case, data: st.DataObject) -> None
     assert monitor.summary()["samples"] == sum(expected.samples for expected in module.seen)
 
 
-def test_readme_sample_table_is_rendered_from_the_batch_kinds():
-    text = README.read_text()
-    assert sample_table() in text, "README's sample table differs from BATCH_KINDS; it should read:\n" + sample_table()
+def test_the_docs_sample_table_is_rendered_from_the_batch_kinds():
+    text = METRICS_PAGE.read_text()
+    differs = "docs/metrics.md's sample table differs from BATCH_KINDS; it should read:\n"
+    assert sample_table() in text, differs + sample_table()
     header = sample_table().splitlines()[0]
     assert text.count(header) == 1
 

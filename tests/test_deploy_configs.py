@@ -412,8 +412,8 @@ def _severities() -> dict[str, set[str]]:
 
 
 def test_the_alert_tables_and_lines_say_what_the_rules_do():
-    """deploy/README.md has one row per alert with its severities; wherever it or README.md gives an alert a severity
-    (the critical `DGDNRunFailed`, `DGDNRunUnreachable` (warning)), the rules give it that one."""
+    """deploy/README.md has one row per alert with its severities; wherever it or docs/stack.md gives an alert a
+    severity (the critical `DGDNRunFailed`, `DGDNRunUnreachable` (warning)), the rules give it that one."""
     severities = _severities()
     rows = {}
     for line in (DEPLOY / "README.md").read_text().splitlines():
@@ -421,7 +421,7 @@ def test_the_alert_tables_and_lines_say_what_the_rules_do():
         if match:
             rows[match.group(1)] = set(match.group(2).split(" / "))
     assert rows == severities
-    for path in (DEPLOY / "README.md", ROOT / "README.md"):
+    for path in (DEPLOY / "README.md", ROOT / "docs" / "stack.md"):
         text = " ".join(path.read_text().split())
         named = re.findall(r"\b(critical|warning|info) `(DGDN\w+)`", text)
         named += [(severity, name) for name, severity in re.findall(r"`(DGDN\w+)` \((critical|warning|info)\)", text)]
