@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+from dgdn_lightning_monitor.catalogue import FAMILIES
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
@@ -47,57 +49,12 @@ DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "dgdn-training.json"
 DASHBOARD_GENERATOR = GRAFANA_DIR / "generate_dashboard.py"
 
 # ------------------------------------------------------------------------------------------------ metric names
-#: What MonitoringCallback exports (with the default namespace), by type.
-CALLBACK_GAUGES = {
-    "dgdn_training_loss",
-    "dgdn_validation_loss",
-    "dgdn_training_accuracy",
-    "dgdn_validation_accuracy",
-    "dgdn_graph_nodes",
-    "dgdn_graph_edges",
-    "dgdn_samples_per_second",
-    "dgdn_epoch_duration_seconds",
-    "dgdn_model_parameters",
-    "dgdn_model_trainable_parameters",
-    "dgdn_model_memory_usage_bytes",
-    "dgdn_epoch",
-    "dgdn_global_step",
-    "dgdn_learning_rate",
-    "dgdn_last_step_timestamp_seconds",
-    "dgdn_last_progress_timestamp_seconds",
-    "dgdn_run_start_timestamp_seconds",
-    "dgdn_stage",
-    "dgdn_stage_start_timestamp_seconds",
-    "dgdn_nonfinite_loss_streak",
-    "dgdn_training_loss_min",
-    "dgdn_training_loss_max",
-    "dgdn_validation_evaluations_since_best",
-    "dgdn_gpu_memory_allocated_bytes",
-    "dgdn_gpu_memory_reserved_bytes",
-    "dgdn_gpu_max_memory_allocated_bytes",
-    "dgdn_gpu_utilization_ratio",
-    "dgdn_gpu_memory_used_bytes",
-    "dgdn_gpu_memory_total_bytes",
-    "dgdn_gpu_temperature_celsius",
-    "dgdn_gpu_power_watts",
-    "dgdn_gpu_monitoring_up",
-    "dgdn_training_info",
-    "dgdn_batch_capacity_nodes",
-    "dgdn_batch_capacity_edges",
-    "dgdn_run_outcome",
-}
-CALLBACK_COUNTERS = {
-    "dgdn_samples_processed_total",
-    "dgdn_nodes_processed_total",
-    "dgdn_edges_processed_total",
-    "dgdn_nonfinite_loss_total",
-    "dgdn_monitor_errors_total",
-    "dgdn_stall_dumps_total",
-    "dgdn_oom_total",
-    "dgdn_progress_total",
-    "dgdn_stage_seconds_total",
-}
-CALLBACK_HISTOGRAMS = {"dgdn_batch_processing_seconds", "dgdn_inference_time_seconds", "dgdn_step_phase_seconds"}
+#: What MonitoringCallback exports (with the default namespace), by type: from its metrics catalogue, less the
+#: per-hop sampler counters (below), which only some loaders produce.
+CALLBACK_SAMPLED_METRICS = {"dgdn_sampled_nodes_total", "dgdn_sampled_edges_total"}
+CALLBACK_GAUGES = {f.exposed() for f in FAMILIES if f.type in ("gauge", "info")}
+CALLBACK_COUNTERS = {f.exposed() for f in FAMILIES if f.type == "counter"} - CALLBACK_SAMPLED_METRICS
+CALLBACK_HISTOGRAMS = {f.exposed() for f in FAMILIES if f.type == "histogram"}
 CALLBACK_METRICS = (
     CALLBACK_GAUGES
     | CALLBACK_COUNTERS
@@ -107,8 +64,6 @@ CALLBACK_METRICS = (
 CALLBACK_GPU_PREFIX = "dgdn_gpu_"
 #: Callback metrics that exist only when the run trains on a GPU, beyond those with the GPU prefix.
 CALLBACK_CUDA_ONLY = {"dgdn_batch_capacity_nodes", "dgdn_batch_capacity_edges"}
-#: Callback metrics that exist only when a neighbour sampler reports per-hop counts (NeighborLoader and kin).
-CALLBACK_SAMPLED_METRICS = {"dgdn_sampled_nodes_total", "dgdn_sampled_edges_total"}
 
 #: Metrics of the other exporters the stack ships, as far as the dashboard uses them.
 PROMETHEUS_METRICS = {"up", "scrape_duration_seconds", "ALERTS", "ALERTS_FOR_STATE"}
