@@ -41,7 +41,8 @@ def main() -> int:
     wanted = rendered(page)
     if args.check:
         if page != wanted:
-            print(f"{PAGE} differs from the catalogue: run python scripts/metrics_catalogue.py --write", file=sys.stderr)
+            message = f"{PAGE} differs from the catalogue: run python scripts/metrics_catalogue.py --write"
+            print(message, file=sys.stderr)
             return 1
         return 0
     PAGE.write_text(wanted, encoding="utf-8")
