@@ -7,7 +7,8 @@
 * **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing its node's endpoints
   (written atomically, removed when the run ends, also after an exception: once a scrape has read how the run
   ended and the node's other ranks have closed their endpoints, from a background thread).
-* **Pushgateway**: at the end of a run every rank pushes its final figures (job, run id, rank), in bounded time.
+* **Pushgateway** (:mod:`~dgdn_lightning_monitor.pushgateway`): at the end of a run every rank pushes its final
+  figures (job, run id, rank), in bounded time; rank 0 deletes finished groups past their retention at set-up.
 
 A failed write, push or exchange is counted, warned once, and the feature dropped; training goes on.
 """
@@ -24,7 +25,6 @@ import re
 import socket
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,20 +33,16 @@ from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 import torch.distributed as dist
-from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
-from prometheus_client.exposition import default_handler
+from prometheus_client import CollectorRegistry
 
+from dgdn_lightning_monitor import pushgateway
 from dgdn_lightning_monitor.guards import MonitorErrors, check
-from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.labels import DEFAULT_JOB, RankLabels
+from dgdn_lightning_monitor.pushgateway import PUSH_TIMEOUT_S, push_final_metrics, remove_finished_groups
 from dgdn_lightning_monitor.server import FINAL_SCRAPE_LIMIT_S, MetricsServer, host_port, reachable_host
-from dgdn_lightning_monitor.web_config import push_handler_from_env
 
 log = logging.getLogger(__name__)
 
-#: Job name the deploy stack's Prometheus scrapes file-SD targets under (``deploy/prometheus/prometheus.yml``).
-DEFAULT_JOB = "dgdn-training"
-#: The most a Pushgateway push may take at the end of a run.
-PUSH_TIMEOUT_S = 2.0
 #: The port of the stack's static quick-start target (``host.docker.internal:8000``): the default without
 #: ``targets_dir``. With ``targets_dir`` every rank binds a free port by default and the discovery file says which.
 DEFAULT_PORT = 8000
@@ -304,85 +300,6 @@ def remove_expired_targets(
     return removed
 
 
-# ---------------------------------------------------------------------------------------------- pushgateway
-def push_final_metrics(
-    url: str,
-    job: str,
-    registry: CollectorRegistry,
-    grouping_key: Mapping[str, str],
-    timeout_s: float = PUSH_TIMEOUT_S,
-) -> Optional[str]:
-    """Push ``registry`` to the Pushgateway at ``url`` (``host:port`` or ``http(s)://host:port``) as the group of
-    ``job`` and ``grouping_key`` (replacing it), from a helper thread waited for about ``timeout_s``, with the TLS and
-    basic-auth settings of the ``DGDN_MONITOR_PUSHGATEWAY_*`` variables (see
-    :func:`~dgdn_lightning_monitor.web_config.push_handler_from_env`; a bad setting fails like a push).
-
-    Returns:
-        ``None`` when the push succeeded, else a short reason.
-
-    Example::
-
-        reason = push_final_metrics("http://localhost:9091", "dgdn-training", registry, {"rank": "0"})
-    """
-    outcome: list[Optional[str]] = [f"no answer within {timeout_s:.1f} s"]
-
-    def push() -> None:
-        try:
-            handler = push_handler_from_env() or default_handler  # TLS and basic auth of a secured Pushgateway
-            push_to_gateway(
-                url, job=job, registry=registry, grouping_key=dict(grouping_key), timeout=timeout_s, handler=handler
-            )
-            outcome[0] = None
-        except Exception as error:  # the reason is reported by the caller
-            outcome[0] = f"{type(error).__name__}: {error}"
-
-    worker = threading.Thread(target=push, name="dgdn-pushgateway", daemon=True)
-    worker.start()
-    worker.join(timeout_s + 0.5)  # bounds name resolution too, which the socket timeout does not cover
-    return outcome[0]
-
-
-#: Final figures a run pushed stay in the Pushgateway this long; then the next run that pushes to it (at its set-up)
-#: or the native stack deletes the group. Prometheus keeps what it scraped of them meanwhile.
-PUSH_RETENTION_S = 3600.0
-
-
-def remove_finished_groups(
-    url: str, job: str = DEFAULT_JOB, retention_s: float = PUSH_RETENTION_S, timeout_s: float = PUSH_TIMEOUT_S
-) -> list[dict[str, str]]:
-    """Delete the Pushgateway groups of ``job`` pushed more than ``retention_s`` ago (every group the callback pushes
-    is a finished run's: it pushes only when a run ends).
-
-    Args:
-        url: the Pushgateway.
-        job: only groups of this job are considered.
-        retention_s: age, from the group's ``push_time_seconds``, after which a group is deleted.
-        timeout_s: per request.
-
-    Returns:
-        The grouping labels of the deleted groups. Failures are logged at debug level and end the sweep.
-    """
-    base = url if "://" in url else f"http://{url}"
-    deleted: list[dict[str, str]] = []
-    try:
-        with urllib.request.urlopen(base.rstrip("/") + "/api/v1/metrics", timeout=timeout_s) as response:  # noqa: S310
-            groups = json.loads(response.read())["data"]
-        now = time.time()
-        handler = push_handler_from_env() or default_handler
-        for group in groups:
-            pushed = group.get("push_time_seconds", {}).get("metrics", [{}])[0]
-            labels = dict(pushed.get("labels", {}))
-            if labels.pop("job", None) != job or now - float(pushed.get("value", now)) <= retention_s:
-                continue
-            if labels.get("instance") == "":  # the Pushgateway's empty default, not part of the grouping key
-                del labels["instance"]
-            delete_from_gateway(url, job=job, grouping_key=labels, timeout=timeout_s, handler=handler)
-            deleted.append(labels)
-    except Exception as error:  # retention is housekeeping: never a reason to stop or warn a run
-        log.debug("Pushgateway retention at %s stopped: %s", url, error)
-    return deleted
-
-
 # ---------------------------------------------------------------------------------------------- collectives
 class DistributedRun:
     """Set-up exchange, discovery file and final push for one :class:`~dgdn_lightning_monitor.MonitoringCallback`.
@@ -488,7 +405,7 @@ class DistributedRun:
         if self.pushgateway_url is not None and labels.rank == 0:
             self._retention = threading.Thread(
                 target=remove_finished_groups,
-                args=(self.pushgateway_url, self.job, PUSH_RETENTION_S),
+                args=(self.pushgateway_url, self.job, pushgateway.PUSH_RETENTION_S),
                 name="dgdn-push-retention",
                 daemon=True,
             )

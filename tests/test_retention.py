@@ -15,7 +15,7 @@ from exposition import samples
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
 from prom_helpers import Pushgateway, http_get
 
-from dgdn_lightning_monitor import MonitoringCallback, distributed
+from dgdn_lightning_monitor import MonitoringCallback, distributed, pushgateway
 from dgdn_lightning_monitor.distributed import FileSDTargets, remove_expired_targets
 
 
@@ -57,7 +57,7 @@ def test_series_stay_bounded_over_20_runs_and_grow_without_retention(gateway, mo
     _run(gateway)
     assert len(_series(gateway)) == 2  # the default retention (1 h) keeps both
 
-    monkeypatch.setattr(distributed, "PUSH_RETENTION_S", 0.0)
+    monkeypatch.setattr(pushgateway, "PUSH_RETENTION_S", 0.0)
     counts = []
     for _ in range(20):
         last = _run(gateway)
