@@ -22,7 +22,7 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from typing_extensions import override
 
-from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun, serving_port
+from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
 from dgdn_lightning_monitor.graph_size import SIZING_FAILED, UNKNOWN, GraphSize, GraphSizer, sampled_per_hop
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
@@ -31,7 +31,7 @@ from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATI
 from dgdn_lightning_monitor.oom import MemoryWatch
 from dgdn_lightning_monitor.outcome import classify
 from dgdn_lightning_monitor.scheduler import check_launch, scheduler_run_id, termination_reason
-from dgdn_lightning_monitor.server import MetricsServer
+from dgdn_lightning_monitor.server import MetricsServer, start_rank_server
 from dgdn_lightning_monitor.steps import RunState, StepStatistics, lightning_stage, span_stage
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 from dgdn_lightning_monitor.watchdog import StallWatchdog, dump_directory
@@ -237,12 +237,10 @@ class MonitoringCallback(Callback):
         server = self._server
         try:  # a taken port fails here, before any training step
             if server is None or not server.running:  # else the endpoint of this callback's previous run serves on
-                port = serving_port(self.port, labels.local_rank, self.port_per_local_rank, self._dist.targets_dir)
-                server = MetricsServer(
-                    self.registry, self.addr, port, self.web_config, not self.port, self.wait_for_final_scrape
+                rank, per_rank, wait = labels.local_rank, self.port_per_local_rank, self.wait_for_final_scrape
+                server = self._server = start_rank_server(
+                    self.registry, self.addr, self.port, rank, per_rank, self._dist.targets_dir, self.web_config, wait
                 )
-                server.start()
-                self._server = server
             server.run_started()
         except (OSError, OverflowError, ValueError) as error:
             failure = error

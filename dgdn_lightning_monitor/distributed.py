@@ -39,13 +39,16 @@ from dgdn_lightning_monitor import pushgateway
 from dgdn_lightning_monitor.guards import MonitorErrors, check
 from dgdn_lightning_monitor.labels import DEFAULT_JOB, RankLabels
 from dgdn_lightning_monitor.pushgateway import PUSH_TIMEOUT_S, push_final_metrics, remove_finished_groups
-from dgdn_lightning_monitor.server import FINAL_SCRAPE_LIMIT_S, MetricsServer, host_port, reachable_host
+from dgdn_lightning_monitor.server import (
+    FINAL_SCRAPE_LIMIT_S,
+    MetricsServer,
+    doubles_quick_start_target,
+    host_port,
+    reachable_host,
+)
 
 log = logging.getLogger(__name__)
 
-#: The port of the stack's static quick-start target (``host.docker.internal:8000``): the default without
-#: ``targets_dir``. With ``targets_dir`` every rank binds a free port by default and the discovery file says which.
-DEFAULT_PORT = 8000
 #: A run rewrites the modification time of its discovery file this often, from a daemon thread.
 REFRESH_S = 30.0
 #: A discovery file not refreshed for this long belongs to a run that is gone (killed, its node lost); the next run
@@ -55,9 +58,6 @@ EXPIRE_S = 180.0
 _JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
-# Hosts of a discovered target the stacks merge with their static quick-start target (deploy/prometheus/prometheus.yml
-# and its derivation by scripts/native_stack.py).
-_QUICK_START_HOSTS = ("host.docker.internal", "127.0.0.1", "localhost")
 # Held to remove a finished run's discovery file and to claim it for the next run, so that a removal waiting for the
 # last scrape of one run never deletes the file of the next; a new one in a forked child (never inherited held).
 _DISCOVERY_LOCK = threading.Lock()
@@ -134,31 +134,6 @@ class Endpoint:
     def target(self) -> Optional[str]:
         """``host:port`` as Prometheus writes a target (IPv6 literals in brackets)."""
         return host_port(self.host, self.port) if self.port is not None else None
-
-
-def serving_port(port: Optional[int], local_rank: int, per_local_rank: bool, discovery: Optional[Path]) -> int:
-    """The port one rank binds.
-
-    Args:
-        port: what the user passed; ``None`` picks the default: :data:`DEFAULT_PORT` (the quick-start target's)
-            without discovery, ``0`` (a free port, written into the discovery file) with it, so that several runs on
-            one node never clash.
-        local_rank: the rank's index on its node, added to a non-zero port when ``per_local_rank``.
-        per_local_rank: offset the port by the local rank.
-        discovery: ``targets_dir``, or ``None``.
-
-    Raises:
-        ValueError: when the port plus the local rank is above 65535.
-    """
-    given = port
-    if port is None:
-        port = 0 if discovery is not None else DEFAULT_PORT
-    if port and per_local_rank and port + local_rank > 65535:
-        raise ValueError(
-            f"port {given} + local_rank {local_rank} is above 65535; pass a lower port, port=0 or "
-            f"port_per_local_rank=False"
-        )
-    return port + local_rank if port and per_local_rank else port
 
 
 # ---------------------------------------------------------------------------------------------- file SD
@@ -433,14 +408,14 @@ class DistributedRun:
                     self._sd.path,
                     node[0].host,
                 )
-            doubled = [p.target for p in node if p.port == DEFAULT_PORT and p.host not in _QUICK_START_HOSTS]
+            doubled = [peer for peer in node if doubles_quick_start_target(peer.host, peer.port)]
             if doubled:
                 log.warning(
                     "%s is listed for discovery on port %d, which the stacks' static quick-start target also "
                     "scrapes: Prometheus would scrape this rank twice. Leave port unset with targets_dir (a free "
                     "port), or pass targets_host='host.docker.internal' so that the stack merges the two.",
-                    doubled[0],
-                    DEFAULT_PORT,
+                    doubled[0].target,
+                    doubled[0].port,
                 )
         except OSError as error:
             message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "

@@ -17,6 +17,7 @@ from prom_helpers import Pushgateway, http_get
 
 from dgdn_lightning_monitor import MonitoringCallback, distributed, pushgateway
 from dgdn_lightning_monitor.distributed import FileSDTargets, remove_expired_targets
+from dgdn_lightning_monitor.server import DEFAULT_PORT
 
 
 @pytest.fixture
@@ -120,14 +121,14 @@ def test_the_quick_start_port_with_discovery_under_another_name_warns(tmp_path, 
     from dgdn_lightning_monitor.labels import RankLabels
 
     run = distributed.DistributedRun(targets_dir=tmp_path, targets_host="gpu-node-3")
-    run.exchange(RankLabels(), "0.0.0.0", distributed.DEFAULT_PORT, False)
+    run.exchange(RankLabels(), "0.0.0.0", DEFAULT_PORT, False)
     with caplog.at_level("WARNING", logger="dgdn_lightning_monitor.distributed"):
         run.publish(RankLabels(), "r1")
     assert ["scrape this rank twice" in r.getMessage() for r in caplog.records] == [True]
     run.finish(None, RankLabels(), "r1")  # type: ignore[arg-type]  # no Pushgateway: the registry is not used
     caplog.clear()
     merged = distributed.DistributedRun(targets_dir=tmp_path, targets_host="host.docker.internal")
-    merged.exchange(RankLabels(), "0.0.0.0", distributed.DEFAULT_PORT, False)
+    merged.exchange(RankLabels(), "0.0.0.0", DEFAULT_PORT, False)
     with caplog.at_level("WARNING", logger="dgdn_lightning_monitor.distributed"):
         merged.publish(RankLabels(), "r2")
     assert not caplog.records
