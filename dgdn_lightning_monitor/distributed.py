@@ -36,7 +36,7 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from dgdn_lightning_monitor import pushgateway
-from dgdn_lightning_monitor.guards import MonitorErrors, check
+from dgdn_lightning_monitor.guards import MonitorErrors, check, forget_threads_after_fork
 from dgdn_lightning_monitor.labels import DEFAULT_JOB, RankLabels
 from dgdn_lightning_monitor.pushgateway import PUSH_TIMEOUT_S, push_final_metrics, remove_finished_groups
 from dgdn_lightning_monitor.server import (
@@ -58,9 +58,6 @@ EXPIRE_S = 180.0
 _JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
-# Held to remove a finished run's discovery file and to claim it for the next run, so that a removal waiting for the
-# last scrape of one run never deletes the file of the next; a new one in a forked child (never inherited held).
-_DISCOVERY_LOCK = threading.Lock()
 
 
 # How often a finished run's removal checks whether the other ranks of its node still serve, and how long one check
@@ -96,15 +93,6 @@ def _join_at_exit(thread: threading.Thread) -> Callable[[], None]:
             finalizer.cancel()
 
     return forget
-
-
-def _new_discovery_lock() -> None:
-    global _DISCOVERY_LOCK
-    _DISCOVERY_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_discovery_lock)
 
 
 def _is_url(value: Any) -> bool:
@@ -332,6 +320,22 @@ class DistributedRun:
         self._node_peers: list[Endpoint] = []
         self._retention: Optional[threading.Thread] = None
         self._file_generation = 0  # one more at every publish: the file then belongs to the new run
+        # Held to remove a finished run's discovery file and to claim it for the next run, so that a removal waiting
+        # for the last scrape of one run never deletes the file of the next; a new one in a forked child.
+        self._file_lock = threading.Lock()
+        forget_threads_after_fork(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file_lock": None}  # a lock does not pickle (ddp_spawn pickles the callback)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.after_fork_in_child()
+        forget_threads_after_fork(self)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child never inherits the lock held (by a removal thread that does not exist there)."""
+        self._file_lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def exchange(self, labels: RankLabels, addr: str, port: Optional[int], run_id: str) -> str:
@@ -387,7 +391,7 @@ class DistributedRun:
             self._retention.start()
         if self.targets_dir is None or labels.local_rank != 0:
             return
-        with _DISCOVERY_LOCK:  # a removal still waiting for the previous run's last scrape leaves the file alone
+        with self._file_lock:  # a removal still waiting for the previous run's last scrape leaves the file alone
             self._file_generation += 1
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
         self._node_peers = [peer for peer in node if peer.local_rank != 0 and peer.port is not None]
@@ -455,7 +459,7 @@ class DistributedRun:
                     peers[:] = [peer for peer in peers if _serving(peer)]
                     if peers:
                         time.sleep(_PEER_POLL_S)
-                with _DISCOVERY_LOCK:
+                with self._file_lock:
                     if current():
                         sd.remove()
                 for forget in at_exit:

@@ -56,8 +56,9 @@ _BURST_S = 0.1
 
 StartResponse = Callable[..., Any]
 
-# The serving endpoints of this process. Changed only by plain set operations (atomic under the GIL), so neither the
-# exit handler nor a forked child can ever wait on a lock here.
+# The serving endpoints of this process: process-wide by nature, as the exit of the process waits for all of them and
+# a port is the process's, whichever callback's endpoint holds it. Changed only by plain set operations (atomic under
+# the GIL), so neither the exit handler nor a forked child can ever wait on a lock here.
 _SERVING: set[MetricsServer] = set()
 
 
@@ -403,7 +404,9 @@ class MetricsServer:
         self._forget_scrapes()  # a new condition: the parent's serving thread may have held this one at the fork
 
 
-_worker_exit_registered: Optional[int] = None  # the process id that registered it
+# The process whose exit runs wait_for_final_scrapes through multiprocessing's finalizers (registered once per
+# process, like the atexit handler; a forked child registers its own).
+_worker_exit_registered: Optional[int] = None
 
 
 def _wait_at_worker_exit() -> None:
