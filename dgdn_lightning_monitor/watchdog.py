@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 import traceback
@@ -28,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from dgdn_lightning_monitor.compat import current_frames
 from dgdn_lightning_monitor.guards import check
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ def format_stacks(skip: Optional[int] = None) -> str:
     """
     names = {thread.ident: thread for thread in threading.enumerate()}
     parts = []
-    for ident, frame in sorted(
-        sys._current_frames().items(), key=lambda item: item[0] != threading.main_thread().ident
-    ):
+    for ident, frame in sorted(current_frames().items(), key=lambda item: item[0] != threading.main_thread().ident):
         if ident == skip:
             continue
         thread = names.get(ident)
