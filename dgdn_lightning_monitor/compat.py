@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-#: The library versions these items were read against (the project's ranges: ``lightning>=2.2``,
+#: The library versions these items were read against, within the project's ranges (``lightning>=2.2``,
 #: ``torch-geometric>=2.5``, ``torch>=2.1``, Python ``>=3.10``).
 CHECKED_AGAINST = {"lightning": "2.6.6", "torch-geometric": "2.8.1", "torch": "2.13.0", "python": "3.11.7"}
 

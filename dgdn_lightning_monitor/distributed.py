@@ -438,7 +438,8 @@ class DistributedRun:
             server: this rank's endpoint, which holds how the run ended: when a scraper reads it regularly, the file
                 goes once a scrape has read that end and the other ranks it lists have closed their endpoints
                 (their processes exit once a scrape has read their own end), from a background thread that the
-                process's exit waits for (:data:`FINAL_SCRAPE_LIMIT_S` at most); else at once.
+                process's exit waits for (:data:`~dgdn_lightning_monitor.server.FINAL_SCRAPE_LIMIT_S` at most);
+                else at once.
         """
         if self._heartbeat is not None:
             self._heartbeat.stop()

@@ -336,8 +336,9 @@ class GPUMonitor:
         poll_interval_s: Seconds between two NVML samples; a real number > 0.
         nvml: The ``pynvml`` module to use; ``None`` imports ``pynvml`` in :meth:`start`.
         errors: Where every failure is counted (as ``gpu``); by default the monitor's own.
-        peaks: The allocator's peaks that the capacity sampling reset
-            (:attr:`~dgdn_lightning_monitor.capacity.CapacitySampler.peaks`), so that the peak gauge keeps them.
+        peaks: The allocator's peaks that the capacity sampling reset (the
+            :class:`~dgdn_lightning_monitor.capacity.PeaksBeforeReset` of its sampler), so that the peak gauge
+            keeps them.
 
     Raises:
         ValueError: ``devices`` (``gpu_devices`` on the callback) is neither ``"auto"``, ``None`` nor a

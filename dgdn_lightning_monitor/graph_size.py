@@ -276,7 +276,7 @@ class GraphSizer:
         return self.size if self.batch_size_fn is None and self.graph_size_fn is None else self
 
     def size(self, batch: Any) -> GraphSize:
-        """:func:`extract_graph_size` of ``batch``, without the overrides."""
+        """:func:`~dgdn_lightning_monitor.extract_graph_size` of ``batch``, without the overrides."""
         kind = type(batch)
         return (self._handlers.get(kind) or self._handler(kind))(batch)
 
@@ -363,8 +363,8 @@ def extract_graph_size(batch: Any) -> GraphSize:
 
     ``HeteroData`` nodes and edges are summed over types. Tuples, lists and dicts are searched (one level) for the
     first graph, else the first tensor. Anything else is unknown. This sizes one batch; a loop that sizes batch
-    after batch keeps one :class:`GraphSizer` and calls its :meth:`~GraphSizer.size`, which remembers each batch
-    layout.
+    after batch keeps one :class:`~dgdn_lightning_monitor.graph_size.GraphSizer` and calls its
+    :meth:`~dgdn_lightning_monitor.graph_size.GraphSizer.size`, which remembers each batch layout.
 
     Args:
         batch: what the ``DataLoader`` yielded.
