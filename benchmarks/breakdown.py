@@ -108,10 +108,10 @@ class _Probe(Callback):
 
         from benchmarks.driver import graph_batches
         from dgdn_lightning_monitor.graph_size import GraphSize
-        from dgdn_lightning_monitor.graph_size import sampled_per_hop as hops
         from dgdn_lightning_monitor.tracing import BatchRecord
 
         cb, n = self.callback, self.calls
+        hops = cb._hops  # the callback's sizer's per-hop counts
         graph = graph_batches(1)[0]
         temporal, dgdn_module = _dgdn()
         now = time.perf_counter()

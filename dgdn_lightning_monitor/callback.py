@@ -2,8 +2,8 @@
 Batch hooks -> ``GraphSizer`` and timestamps -> ``TrainingMetrics`` -> ``/metrics`` and a final push; sampled steps
 -> ``BatchRecord`` -> ``StepStatistics`` -> the phase histogram and ``TrainingTracer``'s spans; losses and logged
 values -> ``StepStatistics`` (asynchronous on a GPU) -> gauges; GPU figures -> ``GPUMonitor``'s thread; progress ->
-``StallWatchdog``; batches and an out-of-memory error -> ``MemoryWatch``. Nothing on the step path synchronises the
-device or touches a Prometheus object.
+``StallWatchdog``; sampled steps' peak memory -> ``CapacitySampler``; an out-of-memory error -> ``OOMForensics``.
+Nothing on the step path synchronises the device or touches a Prometheus object.
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from typing_extensions import override
 
-from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun, serving_port
+from dgdn_lightning_monitor.capacity import CapacitySampler
+from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
-from dgdn_lightning_monitor.graph_size import SIZING_FAILED, UNKNOWN, GraphSize, GraphSizer, sampled_per_hop
+from dgdn_lightning_monitor.graph_size import SIZING_FAILED, UNKNOWN, GraphSize, GraphSizer
 from dgdn_lightning_monitor.guards import WarnOnce, check, check_int, check_namespace, check_optional
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, VALIDATION_GAUGES, TrainingMetrics, run_info
-from dgdn_lightning_monitor.oom import MemoryWatch
+from dgdn_lightning_monitor.oom import OOMForensics
 from dgdn_lightning_monitor.outcome import classify
 from dgdn_lightning_monitor.scheduler import check_launch, scheduler_run_id, termination_reason
-from dgdn_lightning_monitor.server import MetricsServer
+from dgdn_lightning_monitor.server import MetricsServer, start_rank_server
 from dgdn_lightning_monitor.steps import RunState, StepStatistics, lightning_stage, span_stage
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 from dgdn_lightning_monitor.watchdog import StallWatchdog, dump_directory
@@ -157,14 +158,16 @@ class MonitoringCallback(Callback):
         self.web_config: Any = load_web_config(web_config_file) if web_config_file is not None else None
         self.metrics = TrainingMetrics(namespace, check_int("throughput_window", throughput_window, 2))
         errors = self.metrics.errors  # every part counts the errors it degrades on here
-        self._sizer = GraphSizer(batch_size_fn, graph_size_fn, errors).resolve()
+        sizer = GraphSizer(batch_size_fn, graph_size_fn, errors)
+        self._sizer, self._hops = sizer.resolve(), sizer.sampled_per_hop
         https = self.web_config is not None and self.web_config.scheme == "https"
         self._dist = DistributedRun(job, targets_dir, targets_host, pushgateway_url, https, errors)
-        self.gpu = GPUMonitor(namespace, devices=gpu_devices, poll_interval_s=gpu_poll_interval_s, errors=errors)
+        self._capacity = CapacitySampler(self.metrics)  # resets the allocator's peak: the GPU collector keeps it
+        self.gpu = GPUMonitor(namespace, gpu_devices, gpu_poll_interval_s, errors=errors, peaks=self._capacity.peaks)
         self.tracer = TrainingTracer(enabled=tracing, tracer_provider=tracer_provider, errors=errors)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._register()
-        self._memory = MemoryWatch(self.metrics, self._sizer, memory_snapshot)
+        self._memory = OOMForensics(self.metrics, self._sizer, memory_snapshot, self._capacity.allocator_figures)
         self._watchdog = StallWatchdog(stall_dump_after_s, self.metrics)
         self._warn = WarnOnce(log)
         self._train_batches = 0  # across runs: drives trace sampling
@@ -237,12 +240,10 @@ class MonitoringCallback(Callback):
         server = self._server
         try:  # a taken port fails here, before any training step
             if server is None or not server.running:  # else the endpoint of this callback's previous run serves on
-                port = serving_port(self.port, labels.local_rank, self.port_per_local_rank, self._dist.targets_dir)
-                server = MetricsServer(
-                    self.registry, self.addr, port, self.web_config, not self.port, self.wait_for_final_scrape
+                rank, per_rank, wait = labels.local_rank, self.port_per_local_rank, self.wait_for_final_scrape
+                server = self._server = start_rank_server(
+                    self.registry, self.addr, self.port, rank, per_rank, self._dist.targets_dir, self.web_config, wait
                 )
-                server.start()
-                self._server = server
             server.run_started()
         except (OSError, OverflowError, ValueError) as error:
             failure = error
@@ -263,6 +264,7 @@ class MonitoringCallback(Callback):
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
         self._dist.publish(labels, self.run_id)
+        self._capacity.start(root)
         self._memory.start(root, dumps, labels.rank)
         self._watchdog.start(dumps, labels.rank)
         log.info("Serving training metrics at %s", self.metrics_url)
@@ -324,7 +326,7 @@ class MonitoringCallback(Callback):
                 record.mark("fetch_start", run.fetch_start_ns)
                 if run.fetch_end_ns > run.fetch_start_ns:
                     record.mark("fetch_end", run.fetch_end_ns)
-                self._memory.sample_start()  # CUDA: this step's peak memory against its size (its own errors)
+                self._capacity.sample_start()  # CUDA: this step's peak memory against its size (its own errors)
                 record.mark("batch_start")
             except Exception as error:
                 self._degrade(error, "tracing")
@@ -352,7 +354,7 @@ class MonitoringCallback(Callback):
         # Each part degrades on its own: a batch that cannot be sized still counts its step, progress and time.
         try:
             size = self._sizer(batch)  # the same batch object on_train_batch_start saw
-            hops = sampled_per_hop(batch) if size.nodes is not None else None  # only a graph is sampled by hops
+            hops = self._hops(batch) if size.nodes is not None else None  # only a graph is sampled by hops
         except Exception as error:
             self._degrade(error, "graph_size")
             size, hops = UNKNOWN, None
@@ -473,7 +475,7 @@ class MonitoringCallback(Callback):
         """A traced training step's end: its peak memory, record, phases and spans, each part's error its own."""
         part = "memory"
         try:
-            self._memory.sample_end(size)
+            self._capacity.sample_end(size)
             part = "tracing"
             record.mark("batch_end")
             record.size = size

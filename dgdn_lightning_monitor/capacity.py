@@ -12,14 +12,24 @@ message passing with fixed feature widths; not of models whose memory grows with
 attention), that future batches keep the recent edge/node ratio, that the allocator can use the whole budget
 (fragmentation and the CUDA context take a few percent), and it is extrapolated: batches far larger than those
 seen widen its error.
+
+On CUDA, :class:`CapacitySampler` takes those observations on the training steps whose phases are timed (one in
+``trace_every_n_steps``): it resets the allocator's peak counter at their start and reads it at their end
+(host-side counters: no device synchronisation), and keeps the peak each reset cleared in a
+:class:`PeaksBeforeReset` that the GPU collector and the OOM report read, so that
+``<namespace>_gpu_max_memory_allocated_bytes`` still reads the process's peak.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
+import torch
+
+from dgdn_lightning_monitor.graph_size import GraphSize
+from dgdn_lightning_monitor.metrics import TrainingMetrics
 
 #: Observations the fit uses (the most recent).
 WINDOW = 256
@@ -72,3 +82,129 @@ class CapacityEstimator:
             return None
         capacity_nodes = (self.budget_bytes - base) / slope
         return capacity_nodes, capacity_nodes * ratio
+
+
+class PeaksBeforeReset:
+    """The CUDA allocator's peak of each device before the capacity sampling last reset it: written by
+    :class:`CapacitySampler`, read by the GPU collector's peak gauge and the OOM report, which it is handed to.
+
+    Example::
+
+        peaks = PeaksBeforeReset()
+        peaks.keep(0, 5_000)
+        peaks.peak(0, 100)  # 5000: the peak the reset cleared
+    """
+
+    def __init__(self) -> None:
+        self.before_reset: dict[int, int] = {}
+
+    def keep(self, index: int, peak: int) -> None:
+        """Keep ``peak``, the peak counter of CUDA device ``index`` just before a reset."""
+        self.before_reset[index] = max(self.before_reset.get(index, 0), peak)
+
+    def peak(self, index: int, current: int) -> int:
+        """The peak of device ``index`` since the process started, given its counter's ``current`` reading."""
+        return max(current, self.before_reset.get(index, 0))
+
+
+class CudaAllocator:
+    """The host-side counters of PyTorch's CUDA caching allocator for one device (no device synchronisation)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def total(self) -> int:
+        return int(torch.cuda.get_device_properties(self.device).total_memory)
+
+    def reset_peak(self) -> int:
+        """Reset the peak counter; returns the peak it held."""
+        peak = self.peak()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+    def peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def figures(self) -> dict[str, int]:
+        return {
+            "allocated_bytes": int(torch.cuda.memory_allocated(self.device)),
+            "reserved_bytes": int(torch.cuda.memory_reserved(self.device)),
+            "max_allocated_bytes": self.peak(),
+            "total_bytes": self.total(),
+        }
+
+
+def allocator_for(device: torch.device) -> Optional[CudaAllocator]:
+    """The allocator counters of ``device``, or ``None`` off CUDA."""
+    return CudaAllocator(device) if device.type == "cuda" else None
+
+
+class CapacitySampler:
+    """The peak memory of sampled training steps against their batch's size, fitted by a :class:`CapacityEstimator`
+    whose estimate ``metrics`` exports (CUDA only; elsewhere every call does nothing).
+
+    Args:
+        metrics: where the estimate is exported and errors are counted (as ``memory``).
+
+    Example::
+
+        sampler = CapacitySampler(metrics)
+        sampler.start(torch.device("cuda", 0))
+        sampler.sample_start()  # at the start of a sampled training step
+        sampler.sample_end(size)  # at its end, with its batch's GraphSize
+    """
+
+    def __init__(self, metrics: TrainingMetrics) -> None:
+        self.metrics = metrics
+        self.capacity = CapacityEstimator()
+        metrics.batch_capacity = self.capacity.estimate
+        self.peaks = PeaksBeforeReset()
+        self.allocator: Optional[CudaAllocator] = None
+        self.index = 0
+        self.sampling = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "allocator": None}
+
+    def start(self, device: torch.device) -> None:
+        """A run starts on ``device``: its memory is the budget of the estimate."""
+        self.allocator, self.index, self.sampling = allocator_for(device), device.index or 0, False
+        if self.allocator is None:
+            return
+        try:
+            self.capacity.budget_bytes = float(self.allocator.total())
+        except Exception as error:
+            self.metrics.errors.report(
+                "memory", "CUDA memory figures unavailable (%s: %s)", type(error).__name__, error
+            )
+
+    def sample_start(self) -> None:
+        """At the start of a sampled training step, on CUDA: reset the allocator's peak, read at the step's end by
+        :meth:`sample_end`."""
+        if self.allocator is not None:
+            try:
+                self.peaks.keep(
+                    self.index, self.allocator.reset_peak()
+                )  # host-side: the step's peak is read at its end
+                self.sampling = True
+            except Exception as error:  # never into training: the estimate goes without this step
+                self.metrics.errors.report(
+                    "memory", "Could not reset the CUDA peak memory (%s: %s)", type(error).__name__, error
+                )
+
+    def sample_end(self, size: GraphSize) -> None:
+        """At the end of a sampled training step: its peak memory against its batch's size (CUDA only)."""
+        if not self.sampling:
+            return
+        self.sampling = False
+        _, nodes, edges = size
+        if nodes is not None and edges is not None and self.allocator is not None:
+            self.capacity.add(self.allocator.peak(), nodes, edges)
+
+    def allocator_figures(self) -> Optional[dict[str, int]]:
+        """The allocator's figures now (its peak since the process started), or ``None`` off CUDA."""
+        if self.allocator is None:
+            return None
+        figures = self.allocator.figures()
+        figures["max_allocated_bytes"] = self.peaks.peak(self.index, figures["max_allocated_bytes"])
+        return figures

@@ -7,7 +7,8 @@
 * **Discovery**: the local rank 0 of every node writes a Prometheus file-SD file listing its node's endpoints
   (written atomically, removed when the run ends, also after an exception: once a scrape has read how the run
   ended and the node's other ranks have closed their endpoints, from a background thread).
-* **Pushgateway**: at the end of a run every rank pushes its final figures (job, run id, rank), in bounded time.
+* **Pushgateway** (:mod:`~dgdn_lightning_monitor.pushgateway`): at the end of a run every rank pushes its final
+  figures (job, run id, rank), in bounded time; rank 0 deletes finished groups past their retention at set-up.
 
 A failed write, push or exchange is counted, warned once, and the feature dropped; training goes on.
 """
@@ -24,7 +25,6 @@ import re
 import socket
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,23 +33,22 @@ from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 import torch.distributed as dist
-from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
-from prometheus_client.exposition import default_handler
+from prometheus_client import CollectorRegistry
 
-from dgdn_lightning_monitor.guards import MonitorErrors, check
-from dgdn_lightning_monitor.labels import RankLabels
-from dgdn_lightning_monitor.server import FINAL_SCRAPE_LIMIT_S, MetricsServer, host_port, reachable_host
-from dgdn_lightning_monitor.web_config import push_handler_from_env
+from dgdn_lightning_monitor import pushgateway
+from dgdn_lightning_monitor.guards import MonitorErrors, check, forget_threads_after_fork
+from dgdn_lightning_monitor.labels import DEFAULT_JOB, RankLabels
+from dgdn_lightning_monitor.pushgateway import PUSH_TIMEOUT_S, push_final_metrics, remove_finished_groups
+from dgdn_lightning_monitor.server import (
+    FINAL_SCRAPE_LIMIT_S,
+    MetricsServer,
+    doubles_quick_start_target,
+    host_port,
+    reachable_host,
+)
 
 log = logging.getLogger(__name__)
 
-#: Job name the deploy stack's Prometheus scrapes file-SD targets under (``deploy/prometheus/prometheus.yml``).
-DEFAULT_JOB = "dgdn-training"
-#: The most a Pushgateway push may take at the end of a run.
-PUSH_TIMEOUT_S = 2.0
-#: The port of the stack's static quick-start target (``host.docker.internal:8000``): the default without
-#: ``targets_dir``. With ``targets_dir`` every rank binds a free port by default and the discovery file says which.
-DEFAULT_PORT = 8000
 #: A run rewrites the modification time of its discovery file this often, from a daemon thread.
 REFRESH_S = 30.0
 #: A discovery file not refreshed for this long belongs to a run that is gone (killed, its node lost); the next run
@@ -59,12 +58,6 @@ EXPIRE_S = 180.0
 _JOB = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _FILE_PART = re.compile(r"[^A-Za-z0-9_.-]+")
-# Hosts of a discovered target the stacks merge with their static quick-start target (deploy/prometheus/prometheus.yml
-# and its derivation by scripts/native_stack.py).
-_QUICK_START_HOSTS = ("host.docker.internal", "127.0.0.1", "localhost")
-# Held to remove a finished run's discovery file and to claim it for the next run, so that a removal waiting for the
-# last scrape of one run never deletes the file of the next; a new one in a forked child (never inherited held).
-_DISCOVERY_LOCK = threading.Lock()
 
 
 # How often a finished run's removal checks whether the other ranks of its node still serve, and how long one check
@@ -102,15 +95,6 @@ def _join_at_exit(thread: threading.Thread) -> Callable[[], None]:
     return forget
 
 
-def _new_discovery_lock() -> None:
-    global _DISCOVERY_LOCK
-    _DISCOVERY_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_discovery_lock)
-
-
 def _is_url(value: Any) -> bool:
     """``host:port`` or an ``http(s)://`` URL with a host (and no port 0)."""
     if not isinstance(value, str) or any(c.isspace() for c in value):
@@ -138,31 +122,6 @@ class Endpoint:
     def target(self) -> Optional[str]:
         """``host:port`` as Prometheus writes a target (IPv6 literals in brackets)."""
         return host_port(self.host, self.port) if self.port is not None else None
-
-
-def serving_port(port: Optional[int], local_rank: int, per_local_rank: bool, discovery: Optional[Path]) -> int:
-    """The port one rank binds.
-
-    Args:
-        port: what the user passed; ``None`` picks the default: :data:`DEFAULT_PORT` (the quick-start target's)
-            without discovery, ``0`` (a free port, written into the discovery file) with it, so that several runs on
-            one node never clash.
-        local_rank: the rank's index on its node, added to a non-zero port when ``per_local_rank``.
-        per_local_rank: offset the port by the local rank.
-        discovery: ``targets_dir``, or ``None``.
-
-    Raises:
-        ValueError: when the port plus the local rank is above 65535.
-    """
-    given = port
-    if port is None:
-        port = 0 if discovery is not None else DEFAULT_PORT
-    if port and per_local_rank and port + local_rank > 65535:
-        raise ValueError(
-            f"port {given} + local_rank {local_rank} is above 65535; pass a lower port, port=0 or "
-            f"port_per_local_rank=False"
-        )
-    return port + local_rank if port and per_local_rank else port
 
 
 # ---------------------------------------------------------------------------------------------- file SD
@@ -310,85 +269,6 @@ def remove_expired_targets(
     return removed
 
 
-# ---------------------------------------------------------------------------------------------- pushgateway
-def push_final_metrics(
-    url: str,
-    job: str,
-    registry: CollectorRegistry,
-    grouping_key: Mapping[str, str],
-    timeout_s: float = PUSH_TIMEOUT_S,
-) -> Optional[str]:
-    """Push ``registry`` to the Pushgateway at ``url`` (``host:port`` or ``http(s)://host:port``) as the group of
-    ``job`` and ``grouping_key`` (replacing it), from a helper thread waited for about ``timeout_s``, with the TLS and
-    basic-auth settings of the ``DGDN_MONITOR_PUSHGATEWAY_*`` variables (see
-    :func:`~dgdn_lightning_monitor.web_config.push_handler_from_env`; a bad setting fails like a push).
-
-    Returns:
-        ``None`` when the push succeeded, else a short reason.
-
-    Example::
-
-        reason = push_final_metrics("http://localhost:9091", "dgdn-training", registry, {"rank": "0"})
-    """
-    outcome: list[Optional[str]] = [f"no answer within {timeout_s:.1f} s"]
-
-    def push() -> None:
-        try:
-            handler = push_handler_from_env() or default_handler  # TLS and basic auth of a secured Pushgateway
-            push_to_gateway(
-                url, job=job, registry=registry, grouping_key=dict(grouping_key), timeout=timeout_s, handler=handler
-            )
-            outcome[0] = None
-        except Exception as error:  # the reason is reported by the caller
-            outcome[0] = f"{type(error).__name__}: {error}"
-
-    worker = threading.Thread(target=push, name="dgdn-pushgateway", daemon=True)
-    worker.start()
-    worker.join(timeout_s + 0.5)  # bounds name resolution too, which the socket timeout does not cover
-    return outcome[0]
-
-
-#: Final figures a run pushed stay in the Pushgateway this long; then the next run that pushes to it (at its set-up)
-#: or the native stack deletes the group. Prometheus keeps what it scraped of them meanwhile.
-PUSH_RETENTION_S = 3600.0
-
-
-def remove_finished_groups(
-    url: str, job: str = DEFAULT_JOB, retention_s: float = PUSH_RETENTION_S, timeout_s: float = PUSH_TIMEOUT_S
-) -> list[dict[str, str]]:
-    """Delete the Pushgateway groups of ``job`` pushed more than ``retention_s`` ago (every group the callback pushes
-    is a finished run's: it pushes only when a run ends).
-
-    Args:
-        url: the Pushgateway.
-        job: only groups of this job are considered.
-        retention_s: age, from the group's ``push_time_seconds``, after which a group is deleted.
-        timeout_s: per request.
-
-    Returns:
-        The grouping labels of the deleted groups. Failures are logged at debug level and end the sweep.
-    """
-    base = url if "://" in url else f"http://{url}"
-    deleted: list[dict[str, str]] = []
-    try:
-        with urllib.request.urlopen(base.rstrip("/") + "/api/v1/metrics", timeout=timeout_s) as response:  # noqa: S310
-            groups = json.loads(response.read())["data"]
-        now = time.time()
-        handler = push_handler_from_env() or default_handler
-        for group in groups:
-            pushed = group.get("push_time_seconds", {}).get("metrics", [{}])[0]
-            labels = dict(pushed.get("labels", {}))
-            if labels.pop("job", None) != job or now - float(pushed.get("value", now)) <= retention_s:
-                continue
-            if labels.get("instance") == "":  # the Pushgateway's empty default, not part of the grouping key
-                del labels["instance"]
-            delete_from_gateway(url, job=job, grouping_key=labels, timeout=timeout_s, handler=handler)
-            deleted.append(labels)
-    except Exception as error:  # retention is housekeeping: never a reason to stop or warn a run
-        log.debug("Pushgateway retention at %s stopped: %s", url, error)
-    return deleted
-
-
 # ---------------------------------------------------------------------------------------------- collectives
 class DistributedRun:
     """Set-up exchange, discovery file and final push for one :class:`~dgdn_lightning_monitor.MonitoringCallback`.
@@ -446,6 +326,22 @@ class DistributedRun:
         self._node_peers: list[Endpoint] = []
         self._retention: Optional[threading.Thread] = None
         self._file_generation = 0  # one more at every publish: the file then belongs to the new run
+        # Held to remove a finished run's discovery file and to claim it for the next run, so that a removal waiting
+        # for the last scrape of one run never deletes the file of the next; a new one in a forked child.
+        self._file_lock = threading.Lock()
+        forget_threads_after_fork(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file_lock": None}  # a lock does not pickle (ddp_spawn pickles the callback)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.after_fork_in_child()
+        forget_threads_after_fork(self)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child never inherits the lock held (by a removal thread that does not exist there)."""
+        self._file_lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up (every rank, same order)
     def exchange(self, labels: RankLabels, addr: str, port: Optional[int], run_id: str) -> str:
@@ -494,14 +390,14 @@ class DistributedRun:
         if self.pushgateway_url is not None and labels.rank == 0:
             self._retention = threading.Thread(
                 target=remove_finished_groups,
-                args=(self.pushgateway_url, self.job, PUSH_RETENTION_S),
+                args=(self.pushgateway_url, self.job, pushgateway.PUSH_RETENTION_S),
                 name="dgdn-push-retention",
                 daemon=True,
             )
             self._retention.start()
         if self.targets_dir is None or labels.local_rank != 0:
             return
-        with _DISCOVERY_LOCK:  # a removal still waiting for the previous run's last scrape leaves the file alone
+        with self._file_lock:  # a removal still waiting for the previous run's last scrape leaves the file alone
             self._file_generation += 1
         node = sorted((peer for peer in self.peers if peer.node_rank == labels.node_rank), key=lambda p: p.local_rank)
         self._node_peers = [peer for peer in node if peer.local_rank != 0 and peer.port is not None]
@@ -522,14 +418,14 @@ class DistributedRun:
                     self._sd.path,
                     node[0].host,
                 )
-            doubled = [p.target for p in node if p.port == DEFAULT_PORT and p.host not in _QUICK_START_HOSTS]
+            doubled = [peer for peer in node if doubles_quick_start_target(peer.host, peer.port)]
             if doubled:
                 log.warning(
                     "%s is listed for discovery on port %d, which the stacks' static quick-start target also "
                     "scrapes: Prometheus would scrape this rank twice. Leave port unset with targets_dir (a free "
                     "port), or pass targets_host='host.docker.internal' so that the stack merges the two.",
-                    doubled[0],
-                    DEFAULT_PORT,
+                    doubled[0].target,
+                    doubled[0].port,
                 )
         except OSError as error:
             message = "Could not write the Prometheus discovery file %s (%s); this node's endpoints must be configured "
@@ -548,8 +444,8 @@ class DistributedRun:
             server: this rank's endpoint, which holds how the run ended: when a scraper reads it regularly, the file
                 goes once a scrape has read that end and the other ranks it lists have closed their endpoints
                 (their processes exit once a scrape has read their own end), from a background thread that the
-                process's exit waits for (at most
-                :data:`~dgdn_lightning_monitor.server.FINAL_SCRAPE_LIMIT_S`); else at once.
+                process's exit waits for (:data:`~dgdn_lightning_monitor.server.FINAL_SCRAPE_LIMIT_S` at most);
+                else at once.
         """
         if self._heartbeat is not None:
             self._heartbeat.stop()
@@ -570,7 +466,7 @@ class DistributedRun:
                     peers[:] = [peer for peer in peers if _serving(peer)]
                     if peers:
                         time.sleep(_PEER_POLL_S)
-                with _DISCOVERY_LOCK:
+                with self._file_lock:
                     if current() and peers:
                         # A rank still serving long after this one ended is hung or lives on: the file stays for
                         # it (a killed rank then pages as down) and expires like a dead run's.

@@ -68,6 +68,7 @@ from typing import Any, Literal
 import torch
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from dgdn_lightning_monitor.capacity import PeaksBeforeReset
 from dgdn_lightning_monitor.guards import (
     NAMESPACE,
     MonitorErrors,
@@ -76,7 +77,6 @@ from dgdn_lightning_monitor.guards import (
     check_namespace,
     forget_threads_after_fork,
 )
-from dgdn_lightning_monitor.oom import PEAKS_BEFORE_RESET
 
 __all__ = ["GPUMonitor", "THREAD_NAME", "LOGGER_NAME"]
 
@@ -336,6 +336,9 @@ class GPUMonitor:
         poll_interval_s: Seconds between two NVML samples; a real number > 0.
         nvml: The ``pynvml`` module to use; ``None`` imports ``pynvml`` in :meth:`start`.
         errors: Where every failure is counted (as ``gpu``); by default the monitor's own.
+        peaks: The allocator's peaks that the capacity sampling reset (the
+            :class:`~dgdn_lightning_monitor.capacity.PeaksBeforeReset` of its sampler), so that the peak gauge
+            keeps them.
 
     Raises:
         ValueError: ``devices`` (``gpu_devices`` on the callback) is neither ``"auto"``, ``None`` nor a
@@ -355,8 +358,10 @@ class GPUMonitor:
         poll_interval_s: float = 5.0,
         nvml: ModuleType | None = None,
         errors: MonitorErrors | None = None,
+        peaks: PeaksBeforeReset | None = None,
     ) -> None:
         self._namespace = check_namespace(namespace)
+        self.peaks = peaks if peaks is not None else PeaksBeforeReset()
         #: The watched devices as configured, ``"auto"``, a tuple of indices, or ``None`` (off).
         self.devices: Literal["auto"] | tuple[int, ...] | None = (
             devices
@@ -493,7 +498,7 @@ class GPUMonitor:
                     self._fail("allocator_failed", message, index, _describe(exc))
                     continue
                 if _PEAK_KEY in stats:  # the capacity sampling resets the peak: what it reset is kept
-                    stats[_PEAK_KEY] = max(stats[_PEAK_KEY], PEAKS_BEFORE_RESET.get(index, 0))
+                    stats[_PEAK_KEY] = self.peaks.peak(index, stats[_PEAK_KEY])
                 for suffix, key in _ALLOCATOR_FIGURES.items():
                     if key in stats:
                         allocator[suffix].add_metric([*values, str(index)], float(stats[key]))

@@ -15,6 +15,14 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch_geometric.data import Batch, Data, HeteroData, TemporalData
 
+from dgdn_lightning_monitor.compat import (
+    NUM_GRAPHS_KEY,
+    data_mapping,
+    data_store,
+    global_store,
+    sparse_nnz,
+    store_mapping,
+)
 from dgdn_lightning_monitor.guards import MonitorErrors, check_optional
 
 log = logging.getLogger(__name__)
@@ -40,8 +48,8 @@ SIZING_FAILED = "Could not size a batch (%s: %s); it counts with an unknown size
 _new = tuple.__new__
 
 
-def _store_nodes(store: Any) -> Optional[int]:
-    mapping = store._mapping
+def _nodes(mapping: Mapping[str, Any]) -> Optional[int]:
+    """Nodes of one storage (``mapping``: its attributes)."""
     stored = mapping.get("num_nodes")
     if isinstance(stored, int):
         return stored
@@ -52,14 +60,14 @@ def _store_nodes(store: Any) -> Optional[int]:
     return None
 
 
-def _store_edges(store: Any) -> Optional[int]:
-    mapping = store._mapping
+def _edges(mapping: Mapping[str, Any]) -> Optional[int]:
+    """Edges of one storage (``mapping``: its attributes)."""
     edge_index = mapping.get("edge_index")
     if isinstance(edge_index, torch.Tensor) and edge_index.dim() == 2:
         return int(edge_index.shape[1])
     adj = mapping.get("adj_t", mapping.get("adj"))
     if isinstance(adj, torch.Tensor) and adj.is_sparse:
-        return int(adj._nnz())
+        return int(sparse_nnz(adj))
     if adj is not None and hasattr(adj, "nnz"):  # torch_sparse.SparseTensor keeps nnz on the host
         return int(adj.nnz())
     for key in _EDGE_KEYS:
@@ -86,51 +94,53 @@ def _seedless_samples(mapping: Mapping[str, Any], nodes: Optional[int]) -> Optio
 
 
 def _data_size(data: Data) -> GraphSize:
-    store = data._store
-    nodes = _store_nodes(store)
-    samples = store._mapping.get("batch_size")  # set by node loaders (NeighborLoader): the seed count
+    mapping = data_mapping(data)
+    nodes = _nodes(mapping)
+    samples = mapping.get("batch_size")  # set by node loaders (NeighborLoader): the seed count
     if not isinstance(samples, int):
-        samples = _seedless_samples(store._mapping, nodes)
-    return _new(GraphSize, (samples, nodes, _store_edges(store)))
+        samples = _seedless_samples(mapping, nodes)
+    return _new(GraphSize, (samples, nodes, _edges(mapping)))
 
 
 def _num_graphs(store: Any, node_store: Any) -> Optional[int]:
     """Graphs of a ``Batch`` from what it stores (``store``: its own, or a heterogeneous batch's global one;
     ``node_store``: where its offsets are); ``Batch.num_graphs`` would fall back to ``batch.max()``."""
-    graphs = store.__dict__.get("_num_graphs")  # set by Batch.from_data_list
+    graphs = store.__dict__.get(NUM_GRAPHS_KEY)  # set by Batch.from_data_list
     if isinstance(graphs, int):
         return graphs
-    ptr = node_store._mapping.get("ptr") if node_store is not None else None  # a Batch built from parts
+    ptr = store_mapping(node_store).get("ptr") if node_store is not None else None  # a Batch built from parts
     return int(ptr.shape[0]) - 1 if isinstance(ptr, torch.Tensor) and ptr.dim() == 1 else None  # (ShaDowKHop)
 
 
 def _batch_size(batch: Batch) -> GraphSize:
-    store = batch._store
-    return _new(GraphSize, (_num_graphs(store, store), _store_nodes(store), _store_edges(store)))
+    store = data_store(batch)
+    mapping = store_mapping(store)
+    return _new(GraphSize, (_num_graphs(store, store), _nodes(mapping), _edges(mapping)))
 
 
 def _hetero_batch_size(batch: Any) -> GraphSize:
     """A batch of ``HeteroData`` graphs (PyG's ``HeteroDataBatch``): it keeps no ``_store``, but a global store
     (the graph count) and per-type stores (nodes, edges, and each node type's ``ptr``)."""
     node_stores = batch.node_stores
-    graphs = _num_graphs(batch._global_store, node_stores[0] if node_stores else None)
-    nodes = _sum_known([_store_nodes(s) for s in node_stores])
-    return GraphSize(graphs, nodes, _sum_known([_store_edges(s) for s in batch.edge_stores]))
+    graphs = _num_graphs(global_store(batch), node_stores[0] if node_stores else None)
+    nodes = _sum_known([_nodes(store_mapping(s)) for s in node_stores])
+    return GraphSize(graphs, nodes, _sum_known([_edges(store_mapping(s)) for s in batch.edge_stores]))
 
 
 def _hetero_size(data: HeteroData) -> GraphSize:
-    nodes = _sum_known([_store_nodes(s) for s in data.node_stores])
-    edges = _sum_known([_store_edges(s) for s in data.edge_stores])
-    seeds = [s._mapping.get("batch_size") for s in data.node_stores]  # on the input node type
-    seeds = [s for s in seeds if isinstance(s, int)]
+    node_mappings = [store_mapping(s) for s in data.node_stores]
+    edge_mappings = [store_mapping(s) for s in data.edge_stores]
+    nodes = _sum_known([_nodes(m) for m in node_mappings])
+    edges = _sum_known([_edges(m) for m in edge_mappings])
+    seeds = [s for s in (m.get("batch_size") for m in node_mappings) if isinstance(s, int)]  # the input node type's
     if seeds:
         return GraphSize(sum(seeds), nodes, edges)
-    seed_edges = _sum_known([_seedless_samples(s._mapping, None) for s in data.edge_stores])  # input edge type
+    seed_edges = _sum_known([_seedless_samples(m, None) for m in edge_mappings])  # input edge type
     return GraphSize(nodes if seed_edges is None else seed_edges, nodes, edges)
 
 
 def _temporal_size(data: TemporalData) -> GraphSize:
-    mapping = data._store._mapping
+    mapping = data_mapping(data)
     src = mapping.get("src")
     events = int(src.shape[0]) if isinstance(src, torch.Tensor) else None
     n_id, stored = mapping.get("n_id"), mapping.get("num_nodes")
@@ -138,109 +148,13 @@ def _temporal_size(data: TemporalData) -> GraphSize:
     return GraphSize(events, nodes, events)
 
 
-def _rows(count: int) -> GraphSize:
-    """The size of a tensor batch of ``count`` rows: one object per row count, reused batch after batch."""
-    size = GraphSize(int(count), None, None)
-    if len(_ROWS) < 1024:  # a bound for loaders whose batches have ever new lengths
-        _ROWS[count] = size
-    return size
-
-
-def _tensor_size(tensor: torch.Tensor) -> GraphSize:
-    shape = tensor.shape
-    rows = shape[0] if shape else 1
-    return _ROWS.get(rows) or _rows(rows)
-
-
 def _unknown_size(batch: Any) -> GraphSize:
     return UNKNOWN
 
 
-def _plan(kinds: tuple[type, ...]) -> tuple[int, Callable[[Any], GraphSize]]:
-    """Which element of a tuple/list/dict batch to size: the first graph, else the first tensor."""
-    handlers = [_handler(kind) for kind in kinds]
-    for wanted in (_GRAPH_HANDLERS, (_tensor_size,)):
-        index = next((i for i, handler in enumerate(handlers) if handler in wanted), -1)
-        if index >= 0:
-            return index, handlers[index]
-    return -1, _unknown_size
-
-
-def _sequence_size(items: Any) -> GraphSize:
-    kinds = tuple(map(type, items))
-    plan = _PLANS.get(kinds)
-    if plan is None:
-        plan = _PLANS[kinds] = _plan(kinds)
-    index, handler = plan
-    if handler is _tensor_size:  # the common (inputs, targets) batch, sized here without another call
-        shape = items[index].shape
-        rows = shape[0] if shape else 1
-        return _ROWS.get(rows) or _rows(rows)
-    return handler(items[index]) if index >= 0 else UNKNOWN
-
-
-def _mapping_size(mapping: Mapping) -> GraphSize:
-    return _sequence_size(tuple(mapping.values()))
-
-
 _GRAPH_HANDLERS = (_hetero_batch_size, _hetero_size, _temporal_size, _batch_size, _data_size)
-# Batch type -> handler, and element types of a tuple/list/dict batch -> (element index, handler): filled on
-# first sight, so the step path pays a dict lookup instead of a chain of isinstance checks against abstract
-# classes. Both stay as small as the number of batch layouts a program uses.
-_HANDLERS: dict[type, Callable[[Any], GraphSize]] = {}
-_ROWS: dict[int, GraphSize] = {}
-_PLANS: dict[tuple[type, ...], tuple[int, Callable[[Any], GraphSize]]] = {}
-
-
-def _handler(kind: type) -> Callable[[Any], GraphSize]:
-    handler = _HANDLERS.get(kind)
-    if handler is None:
-        # The first rule whose every base the class has wins. PyG builds its batch classes at run time (``Batch``
-        # plus the class of the batched graphs: DataBatch, HeteroDataBatch, ...): heterogeneous is decided first.
-        rules: tuple[tuple[tuple[type, ...], Callable[[Any], GraphSize]], ...] = (
-            ((HeteroData, Batch), _hetero_batch_size),
-            ((HeteroData,), _hetero_size),
-            ((TemporalData,), _temporal_size),
-            ((Batch,), _batch_size),
-            ((Data,), _data_size),
-            ((torch.Tensor,), _tensor_size),
-            ((Mapping,), _mapping_size),
-            ((tuple,), _sequence_size),
-            ((list,), _sequence_size),
-        )
-        handler = next((h for bases, h in rules if all(issubclass(kind, b) for b in bases)), _unknown_size)
-        _HANDLERS[kind] = handler
-    return handler
-
-
-def extract_graph_size(batch: Any) -> GraphSize:
-    """Tell how many samples, nodes and edges a batch holds, without touching the device.
-
-    Samples are:
-
-    * graphs of a PyG ``Batch`` of ``Data`` or ``HeteroData`` graphs (``DataLoader``, ``LightningDataset``,
-      ``DynamicBatchSampler``, ``ShaDowKHopSampler``);
-    * seed nodes of a node-sampled graph (its ``batch_size``: ``NeighborLoader``, ``HGTLoader``; for
-      ``HeteroData`` the input node type's);
-    * seed edges of a link-sampled graph (its ``input_id``: ``LinkNeighborLoader``, ``LinkLoader``), without the
-      negatives a loader adds; a graph with ``edge_label_index`` but no ``input_id`` (full-batch link
-      prediction) counts every column of it;
-    * nodes of any other single graph, trained on as a whole (``ClusterLoader``, ``GraphSAINT*``,
-      ``RandomNodeLoader``, full-batch training; summed over types for ``HeteroData``);
-    * events of a ``TemporalData`` and rows of a tensor.
-
-    ``HeteroData`` nodes and edges are summed over types. Tuples, lists and dicts are searched (one level) for the
-    first graph, else the first tensor. Anything else is unknown.
-
-    Args:
-        batch: what the ``DataLoader`` yielded.
-
-    Example::
-
-        extract_graph_size(Batch.from_data_list([g1, g2]))  # GraphSize(samples=2, nodes=..., edges=...)
-    """
-    kind = type(batch)
-    return (_HANDLERS.get(kind) or _handler(kind))(batch)
+#: Rows of a tensor batch kept as one GraphSize each (a bound for loaders whose batches have ever new lengths).
+_MAX_ROW_SIZES = 1024
 
 
 #: Per hop, the nodes (seeds first) and the edges a neighbour sampler drew for one batch.
@@ -269,7 +183,7 @@ def _sum_per_hop(counts: list[Optional[Sequence[int]]]) -> Optional[list[int]]:
 
 
 def _data_hops(data: Data) -> Optional[HopCounts]:
-    mapping = data._store._mapping
+    mapping = data_mapping(data)
     nodes, edges = mapping.get("num_sampled_nodes"), mapping.get("num_sampled_edges")
     if nodes is None and edges is None:
         return None
@@ -277,8 +191,8 @@ def _data_hops(data: Data) -> Optional[HopCounts]:
 
 
 def _hetero_hops(data: HeteroData) -> Optional[HopCounts]:
-    nodes = _sum_per_hop([_host_counts(s._mapping.get("num_sampled_nodes")) for s in data.node_stores])
-    edges = _sum_per_hop([_host_counts(s._mapping.get("num_sampled_edges")) for s in data.edge_stores])
+    nodes = _sum_per_hop([_host_counts(store_mapping(s).get("num_sampled_nodes")) for s in data.node_stores])
+    edges = _sum_per_hop([_host_counts(store_mapping(s).get("num_sampled_edges")) for s in data.edge_stores])
     return None if nodes is None and edges is None else (nodes, edges)
 
 
@@ -286,41 +200,19 @@ def _no_hops(batch: Any) -> None:
     return None
 
 
-_HOP_HANDLERS: dict[type, Callable[[Any], Optional[HopCounts]]] = {}
-
-
-def sampled_per_hop(batch: Any) -> Optional[HopCounts]:
-    """Nodes and edges a neighbour sampler drew at each hop, from the ``num_sampled_nodes`` and
-    ``num_sampled_edges`` that PyG's ``NeighborLoader`` and ``LinkNeighborLoader`` put on a sampled batch.
-
-    Nodes come per hop from hop 0 (the seed nodes; for a link batch the ends of its seed edges, negatives
-    included); edges from hop 1. A ``HeteroData`` batch is summed over node and edge types, hop by hop. Host-side
-    only: lists are used as they are, a tensor only when it lives on the CPU. Batches that are not sampled
-    subgraphs (graphs of a ``Batch``, tensors, containers) give ``None``.
-
-    Args:
-        batch: what the ``DataLoader`` yielded.
-
-    Example::
-
-        sampled_per_hop(next(iter(NeighborLoader(data, num_neighbors=[10, 5], batch_size=32))))
-        # ([32, 291, 1254], [320, 1455])
-    """
-    kind = type(batch)
-    handler = _HOP_HANDLERS.get(kind)
-    if handler is None:
-        sampled = issubclass(kind, (Data, HeteroData)) and not issubclass(kind, Batch)
-        handler = _HOP_HANDLERS[kind] = (
-            (_hetero_hops if issubclass(kind, HeteroData) else _data_hops) if sampled else _no_hops
-        )
-    return handler(batch)
+def _hop_handler(kind: type) -> Callable[[Any], Optional[HopCounts]]:
+    sampled = issubclass(kind, (Data, HeteroData)) and not issubclass(kind, Batch)
+    return (_hetero_hops if issubclass(kind, HeteroData) else _data_hops) if sampled else _no_hops
 
 
 class GraphSizer:
-    """Applies the user's overrides on top of :func:`~dgdn_lightning_monitor.extract_graph_size`.
+    """Sizes batch after batch (:meth:`size`, :meth:`sampled_per_hop`), with the user's overrides on top.
 
-    A failing override is reported once and the batch counts as unknown: a monitoring fault never stops
-    training.
+    The handler of each batch type, the element to size of each tuple/list/dict layout and the size of each tensor
+    row count are found on first sight and kept by this sizer, so that sizing a batch costs a dict lookup instead
+    of a chain of ``isinstance`` checks against abstract classes; they stay as small as the number of batch layouts
+    a program uses. A failing override is reported once and the batch counts as unknown: a monitoring fault never
+    stops training.
 
     Args:
         batch_size_fn: ``batch -> int`` giving the number of samples.
@@ -344,14 +236,54 @@ class GraphSizer:
         self.batch_size_fn = batch_size_fn
         self.graph_size_fn = graph_size_fn
         self.errors = errors if errors is not None else MonitorErrors(log)
+        self._forget()
 
+    def _forget(self) -> None:
+        # Batch type -> handler; element types of a tuple/list/dict batch -> (element index, handler); tensor rows
+        # -> size; batch type -> per-hop handler.
+        self._handlers: dict[type, Callable[[Any], GraphSize]] = {}
+        self._plans: dict[tuple[type, ...], tuple[int, Callable[[Any], GraphSize]]] = {}
+        self._rows: dict[int, GraphSize] = {}
+        self._hop_handlers: dict[type, Callable[[Any], Optional[HopCounts]]] = {}
+        # Bound once: the rules compare handlers by identity, and the step path pays no bound-method creation.
+        self._tensor_handler, self._sequence_handler = self._tensor_size, self._sequence_size
+        self._mapping_handler = self._mapping_size
+        # The first rule whose every base the class has wins. PyG builds its batch classes at run time (``Batch``
+        # plus the class of the batched graphs: DataBatch, HeteroDataBatch, ...): heterogeneous is decided first.
+        self._rules: tuple[tuple[tuple[type, ...], Callable[[Any], GraphSize]], ...] = (
+            ((HeteroData, Batch), _hetero_batch_size),
+            ((HeteroData,), _hetero_size),
+            ((TemporalData,), _temporal_size),
+            ((Batch,), _batch_size),
+            ((Data,), _data_size),
+            ((torch.Tensor,), self._tensor_handler),
+            ((Mapping,), self._mapping_handler),
+            ((tuple,), self._sequence_handler),
+            ((list,), self._sequence_handler),
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The settings (for ``ddp_spawn``, which pickles the callback): a copy finds its handlers again."""
+        return {"batch_size_fn": self.batch_size_fn, "graph_size_fn": self.graph_size_fn, "errors": self.errors}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._forget()
+
+    # ------------------------------------------------------------------------------------------ sizing
     def resolve(self) -> Callable[[Any], GraphSize]:
-        """The cheapest callable that applies these overrides (the plain extractor when there are none)."""
-        return extract_graph_size if self.batch_size_fn is None and self.graph_size_fn is None else self
+        """The cheapest callable that applies these overrides (:meth:`size` when there are none)."""
+        return self.size if self.batch_size_fn is None and self.graph_size_fn is None else self
+
+    def size(self, batch: Any) -> GraphSize:
+        """:func:`~dgdn_lightning_monitor.extract_graph_size` of ``batch``, without the overrides."""
+        kind = type(batch)
+        return (self._handlers.get(kind) or self._handler(kind))(batch)
 
     def __call__(self, batch: Any) -> GraphSize:
+        """The size of ``batch`` with the overrides applied; never raises."""
         try:
-            size = extract_graph_size(batch) if (self.batch_size_fn is None or self.graph_size_fn is None) else UNKNOWN
+            size = self.size(batch) if (self.batch_size_fn is None or self.graph_size_fn is None) else UNKNOWN
             samples, nodes, edges = size
             if self.batch_size_fn is not None:
                 samples = int(self.batch_size_fn(batch))
@@ -361,3 +293,105 @@ class GraphSizer:
         except Exception as error:
             self.errors.report("graph_size", SIZING_FAILED, type(error).__name__, error)
             return UNKNOWN
+
+    def sampled_per_hop(self, batch: Any) -> Optional[HopCounts]:
+        """:func:`~dgdn_lightning_monitor.graph_size.sampled_per_hop` of ``batch``."""
+        kind = type(batch)
+        handler = self._hop_handlers.get(kind)
+        if handler is None:
+            handler = self._hop_handlers[kind] = _hop_handler(kind)
+        return handler(batch)
+
+    # ------------------------------------------------------------------------------------------ handlers
+    def _handler(self, kind: type) -> Callable[[Any], GraphSize]:
+        handler = next((h for bases, h in self._rules if all(issubclass(kind, b) for b in bases)), _unknown_size)
+        self._handlers[kind] = handler
+        return handler
+
+    def _row_size(self, count: int) -> GraphSize:
+        """The size of a tensor batch of ``count`` rows: one object per row count, reused batch after batch."""
+        size = GraphSize(int(count), None, None)
+        if len(self._rows) < _MAX_ROW_SIZES:
+            self._rows[count] = size
+        return size
+
+    def _tensor_size(self, tensor: torch.Tensor) -> GraphSize:
+        shape = tensor.shape
+        rows = shape[0] if shape else 1
+        return self._rows.get(rows) or self._row_size(rows)
+
+    def _plan(self, kinds: tuple[type, ...]) -> tuple[int, Callable[[Any], GraphSize]]:
+        """Which element of a tuple/list/dict batch to size: the first graph, else the first tensor."""
+        handlers = [self._handlers.get(kind) or self._handler(kind) for kind in kinds]
+        for wanted in (_GRAPH_HANDLERS, (self._tensor_handler,)):
+            index = next((i for i, handler in enumerate(handlers) if handler in wanted), -1)
+            if index >= 0:
+                return index, handlers[index]
+        return -1, _unknown_size
+
+    def _sequence_size(self, items: Any) -> GraphSize:
+        kinds = tuple(map(type, items))
+        plan = self._plans.get(kinds)
+        if plan is None:
+            plan = self._plans[kinds] = self._plan(kinds)
+        index, handler = plan
+        if handler is self._tensor_handler:  # the common (inputs, targets) batch, sized here without another call
+            shape = items[index].shape
+            rows = shape[0] if shape else 1
+            return self._rows.get(rows) or self._row_size(rows)
+        return handler(items[index]) if index >= 0 else UNKNOWN
+
+    def _mapping_size(self, mapping: Mapping) -> GraphSize:
+        return self._sequence_size(tuple(mapping.values()))
+
+
+def extract_graph_size(batch: Any) -> GraphSize:
+    """Tell how many samples, nodes and edges a batch holds, without touching the device.
+
+    Samples are:
+
+    * graphs of a PyG ``Batch`` of ``Data`` or ``HeteroData`` graphs (``DataLoader``, ``LightningDataset``,
+      ``DynamicBatchSampler``, ``ShaDowKHopSampler``);
+    * seed nodes of a node-sampled graph (its ``batch_size``: ``NeighborLoader``, ``HGTLoader``; for
+      ``HeteroData`` the input node type's);
+    * seed edges of a link-sampled graph (its ``input_id``: ``LinkNeighborLoader``, ``LinkLoader``), without the
+      negatives a loader adds; a graph with ``edge_label_index`` but no ``input_id`` (full-batch link
+      prediction) counts every column of it;
+    * nodes of any other single graph, trained on as a whole (``ClusterLoader``, ``GraphSAINT*``,
+      ``RandomNodeLoader``, full-batch training; summed over types for ``HeteroData``);
+    * events of a ``TemporalData`` and rows of a tensor.
+
+    ``HeteroData`` nodes and edges are summed over types. Tuples, lists and dicts are searched (one level) for the
+    first graph, else the first tensor. Anything else is unknown. This sizes one batch; a loop that sizes batch
+    after batch keeps one :class:`~dgdn_lightning_monitor.graph_size.GraphSizer` and calls its
+    :meth:`~dgdn_lightning_monitor.graph_size.GraphSizer.size`, which remembers each batch layout.
+
+    Args:
+        batch: what the ``DataLoader`` yielded.
+
+    Example::
+
+        extract_graph_size(Batch.from_data_list([g1, g2]))  # GraphSize(samples=2, nodes=..., edges=...)
+    """
+    return GraphSizer().size(batch)
+
+
+def sampled_per_hop(batch: Any) -> Optional[HopCounts]:
+    """Nodes and edges a neighbour sampler drew at each hop, from the ``num_sampled_nodes`` and
+    ``num_sampled_edges`` that PyG's ``NeighborLoader`` and ``LinkNeighborLoader`` put on a sampled batch.
+
+    Nodes come per hop from hop 0 (the seed nodes; for a link batch the ends of its seed edges, negatives
+    included); edges from hop 1. A ``HeteroData`` batch is summed over node and edge types, hop by hop. Host-side
+    only: lists are used as they are, a tensor only when it lives on the CPU. Batches that are not sampled
+    subgraphs (graphs of a ``Batch``, tensors, containers) give ``None``. A loop keeps one :class:`GraphSizer` and
+    calls its :meth:`~GraphSizer.sampled_per_hop`.
+
+    Args:
+        batch: what the ``DataLoader`` yielded.
+
+    Example::
+
+        sampled_per_hop(next(iter(NeighborLoader(data, num_neighbors=[10, 5], batch_size=32))))
+        # ([32, 291, 1254], [320, 1455])
+    """
+    return _hop_handler(type(batch))(batch)

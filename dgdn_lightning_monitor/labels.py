@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 RANK_LABEL_NAMES: tuple[str, ...] = ("rank", "local_rank", "node_rank", "world_size")
+#: The ``job`` of a run's discovered targets and pushed groups: the job the deploy stack's Prometheus scrapes file-SD
+#: targets under (``deploy/prometheus/prometheus.yml``).
+DEFAULT_JOB = "dgdn-training"
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,17 @@
-"""Out-of-memory forensics, and peak memory against graph size.
+"""Out-of-memory forensics: what ran out of memory, and where the memory went.
 
 The callback holds the batch in flight (from its batch-start hook to its batch-end hook, so that no batch outlives
 its step because of monitoring) and the metrics keep the largest training batch that completed. When a step raises
 ``torch.OutOfMemoryError`` or ``MemoryError``, Lightning calls the callback's ``on_exception`` before the exception
-goes on; :meth:`MemoryWatch.on_exception` then sizes the failing batch (host-side shapes only) and logs one line
+goes on; :meth:`OOMForensics.on_exception` then sizes the failing batch (host-side shapes only) and logs one line
 with the stage, the step, that batch's samples, nodes and edges, the largest batch that fit so far and, on CUDA,
 the caching allocator's figures; ``<namespace>_oom_total`` counts it. With ``memory_snapshot=True`` the allocator's
-history is recorded during the run (``torch.cuda.memory._record_memory_history``) and written at the OOM
-(``torch.cuda.memory._dump_snapshot``) to ``oom-<time>-rank<R>.pickle``, which https://pytorch.org/memory_viz
-opens.
+history is recorded during the run (:func:`~dgdn_lightning_monitor.compat.record_memory_history`) and written at the
+OOM (:func:`~dgdn_lightning_monitor.compat.dump_memory_snapshot`) to ``oom-<time>-rank<R>.pickle``, which
+https://pytorch.org/memory_viz opens.
 
-On CUDA, the training steps whose phases are timed (one in ``trace_every_n_steps``) reset the allocator's peak
-counter at their start and read it at their end (host-side counters: no device synchronisation); the peak with the
-batch's nodes and edges feeds a :class:`~dgdn_lightning_monitor.capacity.CapacityEstimator`, whose estimate of the
-largest batch that fits the device is exported as ``<namespace>_batch_capacity_nodes`` and ``..._edges``. The peak
-before each reset is kept in :data:`PEAKS_BEFORE_RESET`, so ``<namespace>_gpu_max_memory_allocated_bytes`` still
-reads the process's peak.
+The peak memory of sampled steps against their batch's size, and the largest batch estimated to fit, are
+:mod:`~dgdn_lightning_monitor.capacity`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from dgdn_lightning_monitor.capacity import CapacityEstimator
+from dgdn_lightning_monitor.compat import dump_memory_snapshot, record_memory_history
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSize
 from dgdn_lightning_monitor.guards import WarnOnce, check
 from dgdn_lightning_monitor.metrics import TrainingMetrics
@@ -45,92 +41,58 @@ OOM_ERRORS: tuple[type[BaseException], ...] = (
 
 _GIB = float(1 << 30)
 
-#: CUDA device index -> the allocator's peak before the capacity sampling last reset it.
-PEAKS_BEFORE_RESET: dict[int, int] = {}
 
-
-class CudaAllocator:
-    """The host-side counters of PyTorch's CUDA caching allocator for one device (no device synchronisation)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def total(self) -> int:
-        return int(torch.cuda.get_device_properties(self.device).total_memory)
-
-    def reset_peak(self) -> None:
-        # The process-wide peak survives the reset in PEAKS_BEFORE_RESET, for the peak gauge of the GPU collector.
-        index = self.device.index or 0
-        PEAKS_BEFORE_RESET[index] = max(PEAKS_BEFORE_RESET.get(index, 0), self.peak())
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        return int(torch.cuda.max_memory_allocated(self.device))
-
-    def figures(self) -> dict[str, int]:
-        return {
-            "allocated_bytes": int(torch.cuda.memory_allocated(self.device)),
-            "reserved_bytes": int(torch.cuda.memory_reserved(self.device)),
-            "max_allocated_bytes": max(self.peak(), PEAKS_BEFORE_RESET.get(self.device.index or 0, 0)),
-            "total_bytes": self.total(),
-        }
-
-
-def allocator_for(device: torch.device) -> Optional[CudaAllocator]:
-    """The allocator counters of ``device``, or ``None`` off CUDA."""
-    return CudaAllocator(device) if device.type == "cuda" else None
-
-
-class MemoryWatch:
-    """The CUDA peak-memory samples, the capacity estimate and the OOM record of one callback.
+class OOMForensics:
+    """The out-of-memory record of one callback: the failing batch, the largest that fit, the allocator's figures and,
+    with ``memory_snapshot``, CUDA's allocation history up to the OOM.
 
     Args:
-        metrics: where ``oom_total`` and the capacity estimate are exported; holds the largest batch that fit.
+        metrics: where ``oom_total`` is counted and errors are reported (as ``memory``); holds the largest batch
+            that fit.
         sizer: ``batch -> GraphSize`` (the callback's sizer).
         memory_snapshot: record CUDA's allocation history and dump it at an OOM.
+        allocator_figures: the CUDA allocator's figures at the OOM (``None`` off CUDA), e.g.
+            :meth:`~dgdn_lightning_monitor.capacity.CapacitySampler.allocator_figures`.
 
     Example::
 
-        watch = MemoryWatch(metrics, extract_graph_size)
-        watch.start(torch.device("cuda", 0), Path("lightning_logs/dgdn-dumps"), rank=0)
-        watch.sample_start()  # at the start of a sampled training step; sample_end(size) at its end
-        watch.on_exception(error, trainer, batch, batch_idx)  # from Callback.on_exception
+        forensics = OOMForensics(metrics, GraphSizer().size, allocator_figures=sampler.allocator_figures)
+        forensics.start(torch.device("cuda", 0), Path("lightning_logs/dgdn-dumps"), rank=0)
+        forensics.on_exception(error, trainer, batch, batch_idx)  # from Callback.on_exception
     """
 
     def __init__(
-        self, metrics: TrainingMetrics, sizer: Callable[[Any], GraphSize], memory_snapshot: bool = False
+        self,
+        metrics: TrainingMetrics,
+        sizer: Callable[[Any], GraphSize],
+        memory_snapshot: bool = False,
+        allocator_figures: Callable[[], Optional[dict[str, int]]] = lambda: None,
     ) -> None:
-        self.metrics, self.sizer = metrics, sizer
+        self.metrics, self.sizer, self.allocator_figures = metrics, sizer, allocator_figures
         self.memory_snapshot = check(
             "memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False"
         )
-        self.capacity = CapacityEstimator()
-        metrics.batch_capacity = self.capacity.estimate
         self.last_oom: Optional[dict[str, Any]] = None
-        self.sampling = False
-        self.allocator: Optional[CudaAllocator] = None
         self.directory = Path(".")
         self.rank = 0
         self.recording = False
         self._warn = WarnOnce(log)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "allocator": None, "recording": False}
+        return {**self.__dict__, "recording": False}
 
     # ------------------------------------------------------------------------------------------ run
     def start(self, device: torch.device, directory: Path, rank: int) -> None:
-        self.allocator, self.directory, self.rank = allocator_for(device), Path(directory), rank
-        self.sampling = False
-        if self.allocator is None:
-            if self.memory_snapshot:
-                self._warn("snapshot", "memory_snapshot=True needs a CUDA device; this run has none, none is taken")
+        self.directory, self.rank = Path(directory), rank
+        if not self.memory_snapshot:
+            return
+        if device.type != "cuda":
+            self._warn("snapshot", "memory_snapshot=True needs a CUDA device; this run has none, none is taken")
             return
         try:
-            self.capacity.budget_bytes = float(self.allocator.total())
-            if self.memory_snapshot:
-                # Python stacks only: C++ stacks make every allocation and the dump at the OOM much slower.
-                torch.cuda.memory._record_memory_history(stacks="python", max_entries=HISTORY_ENTRIES)
-                self.recording = True
+            # Python stacks only: C++ stacks make every allocation and the dump at the OOM much slower.
+            record_memory_history(stacks="python", max_entries=HISTORY_ENTRIES)
+            self.recording = True
         except Exception as error:
             self.metrics.errors.report(
                 "memory", "CUDA memory figures unavailable (%s: %s)", type(error).__name__, error
@@ -140,33 +102,11 @@ class MemoryWatch:
         if self.recording:
             self.recording = False
             try:
-                torch.cuda.memory._record_memory_history(enabled=None)
+                record_memory_history(enabled=None)
             except Exception as error:
                 self.metrics.errors.report(
                     "memory", "Could not stop the CUDA memory history (%s: %s)", type(error).__name__, error
                 )
-
-    # ------------------------------------------------------------------------------------------ step path
-    def sample_start(self) -> None:
-        """At the start of a sampled training step, on CUDA: reset the allocator's peak, read at the step's end by
-        :meth:`sample_end`."""
-        if self.allocator is not None:
-            try:
-                self.allocator.reset_peak()  # host-side: the peak of this step is read at its end
-                self.sampling = True
-            except Exception as error:  # never into training: the estimate goes without this step
-                self.metrics.errors.report(
-                    "memory", "Could not reset the CUDA peak memory (%s: %s)", type(error).__name__, error
-                )
-
-    def sample_end(self, size: GraphSize) -> None:
-        """At the end of a sampled training step: its peak memory against its batch's size (CUDA only)."""
-        if not self.sampling:
-            return
-        self.sampling = False
-        _, nodes, edges = size
-        if nodes is not None and edges is not None and self.allocator is not None:
-            self.capacity.add(self.allocator.peak(), nodes, edges)
 
     # ------------------------------------------------------------------------------------------ the OOM
     def on_exception(
@@ -189,13 +129,13 @@ class MemoryWatch:
         stage = getattr(getattr(trainer.state, "stage", None), "value", None) or "unknown"
         size = self.sizer(batch) if batch is not None else UNKNOWN
         largest = self.metrics.largest_batch  # None: no training batch of a told size completed
-        allocator = self.allocator.figures() if self.allocator is not None else None
+        allocator = self.allocator_figures()
         snapshot = None
         if self.recording:
             self.directory.mkdir(parents=True, exist_ok=True)
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
             snapshot = str(self.directory / f"oom-{stamp}-rank{self.rank}.pickle")
-            torch.cuda.memory._dump_snapshot(snapshot)
+            dump_memory_snapshot(snapshot)
         record = {
             "error": type(exception).__name__,
             "stage": stage,

@@ -6,7 +6,11 @@ configuration, a fast stop, and the end of a run told to Prometheus without keep
 An endpoint outlives the run it serves: when a run ends it keeps serving the run's final figures (the next run of its
 callback reuses it), and the process's exit waits, once and bounded, until a scrape has read them, but only where
 something scrapes the endpoint regularly (:func:`wait_for_final_scrapes`). A new endpoint in the same process takes
-over the port of a finished one, and closes the finished ones that owe Prometheus nothing."""
+over the port of a finished one, and closes the finished ones that owe Prometheus nothing.
+
+The port a rank serves on is decided here too (:func:`start_rank_server`): :data:`DEFAULT_PORT` (the stack's static
+quick-start target) by default, a free port with discovery, offset by the local rank under DDP, a free one instead of
+a taken default."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Optional
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -32,6 +37,12 @@ from dgdn_lightning_monitor.web_config import WebConfig
 
 log = logging.getLogger(__name__)
 
+#: The port of the stack's static quick-start target (``host.docker.internal:8000``): the default without
+#: ``targets_dir``. With ``targets_dir`` every rank binds a free port by default and the discovery file says which.
+DEFAULT_PORT = 8000
+# Hosts of a discovered target the stacks merge with their static quick-start target (deploy/prometheus/prometheus.yml
+# and its derivation by scripts/native_stack.py).
+_QUICK_START_HOSTS = ("host.docker.internal", "127.0.0.1", "localhost")
 # How often the serving loop checks for shutdown; stopping (a new run taking the port over, in its set-up) waits up
 # to this long (the library's default is 0.5 s).
 _POLL_INTERVAL_S = 0.05
@@ -45,8 +56,9 @@ _BURST_S = 0.1
 
 StartResponse = Callable[..., Any]
 
-# The serving endpoints of this process. Changed only by plain set operations (atomic under the GIL), so neither the
-# exit handler nor a forked child can ever wait on a lock here.
+# The serving endpoints of this process: process-wide by nature, as the exit of the process waits for all of them and
+# a port is the process's, whichever callback's endpoint holds it. Changed only by plain set operations (atomic under
+# the GIL), so neither the exit handler nor a forked child can ever wait on a lock here.
 _SERVING: set[MetricsServer] = set()
 
 
@@ -84,6 +96,71 @@ def reachable_host(addr: str, local: bool = True) -> str:
 def host_port(host: str, port: int) -> str:
     """``host:port``, an IPv6 literal in brackets."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+# ---------------------------------------------------------------------------------------------- the port policy
+def serving_port(port: Optional[int], local_rank: int, per_local_rank: bool, discovery: Optional[Path]) -> int:
+    """The port one rank binds.
+
+    Args:
+        port: what the user passed; ``None`` picks the default: :data:`DEFAULT_PORT` (the quick-start target's)
+            without discovery, ``0`` (a free port, written into the discovery file) with it, so that several runs on
+            one node never clash.
+        local_rank: the rank's index on its node, added to a non-zero port when ``per_local_rank``.
+        per_local_rank: offset the port by the local rank.
+        discovery: ``targets_dir``, or ``None``.
+
+    Raises:
+        ValueError: when the port plus the local rank is above 65535.
+    """
+    given = port
+    if port is None:
+        port = 0 if discovery is not None else DEFAULT_PORT
+    if port and per_local_rank and port + local_rank > 65535:
+        raise ValueError(
+            f"port {given} + local_rank {local_rank} is above 65535; pass a lower port, port=0 or "
+            f"port_per_local_rank=False"
+        )
+    return port + local_rank if port and per_local_rank else port
+
+
+def start_rank_server(
+    registry: CollectorRegistry,
+    addr: str,
+    port: Optional[int],
+    local_rank: int,
+    per_local_rank: bool,
+    discovery: Optional[Path],
+    web_config: Optional[WebConfig] = None,
+    wait_at_exit: bool = True,
+) -> MetricsServer:
+    """Start one rank's endpoint on the port :func:`serving_port` decides; a default port (``port`` ``None`` or 0)
+    that is taken gives way to a free one (with a warning), a port the user chose fails with
+    :class:`PortInUseError`. A finished endpoint of this process on that port hands it over.
+
+    Args:
+        registry, addr, web_config, wait_at_exit: as for :class:`MetricsServer`.
+        port, local_rank, per_local_rank, discovery: as for :func:`serving_port`.
+
+    Raises:
+        PortInUseError: the port the user chose is taken.
+        ValueError: the port plus the local rank is above 65535.
+
+    Example::
+
+        server = start_rank_server(registry, "0.0.0.0", None, local_rank=1, per_local_rank=True, discovery=None)
+        server.bound_port  # 8001
+    """
+    chosen = serving_port(port, local_rank, per_local_rank, discovery)
+    server = MetricsServer(registry, addr, chosen, web_config, free_port_if_taken=not port, wait_at_exit=wait_at_exit)
+    server.start()
+    return server
+
+
+def doubles_quick_start_target(host: str, port: Optional[int]) -> bool:
+    """Whether a discovered target ``host:port`` is also scraped as the stacks' static quick-start target under
+    another name (which the stacks do not merge): Prometheus would scrape that rank twice."""
+    return port == DEFAULT_PORT and host not in _QUICK_START_HOSTS
 
 
 class _Answer(list):
@@ -327,7 +404,9 @@ class MetricsServer:
         self._forget_scrapes()  # a new condition: the parent's serving thread may have held this one at the fork
 
 
-_worker_exit_registered: Optional[int] = None  # the process id that registered it
+# The process whose exit runs wait_for_final_scrapes through multiprocessing's finalizers (registered once per
+# process, like the atexit handler; a forked child registers its own).
+_worker_exit_registered: Optional[int] = None
 
 
 def _wait_at_worker_exit() -> None:

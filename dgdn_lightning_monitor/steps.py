@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from dgdn_lightning_monitor.compat import set_fetch_hooks
 from dgdn_lightning_monitor.guards import WarnOnce
 from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, TrainingMetrics
 from dgdn_lightning_monitor.server import MetricsServer
@@ -235,7 +236,7 @@ def watch_fetches(trainer: Any, run: Any) -> Callable[[], None]:
         after()
         run.fetch_end_ns = clock()
 
-    loop._on_before_fetch, loop._on_after_fetch = before_fetch, after_fetch
+    set_fetch_hooks(loop, before_fetch, after_fetch)
 
     def unwatch() -> None:
         for name in ("_on_before_fetch", "_on_after_fetch"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 import traceback
@@ -28,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from dgdn_lightning_monitor.compat import current_frames, flight_recorder_dump
 from dgdn_lightning_monitor.guards import check
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ def format_stacks(skip: Optional[int] = None) -> str:
     """
     names = {thread.ident: thread for thread in threading.enumerate()}
     parts = []
-    for ident, frame in sorted(
-        sys._current_frames().items(), key=lambda item: item[0] != threading.main_thread().ident
-    ):
+    for ident, frame in sorted(current_frames().items(), key=lambda item: item[0] != threading.main_thread().ident):
         if ident == skip:
             continue
         thread = names.get(ident)
@@ -75,12 +73,8 @@ def flight_recorder_trace() -> Optional[bytes]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    from torch._C import _distributed_c10d as c10d
-
-    # NCCL keeps its own recorder (_dump_nccl_trace, CUDA builds); _dump_fr_trace has the other backends' (gloo).
-    nccl = "nccl" in str(dist.get_backend()).lower()
-    names = ("_dump_nccl_trace", "_dump_fr_trace") if nccl else ("_dump_fr_trace",)
-    dump = next((getattr(c10d, name) for name in names if hasattr(c10d, name)), None)
+    # NCCL keeps its own recorder (CUDA builds); the other backends' (gloo) is PyTorch's generic one.
+    dump = flight_recorder_dump(nccl="nccl" in str(dist.get_backend()).lower())
     return dump() if dump is not None else None
 
 

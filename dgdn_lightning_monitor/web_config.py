@@ -21,7 +21,7 @@ TLS is served with Python's :mod:`ssl` (the same server-side context ``prometheu
 ``bcrypt`` package. Everything is checked when the file is loaded: a bad file fails there, with a
 :class:`ValueError` naming the file and the field, not at the first scrape.
 
-The Pushgateway push honours TLS and basic auth through :func:`push_handler_from_env`.
+The Pushgateway's client side (TLS and basic auth of a push) is in :mod:`~dgdn_lightning_monitor.pushgateway`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Union
-from urllib.request import HTTPSHandler, Request, build_opener
 
 import bcrypt
 import yaml
@@ -452,109 +451,3 @@ def _headers(file: Path, value: Any) -> tuple[tuple[str, str], ...]:
             raise _fail(file, where, "the value must be a one-line string")
         result.append((name, text))
     return tuple(result)
-
-
-# ---------------------------------------------------------------------------------------------- pushgateway
-#: Environment variables read by :func:`push_handler_from_env`.
-PUSHGATEWAY_ENV = (
-    "DGDN_MONITOR_PUSHGATEWAY_USERNAME",
-    "DGDN_MONITOR_PUSHGATEWAY_PASSWORD",
-    "DGDN_MONITOR_PUSHGATEWAY_CA_FILE",
-    "DGDN_MONITOR_PUSHGATEWAY_CERT_FILE",
-    "DGDN_MONITOR_PUSHGATEWAY_KEY_FILE",
-)
-PushHandler = Callable[[str, str, float | None, list[tuple[str, str]], bytes], Callable[[], None]]
-
-
-def push_handler(
-    username: str | None = None,
-    password: str | None = None,
-    ca_file: PathArg | None = None,
-    cert_file: PathArg | None = None,
-    key_file: PathArg | None = None,
-) -> PushHandler | None:
-    """A ``prometheus_client`` push handler with basic auth and TLS settings, or ``None`` when none are given.
-
-    Args:
-        username, password: basic-auth credentials (both or neither).
-        ca_file: CA certificates to verify the Pushgateway's certificate with (the system's by default).
-        cert_file, key_file: a client certificate and its key, for a Pushgateway that asks for one (both or neither).
-
-    Raises:
-        ValueError: naming the argument, when only one of a pair is given or a file cannot be loaded.
-
-    Example::
-
-        handler = push_handler("trainer", "s3cret", ca_file="certs/ca.crt")
-        push_to_gateway("https://pushgateway:9091", job="dgdn-training", registry=registry, handler=handler)
-    """
-    if (username is None) != (password is None):
-        raise ValueError("the Pushgateway username and password must be given together")
-    if (cert_file is None) != (key_file is None):
-        raise ValueError("the Pushgateway client cert_file and key_file must be given together")
-    if username is None and ca_file is None and cert_file is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=os.fspath(ca_file))
-        except (ssl.SSLError, OSError) as error:
-            raise ValueError(f"Pushgateway ca_file {os.fspath(ca_file)!r} cannot be loaded: {error}") from None
-    if cert_file is not None and key_file is not None:
-        try:
-            context.load_cert_chain(certfile=os.fspath(cert_file), keyfile=os.fspath(key_file))
-        except (ssl.SSLError, OSError) as error:
-            raise ValueError(
-                f"Pushgateway cert_file {os.fspath(cert_file)!r} / key_file {os.fspath(key_file)!r} "
-                f"cannot be loaded: {error}"
-            ) from None
-    authorization = None
-    if username is not None and password is not None:
-        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-        authorization = f"Basic {token}"
-
-    def handler(
-        url: str, method: str, timeout: float | None, headers: list[tuple[str, str]], data: bytes
-    ) -> Callable[[], None]:
-        def handle() -> None:
-            request = Request(url, data=data, method=method)
-            for name, value in headers:
-                request.add_header(name, value)
-            if authorization is not None:
-                request.add_header("Authorization", authorization)
-            with build_opener(HTTPSHandler(context=context)).open(request, timeout=timeout) as response:
-                if response.status >= 400:
-                    raise OSError(f"error talking to the Pushgateway: {response.status} {response.reason}")
-
-        return handle
-
-    return handler
-
-
-def push_handler_from_env(environ: Mapping[str, str] | None = None) -> PushHandler | None:
-    """:func:`push_handler` configured from ``DGDN_MONITOR_PUSHGATEWAY_*`` environment variables.
-
-    Reads ``DGDN_MONITOR_PUSHGATEWAY_USERNAME`` / ``_PASSWORD`` (basic auth), ``_CA_FILE`` (CA to verify the
-    Pushgateway with) and ``_CERT_FILE`` / ``_KEY_FILE`` (client certificate). Empty variables count as unset.
-
-    Args:
-        environ: where to read the variables; ``os.environ`` by default.
-
-    Returns:
-        A handler for ``prometheus_client.push_to_gateway(handler=...)``, or ``None`` when no variable is set.
-
-    Raises:
-        ValueError: naming the variable, when a pair is incomplete or a file cannot be loaded.
-
-    Example::
-
-        handler = push_handler_from_env()
-        push_to_gateway(url, job="dgdn-training", registry=registry, **({"handler": handler} if handler else {}))
-    """
-    env = os.environ if environ is None else environ
-    values = {name: (env.get(name) or None) for name in PUSHGATEWAY_ENV}
-    username, password, ca_file, cert_file, key_file = (values[name] for name in PUSHGATEWAY_ENV)
-    try:
-        return push_handler(username, password, ca_file, cert_file, key_file)
-    except ValueError as error:
-        raise ValueError(f"{error} (from the environment variables {', '.join(PUSHGATEWAY_ENV)})") from None

@@ -608,12 +608,12 @@ class Stack:
         """Remove expired discovery files (runs killed without their teardown) and Pushgateway groups past their
         retention, as the runs themselves do; needs the package (a no-op without it)."""
         try:
-            from dgdn_lightning_monitor import distributed
+            from dgdn_lightning_monitor import distributed, pushgateway
         except ImportError:
             return
         distributed.remove_expired_targets(self.targets)
         if "pushgateway" in self.servers:
-            distributed.remove_finished_groups(self.url("pushgateway"), retention_s=distributed.PUSH_RETENTION_S)
+            pushgateway.remove_finished_groups(self.url("pushgateway"), retention_s=pushgateway.PUSH_RETENTION_S)
 
     def wait(self, sweep_every_s: float = 30.0) -> None:
         """Block until a server exits (or is stopped from elsewhere), sweeping every ``sweep_every_s``."""

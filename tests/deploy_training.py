@@ -225,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """
     import argparse
 
-    from dgdn_lightning_monitor import MonitoringCallback, distributed
+    from dgdn_lightning_monitor import MonitoringCallback, server
 
     def option(value: str) -> Any:
         return None if value == "default" else value
@@ -242,7 +242,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--hold", action="store_true")
     args = parser.parse_args(argv)
     if args.default_port is not None:
-        distributed.DEFAULT_PORT = args.default_port
+        server.DEFAULT_PORT = args.default_port
     port = option(args.port)
     monitor = MonitoringCallback(
         port=None if port is None else int(port),

@@ -26,13 +26,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import free_port
 from dgdn_lightning_monitor import MonitoringCallback, PortInUseError
-from dgdn_lightning_monitor.distributed import (
-    DistributedRun,
-    Endpoint,
-    FileSDTargets,
-    push_final_metrics,
-)
+from dgdn_lightning_monitor.distributed import DistributedRun, Endpoint, FileSDTargets
 from dgdn_lightning_monitor.labels import RankLabels
+from dgdn_lightning_monitor.pushgateway import push_final_metrics
 from dgdn_lightning_monitor.server import MetricsServer, reachable_host
 from dgdn_lightning_monitor.tracing import TracingSetup, TrainingTracer
 from dgdn_lightning_monitor.tracing.provider import GivenIds

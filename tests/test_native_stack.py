@@ -275,7 +275,7 @@ def test_the_stack_sweeps_expired_discovery_files_and_old_pushgateway_groups(nat
     and Pushgateway groups past their retention are deleted (a real Pushgateway on the stack's port)."""
     from prom_helpers import Pushgateway
 
-    from dgdn_lightning_monitor import distributed
+    from dgdn_lightning_monitor import distributed, pushgateway
 
     targets = tmp_path / "targets"
     targets.mkdir()
@@ -295,10 +295,10 @@ def test_the_stack_sweeps_expired_discovery_files_and_old_pushgateway_groups(nat
         )
         urllib.request.urlopen(request, timeout=5).close()
         stack = native_stack.Stack(tmp_path / "state", ports=ports, targets_dir=targets)
-        monkeypatch.setattr(distributed, "PUSH_RETENTION_S", 3600.0)
+        monkeypatch.setattr(pushgateway, "PUSH_RETENTION_S", 3600.0)
         stack.sweep()
         assert "old" in http_get(gateway.url + "/metrics").decode()  # within the retention
-        monkeypatch.setattr(distributed, "PUSH_RETENTION_S", 0.0)
+        monkeypatch.setattr(pushgateway, "PUSH_RETENTION_S", 0.0)
         stack.sweep()
         assert 'run_id="old"' not in http_get(gateway.url + "/metrics").decode()
     finally:

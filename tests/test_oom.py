@@ -1,19 +1,21 @@
 """Out-of-memory forensics and the batch capacity estimate, in real Lightning runs on PyG batches.
 
-The CUDA allocator cannot exist here: where a test needs its counters, a stand-in replaces ``oom.allocator_for``
+The CUDA allocator cannot exist here: where a test needs its counters, a stand-in replaces ``capacity.allocator_for``
 (the one seam to the allocator) and answers from a known linear law of the batch in flight."""
 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from dgdn_lightning_monitor import MonitoringCallback, gpu, oom
+from dgdn_lightning_monitor import MonitoringCallback, capacity, gpu
 from dgdn_lightning_monitor.capacity import MIN_OBSERVATIONS, CapacityEstimator
+from dgdn_lightning_monitor.metrics import TrainingMetrics
 from exposition import exposition, value
 from fake_pynvml import FakeNVML
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
@@ -191,8 +193,9 @@ class StandInAllocator:
     def total(self) -> int:
         return int(BUDGET)
 
-    def reset_peak(self) -> None:
+    def reset_peak(self) -> int:
         self.resets += 1
+        return 0  # the peak it held: none that a test reads
 
     def peak(self) -> int:
         self.reads += 1
@@ -212,7 +215,7 @@ def test_capacity_gauges_from_a_real_run_follow_the_sampled_steps(monkeypatch):
         allocators.append(StandInAllocator(device))
         return allocators[-1]
 
-    monkeypatch.setattr(oom, "allocator_for", stand_in)
+    monkeypatch.setattr(capacity, "allocator_for", stand_in)
 
     class Tells(GraphClassifier):
         def training_step(self, batch, batch_idx):
@@ -238,7 +241,7 @@ def test_capacity_gauges_from_a_real_run_follow_the_sampled_steps(monkeypatch):
 
 def test_an_oom_on_cuda_reports_the_allocator_figures(monkeypatch, caplog):
     allocator = StandInAllocator(None)
-    monkeypatch.setattr(oom, "allocator_for", lambda device: allocator)
+    monkeypatch.setattr(capacity, "allocator_for", lambda device: allocator)
 
     class Tells(RaisesAt):
         def training_step(self, batch, batch_idx):
@@ -270,12 +273,13 @@ def test_the_peak_gauge_keeps_the_peak_the_capacity_sampling_reset(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: dict(stats))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: stats["allocated_bytes.all.peak"])
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
-    peaks: dict[int, int] = {}
-    monkeypatch.setattr(oom, "PEAKS_BEFORE_RESET", peaks)
-    monkeypatch.setattr(gpu, "PEAKS_BEFORE_RESET", peaks)
-    oom.CudaAllocator(torch.device("cuda", 0)).reset_peak()
-    assert stats["allocated_bytes.all.peak"] == 100 and peaks == {0: 5000}
-    monitor = gpu.GPUMonitor(devices=[0], nvml=FakeNVML(1, library_missing=True), poll_interval_s=60)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=BUDGET))
+    sampler = capacity.CapacitySampler(TrainingMetrics())
+    sampler.start(torch.device("cuda", 0))
+    sampler.sample_start()
+    assert stats["allocated_bytes.all.peak"] == 100 and sampler.peaks.before_reset == {0: 5000}
+    nvml = FakeNVML(1, library_missing=True)
+    monitor = gpu.GPUMonitor(devices=[0], nvml=nvml, poll_interval_s=60, peaks=sampler.peaks)
     monitor.start(cuda_devices=[0], labels={"rank": "0"})
     try:
         registry = CollectorRegistry()

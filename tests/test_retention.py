@@ -15,8 +15,9 @@ from exposition import samples
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
 from prom_helpers import Pushgateway, http_get
 
-from dgdn_lightning_monitor import MonitoringCallback, distributed
+from dgdn_lightning_monitor import MonitoringCallback, distributed, pushgateway
 from dgdn_lightning_monitor.distributed import FileSDTargets, remove_expired_targets
+from dgdn_lightning_monitor.server import DEFAULT_PORT
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_series_stay_bounded_over_20_runs_and_grow_without_retention(gateway, mo
     _run(gateway)
     assert len(_series(gateway)) == 2  # the default retention (1 h) keeps both
 
-    monkeypatch.setattr(distributed, "PUSH_RETENTION_S", 0.0)
+    monkeypatch.setattr(pushgateway, "PUSH_RETENTION_S", 0.0)
     counts = []
     for _ in range(20):
         last = _run(gateway)
@@ -120,14 +121,14 @@ def test_the_quick_start_port_with_discovery_under_another_name_warns(tmp_path, 
     from dgdn_lightning_monitor.labels import RankLabels
 
     run = distributed.DistributedRun(targets_dir=tmp_path, targets_host="gpu-node-3")
-    run.exchange(RankLabels(), "0.0.0.0", distributed.DEFAULT_PORT, False)
+    run.exchange(RankLabels(), "0.0.0.0", DEFAULT_PORT, False)
     with caplog.at_level("WARNING", logger="dgdn_lightning_monitor.distributed"):
         run.publish(RankLabels(), "r1")
     assert ["scrape this rank twice" in r.getMessage() for r in caplog.records] == [True]
     run.finish(None, RankLabels(), "r1")  # type: ignore[arg-type]  # no Pushgateway: the registry is not used
     caplog.clear()
     merged = distributed.DistributedRun(targets_dir=tmp_path, targets_host="host.docker.internal")
-    merged.exchange(RankLabels(), "0.0.0.0", distributed.DEFAULT_PORT, False)
+    merged.exchange(RankLabels(), "0.0.0.0", DEFAULT_PORT, False)
     with caplog.at_level("WARNING", logger="dgdn_lightning_monitor.distributed"):
         merged.publish(RankLabels(), "r2")
     assert not caplog.records

@@ -22,7 +22,7 @@ from conftest import free_port
 from exposition import samples, scrape
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
 
-from dgdn_lightning_monitor import MonitoringCallback, distributed
+from dgdn_lightning_monitor import MonitoringCallback, server
 from dgdn_testing import scrapers
 from dgdn_testing.scrapers import held_connections
 
@@ -127,7 +127,7 @@ def test_a_new_callback_takes_over_the_port_of_a_finished_run_in_the_same_proces
     and its scrapes show the new run."""
     port = free_port()
     if not given:
-        monkeypatch.setattr(distributed, "DEFAULT_PORT", port)
+        monkeypatch.setattr(server, "DEFAULT_PORT", port)
     url = f"http://127.0.0.1:{port}/metrics"
     options = dict(port=port if given else None, addr="127.0.0.1", tracing=False, gpu_devices=None)
     scraper = Scraper(url, every_s=3.0)  # its next scrape mostly comes after the second run started

@@ -22,8 +22,8 @@ from prom_helpers import DEPLOY, ROOT, ServerProcess, run_tool, wait_until
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app, push_to_gateway
 from tls_helpers import SecuredServer, basic, bcrypt_hash, client_context, fetch, write_web_config
 
-from dgdn_lightning_monitor.distributed import push_final_metrics
-from dgdn_lightning_monitor.web_config import load_web_config, push_handler_from_env
+from dgdn_lightning_monitor.pushgateway import push_final_metrics, push_handler_from_env
+from dgdn_lightning_monitor.web_config import load_web_config
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 from tls_helpers import SecuredServer, basic, bcrypt_hash, client_context, fetch, make_certificates, write_web_config
 
 from dgdn_lightning_monitor import web_config
-from dgdn_lightning_monitor.web_config import WebConfig, load_web_config, push_handler, push_handler_from_env
+from dgdn_lightning_monitor.pushgateway import push_handler, push_handler_from_env
+from dgdn_lightning_monitor.web_config import WebConfig, load_web_config
 
 GAUGE_VALUE = 42.5
 
