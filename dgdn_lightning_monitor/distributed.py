@@ -36,7 +36,7 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
 from prometheus_client.exposition import default_handler
 
-from dgdn_lightning_monitor.guards import MonitorErrors, check
+from dgdn_lightning_monitor.guards import MonitorErrors, check, describe
 from dgdn_lightning_monitor.labels import RankLabels
 from dgdn_lightning_monitor.server import FINAL_SCRAPE_LIMIT_S, MetricsServer, host_port, reachable_host
 from dgdn_lightning_monitor.web_config import push_handler_from_env
@@ -334,7 +334,7 @@ def push_final_metrics(
             )
             outcome[0] = None
         except Exception as error:  # the reason is reported by the caller
-            outcome[0] = f"{type(error).__name__}: {error}"
+            outcome[0] = describe(error)
 
     worker = threading.Thread(target=push, name="dgdn-pushgateway", daemon=True)
     worker.start()
@@ -463,7 +463,7 @@ class DistributedRun:
             host = self.targets_host or reachable_host(addr, local=False)
             mine = (run_id, uuid.uuid4().hex, Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port))
         except Exception as error:  # still enter the collective below, with the cause in place of the endpoint
-            mine = f"{type(error).__name__}: {error}"
+            mine = describe(error)
             self._failed("this rank's part", mine)
         gathered: list[Any] = [mine]
         if world_size > 1:
@@ -472,7 +472,7 @@ class DistributedRun:
                 dist.all_gather_object(gathered, mine)
             except Exception as error:  # a broken process group: go on with what this rank knows
                 gathered = [mine]
-                self._failed("endpoints", f"{type(error).__name__}: {error}")
+                self._failed("endpoints", describe(error))
         for other, entry in enumerate(gathered):
             if isinstance(entry, str) and other != rank:  # this rank's own failure is counted above
                 self._failed(f"rank {other}'s part", entry)

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch_geometric.data import Batch, Data, HeteroData, TemporalData
 
-from dgdn_lightning_monitor.guards import MonitorErrors, check_optional
+from dgdn_lightning_monitor.guards import MonitorErrors, check_optional, describe
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class GraphSize(NamedTuple):
 
 UNKNOWN = GraphSize(None, None, None)
 #: The warning of a batch that could not be sized (the error's class and message follow).
-SIZING_FAILED = "Could not size a batch (%s: %s); it counts with an unknown size, training continues."
+SIZING_FAILED = "Could not size a batch (%s); it counts with an unknown size, training continues."
 # tuple.__new__ builds a GraphSize without the Python-level constructor a NamedTuple call goes through.
 _new = tuple.__new__
 
@@ -359,5 +359,5 @@ class GraphSizer:
                 nodes, edges = (int(v) for v in self.graph_size_fn(batch))
             return GraphSize(samples, nodes, edges)
         except Exception as error:
-            self.errors.report("graph_size", SIZING_FAILED, type(error).__name__, error)
+            self.errors.report("graph_size", SIZING_FAILED, describe(error))
             return UNKNOWN

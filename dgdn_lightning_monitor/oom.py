@@ -30,8 +30,10 @@ import torch
 
 from dgdn_lightning_monitor.capacity import CapacityEstimator
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSize
-from dgdn_lightning_monitor.guards import WarnOnce, check
+from dgdn_lightning_monitor.guards import MonitorErrors, WarnOnce, check
+from dgdn_lightning_monitor.guards import describe as describe_error
 from dgdn_lightning_monitor.metrics import TrainingMetrics
+from dgdn_lightning_monitor.vocabulary import lightning_stage
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class MemoryWatch:
         metrics: where ``oom_total`` and the capacity estimate are exported; holds the largest batch that fit.
         sizer: ``batch -> GraphSize`` (the callback's sizer).
         memory_snapshot: record CUDA's allocation history and dump it at an OOM.
+        errors: where memory figures that could not be read are counted (as ``memory``); by default a new one.
 
     Example::
 
@@ -98,14 +101,19 @@ class MemoryWatch:
     """
 
     def __init__(
-        self, metrics: TrainingMetrics, sizer: Callable[[Any], GraphSize], memory_snapshot: bool = False
+        self,
+        metrics: TrainingMetrics,
+        sizer: Callable[[Any], GraphSize],
+        memory_snapshot: bool = False,
+        errors: Optional[MonitorErrors] = None,
     ) -> None:
         self.metrics, self.sizer = metrics, sizer
+        self.errors = errors if errors is not None else MonitorErrors(log)
         self.memory_snapshot = check(
             "memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False"
         )
         self.capacity = CapacityEstimator()
-        metrics.batch_capacity = self.capacity.estimate
+        metrics.set_batch_capacity(self.capacity.estimate)
         self.last_oom: Optional[dict[str, Any]] = None
         self.sampling = False
         self.allocator: Optional[CudaAllocator] = None
@@ -132,9 +140,7 @@ class MemoryWatch:
                 torch.cuda.memory._record_memory_history(stacks="python", max_entries=HISTORY_ENTRIES)
                 self.recording = True
         except Exception as error:
-            self.metrics.errors.report(
-                "memory", "CUDA memory figures unavailable (%s: %s)", type(error).__name__, error
-            )
+            self.errors.report("memory", "CUDA memory figures unavailable (%s)", describe_error(error))
 
     def stop(self) -> None:
         if self.recording:
@@ -142,9 +148,7 @@ class MemoryWatch:
             try:
                 torch.cuda.memory._record_memory_history(enabled=None)
             except Exception as error:
-                self.metrics.errors.report(
-                    "memory", "Could not stop the CUDA memory history (%s: %s)", type(error).__name__, error
-                )
+                self.errors.report("memory", "Could not stop the CUDA memory history (%s)", describe_error(error))
 
     # ------------------------------------------------------------------------------------------ step path
     def sample_start(self) -> None:
@@ -155,9 +159,7 @@ class MemoryWatch:
                 self.allocator.reset_peak()  # host-side: the peak of this step is read at its end
                 self.sampling = True
             except Exception as error:  # never into training: the estimate goes without this step
-                self.metrics.errors.report(
-                    "memory", "Could not reset the CUDA peak memory (%s: %s)", type(error).__name__, error
-                )
+                self.errors.report("memory", "Could not reset the CUDA peak memory (%s)", describe_error(error))
 
     def sample_end(self, size: GraphSize) -> None:
         """At the end of a sampled training step: its peak memory against its batch's size (CUDA only)."""
@@ -179,14 +181,12 @@ class MemoryWatch:
         try:
             return self._record(exception, trainer, batch, batch_idx)
         except Exception as error:
-            self.metrics.errors.report(
-                "memory", "Could not record the out-of-memory error (%s: %s)", type(error).__name__, error
-            )
+            self.errors.report("memory", "Could not record the out-of-memory error (%s)", describe_error(error))
             return None
 
     def _record(self, exception: BaseException, trainer: Any, batch: Any, batch_idx: int) -> dict[str, Any]:
-        self.metrics.ooms += 1
-        stage = getattr(getattr(trainer.state, "stage", None), "value", None) or "unknown"
+        self.metrics.count_oom()
+        stage = lightning_stage(trainer, "unknown")
         size = self.sizer(batch) if batch is not None else UNKNOWN
         largest = self.metrics.largest_batch  # None: no training batch of a told size completed
         allocator = self.allocator.figures() if self.allocator is not None else None
