@@ -119,7 +119,7 @@ class _Probe(Callback):
         f = self.figures
 
         def read_logged() -> None:
-            from dgdn_lightning_monitor.steps import TRAIN_GAUGES
+            from dgdn_lightning_monitor.vocabulary import TRAIN_GAUGES
 
             cb._run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
 
@@ -163,15 +163,15 @@ class _Probe(Callback):
             lambda: per_call_us(lambda: cb.metrics.observe_train_batch(0.001, now, size, None, hops(sampled)), n),
         )
         part(
-            "metrics.count_model(module) (each epoch end), tiny model",
-            lambda: per_call_us(lambda: cb.metrics.count_model(pl_module), max(n // 10, 50)),
+            "count_model(module) (each epoch end), tiny model",
+            lambda: per_call_us(lambda: cb._count_model(pl_module), max(n // 10, 50)),
         )
         if dgdn_module is not None:
             part(
-                "metrics.count_model(module) (each epoch end), DGDN module",
-                lambda: per_call_us(lambda: cb.metrics.count_model(dgdn_module), max(n // 10, 50)),
+                "count_model(module) (each epoch end), DGDN module",
+                lambda: per_call_us(lambda: cb._count_model(dgdn_module), max(n // 10, 50)),
             )
-            cb.metrics.count_model(pl_module)
+            cb._count_model(pl_module)
 
         def step() -> None:
             cb.on_train_batch_start(trainer, pl_module, batch, batch_idx)

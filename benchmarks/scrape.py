@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry
@@ -49,7 +50,7 @@ def filled_metrics(rank: int, world_size: int, batches: int = 10_000) -> Any:
 
     rng = random.Random(rank)
     metrics = TrainingMetrics("dgdn")
-    metrics.labels = RankLabels(rank=rank, local_rank=rank % 8, node_rank=rank // 8, world_size=world_size)
+    metrics.set_labels(RankLabels(rank=rank, local_rank=rank % 8, node_rank=rank // 8, world_size=world_size))
     metrics.start_run()  # stage, progress and outcome families
     now = time.perf_counter() - batches * 0.02
     metrics.enter_stage("train", now)
@@ -69,18 +70,20 @@ def filled_metrics(rank: int, world_size: int, batches: int = 10_000) -> Any:
         ("validation_accuracy", 0.8),
     ):
         metrics.set_logged(suffix, value)
-    metrics.nonfinite_losses = 2
-    metrics.epoch_duration = 42.0
-    metrics.model_figures = (1_234_567, 1_234_567, 4_938_268)
-    metrics.info = {
+    metrics.record_nonfinite(2)
+    metrics.epoch_ended(42.0)
+    metrics.set_model_figures((1_234_567, 1_234_567, 4_938_268))
+    metrics.set_run_info({
         "model": "dgdn_lightning_monitor.dgdn.module.DGDNLinkPredictor",
         "lightning_version": "2.6.6",
         "torch_version": "2.13.0",
         "torch_geometric_version": "2.8.1",
         "run_id": "0123456789ab",
-    }
-    metrics.progress = (3, 12_345)
-    metrics.learning_rates = [("AdamW", "0", 1e-3), ("AdamW", "1", 1e-4)]
+    })
+    # A run that ended at epoch 3, step 12345, with two parameter groups (what a scrape after the run reads).
+    optimizer = type("AdamW", (), {"param_groups": [{"lr": 1e-3}, {"lr": 1e-4}]})()
+    metrics.bind(SimpleNamespace(current_epoch=3, global_step=12_345, optimizers=[optimizer]))
+    metrics.freeze_live_values()
     return metrics
 
 

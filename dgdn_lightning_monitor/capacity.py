@@ -22,6 +22,7 @@ On CUDA, :class:`CapacitySampler` takes those observations on the training steps
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, Optional
 
@@ -29,7 +30,10 @@ import numpy as np
 import torch
 
 from dgdn_lightning_monitor.graph_size import GraphSize
+from dgdn_lightning_monitor.guards import MonitorErrors, describe
 from dgdn_lightning_monitor.metrics import TrainingMetrics
+
+log = logging.getLogger(__name__)
 
 #: Observations the fit uses (the most recent).
 WINDOW = 256
@@ -144,7 +148,8 @@ class CapacitySampler:
     whose estimate ``metrics`` exports (CUDA only; elsewhere every call does nothing).
 
     Args:
-        metrics: where the estimate is exported and errors are counted (as ``memory``).
+        metrics: where the estimate is exported.
+        errors: where memory figures that could not be read are counted (as ``memory``); by default a new one.
 
     Example::
 
@@ -154,10 +159,11 @@ class CapacitySampler:
         sampler.sample_end(size)  # at its end, with its batch's GraphSize
     """
 
-    def __init__(self, metrics: TrainingMetrics) -> None:
+    def __init__(self, metrics: TrainingMetrics, errors: Optional[MonitorErrors] = None) -> None:
         self.metrics = metrics
+        self.errors = errors if errors is not None else MonitorErrors(log)
         self.capacity = CapacityEstimator()
-        metrics.batch_capacity = self.capacity.estimate
+        metrics.set_batch_capacity(self.capacity.estimate)
         self.peaks = PeaksBeforeReset()
         self.allocator: Optional[CudaAllocator] = None
         self.index = 0
@@ -174,23 +180,18 @@ class CapacitySampler:
         try:
             self.capacity.budget_bytes = float(self.allocator.total())
         except Exception as error:
-            self.metrics.errors.report(
-                "memory", "CUDA memory figures unavailable (%s: %s)", type(error).__name__, error
-            )
+            self.errors.report("memory", "CUDA memory figures unavailable (%s)", describe(error))
 
     def sample_start(self) -> None:
         """At the start of a sampled training step, on CUDA: reset the allocator's peak, read at the step's end by
         :meth:`sample_end`."""
         if self.allocator is not None:
             try:
-                self.peaks.keep(
-                    self.index, self.allocator.reset_peak()
-                )  # host-side: the step's peak is read at its end
+                # Host-side: the step's peak is read at its end.
+                self.peaks.keep(self.index, self.allocator.reset_peak())
                 self.sampling = True
             except Exception as error:  # never into training: the estimate goes without this step
-                self.metrics.errors.report(
-                    "memory", "Could not reset the CUDA peak memory (%s: %s)", type(error).__name__, error
-                )
+                self.errors.report("memory", "Could not reset the CUDA peak memory (%s)", describe(error))
 
     def sample_end(self, size: GraphSize) -> None:
         """At the end of a sampled training step: its peak memory against its batch's size (CUDA only)."""

@@ -30,7 +30,7 @@ from dgdn_lightning_monitor.dgdn import (
     TemporalGraphDataModule,
     load_dataset,
 )
-from dgdn_lightning_monitor.metrics import PHASES
+from dgdn_lightning_monitor.vocabulary import PHASES
 
 PROG = "dgdn-monitor"
 GRAFANA_URL = "http://localhost:3000"

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from dgdn_lightning_monitor import pushgateway
-from dgdn_lightning_monitor.guards import MonitorErrors, check, forget_threads_after_fork
+from dgdn_lightning_monitor.guards import MonitorErrors, check, describe, forget_threads_after_fork
 from dgdn_lightning_monitor.labels import DEFAULT_JOB, RankLabels
 from dgdn_lightning_monitor.pushgateway import PUSH_TIMEOUT_S, push_final_metrics, remove_finished_groups
 from dgdn_lightning_monitor.server import (
@@ -365,7 +365,7 @@ class DistributedRun:
             host = self.targets_host or reachable_host(addr, local=False)
             mine = (run_id, uuid.uuid4().hex, Endpoint(labels.rank, labels.local_rank, labels.node_rank, host, port))
         except Exception as error:  # still enter the collective below, with the cause in place of the endpoint
-            mine = f"{type(error).__name__}: {error}"
+            mine = describe(error)
             self._failed("this rank's part", mine)
         gathered: list[Any] = [mine]
         if world_size > 1:
@@ -374,7 +374,7 @@ class DistributedRun:
                 dist.all_gather_object(gathered, mine)
             except Exception as error:  # a broken process group: go on with what this rank knows
                 gathered = [mine]
-                self._failed("endpoints", f"{type(error).__name__}: {error}")
+                self._failed("endpoints", describe(error))
         for other, entry in enumerate(gathered):
             if isinstance(entry, str) and other != rank:  # this rank's own failure is counted above
                 self._failed(f"rank {other}'s part", entry)

@@ -75,6 +75,7 @@ from dgdn_lightning_monitor.guards import (
     WarnOnce,
     check,
     check_namespace,
+    describe,
     forget_threads_after_fork,
 )
 
@@ -141,11 +142,6 @@ class _Target:
     handle: Any = None
     labels: tuple[str, str, str] = ("", "", "")  # gpu, uuid, name
     unsupported: set[str] = field(default_factory=set)  # NVML functions the GPU does not support
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception, for the warnings."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _indices(name: str, value: Any, expected: str = "a list of distinct non-negative GPU indices") -> tuple[int, ...]:
@@ -235,9 +231,9 @@ class _Sampler(threading.Thread):
         except Exception as exc:
             if isinstance(exc, getattr(self.nvml, "NVMLError_LibraryNotFound", ())):
                 message = "GPU monitoring is off: the NVML library was not found (%s); is the NVIDIA driver installed?"
-                self.warn("library_not_found", message, _describe(exc))
+                self.warn("library_not_found", message, describe(exc))
             else:
-                self.warn("init_failed", "GPU monitoring is off: nvmlInit failed: %s", _describe(exc))
+                self.warn("init_failed", "GPU monitoring is off: nvmlInit failed: %s", describe(exc))
             self.snapshot = (0, [])
             return self.sampled.set()
         try:
@@ -266,14 +262,14 @@ class _Sampler(threading.Thread):
                 ok = False
                 keys = ", ".join(f"{kind} {key}" for kind, key in target.keys)
                 message = "GPU monitoring cannot find GPU %d in NVML (looked up by %s): %s"
-                self.warn("device_not_found", message, target.gpu, keys, _describe(exc))
+                self.warn("device_not_found", message, target.gpu, keys, describe(exc))
                 continue
             try:
                 samples.append((target.labels, self._sample(target)))
             except Exception as exc:
                 ok = False
                 message = "GPU sampling failed for GPU %d (%s): %s; its figures are left out until sampling works again"
-                self.warn("sample_failed", message, target.gpu, target.labels[1], _describe(exc))
+                self.warn("sample_failed", message, target.gpu, target.labels[1], describe(exc))
         previous, self.snapshot = self.snapshot[0], (int(ok), samples)
         if ok and previous == 0:
             logger.info("GPU sampling works again")
@@ -435,7 +431,7 @@ class GPUMonitor:
                 nvml = importlib.import_module("pynvml")
             except Exception as exc:
                 message = "GPU monitoring is off: nvidia-ml-py (pynvml) cannot be imported: %s"
-                self._fail("nvml_missing", message, _describe(exc))
+                self._fail("nvml_missing", message, describe(exc))
                 self._run = _Run(names, values, cuda, None)
                 return
         ask_torch = self.devices == "auto" or torch.cuda.is_initialized()
@@ -495,7 +491,7 @@ class GPUMonitor:
                     stats = torch.cuda.memory_stats(index)
                 except Exception as exc:
                     message = "reading the PyTorch CUDA allocator statistics of GPU %d failed: %s"
-                    self._fail("allocator_failed", message, index, _describe(exc))
+                    self._fail("allocator_failed", message, index, describe(exc))
                     continue
                 if _PEAK_KEY in stats:  # the capacity sampling resets the peak: what it reset is kept
                     stats[_PEAK_KEY] = self.peaks.peak(index, stats[_PEAK_KEY])

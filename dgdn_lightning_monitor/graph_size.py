@@ -23,7 +23,7 @@ from dgdn_lightning_monitor.compat import (
     sparse_nnz,
     store_mapping,
 )
-from dgdn_lightning_monitor.guards import MonitorErrors, check_optional
+from dgdn_lightning_monitor.guards import MonitorErrors, check_optional, describe
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class GraphSize(NamedTuple):
 
 UNKNOWN = GraphSize(None, None, None)
 #: The warning of a batch that could not be sized (the error's class and message follow).
-SIZING_FAILED = "Could not size a batch (%s: %s); it counts with an unknown size, training continues."
+SIZING_FAILED = "Could not size a batch (%s); it counts with an unknown size, training continues."
 # tuple.__new__ builds a GraphSize without the Python-level constructor a NamedTuple call goes through.
 _new = tuple.__new__
 
@@ -291,7 +291,7 @@ class GraphSizer:
                 nodes, edges = (int(v) for v in self.graph_size_fn(batch))
             return GraphSize(samples, nodes, edges)
         except Exception as error:
-            self.errors.report("graph_size", SIZING_FAILED, type(error).__name__, error)
+            self.errors.report("graph_size", SIZING_FAILED, describe(error))
             return UNKNOWN
 
     def sampled_per_hop(self, batch: Any) -> Optional[HopCounts]:

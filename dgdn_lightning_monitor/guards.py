@@ -7,6 +7,7 @@ import os
 import re
 import threading
 import weakref
+from collections.abc import Hashable
 from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
@@ -50,8 +51,20 @@ def check_namespace(value: Any, name: str = "namespace") -> str:
     )
 
 
+def describe(error: BaseException) -> str:
+    """``TypeName: message`` of an exception, for warnings and span statuses (the type alone without a message).
+
+    Example::
+
+        describe(ValueError("bad port"))  # "ValueError: bad port"
+    """
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class WarnOnce:
-    """Log each kind of warning once per owner: a failing part says so, then keeps quiet and keeps going.
+    """Say each kind of message once per owner: a failing part says so, then keeps quiet and keeps going. The one
+    say-once mechanism of the package (:class:`MonitorErrors` says the first error of each part through it).
 
     Args:
         logger: where the warnings go.
@@ -61,19 +74,23 @@ class WarnOnce:
         warn = WarnOnce(logging.getLogger(__name__))
         warn("push", "Could not push (%s)", reason)  # logged
         warn("push", "Could not push (%s)", reason)  # not again
+        warn("checked", None)  # claims the kind without saying anything: True the first time only
     """
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
-        self.said: set[str] = set()
+        self.said: set[Hashable] = set()
         self._lock = threading.Lock()
 
-    def __call__(self, kind: str, message: str, *args: Any, **kwargs: Any) -> bool:
+    def __call__(self, kind: Hashable, message: Optional[str], *args: Any, **kwargs: Any) -> bool:
+        """Warn ``message % args`` if ``kind`` was not said yet (``None``: say nothing, only claim ``kind``);
+        returns whether ``kind`` was new."""
         with self._lock:
             if kind in self.said:
                 return False
             self.said.add(kind)
-        self.logger.warning(message, *args, **kwargs)
+        if message is not None:
+            self.logger.warning(message, *args, **kwargs)
         return True
 
     def __reduce__(self) -> tuple[type[WarnOnce], tuple[logging.Logger]]:
@@ -104,8 +121,8 @@ class MonitorErrors:
     Example::
 
         errors = MonitorErrors(logging.getLogger(__name__))
-        errors.report("push", "Could not push the final metrics to %s (%s)", url, reason)  # warned, counted
-        errors.report("push", "Could not push the final metrics to %s (%s)", url, reason)  # counted
+        errors.report("push", "Could not push the final metrics to %s (%s)", url, describe(error))  # warned, counted
+        errors.report("push", "Could not push the final metrics to %s (%s)", url, describe(error))  # counted
         errors.counts["push"]  # 2
     """
 
@@ -113,15 +130,14 @@ class MonitorErrors:
         self.logger = logger
         self.counts = dict.fromkeys(ERROR_PARTS, 0)  # fixed keys: a scrape reads it while parts report
         self._lock = threading.Lock()
+        self._first = WarnOnce(logger)  # the first error of each part is said
 
     def report(self, part: str, message: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
         """Count one error of ``part``; warn ``message % args`` if it is the part's first (without a message the
         error is only counted: its part warns in its own words)."""
         with self._lock:
             self.counts[part] += 1
-            first = self.counts[part] == 1
-        if first and message is not None:
-            self.logger.warning(message, *args, **kwargs)
+        self._first(part, message, *args, **kwargs)
 
     def __reduce__(self) -> tuple[type[MonitorErrors], tuple[logging.Logger]]:
         return MonitorErrors, (self.logger,)  # a copy in another process counts its own errors

@@ -12,15 +12,11 @@ import math
 import threading
 import time
 import weakref
-from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from operator import add
 from typing import Any, Optional
 
-import lightning
-import torch
-import torch_geometric
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -38,8 +34,9 @@ from dgdn_lightning_monitor.histogram import (
     FastHistogram,
 )
 from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
+from dgdn_lightning_monitor.model_info import LearningRates, ModelFigures, learning_rates
 from dgdn_lightning_monitor.outcome import OUTCOMES, RUNNING
-from dgdn_lightning_monitor.scheduler import info_labels
+from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES, PHASES, PROGRESS_UNITS, STAGES
 
 #: Every family, by name after the namespace, as (type, help). The README's metrics table follows this list.
 METRICS: dict[str, tuple[str, str]] = {
@@ -111,65 +108,6 @@ _FAMILY_TYPES = {
     "info": InfoMetricFamily,
 }
 
-#: Gauges fed from what the LightningModule logs -> the ``MonitoringCallback`` argument naming the logged key.
-LOGGED_GAUGES: dict[str, str] = {
-    "training_loss": "train_loss_key",
-    "validation_loss": "val_loss_key",
-    "training_accuracy": "train_acc_key",
-    "validation_accuracy": "val_acc_key",
-}
-TRAIN_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("training_"))
-VALIDATION_GAUGES = tuple(gauge for gauge in LOGGED_GAUGES if gauge.startswith("validation_"))
-
-#: The stages of ``TrainingMetrics.stage`` (Lightning's running stages, and ``idle`` before the first and after
-#: the last). ``<namespace>_progress_total`` also counts checkpoint saves, under ``stage="checkpoint"``.
-STAGES: tuple[str, ...] = ("idle", "sanity_check", "train", "validate", "test", "predict")
-
-#: The phases of a training step, in order, as phase -> (the hook mark that starts it, the marks that may end it,
-#: the first one present wins). Metrics, spans, step statistics and the CLI all follow this table.
-PHASES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "data_fetch": ("fetch_start", ("fetch_end", "batch_start")),
-    "forward": ("batch_start", ("backward_start", "optimizer_start", "batch_end")),
-    "backward": ("backward_start", ("backward_end",)),
-    "optimizer_step": ("optimizer_start", ("batch_end",)),
-}
-
-LearningRates = list[tuple[str, str, float]]  # (optimizer, param_group, lr)
-
-
-def learning_rates(trainer: Any) -> LearningRates:
-    """Each optimizer's param-group learning rates; read at scrape time, never per step."""
-    rates: LearningRates = []
-    optimizers = list(trainer.optimizers)
-    names = [type(optimizer).__name__ for optimizer in optimizers]
-    for index, optimizer in enumerate(optimizers):
-        name = names[index] if names.count(names[index]) == 1 else f"{names[index]}-{index}"
-        for group_index, group in enumerate(optimizer.param_groups):
-            lr = group.get("lr")
-            if isinstance(lr, torch.Tensor):
-                if lr.device.type != "cpu" or lr.numel() != 1:
-                    continue  # reading a device tensor from the scrape thread would synchronise
-                lr = lr.item()
-            if isinstance(lr, (int, float)):
-                rates.append((name, str(group_index), float(lr)))
-    return rates
-
-
-def run_info(module: torch.nn.Module, run_id: str, strategy: str = "") -> dict[str, str]:
-    """The labels of ``<namespace>_training_info``: what is trained, how (the Trainer's strategy class, e.g.
-    ``DDPStrategy``), with which library versions, and the scheduler's job
-    (:func:`~dgdn_lightning_monitor.scheduler.info_labels`)."""
-    model = type(module)
-    return {
-        "strategy": strategy,
-        "model": f"{model.__module__}.{model.__qualname__}",
-        "lightning_version": lightning.__version__,
-        "torch_version": torch.__version__,
-        "torch_geometric_version": torch_geometric.__version__,
-        "run_id": run_id,
-        **info_labels(),
-    }
-
 
 def _add_per_hop(totals: tuple[int, ...], counts: Optional[Sequence[int]]) -> tuple[int, ...]:
     """``totals`` plus ``counts``, hop by hop (a new tuple: a scrape reads whole tuples, never one half-updated)."""
@@ -183,11 +121,14 @@ def _add_per_hop(totals: tuple[int, ...], counts: Optional[Sequence[int]]) -> tu
 
 
 class TrainingMetrics:
-    """Everything the callback measures, exported under ``namespace``.
+    """Everything the callback measures, exported under ``namespace``. The parts tell it what happened through its
+    methods (training thread); :meth:`collect` reads it (scrape thread).
 
     Args:
         namespace: metric name prefix, e.g. ``dgdn``.
         throughput_window: number of recent training batches over which ``samples_per_second`` is computed.
+        errors: the monitor's error counts, exported as ``<namespace>_monitor_errors_total`` (the callback's, which
+            every part reports to); by default a new one.
 
     Example::
 
@@ -196,10 +137,12 @@ class TrainingMetrics:
         metrics.observe_train_batch(0.012, time.perf_counter(), GraphSize(32, 640, 2048))
     """
 
-    def __init__(self, namespace: str = "dgdn", throughput_window: int = 50) -> None:
+    def __init__(
+        self, namespace: str = "dgdn", throughput_window: int = 50, errors: Optional[MonitorErrors] = None
+    ) -> None:
         self.namespace = namespace
         self.labels = RankLabels()  # a single process until the callback's setup knows the Trainer's ranks
-        self.errors = MonitorErrors(logging.getLogger("dgdn_lightning_monitor"))  # every part reports here
+        self.errors = errors if errors is not None else MonitorErrors(logging.getLogger("dgdn_lightning_monitor"))
         # Training batches.
         self.samples_total = 0
         self.nodes_total = 0
@@ -230,7 +173,7 @@ class TrainingMetrics:
         # Progress in any stage (liveness), read at scrape time: a training step is told by last_step_perf and
         # counted by batch_seconds; every other unit (evaluation or sanity batch, checkpoint save) here.
         self.last_unit_perf: Optional[float] = None
-        self.progress_counts: dict[str, int] = dict.fromkeys((*STAGES[1:], "checkpoint"), 0)
+        self.progress_counts: dict[str, int] = dict.fromkeys(PROGRESS_UNITS, 0)
         self.run_start_perf: Optional[float] = None
         self.stage: Optional[str] = None
         self.stage_since = 0.0
@@ -246,8 +189,7 @@ class TrainingMetrics:
         self.inference_seconds: dict[str, FastHistogram] = {}
         # Logged values: (metric suffix, dataloader index or None for a single loader) -> float.
         self.logged: dict[tuple[str, Optional[str]], float] = {}
-        # Model figures: (parameters, trainable parameters, bytes of parameters and buffers).
-        self.model_figures: Optional[tuple[int, int, int]] = None
+        self.model_figures: Optional[ModelFigures] = None
         self.info: dict[str, str] = {}
         # (outcome, exception class) from dgdn_lightning_monitor.outcome; None before the first set-up.
         self.outcome: Optional[tuple[str, str]] = None
@@ -267,7 +209,25 @@ class TrainingMetrics:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _stage_lock=threading.Lock())
 
-    # ----------------------------------------------------------------- updates (training thread)
+    # ----------------------------------------------------------------- the run (set-up, epoch and run ends)
+    def set_labels(self, labels: RankLabels) -> None:
+        """The ranks this process holds in the run (known from the Trainer's ``setup`` on)."""
+        self.labels = labels
+
+    def set_run_info(self, info: dict[str, str]) -> None:
+        """The labels of ``<namespace>_training_info`` (:func:`~dgdn_lightning_monitor.model_info.run_info`)."""
+        self.info = info
+
+    def set_model_figures(self, figures: ModelFigures) -> None:
+        """(parameters, trainable parameters, bytes) of the model
+        (:func:`~dgdn_lightning_monitor.model_info.count_model`)."""
+        self.model_figures = figures
+
+    def set_batch_capacity(self, estimate: Callable[[], Optional[tuple[float, float]]]) -> None:
+        """``() -> (nodes, edges)`` of the largest batch estimated to fit the device, or ``None``; called at
+        scrape time."""
+        self.batch_capacity = estimate
+
     def bind(self, trainer: Any) -> None:
         """Read epoch, step and learning rates from ``trainer`` at scrape time (held weakly)."""
         try:
@@ -280,6 +240,44 @@ class TrainingMetrics:
         self.progress, self.learning_rates = self._live()
         self._trainer = None
 
+    def start_run(self) -> None:
+        """A run (``fit``, ``validate``, ``test``, ``predict``) set up: it starts idle, with no loss history."""
+        self.run_start_perf = time.perf_counter()
+        self.loss_range = self.best_validation_loss = self.evaluations_since_best = None
+        self.nonfinite_streak = 0
+        self.outcome, self.outcome_reason = RUNNING, ""
+        self.enter_stage("idle", self.run_start_perf)
+
+    def end_run(self, outcome: tuple[str, str], reason: str = "") -> None:
+        """The run ended with ``outcome`` (:func:`~dgdn_lightning_monitor.outcome.classify`): keep its last live
+        values, go idle, and say how it ended, the ``reason`` first so that no scrape sees one without the other."""
+        self.freeze_live_values()
+        self.enter_stage("idle")
+        self.outcome_reason = reason
+        self.outcome = outcome
+
+    def enter_stage(self, stage: str, now: Optional[float] = None) -> None:
+        """The run moved to ``stage`` (one of :data:`~dgdn_lightning_monitor.vocabulary.STAGES`); at stage changes
+        only, never per step."""
+        now = time.perf_counter() if now is None else now
+        with self._stage_lock:
+            if self.stage is not None:
+                self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0.0) + now - self.stage_since
+            self.stage, self.stage_since = stage, now
+
+    def epoch_ended(self, duration: float) -> None:
+        """A training epoch ended after ``duration`` seconds."""
+        self.epoch_duration = duration
+
+    def count_stall_dump(self) -> None:
+        """The stall watchdog wrote a dump."""
+        self.stall_dumps += 1
+
+    def count_oom(self) -> None:
+        """A step of this process ran out of memory."""
+        self.ooms += 1
+
+    # ----------------------------------------------------------------- steps and batches (training thread)
     def observe_train_batch(
         self,
         seconds: float,
@@ -290,13 +288,7 @@ class TrainingMetrics:
     ) -> None:
         """Fold one finished training batch in (runs on every step: kept to plain attribute updates); ``hops`` are
         the per-hop counts of a sampled batch (:func:`~dgdn_lightning_monitor.graph_size.sampled_per_hop`)."""
-        histogram = self.batch_seconds
-        if trace_id is None:
-            # FastHistogram.observe without the call: first bound >= value, Prometheus buckets are "less or equal".
-            histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
-            histogram.sum += seconds
-        else:
-            histogram.observe(seconds, trace_id)
+        self.batch_seconds.observe(seconds, trace_id)
         samples, nodes, edges = size
         if samples is not None:
             self.samples_total += samples
@@ -316,6 +308,15 @@ class TrainingMetrics:
         self._window.append((end_perf, self.samples_total))
         self.last_step_perf = end_perf
 
+    def record_nonfinite(self, count: int) -> None:
+        """``count`` more training losses were NaN or infinite."""
+        self.nonfinite_losses += count
+
+    def record_nonfinite_streak(self, folded: int, trailing: int) -> None:
+        """The last ``folded`` training losses ended in ``trailing`` non-finite ones: all of them extend the streak,
+        fewer replace it."""
+        self.nonfinite_streak = self.nonfinite_streak + folded if trailing == folded else trailing
+
     @property
     def last_progress_perf(self) -> Optional[float]:
         """``time.perf_counter()`` of the last progress in any stage, or ``None`` before the first."""
@@ -330,30 +331,6 @@ class TrainingMetrics:
             counts[stage] += 1
         else:  # a new stage: a new dict, so a scrape copying the old one never sees it resize
             self.progress_counts = {**counts, stage: 1}
-
-    def enter_stage(self, stage: str, now: Optional[float] = None) -> None:
-        """The run moved to ``stage`` (one of :data:`STAGES`); at stage changes only, never per step."""
-        now = time.perf_counter() if now is None else now
-        with self._stage_lock:
-            if self.stage is not None:
-                self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0.0) + now - self.stage_since
-            self.stage, self.stage_since = stage, now
-
-    def start_run(self) -> None:
-        """A run (``fit``, ``validate``, ``test``, ``predict``) set up: it starts idle, with no loss history."""
-        self.run_start_perf = time.perf_counter()
-        self.loss_range = self.best_validation_loss = self.evaluations_since_best = None
-        self.nonfinite_streak = 0
-        self.outcome, self.outcome_reason = RUNNING, ""
-        self.enter_stage("idle", self.run_start_perf)
-
-    def end_run(self, outcome: tuple[str, str], reason: str = "") -> None:
-        """The run ended with ``outcome`` (:func:`~dgdn_lightning_monitor.outcome.classify`): keep its last live
-        values, go idle, and say how it ended, the ``reason`` first so that no scrape sees one without the other."""
-        self.freeze_live_values()
-        self.enter_stage("idle")
-        self.outcome_reason = reason
-        self.outcome = outcome
 
     def observe_inference(self, stage: str, seconds: float, samples: Optional[int], end_perf: float) -> None:
         """Fold one finished validation/test/predict batch in, as per-sample latency, and as progress."""
@@ -394,33 +371,20 @@ class TrainingMetrics:
             self.phase_totals[name] = self.phase_totals.get(name, 0.0) + seconds
         self.phase_steps += 1
 
+    def observe_device_phases(self, milliseconds: Mapping[str, float]) -> None:
+        """A traced CUDA step's device time of each phase, once its events completed (``data_fetch`` keeps its
+        host time: the host waits for data)."""
+        for name, value in milliseconds.items():
+            if name in self.phase_seconds and name != "data_fetch":
+                self.phase_seconds[name].observe(value / 1e3)
+
+    # ----------------------------------------------------------------- derived figures
     def phase_means(self) -> dict[str, float]:
         """Mean host seconds of each phase per traced step, leaving out each run's warm-up step."""
         if not self.phase_steps:
             return dict(self.warm_up_phases)
         return {name: total / self.phase_steps for name, total in self.phase_totals.items()}
 
-    def count_model(self, module: torch.nn.Module) -> bool:
-        """Count parameters, trainable parameters and bytes of parameters and buffers; returns whether the
-        figures are final (no lazily initialised layer still waits for its first batch)."""
-        parameters = trainable = memory = 0
-        final = True
-        for parameter in module.parameters():
-            if isinstance(parameter, torch.nn.parameter.UninitializedParameter):
-                final = False
-                continue
-            parameters += parameter.numel()
-            trainable += parameter.numel() if parameter.requires_grad else 0
-            memory += parameter.numel() * parameter.element_size()
-        for buffer in module.buffers():
-            if isinstance(buffer, torch.nn.parameter.UninitializedBuffer):
-                final = False
-            else:
-                memory += buffer.numel() * buffer.element_size()
-        self.model_figures = (parameters, trainable, memory)
-        return final
-
-    # ----------------------------------------------------------------- derived figures
     @property
     def samples_per_second(self) -> Optional[float]:
         window = tuple(self._window)
@@ -454,43 +418,50 @@ class TrainingMetrics:
         ]
 
     def collect(self) -> Iterator[Metric]:
-        """The metric families, built from the current values."""
-        names = list(RANK_LABEL_NAMES)
+        """The metric families, built from the current values, group by group."""
         values = list(self.labels.values)
+        progress, rates = self._live()
+        yield from self._logged_families(values)
+        yield from self._batch_families(values)
+        yield from self._timestamp_families(values)
+        yield from self._loss_history_families(values)
+        yield from self._model_families(values, progress)
+        yield from self._incident_families(values)
+        yield from self._per_hop_families(values)
+        yield from self._stage_families(values)
+        yield from self._outcome_families(values)
+        yield from self._histogram_families(values)
+        yield from self._learning_rate_families(values, rates)
+        yield from self._monitor_families(values)
 
-        def family(name: str, extra: Iterable[str] = ()) -> Any:
-            kind, documentation = METRICS[name]
-            return _FAMILY_TYPES[kind](f"{self.namespace}_{name}", documentation, labels=names + list(extra))
+    def _family(self, name: str, extra: Iterable[str] = ()) -> Any:
+        kind, documentation = METRICS[name]
+        labels = [*RANK_LABEL_NAMES, *extra]
+        return _FAMILY_TYPES[kind](f"{self.namespace}_{name}", documentation, labels=labels)
 
-        def single(name: str, value: Optional[float]) -> Iterable[Metric]:
-            if value is None:
-                return ()
-            metric = family(name)
-            metric.add_metric(values, float(value))
-            return (metric,)
+    def _singles(self, values: list[str], *figures: tuple[str, Optional[float]]) -> Iterator[Metric]:
+        """One family of one series per figure, left out while its value is ``None``."""
+        for name, value in figures:
+            if value is not None:
+                metric = self._family(name)
+                metric.add_metric(values, float(value))
+                yield metric
 
+    def _logged_families(self, values: list[str]) -> Iterator[Metric]:
         for suffix in LOGGED_GAUGES:
             entries = sorted((loader, v) for (key, loader), v in self.logged.items() if key == suffix)
             per_loader = [(loader, v) for loader, v in entries if loader is not None]
             if per_loader:  # several loaders: one series each; Lightning then logs no plain key
-                metric = family(suffix, ["dataloader"])
+                metric = self._family(suffix, ["dataloader"])
                 for loader, v in per_loader:
                     metric.add_metric(values + [loader], v)
                 yield metric
             elif entries:
-                yield from single(suffix, entries[0][1])
+                yield from self._singles(values, (suffix, entries[0][1]))
 
-        offset = self._unix_offset
-        last_step = self.last_step_perf + offset if self.last_step_perf is not None else None
-        last_progress = self.last_progress_perf + offset if self.last_progress_perf is not None else None
-        run_start = self.run_start_perf + offset if self.run_start_perf is not None else None
-        stage_start = self.stage_since + offset if self.stage is not None else None
-        loss_min, loss_max = self.loss_range or (None, None)
-        parameters, trainable, memory = self.model_figures or (None, None, None)
-        progress, rates = self._live()
-        epoch, step = progress or (None, None)
-        capacity = self.capacity()
-        for name, value in (
+    def _batch_families(self, values: list[str]) -> Iterator[Metric]:
+        yield from self._singles(
+            values,
             ("samples_processed_total", self.samples_total),
             ("nodes_processed_total", self.nodes_total),
             ("edges_processed_total", self.edges_total),
@@ -499,89 +470,123 @@ class TrainingMetrics:
             ("graph_edges", self.graph_edges),
             ("samples_per_second", self.samples_per_second),
             ("epoch_duration_seconds", self.epoch_duration),
-            ("last_step_timestamp_seconds", last_step),
-            ("last_progress_timestamp_seconds", last_progress),
-            ("run_start_timestamp_seconds", run_start),
-            ("stage_start_timestamp_seconds", stage_start),
+        )
+
+    def _timestamp_families(self, values: list[str]) -> Iterator[Metric]:
+        def unix(perf: Optional[float]) -> Optional[float]:
+            return perf + self._unix_offset if perf is not None else None
+
+        yield from self._singles(
+            values,
+            ("last_step_timestamp_seconds", unix(self.last_step_perf)),
+            ("last_progress_timestamp_seconds", unix(self.last_progress_perf)),
+            ("run_start_timestamp_seconds", unix(self.run_start_perf)),
+            ("stage_start_timestamp_seconds", unix(self.stage_since) if self.stage is not None else None),
+        )
+
+    def _loss_history_families(self, values: list[str]) -> Iterator[Metric]:
+        loss_min, loss_max = self.loss_range or (None, None)
+        yield from self._singles(
+            values,
             ("nonfinite_loss_streak", self.nonfinite_streak),
             ("training_loss_min", loss_min),
             ("training_loss_max", loss_max),
             ("validation_evaluations_since_best", self.evaluations_since_best),
+        )
+
+    def _model_families(self, values: list[str], progress: Optional[tuple[int, int]]) -> Iterator[Metric]:
+        parameters, trainable, memory = self.model_figures or (None, None, None)
+        epoch, step = progress or (None, None)
+        yield from self._singles(
+            values,
             ("model_parameters", parameters),
             ("model_trainable_parameters", trainable),
             ("model_memory_usage_bytes", memory),
             ("epoch", epoch),
             ("global_step", step),
+        )
+
+    def _incident_families(self, values: list[str]) -> Iterator[Metric]:
+        nodes, edges = self.capacity()
+        yield from self._singles(
+            values,
             ("stall_dumps_total", self.stall_dumps),
             ("oom_total", self.ooms),
-            ("batch_capacity_nodes", capacity[0]),
-            ("batch_capacity_edges", capacity[1]),
-        ):
-            yield from single(name, value)
+            ("batch_capacity_nodes", nodes),
+            ("batch_capacity_edges", edges),
+        )
 
+    def _per_hop_families(self, values: list[str]) -> Iterator[Metric]:
         for name, totals, first_hop in (
             ("sampled_nodes_total", self.sampled_nodes, 0),
             ("sampled_edges_total", self.sampled_edges, 1),
         ):
             if totals:
-                per_hop = family(name, ["hop"])
+                per_hop = self._family(name, ["hop"])
                 for hop, total in enumerate(totals, first_hop):
                     per_hop.add_metric(values + [str(hop)], total)
                 yield per_hop
 
-        yield from self._stage_families(family, values)
-        batch = family("batch_processing_seconds")
-        self.batch_seconds.add_to(batch, values)
-        yield batch
-        if any(histogram.count for histogram in self.phase_seconds.values()):
-            phases = family("step_phase_seconds", ["phase"])
-            for phase, histogram in self.phase_seconds.items():
-                histogram.add_to(phases, values + [phase])
-            yield phases
-        if self.inference_seconds:
-            inference = family("inference_time_seconds", ["stage"])
-            for stage, histogram in sorted(self.inference_seconds.items()):
-                histogram.add_to(inference, values + [stage])
-            yield inference
-        if rates:
-            lr = family("learning_rate", ["optimizer", "param_group"])
-            for optimizer, group, rate in rates:
-                lr.add_metric(values + [optimizer, group], rate)
-            yield lr
-        errors = family("monitor_errors_total", ["part"])
-        for part, count in self.errors.counts.items():
-            errors.add_metric(values + [part], count)
-        yield errors
-        if self.info:
-            info = family("training")
-            info.add_metric(values, self.info)
-            yield info
-
-    def _stage_families(self, family: Callable[..., Any], values: list[str]) -> Iterator[Metric]:
+    def _stage_families(self, values: list[str]) -> Iterator[Metric]:
         with self._stage_lock:
             stage, seconds = self.stage, dict(self.stage_seconds)
             if stage is None:
                 return
             seconds[stage] = seconds.get(stage, 0.0) + max(0.0, time.perf_counter() - self.stage_since)
-        current = family("stage", ["stage"])
-        spent = family("stage_seconds_total", ["stage"])
+        current = self._family("stage", ["stage"])
+        spent = self._family("stage_seconds_total", ["stage"])
         for name in STAGES:
             current.add_metric(values + [name], 1.0 if name == stage else 0.0)
             spent.add_metric(values + [name], seconds.get(name, 0.0))
-        progress = family("progress_total", ["stage"])
+        progress = self._family("progress_total", ["stage"])
         counts = {**self.progress_counts}
         counts["train"] = counts.get("train", 0) + self.batch_seconds.count  # one observation per training step
-        for name in (*STAGES[1:], "checkpoint"):
+        for name in PROGRESS_UNITS:
             progress.add_metric(values + [name], float(counts.get(name, 0)))
         yield from (current, spent, progress)
+
+    def _outcome_families(self, values: list[str]) -> Iterator[Metric]:
         outcome = self.outcome
-        if outcome is not None:
-            # Every outcome, 1 for the current one (a state set): the last scrape before an endpoint vanished says
-            # whether it was still running, which tells a crash from a normal end.
-            state = family("run_outcome", ["outcome", "exception", "reason"])
-            reason = self.outcome_reason if outcome[0] == "terminated" else ""
-            for name in OUTCOMES:
-                current = name == outcome[0]
-                labels = [name, outcome[1], reason] if current else [name, "", ""]
-                state.add_metric(values + labels, 1.0 if current else 0.0)
-            yield state
+        if outcome is None or self.stage is None:  # before the first set-up
+            return
+        # Every outcome, 1 for the current one (a state set): the last scrape before an endpoint vanished says
+        # whether it was still running, which tells a crash from a normal end.
+        state = self._family("run_outcome", ["outcome", "exception", "reason"])
+        reason = self.outcome_reason if outcome[0] == "terminated" else ""
+        for name in OUTCOMES:
+            current = name == outcome[0]
+            labels = [name, outcome[1], reason] if current else [name, "", ""]
+            state.add_metric(values + labels, 1.0 if current else 0.0)
+        yield state
+
+    def _histogram_families(self, values: list[str]) -> Iterator[Metric]:
+        batch = self._family("batch_processing_seconds")
+        self.batch_seconds.add_to(batch, values)
+        yield batch
+        if any(histogram.count for histogram in self.phase_seconds.values()):
+            phases = self._family("step_phase_seconds", ["phase"])
+            for phase, histogram in self.phase_seconds.items():
+                histogram.add_to(phases, values + [phase])
+            yield phases
+        if self.inference_seconds:
+            inference = self._family("inference_time_seconds", ["stage"])
+            for stage, histogram in sorted(self.inference_seconds.items()):
+                histogram.add_to(inference, values + [stage])
+            yield inference
+
+    def _learning_rate_families(self, values: list[str], rates: LearningRates) -> Iterator[Metric]:
+        if rates:
+            lr = self._family("learning_rate", ["optimizer", "param_group"])
+            for optimizer, group, rate in rates:
+                lr.add_metric(values + [optimizer, group], rate)
+            yield lr
+
+    def _monitor_families(self, values: list[str]) -> Iterator[Metric]:
+        errors = self._family("monitor_errors_total", ["part"])
+        for part, count in self.errors.counts.items():
+            errors.add_metric(values + [part], count)
+        yield errors
+        if self.info:
+            info = self._family("training")
+            info.add_metric(values, self.info)
+            yield info

@@ -26,8 +26,10 @@ import torch
 
 from dgdn_lightning_monitor.compat import dump_memory_snapshot, record_memory_history
 from dgdn_lightning_monitor.graph_size import UNKNOWN, GraphSize
-from dgdn_lightning_monitor.guards import WarnOnce, check
+from dgdn_lightning_monitor.guards import MonitorErrors, WarnOnce, check
+from dgdn_lightning_monitor.guards import describe as describe_error
 from dgdn_lightning_monitor.metrics import TrainingMetrics
+from dgdn_lightning_monitor.vocabulary import lightning_stage
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class OOMForensics:
         memory_snapshot: record CUDA's allocation history and dump it at an OOM.
         allocator_figures: the CUDA allocator's figures at the OOM (``None`` off CUDA), e.g.
             :meth:`~dgdn_lightning_monitor.capacity.CapacitySampler.allocator_figures`.
+        errors: where memory figures that could not be read are counted (as ``memory``); by default a new one.
 
     Example::
 
@@ -67,8 +70,10 @@ class OOMForensics:
         sizer: Callable[[Any], GraphSize],
         memory_snapshot: bool = False,
         allocator_figures: Callable[[], Optional[dict[str, int]]] = lambda: None,
+        errors: Optional[MonitorErrors] = None,
     ) -> None:
         self.metrics, self.sizer, self.allocator_figures = metrics, sizer, allocator_figures
+        self.errors = errors if errors is not None else MonitorErrors(log)
         self.memory_snapshot = check(
             "memory_snapshot", memory_snapshot, isinstance(memory_snapshot, bool), "True or False"
         )
@@ -94,9 +99,7 @@ class OOMForensics:
             record_memory_history(stacks="python", max_entries=HISTORY_ENTRIES)
             self.recording = True
         except Exception as error:
-            self.metrics.errors.report(
-                "memory", "CUDA memory figures unavailable (%s: %s)", type(error).__name__, error
-            )
+            self.errors.report("memory", "CUDA memory figures unavailable (%s)", describe_error(error))
 
     def stop(self) -> None:
         if self.recording:
@@ -104,9 +107,7 @@ class OOMForensics:
             try:
                 record_memory_history(enabled=None)
             except Exception as error:
-                self.metrics.errors.report(
-                    "memory", "Could not stop the CUDA memory history (%s: %s)", type(error).__name__, error
-                )
+                self.errors.report("memory", "Could not stop the CUDA memory history (%s)", describe_error(error))
 
     # ------------------------------------------------------------------------------------------ the OOM
     def on_exception(
@@ -119,14 +120,12 @@ class OOMForensics:
         try:
             return self._record(exception, trainer, batch, batch_idx)
         except Exception as error:
-            self.metrics.errors.report(
-                "memory", "Could not record the out-of-memory error (%s: %s)", type(error).__name__, error
-            )
+            self.errors.report("memory", "Could not record the out-of-memory error (%s)", describe_error(error))
             return None
 
     def _record(self, exception: BaseException, trainer: Any, batch: Any, batch_idx: int) -> dict[str, Any]:
-        self.metrics.ooms += 1
-        stage = getattr(getattr(trainer.state, "stage", None), "value", None) or "unknown"
+        self.metrics.count_oom()
+        stage = lightning_stage(trainer, "unknown")
         size = self.sizer(batch) if batch is not None else UNKNOWN
         largest = self.metrics.largest_batch  # None: no training batch of a told size completed
         allocator = self.allocator_figures()

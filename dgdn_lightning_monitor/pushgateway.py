@@ -22,6 +22,7 @@ from urllib.request import HTTPSHandler, Request, build_opener
 from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
 from prometheus_client.exposition import default_handler
 
+from dgdn_lightning_monitor.guards import describe
 from dgdn_lightning_monitor.labels import DEFAULT_JOB
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def push_final_metrics(
             )
             outcome[0] = None
         except Exception as error:  # the reason is reported by the caller
-            outcome[0] = f"{type(error).__name__}: {error}"
+            outcome[0] = describe(error)
 
     worker = threading.Thread(target=push, name="dgdn-pushgateway", daemon=True)
     worker.start()

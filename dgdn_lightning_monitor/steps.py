@@ -9,6 +9,7 @@ A scalar on the CPU is read at once. A CUDA scalar is copied into pinned host me
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -16,16 +17,22 @@ from typing import Any, Optional
 
 import torch
 
-from dgdn_lightning_monitor.compat import set_fetch_hooks
 from dgdn_lightning_monitor.guards import WarnOnce
-from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TRAIN_GAUGES, TrainingMetrics
-from dgdn_lightning_monitor.server import MetricsServer
+from dgdn_lightning_monitor.metrics import TrainingMetrics
 from dgdn_lightning_monitor.tracing import BatchRecord
+from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES, TRAIN_GAUGES
 
 #: Training losses are checked for NaN/inf together, every this many steps (and at epoch and run ends).
 FOLD_EVERY = 50
 
+log = logging.getLogger(__name__)
+
 Apply = Callable[[float], None]
+
+NEVER_LOGGED = (
+    "MonitoringCallback: the module has not logged %s by the end of its first %s, so %s stays absent; it logged: "
+    "%s. Pass the key it logs as %s."
+)
 
 
 class StepStatistics:
@@ -33,7 +40,7 @@ class StepStatistics:
 
     Args:
         metrics: where the figures go.
-        keys: the key the module logs for each gauge of :data:`~dgdn_lightning_monitor.metrics.LOGGED_GAUGES`.
+        keys: the key the module logs for each gauge of :data:`~dgdn_lightning_monitor.vocabulary.LOGGED_GAUGES`.
         warn: the owner's warn-once helper (says once that a configured key is never logged); ``None`` on the
             ranks other than 0, which would only repeat it.
 
@@ -54,7 +61,7 @@ class StepStatistics:
         self.automatic: Optional[bool] = None  # the module's automatic_optimization, known from its first step
         self.counted_logged_loss: Any = None  # the logged loss last counted (identity: a new tensor per self.log)
         self.warmed_up = False  # the first traced step of a run carries one-time costs: kept out of the means
-        self.checked: set[tuple[str, ...]] = set()  # gauge groups whose keys were looked for once
+        self.checked = WarnOnce(log)  # gauge groups looked for in this run: the first check of each counts
 
     # ------------------------------------------------------------------------------------------ device reads
     def submit(self, value: Any, apply: Apply) -> None:
@@ -127,12 +134,11 @@ class StepStatistics:
         losses, self.losses = self.losses, []
         if not losses:
             return
-        metrics = self.metrics
         if not losses[0].is_cuda:  # host values: read in one tight loop, cheaper than a read per step
-            for loss in losses:
-                finite = math.isfinite(loss.item())
-                metrics.nonfinite_losses += not finite
-                metrics.nonfinite_streak = 0 if finite else metrics.nonfinite_streak + 1
+            nonfinite = [not math.isfinite(loss.item()) for loss in losses]
+            trailing = next((i for i, flag in enumerate(reversed(nonfinite)) if not flag), len(nonfinite))
+            self.metrics.record_nonfinite(sum(nonfinite))
+            self.metrics.record_nonfinite_streak(len(losses), trailing)
             return
         flags = torch.isfinite(torch.stack([loss.reshape(()) for loss in losses])).logical_not_()
         self.submit(flags.sum(), self._add_nonfinite)
@@ -140,11 +146,10 @@ class StepStatistics:
         self.submit(flags.flip(0).cumprod(0).sum(), functools.partial(self._extend_streak, len(losses)))
 
     def _add_nonfinite(self, count: float) -> None:
-        self.metrics.nonfinite_losses += int(count)
+        self.metrics.record_nonfinite(int(count))
 
     def _extend_streak(self, folded: int, trailing: float) -> None:
-        metrics = self.metrics
-        metrics.nonfinite_streak = metrics.nonfinite_streak + folded if trailing == folded else int(trailing)
+        self.metrics.record_nonfinite_streak(folded, int(trailing))
 
     # ------------------------------------------------------------------------------------------ phases
     def add_phases(self, record: BatchRecord) -> None:
@@ -164,9 +169,7 @@ class StepStatistics:
             self.pending.append((record.device_ready, functools.partial(deliver, record)))
 
     def _add_device_phases(self, record: BatchRecord) -> None:
-        for name, milliseconds in record.device_milliseconds().items():
-            if name in self.metrics.phase_seconds and name != "data_fetch":  # the host waits for data
-                self.metrics.phase_seconds[name].observe(milliseconds / 1e3)
+        self.metrics.observe_device_phases(record.device_milliseconds())
 
     # ------------------------------------------------------------------------------------------ logged values
     def read_logged(self, logged: Mapping[str, Any], gauges: Sequence[str], check: bool = False) -> None:
@@ -186,19 +189,16 @@ class StepStatistics:
                     self.submit(value, functools.partial(self.metrics.set_logged, gauge, dataloader=loader))
                 if not loaders:
                     missing.append(gauge)
-        if check and self.warn is not None and tuple(gauges) not in self.checked:
-            self.checked.add(tuple(gauges))
-            if missing:
-                self.warn(
-                    f"never-logged {gauges}",
-                    "MonitoringCallback: the module has not logged %s by the end of its first %s, so %s stays "
-                    "absent; it logged: %s. Pass the key it logs as %s.",
-                    ", ".join(repr(self.keys[gauge]) for gauge in missing),
-                    "training epoch" if gauges == TRAIN_GAUGES else "validation",
-                    ", ".join(f"{self.metrics.namespace}_{gauge}" for gauge in missing),
-                    ", ".join(sorted(logged)) or "nothing",
-                    " / ".join(LOGGED_GAUGES[gauge] for gauge in missing),
-                )
+        if check and self.warn is not None and self.checked(tuple(gauges), None) and missing:
+            self.warn(
+                f"never-logged {gauges}",
+                NEVER_LOGGED,
+                ", ".join(repr(self.keys[gauge]) for gauge in missing),
+                "training epoch" if gauges == TRAIN_GAUGES else "validation",
+                ", ".join(f"{self.metrics.namespace}_{gauge}" for gauge in missing),
+                ", ".join(sorted(logged)) or "nothing",
+                " / ".join(LOGGED_GAUGES[gauge] for gauge in missing),
+            )
 
     def finish(self, timeout_s: float = 1.0) -> None:
         """At the end of a run: count the last losses and deliver what is pending, polling (not synchronising) for
@@ -214,64 +214,3 @@ class StepStatistics:
             time.sleep(0.001)
             self.poll()
         self.pending = []
-
-
-def watch_fetches(trainer: Any, run: Any) -> Callable[[], None]:
-    """Time the training loop's own fetch of each batch into ``run.fetch_start_ns`` / ``run.fetch_end_ns``, and
-    return how to stop. Lightning has no public hook around the fetch; its epoch loop's ``_on_before_fetch`` and
-    ``_on_after_fetch`` (the profiler's boundaries) are wrapped on this Trainer's loop only, so ``data_fetch``
-    excludes logging, mid-epoch validation and checkpointing. Without them ``data_fetch`` runs from the end of the
-    previous batch (a test fails loudly when that happens)."""
-    loop: Any = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    before, after = getattr(loop, "_on_before_fetch", None), getattr(loop, "_on_after_fetch", None)
-    if not (callable(before) and callable(after)):
-        return lambda: None
-    clock = time.perf_counter_ns
-
-    def before_fetch() -> None:
-        run.fetch_start_ns = clock()
-        before()
-
-    def after_fetch() -> None:
-        after()
-        run.fetch_end_ns = clock()
-
-    set_fetch_hooks(loop, before_fetch, after_fetch)
-
-    def unwatch() -> None:
-        for name in ("_on_before_fetch", "_on_after_fetch"):
-            loop.__dict__.pop(name, None)
-
-    return unwatch
-
-
-class RunState:
-    """What one run of a :class:`~dgdn_lightning_monitor.MonitoringCallback` holds between its hooks: built in
-    ``setup``, dropped when the run ends."""
-
-    def __init__(self, trainer: Any, server: MetricsServer, stats: StepStatistics, trace_floor_s: float) -> None:
-        self.server, self.stats = server, stats
-        self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
-        self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
-        self.epoch_start = self.eval_start = self.batch_start = 0.0
-        # Whether the next training batch is traced (a run's first is: its warm-up step), and from when one is traced
-        # whatever its number; set-up counts as a traced batch.
-        self.trace_next, self.trace_due = True, time.perf_counter() + trace_floor_s
-        self.record: Optional[BatchRecord] = None
-        self.batch: Any = None  # the batch in flight, sized only if its step runs out of memory
-        self.batch_idx = -1
-        self.eval_record: Optional[BatchRecord] = None
-        self.model_figures_final = False
-        self.unwatch_fetches = watch_fetches(trainer, self)
-
-
-def lightning_stage(trainer: Any) -> str:
-    """Lightning's running stage: ``validate``, ``test`` or ``predict`` in the evaluation hooks."""
-    stage = trainer.state.stage
-    return stage.value if stage is not None else "validate"
-
-
-def span_stage(trainer: Any) -> str:
-    """The name the spans and batch records of Lightning's running evaluation stage carry."""
-    stage = lightning_stage(trainer)
-    return "validation" if stage == "validate" else stage

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dgdn_lightning_monitor.compat import current_frames, flight_recorder_dump
-from dgdn_lightning_monitor.guards import check
+from dgdn_lightning_monitor.guards import MonitorErrors, check, describe
 
 log = logging.getLogger(__name__)
 
@@ -100,21 +100,23 @@ class StallWatchdog:
 
     Args:
         after_s: seconds without progress before a dump; ``None`` turns the watchdog off.
-        metrics: holds ``last_progress_perf``, the ``time.perf_counter()`` of the last progress in any stage
-            (``None`` before the first: then the time since :meth:`start` counts), and ``stall_dumps``, the count
-            of dumps, raised by one per dump (a :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics`).
+        metrics: the run's :class:`~dgdn_lightning_monitor.metrics.TrainingMetrics`: its ``last_progress_perf``
+            is the ``time.perf_counter()`` of the last progress in any stage (``None`` before the first: then the
+            time since :meth:`start` counts), and it counts each dump (``count_stall_dump``).
+        errors: where a dump that could not be written is counted (as ``watchdog``); by default a new one.
 
     Example::
 
-        watchdog = StallWatchdog(600.0, metrics)
+        watchdog = StallWatchdog(600.0, metrics, errors)
         watchdog.start(dump_directory(trainer), rank=0)
         ...
         watchdog.stop()
     """
 
-    def __init__(self, after_s: Optional[float], metrics: Any) -> None:
+    def __init__(self, after_s: Optional[float], metrics: Any, errors: Optional[MonitorErrors] = None) -> None:
         self.after_s = after_s = check_after_s(after_s)  # None: off, start() does nothing
         self.metrics = metrics
+        self.errors = errors if errors is not None else MonitorErrors(log)
         self.dumps: list[str] = []  # every dump written, across runs
         self.poll_s = min(max((after_s or 0.0) / 10.0, 0.05), 30.0)  # a tenth of the threshold: late by 10 % at most
         self._thread: Optional[threading.Thread] = None
@@ -155,9 +157,7 @@ class StallWatchdog:
                 try:
                     self._dump(idle)
                 except Exception as error:  # a full disk must not end the watch
-                    self.metrics.errors.report(
-                        "watchdog", "Could not write a stall dump (%s: %s)", type(error).__name__, error
-                    )
+                    self.errors.report("watchdog", "Could not write a stall dump (%s)", describe(error))
 
     def _dump(self, idle: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -173,9 +173,7 @@ class StallWatchdog:
         try:
             trace = flight_recorder_trace()
         except Exception as error:
-            self.metrics.errors.report(
-                "watchdog", "Could not dump the flight recorder (%s: %s)", type(error).__name__, error
-            )
+            self.errors.report("watchdog", "Could not dump the flight recorder (%s)", describe(error))
             trace = None
         if trace is not None:
             folder = self.directory / f"flight-recorder-{len(self.dumps)}"
@@ -188,4 +186,4 @@ class StallWatchdog:
             self.rank,
             " and the flight recorder's trace to ".join(written),
         )
-        self.metrics.stall_dumps += 1
+        self.metrics.count_stall_dump()

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
 
 from dgdn_lightning_monitor import MonitoringCallback
-from dgdn_lightning_monitor.metrics import STAGES, TrainingMetrics
+from dgdn_lightning_monitor.metrics import TrainingMetrics
+from dgdn_lightning_monitor.vocabulary import STAGES
 
 
 class StageProbe(pl.Callback):

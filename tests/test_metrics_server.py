@@ -45,7 +45,7 @@ def filled() -> TrainingMetrics:
     metrics.set_logged("training_loss", float("nan"))
     metrics.set_logged("validation_loss", 0.25, dataloader="0")
     metrics.set_logged("validation_loss", 0.5, dataloader="1")
-    metrics.info = {"model": 'pkg.Model"v2"', "run_id": "abc"}
+    metrics.set_run_info({"model": 'pkg.Model"v2"', "run_id": "abc"})
     return metrics
 
 

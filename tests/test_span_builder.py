@@ -12,10 +12,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dgdn_lightning_monitor.graph_size import GraphSize
-from dgdn_lightning_monitor.metrics import LOGGED_GAUGES, TrainingMetrics
+from dgdn_lightning_monitor.metrics import TrainingMetrics
 from dgdn_lightning_monitor.steps import StepStatistics
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 from dgdn_lightning_monitor.tracing.tracer import SpanBuilder
+from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES
 
 
 def record(index: int) -> BatchRecord:

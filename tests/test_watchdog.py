@@ -7,11 +7,13 @@ import logging
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from dgdn_lightning_monitor import MonitoringCallback
+from dgdn_lightning_monitor.graph_size import UNKNOWN
+from dgdn_lightning_monitor.guards import MonitorErrors
+from dgdn_lightning_monitor.metrics import TrainingMetrics
 from dgdn_lightning_monitor.watchdog import THREAD_NAME, StallWatchdog, format_stacks
 from exposition import exposition, value
 from lit_models import GraphClassifier, graph_loaders, quiet_trainer
@@ -140,7 +142,7 @@ def test_bad_threshold_raises_at_construction(bad):
 
 
 def test_poll_interval_scales_with_the_threshold():
-    metrics = SimpleNamespace(last_progress_perf=None, stall_dumps=0)
+    metrics = TrainingMetrics()
     assert StallWatchdog(600.0, metrics).poll_s == 30.0
     assert StallWatchdog(60.0, metrics).poll_s == 6.0
     assert StallWatchdog(1.0, metrics).poll_s == pytest.approx(0.1)
@@ -149,7 +151,8 @@ def test_poll_interval_scales_with_the_threshold():
 def test_the_watchdog_waits_for_the_first_progress_from_its_start(tmp_path):
     """Before any progress (a hang in the first batch or a start-up collective) the time since start counts; a
     progress time from an earlier run does not."""
-    metrics = SimpleNamespace(last_progress_perf=time.perf_counter() - 1000.0, stall_dumps=0)
+    metrics = TrainingMetrics()
+    metrics.observe_train_batch(0.01, time.perf_counter() - 1000.0, UNKNOWN)  # progress of an earlier run
     watchdog = StallWatchdog(0.3, metrics)
     watchdog.start(tmp_path, rank=3)
     try:
@@ -185,18 +188,16 @@ def test_format_stacks_names_every_thread():
 def test_a_dump_that_cannot_be_written_is_counted_and_the_watch_goes_on(tmp_path):
     """A dump directory that cannot be created (a file stands there) is a monitoring error of part "watchdog":
     counted once per failed dump, warned once, and the watchdog keeps watching."""
-    from dgdn_lightning_monitor.metrics import TrainingMetrics
-
-    metrics = TrainingMetrics()
+    metrics, errors = TrainingMetrics(), MonitorErrors(logging.getLogger("dgdn_lightning_monitor"))
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("a file where the dumps would go")
-    watchdog = StallWatchdog(0.2, metrics)
+    watchdog = StallWatchdog(0.2, metrics, errors)
     watchdog.start(blocked, rank=0)
     try:
         deadline = time.monotonic() + 10
-        while metrics.errors.counts["watchdog"] == 0 and time.monotonic() < deadline:
+        while errors.counts["watchdog"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert watchdog._thread is not None and watchdog._thread.is_alive()
     finally:
         watchdog.stop()
-    assert metrics.errors.counts["watchdog"] == 1 and metrics.stall_dumps == 0 and watchdog.dumps == []
+    assert errors.counts["watchdog"] == 1 and metrics.stall_dumps == 0 and watchdog.dumps == []

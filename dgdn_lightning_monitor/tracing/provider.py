@@ -35,7 +35,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
-from dgdn_lightning_monitor.guards import MonitorErrors
+from dgdn_lightning_monitor.guards import MonitorErrors, WarnOnce, describe
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
@@ -76,7 +76,7 @@ class ReportingExporter(SpanExporter):
         try:
             result = self.exporter.export(spans)
         except Exception as error:  # pragma: no cover - exporters return FAILURE, but never let one escape
-            result, reason = SpanExportResult.FAILURE, f"{type(error).__name__}: {error}"
+            result, reason = SpanExportResult.FAILURE, describe(error)
         else:
             reason = "the receiver did not accept them"
         if result is SpanExportResult.SUCCESS:
@@ -181,15 +181,8 @@ class TracingSetup:
 
 def _first_of_each_message() -> Callable[[logging.LogRecord], bool]:
     """A log filter that lets the first record of each message (format string, per logger) through, not repeats."""
-    seen: set[tuple[str, object]] = set()
-
-    def first(record: logging.LogRecord) -> bool:
-        key = (record.name, record.msg)
-        new = key not in seen
-        seen.add(key)
-        return new
-
-    return first
+    first = WarnOnce(log)
+    return lambda record: first((record.name, record.msg), None)
 
 
 def _receiver_answers() -> bool:

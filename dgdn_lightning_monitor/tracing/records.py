@@ -12,7 +12,7 @@ from typing import Any, Optional, TypeVar
 import torch
 
 from dgdn_lightning_monitor.graph_size import GraphSize
-from dgdn_lightning_monitor.metrics import PHASES
+from dgdn_lightning_monitor.vocabulary import PHASES
 
 T = TypeVar("T")
 

@@ -26,10 +26,11 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode, TraceFlags
 
-from dgdn_lightning_monitor.guards import MonitorErrors, check_optional, forget_threads_after_fork
+from dgdn_lightning_monitor.guards import MonitorErrors, check_optional, describe, forget_threads_after_fork
 from dgdn_lightning_monitor.scheduler import identity
 from dgdn_lightning_monitor.tracing.provider import TracingSetup, configure_tracing
 from dgdn_lightning_monitor.tracing.records import BatchRecord
+from dgdn_lightning_monitor.vocabulary import SPAN_STAGES
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
 
@@ -97,7 +98,9 @@ class SpanBuilder:
             try:
                 self._emit(record)
             except Exception as error:  # a span that cannot be built is dropped, never a crash
-                self.errors.report("tracing", "Could not build spans for a traced batch (%s); they are dropped.", error)
+                self.errors.report(
+                    "tracing", "Could not build spans for a traced batch (%s); they are dropped.", describe(error)
+                )
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Stop the thread and build what is left on the calling thread."""
@@ -223,7 +226,9 @@ class TrainingTracer:
             try:
                 self._builder.submit(record)
             except Exception as error:  # e.g. no thread can be started: the spans of this batch are lost
-                self.errors.report("tracing", "Could not queue a traced batch (%s); its spans are dropped.", error)
+                self.errors.report(
+                    "tracing", "Could not queue a traced batch (%s); its spans are dropped.", describe(error)
+                )
 
     def _ns(self, perf_ns: Optional[int] = None) -> int:
         """Wall-clock ns of a ``perf_counter_ns`` reading (of now by default): spans need wall-clock times."""
@@ -266,11 +271,11 @@ class TrainingTracer:
             return
         try:
             self._builder.close()
-            for stage in ("predict", "test", "validation", "train"):  # children first
+            for stage in reversed(SPAN_STAGES.values()):  # children first
                 span = self._epochs.get(stage)
                 if span is not None and exception is not None:
                     span.record_exception(exception)
-                    span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
+                    span.set_status(Status(StatusCode.ERROR, describe(exception)))
                 self.end_epoch(stage)
         finally:
             setup, self.setup = self.setup, None
