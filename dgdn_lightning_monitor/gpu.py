@@ -69,6 +69,7 @@ import torch
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from dgdn_lightning_monitor.capacity import PeaksBeforeReset
+from dgdn_lightning_monitor.catalogue import help_text
 from dgdn_lightning_monitor.guards import (
     NAMESPACE,
     MonitorErrors,
@@ -90,19 +91,20 @@ logger = logging.getLogger(LOGGER_NAME)
 
 _GPU_LABELS = ("gpu", "uuid", "name")
 _UP = "gpu_monitoring_up"
-# Metric name suffix -> HELP, in exposition order.
+# Metric name suffix -> HELP (from the catalogue), in exposition order.
 _HELP = {
-    _UP: "1 while NVML sampling of the GPUs this rank watches works, 0 when it failed or NVML is unavailable.",
-    "gpu_utilization_ratio": "Fraction of the last NVML sample period during which a kernel ran on the GPU (0 to 1).",
-    "gpu_memory_used_bytes": "GPU memory in use by all processes on the device, as reported by NVML.",
-    "gpu_memory_total_bytes": "Total GPU memory of the device, as reported by NVML.",
-    "gpu_temperature_celsius": "GPU core temperature, as reported by NVML.",
-    "gpu_power_watts": "GPU power draw, as reported by NVML.",
-    "gpu_memory_allocated_bytes": "Memory held by tensors in this process's PyTorch CUDA caching allocator.",
-    "gpu_memory_reserved_bytes": "Memory reserved by this process's PyTorch CUDA caching allocator (held by tensors "
-    "plus cached).",
-    "gpu_max_memory_allocated_bytes": "Peak memory held by tensors in this process's PyTorch CUDA caching allocator "
-    "since start or the last peak reset.",
+    name: help_text(name)
+    for name in (
+        _UP,
+        "gpu_utilization_ratio",
+        "gpu_memory_used_bytes",
+        "gpu_memory_total_bytes",
+        "gpu_temperature_celsius",
+        "gpu_power_watts",
+        "gpu_memory_allocated_bytes",
+        "gpu_memory_reserved_bytes",
+        "gpu_max_memory_allocated_bytes",
+    )
 }
 # NVML figure -> (NVML function, its answer -> the value); a function giving several figures is called once a sample.
 _NVML_FIGURES: dict[str, tuple[str, Callable[[Any], float]]] = {

@@ -25,6 +25,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from dgdn_lightning_monitor.catalogue import TRAINING_FAMILIES
 from dgdn_lightning_monitor.graph_size import GraphSize, HopCounts
 from dgdn_lightning_monitor.guards import MonitorErrors
 from dgdn_lightning_monitor.histogram import (
@@ -38,69 +39,8 @@ from dgdn_lightning_monitor.model_info import LearningRates, ModelFigures, learn
 from dgdn_lightning_monitor.outcome import OUTCOMES, RUNNING
 from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES, PHASES, PROGRESS_UNITS, STAGES
 
-#: Every family, by name after the namespace, as (type, help). The README's metrics table follows this list.
-METRICS: dict[str, tuple[str, str]] = {
-    "training_loss": ("gauge", "Last logged training loss."),
-    "validation_loss": ("gauge", "Last logged validation loss."),
-    "training_accuracy": ("gauge", "Last logged training accuracy (ratio)."),
-    "validation_accuracy": ("gauge", "Last logged validation accuracy (ratio)."),
-    "samples_processed_total": (
-        "counter",
-        "Training samples processed (graphs, seed nodes, seed edges, events or rows).",
-    ),
-    "nodes_processed_total": ("counter", "Nodes in processed training batches."),
-    "edges_processed_total": ("counter", "Edges (events) in processed training batches."),
-    "nonfinite_loss_total": ("counter", "Training losses that were NaN or infinite."),
-    "sampled_nodes_total": ("counter", "Nodes a neighbour sampler drew for training batches, per hop (0: seeds)."),
-    "sampled_edges_total": ("counter", "Edges a neighbour sampler drew for training batches, per hop."),
-    "nonfinite_loss_streak": (
-        "gauge",
-        "Consecutive training losses up to the last counted one that were NaN or infinite.",
-    ),
-    "training_loss_min": ("gauge", "Lowest finite training loss logged in this run."),
-    "training_loss_max": ("gauge", "Highest finite training loss logged in this run."),
-    "validation_evaluations_since_best": (
-        "gauge",
-        "Validation evaluations of this run since the one with the lowest validation loss (0: the last was best).",
-    ),
-    "graph_nodes": ("gauge", "Nodes in the last training batch."),
-    "graph_edges": ("gauge", "Edges (events) in the last training batch."),
-    "samples_per_second": ("gauge", "Training throughput over the recent batches."),
-    "batch_processing_seconds": ("histogram", "Wall time of one training batch."),
-    "step_phase_seconds": ("histogram", "Time of each phase of sampled training steps (device time on CUDA)."),
-    "inference_time_seconds": ("histogram", "Per-sample latency of validation, test and predict batches."),
-    "epoch_duration_seconds": ("gauge", "Wall time of the last finished training epoch."),
-    "last_step_timestamp_seconds": ("gauge", "Unix time at which the last training batch finished."),
-    "progress_total": (
-        "counter",
-        "Units of progress by stage: training steps, validation/test/predict/sanity-check batches, checkpoint saves.",
-    ),
-    "last_progress_timestamp_seconds": ("gauge", "Unix time of the last progress in any stage."),
-    "run_start_timestamp_seconds": ("gauge", "Unix time at which the current run (fit, validate, test...) set up."),
-    "stage_start_timestamp_seconds": ("gauge", "Unix time at which the current stage began."),
-    "stage": ("gauge", "1 for the stage the run is in now, 0 for the others."),
-    "stage_seconds_total": ("counter", "Wall time spent in each stage."),
-    "model_parameters": ("gauge", "Parameters of the model."),
-    "model_trainable_parameters": ("gauge", "Parameters that require gradients."),
-    "model_memory_usage_bytes": ("gauge", "Bytes held by the model's parameters and buffers."),
-    "epoch": ("gauge", "Current training epoch (0-based)."),
-    "global_step": ("gauge", "Optimizer steps taken so far."),
-    "learning_rate": ("gauge", "Learning rate of each optimizer parameter group."),
-    "training": ("info", "Model and library versions of this training run."),
-    "monitor_errors_total": (
-        "counter",
-        "Errors the monitor degraded on (it skipped what it could not measure), by part.",
-    ),
-    "stall_dumps_total": ("counter", "Stack dumps written because the run made no progress for stall_dump_after_s."),
-    "oom_total": ("counter", "Out-of-memory errors raised by a step of this process."),
-    "batch_capacity_nodes": ("gauge", "Estimated nodes of the largest batch that fits the device (linear fit)."),
-    "batch_capacity_edges": ("gauge", "Estimated edges of the largest batch that fits the device (linear fit)."),
-    "run_outcome": (
-        "gauge",
-        "1 for the run's current outcome (running, completed, failed, interrupted, terminated), 0 for the others; "
-        "reason: why a scheduler terminated it.",
-    ),
-}
+#: Every family of this collector, by name after the namespace, as (type, help): from the catalogue.
+METRICS: dict[str, tuple[str, str]] = {family.name: (family.type, family.help) for family in TRAINING_FAMILIES}
 _FAMILY_TYPES = {
     "gauge": GaugeMetricFamily,
     "counter": CounterMetricFamily,
