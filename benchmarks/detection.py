@@ -232,7 +232,7 @@ def nan_once(stack: _Stack) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         observer = threading.Thread(target=observe, name="detection-nan-observe", daemon=True)
         observer.start()
-        _trainer([monitor], Path(tmp)).fit(model, _graphs(4000))
+        _trainer([monitor], Path(tmp)).fit(model, _graphs())
         observer.join(timeout=90)
     if "error" in result:
         raise RuntimeError(result["error"])
@@ -343,94 +343,101 @@ def _marks(path: Path) -> list[list[float]]:
     return [[float(x) for x in line.split()] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def collective_once(after_s: Any, bound_s: float) -> dict[str, Any]:
-    """A 2-rank run that hangs in a collective rank 1 never enters: seconds from the first rank blocking to the
-    first dump of each rank."""
+def _steps(out: Path, rank: int = 1) -> list[float]:
+    """End times of the training steps rank ``rank`` has finished so far."""
+    return [t[0] for t in _marks(out / f"steps-rank{rank}.txt")]
+
+
+def ddp_once(stack: Optional[_Stack], after_s: Any, bound_s: float) -> dict[str, Any]:
+    """One 2-rank run. With ``stack``: steady steps, rank 1 slowed by each of :data:`SLOWDOWNS` in turn (back to
+    normal in between), each measured to ``DGDNRankStraggler`` on rank 1 (its condition and its firing, in seconds
+    and steps, and the highest own-work ratio Prometheus recorded). Then the hang: rank 0 enters an all_reduce rank 1
+    never enters (rank 1 waits in one of its own), measured from the first rank blocking to the first stack dump of
+    each rank. With ``stack`` the run is then killed with SIGKILL, measured to ``DGDNRunDown`` on each rank."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        with _ddp_child(out, "--mode", "collective", "--after", str(after_s)) as child:
-            _wait(lambda: len(list(out.glob("hang-rank*.txt"))) == 2 or child.poll() is not None, START_TIMEOUT_S,
-                  "both ranks in the hang")  # fmt: skip
-            if child.poll() is not None:
-                raise RuntimeError(f"the DDP run exited with {child.returncode}: {(out / 'child.log').read_text()}")
+        trigger = out / "trigger"
+        options = ["--after", str(after_s), "--trigger", str(trigger)]
+        with _ddp_child(out, *options, *(["--targets-dir", str(stack.targets)] if stack else [])) as child:
+            def started() -> bool:
+                if child.poll() is not None:
+                    raise RuntimeError(f"the DDP run exited with {child.returncode}: "
+                                       f"{(out / 'child.log').read_text()[-3000:]}")  # fmt: skip
+                return (out / "run_id").exists() and len(_steps(out)) >= HANG_AFTER_STEPS
+
+            _wait(started, START_TIMEOUT_S, "the DDP run's first steps", 0.1)
+            run_id = (out / "run_id").read_text().strip()
+            result: dict[str, Any] = {"straggler": _straggle(stack, out, run_id) if stack else []}
+            # Both ranks must skip the same step's collectives: hang at a step well ahead of the current one.
+            trigger.write_text(f"hang {len(_steps(out)) + 25}\n")
+            _wait(lambda: len(list(out.glob("hang-rank*.txt"))) == 2, 60, "both ranks in the hang")
             start = min(_marks(out / f"hang-rank{rank}.txt")[0][0] for rank in (0, 1))
             dumps = out / "dgdn-dumps"
             deadline = time.time() + bound_s
             while time.time() < deadline and any(_first_dump(dumps, rank) is None for rank in (0, 1)):
                 time.sleep(0.02)
-            per_rank = {rank: _first_dump(dumps, rank) for rank in (0, 1)}
-    seconds = [None if t is None else t - start for t in per_rank.values()]
-    return {"seconds": None if None in seconds else max(seconds), "per_rank_s": seconds}
+            seconds = [None if t is None else t - start for t in (_first_dump(dumps, rank) for rank in (0, 1))]
+            result["collective"] = {"seconds": None if None in seconds else max(seconds), "per_rank_s": seconds}
+            if stack is not None:
+                killed_at = time.time()
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait(timeout=30)
+                down = stack.watch("DGDNRunDown", [{"run_id": run_id, "rank": str(rank)} for rank in (0, 1)], 60)
+                per_rank = [None if d["firing"] is None else d["firing"] - killed_at for d in down]
+                result["killed"] = {"seconds": None if None in per_rank else max(per_rank), "per_rank_s": per_rank}
+    return result
 
 
-def straggler_and_kill_once(stack: _Stack) -> dict[str, Any]:
-    """One 2-rank run: steady, rank 1 slowed by each of :data:`SLOWDOWNS` in turn (back to normal in between), then
-    SIGKILL. For each slowdown, the seconds and steps from its onset to ``DGDNRankStraggler`` on rank 1 (condition,
-    firing) and the highest own-work ratio recorded; for the kill, the seconds to ``DGDNRunDown`` on each rank."""
+def _straggle(stack: _Stack, out: Path, run_id: str) -> list[dict[str, Any]]:
+    """The slowdowns of rank 1 (see :func:`ddp_once`)."""
     window_s = 300 / SCALE
     for_s = stack.short_for_s["DGDNRankStraggler"]
     ratio = "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m"
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        trigger = out / "factor"
-        with _ddp_child(out, "--mode", "straggler", "--targets-dir", str(stack.targets), "--trigger",
-                        str(trigger)) as child:  # fmt: skip
-            _wait(lambda: (out / "run_id").exists() or child.poll() is not None, START_TIMEOUT_S, "the run's start")
-            if child.poll() is not None:
-                raise RuntimeError(f"the DDP run exited with {child.returncode}: {(out / 'child.log').read_text()}")
-            run_id = (out / "run_id").read_text().strip()
-            selector = f'run_id="{run_id}"'
-            stack.wait_scraped(selector, 2)
-            _wait(lambda: len(stack.prometheus.query(f"{ratio}{{{selector}}}")) == 2, 60, "both ranks' ratio", 0.2)
-            time.sleep(window_s + 1)  # the rate window holds steady steps only
-            slowdowns = []
-            for factor in SLOWDOWNS:
-                onsets = len(_marks(out / "onsets.txt"))
-                trigger.write_text(f"{factor}\n")
-                _wait(lambda: len(_marks(out / "onsets.txt")) > onsets, 30, f"the {factor}x onset")
-                start = _marks(out / "onsets.txt")[-1][0]
-                # Past a full window of slow steps the ratio is as high as it gets: if the condition has not held
-                # by then it never will; if it has, the alert fires `for:` later.
-                seen = stack.watch("DGDNRankStraggler", [{"run_id": run_id, "rank": "1"}], window_s + 3)[0]
-                if seen["active"] is not None and seen["firing"] is None:
-                    seen = stack.watch("DGDNRankStraggler", [{"run_id": run_id, "rank": "1"}], for_s + 5)[0]
-                held = time.time() - start
-                highest = stack.value(f'max_over_time({ratio}{{{selector}, rank="1"}}[{int(held)}s])')
-                steps = [t[0] for t in _marks(out / "steps-rank1.txt")]
-                slow_steps = _steps_between(steps, start, start + held) or 1
-                slowdowns.append({
-                    "factor": factor,
-                    "seconds": None if seen["firing"] is None else seen["firing"] - start,
-                    "condition_s": None if seen["active"] is None else seen["active"] - start,
-                    "steps_to_condition": _steps_between(steps, start, seen["active"]),
-                    "steps_to_firing": _steps_between(steps, start, seen["firing"]),
-                    "watched_s": held,
-                    "highest_ratio": highest,
-                    "step_s": held / slow_steps,
-                })  # fmt: skip
-                trigger.write_text("1.0\n")  # back to normal until the window and the alert have forgotten
-                _wait(lambda: len(_marks(out / "onsets.txt")) > onsets + 1, 30, "the return to normal")
-                _wait(lambda: (stack.value(f'max({ratio}{{{selector}}})') or 9) < 1.15
-                      and not stack.alerts("DGDNRankStraggler"), 60, "the ratio back to normal", 0.2)  # fmt: skip
-            killed_at = time.time()
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait(timeout=30)
-            down = stack.watch("DGDNRunDown", [{"run_id": run_id, "rank": str(rank)} for rank in (0, 1)], 60)
-    per_rank = [None if d["firing"] is None else d["firing"] - killed_at for d in down]
-    return {
-        "straggler": slowdowns,
-        "killed": {"seconds": None if None in per_rank else max(per_rank), "per_rank_s": per_rank},
-    }
+    selector = f'run_id="{run_id}"'
+    trigger, onsets = out / "trigger", out / "onsets.txt"
+    stack.wait_scraped(selector, 2)
+    _wait(lambda: len(stack.prometheus.query(f"{ratio}{{{selector}}}")) == 2, 60, "both ranks' ratio", 0.2)
+    time.sleep(window_s + 1)  # the rate window holds steady steps only
+    slowdowns = []
+    for factor in SLOWDOWNS:
+        seen_onsets = len(_marks(onsets))
+        trigger.write_text(f"{factor}\n")
+        _wait(lambda n=seen_onsets: len(_marks(onsets)) > n, 30, f"the {factor}x onset")
+        start = _marks(onsets)[-1][0]
+        # Past a full window of slow steps the ratio is as high as it gets: if the condition has not held by then
+        # it never will; if it has, the alert fires `for:` later.
+        labels = [{"run_id": run_id, "rank": "1"}]
+        seen = stack.watch("DGDNRankStraggler", labels, window_s + 3)[0]
+        if seen["active"] is not None and seen["firing"] is None:
+            seen = stack.watch("DGDNRankStraggler", labels, for_s + 5)[0]
+        held = time.time() - start
+        highest = stack.value(f'max_over_time({ratio}{{{selector}, rank="1"}}[{int(held)}s])')
+        steps = _steps(out)
+        slowdowns.append({
+            "factor": factor,
+            "seconds": None if seen["firing"] is None else seen["firing"] - start,
+            "condition_s": None if seen["active"] is None else seen["active"] - start,
+            "steps_to_condition": _steps_between(steps, start, seen["active"]),
+            "steps_to_firing": _steps_between(steps, start, seen["firing"]),
+            "watched_s": held,
+            "highest_ratio": highest,
+            "step_s": held / max(1, _steps_between(steps, start, start + held) or 1),
+        })  # fmt: skip
+        trigger.write_text("1.0\n")  # back to normal until the window and the alert have forgotten the slowdown
+        _wait(lambda n=seen_onsets: len(_marks(onsets)) > n + 1, 30, "the return to normal")
+        _wait(lambda: (stack.value(f"max({ratio}{{{selector}}})") or 9) < 1.15
+              and not stack.alerts("DGDNRankStraggler"), 60, "the ratio back to normal", 0.2)  # fmt: skip
+    return slowdowns
 
 
 def ddp_child(argv: list[str]) -> None:
-    """A rank of the DDP runs (Lightning's launcher starts the other with the same arguments)."""
+    """A rank of the DDP runs (Lightning's launcher starts the other with the same arguments). Every step both ranks
+    read the trigger file: a number is rank 1's slowdown factor from now on, ``hang N`` makes step N the hang."""
     parser = argparse.ArgumentParser(prog="benchmarks.detection ddp-child")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--mode", choices=("collective", "straggler"), required=True)
     parser.add_argument("--after", default="600")
     parser.add_argument("--targets-dir")
-    parser.add_argument("--trigger", type=Path)
+    parser.add_argument("--trigger", required=True, type=Path)
     args = parser.parse_args(argv)
 
     import ddp_train
@@ -444,32 +451,33 @@ def ddp_child(argv: list[str]) -> None:
 
     quiet()
     set_threads()
-    out: Path = args.out
-    after: Union[str, float, None] = args.after if args.after == "auto" else float(args.after)
+    out, trigger = args.out, args.trigger
+    after: Union[str, float] = args.after if args.after == "auto" else float(args.after)
 
     class Bench(ddp_train.TinyGCN):
-        """tests/ddp_train.py's GCN, sleeping :data:`STEP_S` (times the trigger file's factor on rank 1) per step;
-        in ``collective`` mode after :data:`HANG_AFTER_STEPS` steps rank 0 enters an all_reduce rank 1 never
-        enters (rank 1 waits in one of its own)."""
+        """tests/ddp_train.py's GCN sleeping :data:`STEP_S` per step (times the slowdown factor on rank 1); at the
+        hang step it enters the collectives of ``tests/ddp_train.py``'s stall."""
 
         def setup(self, stage: str) -> None:
             super().setup(stage)
-            if args.mode == "collective":
-                self.side_group = torch.distributed.new_group(backend="gloo")
-            self.factor, self.trigger_mtime, self.steps = 1.0, 0, 0
+            self.side_group = torch.distributed.new_group(backend="gloo")  # every rank takes part in creating it
+            self.factor, self.hang_at, self.trigger_mtime, self.steps = 1.0, -1, 0, 0
             self.log_file = open(out / f"steps-rank{self.global_rank}.txt", "w", buffering=1)  # noqa: SIM115
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             rank = self.global_rank
-            if args.mode == "collective" and self.steps == HANG_AFTER_STEPS:
-                (out / f"hang-rank{rank}.txt").write_text(f"{time.time()}\n")
-                ddp_train.skip_the_collective(self.side_group) if rank == 1 else ddp_train.enter_collective_alone()
-            if args.trigger is not None and rank == 1:
-                mtime = args.trigger.stat().st_mtime_ns if args.trigger.exists() else 0
-                if mtime != self.trigger_mtime:
-                    self.trigger_mtime, self.factor = mtime, float(args.trigger.read_text())
+            mtime = trigger.stat().st_mtime_ns if trigger.exists() else 0
+            if mtime != self.trigger_mtime:
+                self.trigger_mtime, said = mtime, trigger.read_text().split()
+                if said[0] == "hang":
+                    self.hang_at = int(said[1])
+                elif rank == 1:
+                    self.factor = float(said[0])
                     with open(out / "onsets.txt", "a") as onsets:
                         onsets.write(f"{time.time()} {self.steps} {self.factor}\n")
+            if self.steps == self.hang_at:
+                (out / f"hang-rank{rank}.txt").write_text(f"{time.time()}\n")
+                ddp_train.skip_the_collective(self.side_group) if rank == 1 else ddp_train.enter_collective_alone()
             time.sleep(STEP_S * (self.factor if rank == 1 else 1.0))
             self.steps += 1
             return super().training_step(batch, batch_idx)
@@ -483,15 +491,15 @@ def ddp_child(argv: list[str]) -> None:
                 (out / "run_id").write_text(monitor.run_id)
 
     torch.manual_seed(0)
-    dataset = FakeDataset(num_graphs=8000, avg_num_nodes=12, avg_degree=3, num_channels=8, num_classes=2)
+    dataset = FakeDataset(num_graphs=400, avg_num_nodes=12, avg_degree=3, num_channels=8, num_classes=2)
     monitor = MonitoringCallback(
         port=0, addr="127.0.0.1", tracing=False, gpu_devices=None, trace_every_n_steps=1, stall_dump_after_s=after,
         targets_dir=args.targets_dir, targets_host="127.0.0.1",
     )  # fmt: skip
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1000, callbacks=[monitor, Started()], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=str(out),
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=100_000, callbacks=[monitor, Started()],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=str(out),
     )  # fmt: skip
     trainer.fit(Bench(), DataLoader(dataset, batch_size=4, shuffle=True))
 
@@ -502,14 +510,36 @@ def _stats(values: list[Optional[float]]) -> dict[str, Any]:
     return {**summarize(measured), "missed": len(values) - len(measured)}
 
 
+def _why_not(setting: Any) -> Optional[str]:
+    """Why a ``stall_dump_after_s`` setting is not measured (rejected, or a fixed wait too long), or ``None``."""
+    reason = unsupported(setting)
+    if reason is None and _fixed(setting) and setting > LONGEST_WAIT_S:
+        poll = poll_s(setting)
+        reason = (
+            f"a fixed {setting:g} s threshold: a dump comes {setting:g} s after the last progress"
+            + (f", read every {poll:g} s, so within {setting + poll:g} s" if poll else "")
+            + "; not waited for here"
+        )
+    return reason
+
+
+def _fixed(setting: Any) -> bool:
+    return isinstance(setting, (int, float)) and not isinstance(setting, bool)
+
+
+def _bound_s(setting: Any) -> float:
+    return setting + (poll_s(setting) or 0.0) + 20.0 if _fixed(setting) else LONGEST_WAIT_S
+
+
 def run(quick: bool = False, reps: Optional[int] = None, settings: Optional[tuple[Any, ...]] = None,
-        cases: tuple[str, ...] = ("hang", "collective", "straggler", "nan_loss")) -> dict[str, Any]:  # fmt: skip
+        cases: tuple[str, ...] = ("hang", "ddp", "nan_loss")) -> dict[str, Any]:  # fmt: skip
     """Measure every case ``reps`` times (2 by default, 1 with ``quick``).
 
     Args:
         settings: the ``stall_dump_after_s`` values of the hang cases; by default :data:`EXPLICIT_AFTER_S`, the
-            callback's default and ``"auto"`` (each once).
-        cases: which of ``hang``, ``collective``, ``straggler`` (with ``killed``) and ``nan_loss`` to run.
+            callback's default and ``"auto"``. The first is the one of the DDP run that also measures the
+            straggler and the kill.
+        cases: which of ``hang`` (one rank), ``ddp`` (hung collective, straggler, killed run) and ``nan_loss``.
     """
     reps = reps if reps is not None else (1 if quick else 2)
     default = default_after_s()
@@ -526,69 +556,73 @@ def run(quick: bool = False, reps: Optional[int] = None, settings: Optional[tupl
         "cases": {},
         "skipped": {},
     }  # fmt: skip
-    for kind in ("hang", "collective"):
-        if kind not in cases:
-            continue
-        for setting in settings:
-            name = f"{kind}:{setting}"
-            reason = unsupported(setting)
-            fixed = isinstance(setting, (int, float)) and not isinstance(setting, bool)
-            if reason is None and fixed and setting > LONGEST_WAIT_S:
-                poll = poll_s(setting)
-                reason = (
-                    f"a fixed {setting:g} s threshold: a dump comes {setting:g} s after the last progress"
-                    + (f", read every {poll:g} s, so within {setting + poll:g} s" if poll else "")
-                    + "; not waited for here"
-                )
-            if reason is not None:
-                result["skipped"][name] = reason
-                continue
-            bound = (setting + (poll_s(setting) or 0.0) + 20.0) if fixed else LONGEST_WAIT_S
-            measure = hang_once if kind == "hang" else collective_once
-            runs = [measure(setting, bound) for _ in range(reps)]
-            data: dict[str, Any] = {"setting": setting, "bound_s": bound, "seconds": _stats([r["seconds"] for r in runs])}
-            if kind == "hang":
-                p99 = max(r["p99_step_s"] for r in runs)
-                data.update(p99_step_s=p99, target_s=max(3 * p99, 10.0))
-            else:
-                data.update(per_rank_s=[r["per_rank_s"] for r in runs], target_s=COLLECTIVE_TARGET_S)
-            data["met"] = data["seconds"]["missed"] == 0 and data["seconds"]["max"] <= data["target_s"]
-            result["cases"][name] = data
-    alerting = [c for c in ("straggler", "nan_loss") if c in cases]
-    if alerting:
-        try:
-            workdir = Path(tempfile.mkdtemp(prefix="dgdn-detection-"))
-            stack = _Stack(workdir)
-        except FileNotFoundError as error:
-            if os.environ.get("DGDN_MONITOR_REQUIRE_TOOLS"):
-                raise
-            for case in alerting:
-                result["skipped"][case] = str(error)
-            return result
-        try:
-            result["config"]["shipped_for_s"] = stack.for_s
-            result["config"]["shortened_for_s"] = stack.short_for_s
-            if "straggler" in cases:
-                runs = [straggler_and_kill_once(stack) for _ in range(reps)]
-                for i, factor in enumerate(SLOWDOWNS):
-                    each = [r["straggler"][i] for r in runs]
-                    result["cases"][f"straggler:{factor:g}x"] = _alert_case(stack, "DGDNRankStraggler", each, True)
-                    case = result["cases"][f"straggler:{factor:g}x"]
-                    case.update(factor=factor, highest_ratio=[r["highest_ratio"] for r in each],
-                                step_s=summarize([r["step_s"] for r in each])["median"],
-                                target_steps=STRAGGLER_TARGET_STEPS)  # fmt: skip
-                    steps = case["steps_to_condition"]
-                    case["met"] = None not in steps and max(steps) <= STRAGGLER_TARGET_STEPS
-                result["cases"]["killed"] = _alert_case(stack, "DGDNRunDown", [r["killed"] for r in runs], False)
-                result["cases"]["killed"]["per_rank_s"] = [r["killed"]["per_rank_s"] for r in runs]
-            if "nan_loss" in cases:
-                runs = [nan_once(stack) for _ in range(reps)]
-                result["cases"]["nan_loss"] = _alert_case(stack, "DGDNTrainingLossNotFinite", runs, False)
-                result["cases"]["nan_loss"]["onset_step"] = [r["onset_step"] for r in runs]
-        finally:
+    measured = []
+    for setting in settings:
+        reason = _why_not(setting)
+        if reason is None:
+            measured.append(setting)
+        else:
+            for kind in ("hang", "collective"):
+                result["skipped"][f"{kind}:{setting}"] = reason
+    if "hang" in cases:
+        for setting in measured:
+            runs = [hang_once(setting, _bound_s(setting)) for _ in range(reps)]
+            p99 = max(r["p99_step_s"] for r in runs)
+            result["cases"][f"hang:{setting}"] = _dump_case(setting, runs, max(3 * p99, 10.0), p99_step_s=p99)
+    stack: Optional[_Stack] = None
+    workdir = Path(tempfile.mkdtemp(prefix="dgdn-detection-"))
+    try:
+        if "ddp" in cases or "nan_loss" in cases:
+            try:
+                stack = _Stack(workdir)
+            except FileNotFoundError as error:
+                if os.environ.get("DGDN_MONITOR_REQUIRE_TOOLS"):
+                    raise
+                for case in ("straggler", "killed", "nan_loss"):
+                    result["skipped"][case] = str(error)
+            if stack is not None:
+                result["config"]["shipped_for_s"] = stack.for_s
+                result["config"]["shortened_for_s"] = stack.short_for_s
+        if "ddp" in cases:
+            for i, setting in enumerate(measured):
+                with_stack = stack if i == 0 else None  # the straggler and the kill once, in the first setting's runs
+                runs = [ddp_once(with_stack, setting, _bound_s(setting)) for _ in range(reps)]
+                result["cases"][f"collective:{setting}"] = _dump_case(
+                    setting, [r["collective"] for r in runs], COLLECTIVE_TARGET_S,
+                    per_rank_s=[r["collective"]["per_rank_s"] for r in runs],
+                )  # fmt: skip
+                if with_stack is not None:
+                    _ddp_alert_cases(result["cases"], with_stack, runs)
+        if "nan_loss" in cases and stack is not None:
+            runs = [nan_once(stack) for _ in range(reps)]
+            result["cases"]["nan_loss"] = _alert_case(stack, "DGDNTrainingLossNotFinite", runs, False)
+            result["cases"]["nan_loss"]["onset_step"] = [r["onset_step"] for r in runs]
+    finally:
+        if stack is not None:
             stack.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def _dump_case(setting: Any, runs: list[dict[str, Any]], target_s: float, **extra: Any) -> dict[str, Any]:
+    seconds = _stats([r["seconds"] for r in runs])
+    met = seconds["missed"] == 0 and seconds["max"] <= target_s
+    return {"setting": setting, "bound_s": _bound_s(setting), "seconds": seconds, "target_s": target_s, "met": met,
+            **extra}  # fmt: skip
+
+
+def _ddp_alert_cases(cases: dict[str, Any], stack: _Stack, runs: list[dict[str, Any]]) -> None:
+    for i, factor in enumerate(SLOWDOWNS):
+        each = [r["straggler"][i] for r in runs]
+        case = cases[f"straggler:{factor:g}x"] = _alert_case(stack, "DGDNRankStraggler", each, True)
+        steps = case["steps_to_condition"]
+        case.update(
+            factor=factor, highest_ratio=[r["highest_ratio"] for r in each], target_steps=STRAGGLER_TARGET_STEPS,
+            step_s=summarize([r["step_s"] for r in each])["median"],
+            met=None not in steps and max(steps) <= STRAGGLER_TARGET_STEPS,
+        )  # fmt: skip
+    cases["killed"] = _alert_case(stack, "DGDNRunDown", [r["killed"] for r in runs], False)
+    cases["killed"]["per_rank_s"] = [r["killed"]["per_rank_s"] for r in runs]
 
 
 def _alert_case(stack: _Stack, alert: str, runs: list[dict[str, Any]], window: bool) -> dict[str, Any]:
