@@ -651,6 +651,117 @@ def _alert_case(stack: _Stack, alert: str, runs: list[dict[str, Any]], window: b
     return data
 
 
+# ---------------------------------------------------------------------------------------------- report
+ROW = "Detection"
+LABELS = {
+    "hang": "one rank's step blocks -> first stack dump",
+    "collective": "a collective one rank never enters (2-rank gloo DDP) -> stack dumps of both ranks",
+}
+
+
+def _s(summary: dict[str, Any]) -> str:
+    if not summary.get("n"):
+        return "never"
+    text = f"{summary['median']:.1f} s (max {summary['max']:.1f})"
+    return text + (f", missed {summary['missed']} of {summary['n'] + summary['missed']}" if summary["missed"] else "")
+
+
+def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The summary rows of ``benchmarks/report.py``: one per case, measured or skipped."""
+    out: list[dict[str, Any]] = []
+    cases, skipped = result["cases"], result.get("skipped", {})
+    settings = list(dict.fromkeys([n.split(":", 1)[1] for n in [*cases, *skipped] if n.split(":")[0] in LABELS]))
+    for kind, label in LABELS.items():
+        for setting in settings:
+            name = f"{kind}:{setting}"
+            figure = f"{label}, stall_dump_after_s={setting}"
+            target = "≤ max(3 × p99 step, 10 s)" if kind == "hang" else f"≤ {COLLECTIVE_TARGET_S:g} s"
+            if name in cases:
+                data = cases[name]
+                value = _s(data["seconds"])
+                if kind == "hang":
+                    value += f"; p99 step {data['p99_step_s'] * 1000:.0f} ms"
+                else:
+                    value += "; per rank " + ", ".join("/".join(f"{x:.1f}" for x in r if x is not None)
+                                                       for r in data["per_rank_s"]) + " s"  # fmt: skip
+                out.append({"benchmark": ROW, "figure": figure, "value": value, "target": target + (
+                    f" = {data['target_s']:.0f} s" if kind == "hang" else ""), "met": data["met"]})  # fmt: skip
+            elif name in skipped:
+                fixed = _fixed(_number(setting))
+                out.append({"benchmark": ROW, "figure": figure, "value": f"not measured: {skipped[name]}",
+                            "target": target, "met": False if fixed and float(setting) > 30 else None})  # fmt: skip
+    for name, data in cases.items():
+        if name.startswith("straggler:"):
+            for_s, shipped = data["shortened_for_s"], data["shipped_for_s"]
+            figure = (f"rank 1 of 2-rank DDP {data['factor']:g}× slower -> DGDNRankStraggler firing "
+                      f"(rules ÷{result['config']['scale']}: 5 s window, for: {for_s:g} s)")  # fmt: skip
+            ratios = "/".join(f"{r:.2f}" for r in data["highest_ratio"] if r is not None)
+            if data["seconds"]["n"]:
+                value = (f"{_s(data['seconds'])}; condition after {_step_range(data['steps_to_condition'])} steps "
+                         f"({_s(data['condition_s'])}); own-work ratio {ratios}; with the shipped rules (5 m window, "
+                         f"for: {shipped / 60:g} m) ≈ {_s(data['shipped_estimate_s'])}")  # fmt: skip
+            else:
+                value = f"not flagged: own-work ratio reached {ratios}, under the rule's 1.5"
+            out.append({"benchmark": ROW, "figure": figure, "value": value,
+                        "target": f"≤ {data['target_steps']} steps + for:", "met": data["met"]})  # fmt: skip
+    titles = {"killed": "2-rank DDP run killed (SIGKILL) -> DGDNRunDown firing on both ranks",
+              "nan_loss": "training loss NaN from one step on -> DGDNTrainingLossNotFinite firing"}  # fmt: skip
+    for name, title in titles.items():
+        if name in cases:
+            data = cases[name]
+            value = f"{_s(data['seconds'])} with for: {data['shortened_for_s']:g} s"
+            if "steps_to_firing" in data:
+                value += f" ({_step_range(data['steps_to_firing'])} steps)"
+            value += f"; with the shipped for: {data['shipped_for_s']:g} s ≈ {_s(data['shipped_estimate_s'])}"
+            out.append({"benchmark": ROW, "figure": title, "value": value, "target": "(reference)", "met": None})
+        elif name in skipped:
+            out.append({"benchmark": ROW, "figure": title, "value": f"not measured: {skipped[name]}",
+                        "target": "(reference)", "met": None})  # fmt: skip
+    return out
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _step_range(values: list[Optional[int]]) -> str:
+    measured = sorted(v for v in values if v is not None)
+    return "–".join(str(v) for v in dict.fromkeys([measured[0], measured[-1]])) if measured else "n/a"
+
+
+def details(result: dict[str, Any]) -> list[str]:
+    """The section of ``results.md``: how it was measured, and the repetitions of each case."""
+    c = result["config"]
+    out = [
+        "## Detection latency",
+        "",
+        result["what"] + f"; {c['reps']} repetitions per case. Training steps sleep {c['step_s'] * 1000:.0f} ms; the "
+        f"hangs start after {c['hang_after_steps']} steps. Prometheus scrapes and evaluates every "
+        f"{c['scrape_and_evaluation_interval_s']:g} s, the shipped rules divided in time by {c['scale']} (for:, "
+        f"windows); the default stall_dump_after_s is {c['default_stall_dump_after_s']}.",
+        "",
+        "| Case | seconds per repetition | steps to the condition / to firing |",
+        "|---|---|---|",
+    ]
+    for name, data in result["cases"].items():
+        summary = data["seconds"]
+        if "per_rank_s" in data:
+            per_rank = data["per_rank_s"]
+            text = "; ".join("ranks " + "/".join("—" if x is None else f"{x:.2f}" for x in r) for r in per_rank)
+        elif summary["n"]:
+            text = f"median {summary['median']:.2f}, max {summary['max']:.2f}"
+        else:
+            text = "never"
+        steps = (f"{_step_range(data['steps_to_condition'])} / {_step_range(data['steps_to_firing'])}"
+                 if "steps_to_condition" in data else "—")  # fmt: skip
+        out.append(f"| {name} | {text} | {steps} |")
+    out += [f"| {name} | not measured: {why} | — |" for name, why in result.get("skipped", {}).items()]
+    return [*out, ""]
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "ddp-child":
         ddp_child(sys.argv[2:])
