@@ -63,6 +63,6 @@ def test_detection_benchmark_quick_structure() -> None:
               "machine": machine_info(), "load_average_end": [0.0, 0.0, 0.0], "results": {"detection": result}}
     report["summary"] = summary_rows(report["results"])
     figures = [row["figure"] for row in report["summary"]]
-    assert any(figure.endswith("stall_dump_after_s=2.0") for figure in figures)
+    assert any(figure.endswith("stall_dump_after_s=2") for figure in figures)
     assert all(row["benchmark"] == "Detection" for row in report["summary"])
     assert "## Detection latency" in markdown(report)
