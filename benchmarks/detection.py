@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from benchmarks.common import ROOT, free_port, percentile, summarize
 
@@ -343,6 +343,11 @@ def _marks(path: Path) -> list[list[float]]:
     return [[float(x) for x in line.split()] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _slowest(seconds: list[Optional[float]]) -> Optional[float]:
+    """The last of the ranks' times, ``None`` when one never came."""
+    return None if None in seconds else max(s for s in seconds if s is not None)
+
+
 def _steps(out: Path, rank: int = 1) -> list[float]:
     """End times of the training steps rank ``rank`` has finished so far."""
     return [t[0] for t in _marks(out / f"steps-rank{rank}.txt")]
@@ -377,14 +382,14 @@ def ddp_once(stack: Optional[_Stack], after_s: Any, bound_s: float) -> dict[str,
             while time.time() < deadline and any(_first_dump(dumps, rank) is None for rank in (0, 1)):
                 time.sleep(0.02)
             seconds = [None if t is None else t - start for t in (_first_dump(dumps, rank) for rank in (0, 1))]
-            result["collective"] = {"seconds": None if None in seconds else max(seconds), "per_rank_s": seconds}
+            result["collective"] = {"seconds": _slowest(seconds), "per_rank_s": seconds}
             if stack is not None:
                 killed_at = time.time()
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait(timeout=30)
                 down = stack.watch("DGDNRunDown", [{"run_id": run_id, "rank": str(rank)} for rank in (0, 1)], 60)
                 per_rank = [None if d["firing"] is None else d["firing"] - killed_at for d in down]
-                result["killed"] = {"seconds": None if None in per_rank else max(per_rank), "per_rank_s": per_rank}
+                result["killed"] = {"seconds": _slowest(per_rank), "per_rank_s": per_rank}
     return result
 
 
@@ -452,7 +457,7 @@ def ddp_child(argv: list[str]) -> None:
     quiet()
     set_threads()
     out, trigger = args.out, args.trigger
-    after: Union[str, float] = args.after if args.after == "auto" else float(args.after)
+    after: Any = args.after if args.after == "auto" else float(args.after)
 
     class Bench(ddp_train.TinyGCN):
         """tests/ddp_train.py's GCN sleeping :data:`STEP_S` per step (times the slowdown factor on rank 1); at the
@@ -629,7 +634,7 @@ def _alert_case(stack: _Stack, alert: str, runs: list[dict[str, Any]], window: b
     """Measured seconds to firing, and what they mean with the shipped ``for:`` (and, with ``window``, the shipped
     rate window: the time until the condition held, multiplied back by :data:`SCALE`)."""
     short, shipped = stack.short_for_s[alert], stack.for_s[alert]
-    estimates = []
+    estimates: list[Optional[float]] = []
     for r in runs:
         if r["seconds"] is None:
             estimates.append(None)
