@@ -183,6 +183,10 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": data["met"],
                 }
             )
+    if "config" in results.get("detection", {}):  # measured (not an error)
+        from benchmarks import detection
+
+        rows += detection.rows(results["detection"])
     gpu = results.get("gpu")
     if gpu:
         if gpu.get("skipped"):
@@ -440,4 +444,8 @@ def _details(results: dict[str, Any]) -> list[str]:
             parts = ", ".join(f"{k}: {v:.3f}" for k, v in data["parts_seconds"].items())
             out.append(f"| {data['description']} | {_spread(data['seconds'], '{:.3f}')} | {parts or '—'} |")
         out.append("")
+    if "config" in results.get("detection", {}):  # measured (not an error)
+        from benchmarks import detection
+
+        out += detection.details(results["detection"])
     return out

@@ -35,6 +35,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "memory": ("benchmarks.memory", "RSS growth over 100k steps"),
     "run_end": ("benchmarks.run_end", "last batch to fit returning (OTLP receiver live, closed, hanging; scraper "
                 "live, slow, stopped) and fit returning to the process's exit"),
+    "detection": ("benchmarks.detection", "seconds from a hang, a hung collective, a straggler, a killed run and a NaN "
+                  "loss to the stack dump or the alert (real Prometheus)"),
     "gpu": ("benchmarks.gpu", "synchronisations and GPU step-time ratio (CUDA only; skipped otherwise)"),
 }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives at the repo root
 
-from benchmarks import memory  # noqa: E402
+from benchmarks import detection, memory  # noqa: E402
 from benchmarks.common import machine_info, summarize  # noqa: E402
 from benchmarks.report import markdown, summary_rows  # noqa: E402
 
@@ -43,3 +43,26 @@ def test_memory_benchmark_quick_structure() -> None:
 def test_summarize_reports_median_and_spread() -> None:
     stats = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
     assert stats == {"n": 5, "median": 3.0, "q1": 2.0, "q3": 4.0, "min": 1.0, "max": 5.0}
+
+
+def test_detection_benchmark_quick_structure() -> None:
+    """One rank's hang with a 2 s threshold: a dump is found, no sooner than the threshold allows, and the default and
+    ``"auto"`` settings are measured or said why not; the report carries the rows and the section."""
+    result = detection.run(quick=True, settings=(2.0, detection.default_after_s(), "auto"), cases=("hang",))
+
+    assert result["name"] == "detection" and result["config"]["reps"] == 1
+    hang = result["cases"]["hang:2.0"]
+    assert hang["seconds"]["missed"] == 0
+    # The dump waits for 2 s without progress, counted from the end of the step before the hang began.
+    assert 1.9 <= hang["seconds"]["median"] <= hang["bound_s"]
+    assert hang["target_s"] >= 10.0 and isinstance(hang["met"], bool)
+    for setting in (detection.default_after_s(), "auto"):
+        assert f"hang:{setting}" in result["cases"] or f"hang:{setting}" in result["skipped"]
+
+    report = {"quick": True, "benchmarks": ["detection"], "finished": "now", "duration_s": 1.0,
+              "machine": machine_info(), "load_average_end": [0.0, 0.0, 0.0], "results": {"detection": result}}
+    report["summary"] = summary_rows(report["results"])
+    figures = [row["figure"] for row in report["summary"]]
+    assert any(figure.endswith("stall_dump_after_s=2") for figure in figures)
+    assert all(row["benchmark"] == "Detection" for row in report["summary"])
+    assert "## Detection latency" in markdown(report)
