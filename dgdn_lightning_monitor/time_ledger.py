@@ -20,8 +20,9 @@ Categories (:data:`CATEGORIES`):
 ``stall``
     the part of a gap between two progress events (the ledger's start, a training step's end, an evaluation or
     sanity-check batch's end, a checkpoint save) that exceeds the stall threshold, whatever category it would
-    have gone to: a loader stuck for 700 s with a 600 s threshold gives 600 s of ``data_wait`` and 100 s of
-    ``stall``. A read during a stall shows the excess so far.
+    have gone to: a gap of 700 s between two steps' ends with a 600 s threshold leaves its first 600 s where they
+    were spent (``data_wait``, when the loader hung) and counts its last 100 s as ``stall``. A read during a stall
+    shows the excess so far.
 ``lost_progress``
     for a resumed or requeued run, the previous attempt's time after its last checkpoint
     (:meth:`TimeLedger.add_lost_progress`, :func:`lost_seconds`).
@@ -37,11 +38,19 @@ from the batch start to the first backward/optimizer mark or the batch end, so a
 forward; an even split would invent backward and optimizer time that a module without them never spends. The
 run's first step is traced, so this covers one step (a few on CUDA, until its device times are read).
 
-Reads (:meth:`TimeLedger.totals`, from the scrape thread) and writes (the training thread) share no lock. Every
-write is bracketed by a sequence number, odd while it is under way (a seqlock); a read copies the few fields and
-keeps the copy only when the number was even and unchanged across it, else it retries. A torn read could
-otherwise count an interval twice (closed and still open) or not at all, and a counter that then went back down
-would read to Prometheus as a reset. The writer pays two integer stores per transition.
+Reads (:meth:`TimeLedger.totals`, from the scrape thread) and writes (the training thread) share no lock; every
+category's total only ever grows from one read to the next (a counter that went back down would read to
+Prometheus as a reset), and the totals of a read sum to its time minus the start. Two rules make that so:
+
+- every write is bracketed by a sequence number, odd while it is under way (a seqlock); a read copies the few
+  fields and keeps the copy only when the number was even and unchanged across it, else it retries. A torn copy
+  could count an interval twice (closed and still open) or not at all;
+- a read first publishes its time as a floor, and a transition stamped earlier counts as at the floor: the
+  training thread takes its time before the call and may be switched out in between, and a read in that gap has
+  already given the time up to its own to the category the transition then closes. The floor moves that transition
+  by at most the gap, so the ledger never takes back what a read reported.
+
+The writer pays two integer stores and one comparison per transition; readers take a lock among themselves only.
 
 Example::
 
@@ -55,6 +64,7 @@ Example::
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -137,7 +147,15 @@ class TimeLedger:
         self._shares = (1.0, 0.0, 0.0)  # forward, backward, optimizer_step shares of compute (see the module doc)
         self._sampled = False
         self._carried: dict[str, float] = {}  # what load_state_dict added
+        self._floor = -math.inf  # the latest read's time: no transition is stamped before it (module docstring)
+        self._reading = threading.Lock()  # among readers only
         self._last_read: Optional[_Snapshot] = None  # the last consistent copy (see _snapshot)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reading": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _reading=threading.Lock())
 
     # ------------------------------------------------------------------------------------------ transitions
     # The three per-step transitions are written out in full (one call each, the common case first): a shared
@@ -147,7 +165,7 @@ class TimeLedger:
         version = self._version + 1
         self._version = version
         since = self._since
-        if since <= now <= self._stall_from:
+        if since <= now <= self._stall_from and self._floor <= now:
             self._seconds[self._category] += now - since
         else:
             now = self._close_late(now)
@@ -160,7 +178,7 @@ class TimeLedger:
         version = self._version + 1
         self._version = version
         since = self._since
-        if since <= now <= self._stall_from:
+        if since <= now <= self._stall_from and self._floor <= now:
             self._seconds[self._category] += now - since
         else:
             now = self._close_late(now)
@@ -173,7 +191,7 @@ class TimeLedger:
         version = self._version + 1
         self._version = version
         since = self._since
-        if since <= now <= self._stall_from:
+        if since <= now <= self._stall_from and self._floor <= now:
             self._seconds[self._category] += now - since
         else:
             now = self._close_late(now)
@@ -183,12 +201,15 @@ class TimeLedger:
         self._version = version + 1
 
     def _close_late(self, now: float) -> float:
-        """Close the open interval at ``now`` when that is past the stall threshold (the excess into ``stall``) or
-        before the interval's start (then at its start); returns the time closed at. Inside a write."""
+        """Close the open interval at ``now`` when that is past the stall threshold (the excess into ``stall``), or
+        at the interval's start or a read's floor when ``now`` is before them; returns the time closed at. Inside a
+        write."""
         since = self._since
-        if now < since:
-            return since
+        now = max(now, since, self._floor)
         seconds, stall_from = self._seconds, self._stall_from
+        if now <= stall_from:
+            seconds[self._category] += now - since
+            return now
         if stall_from > since:
             seconds[self._category] += stall_from - since
             since = stall_from
@@ -201,7 +222,7 @@ class TimeLedger:
         version = self._version + 1
         self._version = version
         since = self._since
-        if since <= now <= self._stall_from:
+        if since <= now <= self._stall_from and self._floor <= now:
             self._seconds[self._category] += now - since
         else:
             now = self._close_late(now)
@@ -294,27 +315,32 @@ class TimeLedger:
         """The category the run is in now (``compute`` during a step's compute)."""
         return _NAMES.get(self._category, CATEGORIES[self._category])
 
-    def _snapshot(self) -> _Snapshot:
-        for _ in range(_READ_TRIES):
-            version = self._version
-            if not version & 1:
-                read = (self._seconds.copy(), self._category, self._since, self._stall_from, self._shares)
-                if self._version == version:
-                    self._last_read = read
-                    return (read[0].copy(), *read[1:])
-            time.sleep(0)  # let the writer finish
-        last = self._last_read
+    def _snapshot(self, now: float) -> _Snapshot:
+        """A consistent copy of the ledger, after publishing ``now`` as the floor of later transitions."""
+        with self._reading:
+            for _ in range(_READ_TRIES):
+                if self._floor < now:
+                    self._floor = now  # before the copy: a transition that starts after it sees the floor
+                version = self._version
+                if not version & 1:
+                    read = (self._seconds.copy(), self._category, self._since, self._stall_from, self._shares)
+                    if self._version == version:
+                        self._last_read = read
+                        return (read[0].copy(), *read[1:])
+                time.sleep(0)  # let the writer finish
+            last = self._last_read
         if last is None:
             raise RuntimeError("the ledger's writer stopped in the middle of a write")
         return (last[0].copy(), *last[1:])  # the last copy as if nothing happened since: consistent, only late
 
     def totals(self, now: Optional[float] = None) -> dict[str, float]:
         """Seconds per category (all of :data:`CATEGORIES`) up to ``now`` (by default the current time), the open
-        interval included; they sum to ``now - start`` (to the last transition's time, if ``now`` is earlier).
-        Safe from any thread."""
-        seconds, category, since, stall_from, shares = self._snapshot()
+        interval included; they sum to ``now - start`` (to the last transition's time, if that is later). Safe
+        from any thread; later transitions count as no earlier than ``now``, so never pass a time ahead of the
+        training thread's clock."""
         if now is None:
-            now = time.perf_counter()  # after the copy: never before its last transition
+            now = time.perf_counter()
+        seconds, category, since, stall_from, shares = self._snapshot(now)
         if now > since:
             if now > stall_from:
                 if stall_from > since:
