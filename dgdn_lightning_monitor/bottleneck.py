@@ -465,8 +465,8 @@ def hint(cause: str, settings: RunSettings, shares: Mapping[str, float] = {}, fa
         )
     if cause == "stall":
         return (
-            f"no progress for longer than stall_dump_after_s={s.stall_after_s} s: the stack dumps in dgdn-dumps/ "
-            "show where each thread waits"
+            f"no progress for longer than stall_dump_after_s={s.stall_after_s} s ({share} of the time past it): the "
+            "stack dumps in dgdn-dumps/ show where each thread waits"
         )
     raise ValueError(f"cause must be one of {', '.join(CAUSES)}, got {cause!r}")
 
