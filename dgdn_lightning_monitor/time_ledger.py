@@ -52,6 +52,16 @@ Prometheus as a reset), and the totals of a read sum to its time minus the start
 
 The writer pays two integer stores and one comparison per transition; readers take a lock among themselves only.
 
+From the callback's hooks: ``setup`` builds the ledger; the fetch hooks call :meth:`~TimeLedger.fetch_started`
+and :meth:`~TimeLedger.fetch_ended`, ``on_train_batch_end`` :meth:`~TimeLedger.step_ended`; the sanity check and
+validation :meth:`~TimeLedger.enter` their category and back, each of their batches being
+:meth:`~TimeLedger.progress`; a sampled step's phases go to :meth:`~TimeLedger.phase_sample`. A checkpoint save
+is timed whole by wrapping the Trainer's public ``save_checkpoint`` (which ``ModelCheckpoint`` calls; it builds the
+checkpoint, calls ``on_save_checkpoint``, writes it and waits for the other ranks): ``enter("checkpoint")`` before,
+back to the category it interrupted after. Where that cannot be wrapped, ``on_save_checkpoint`` (called before
+the write) enters ``checkpoint`` and the next hook that moves the ledger ends it, which also counts what runs after
+the write in the same hook chain. With ``AsyncCheckpointIO`` only the part training waits for counts.
+
 Example::
 
     ledger = TimeLedger(stall_after_s=600.0, now=time.perf_counter())  # in setup: "setup" from now on
