@@ -1,4 +1,5 @@
-"""Every private attribute of Lightning, PyG, PyTorch and CPython that the monitor reads, in one place.
+"""Every private attribute of Lightning, PyG, PyTorch, OpenTelemetry and CPython that the monitor reads, in one
+place.
 
 None of them is a public API: each is here because the public one would cost the training step (PyG's counts that
 fall back to ``edge_index.max()``, a device synchronisation), or because there is none (Lightning's fetch
@@ -23,7 +24,13 @@ import torch
 
 #: The library versions these items were read against, within the project's ranges (``lightning>=2.2``,
 #: ``torch-geometric>=2.5``, ``torch>=2.1``, Python ``>=3.10``).
-CHECKED_AGAINST = {"lightning": "2.6.6", "torch-geometric": "2.8.1", "torch": "2.13.0", "python": "3.11.7"}
+CHECKED_AGAINST = {
+    "lightning": "2.6.6",
+    "torch-geometric": "2.8.1",
+    "torch": "2.13.0",
+    "opentelemetry-exporter-otlp-proto-http": "1.45.2",
+    "python": "3.11.7",
+}
 
 # ---------------------------------------------------------------------------------------------- PyG
 # ``Data``, ``Batch`` and ``TemporalData`` keep their attributes in one storage object (``_store``) whose plain dict
@@ -102,6 +109,17 @@ def restore_fetch_hooks(loop: Any) -> None:
     """Undo :func:`set_fetch_hooks`: the loop's own methods again."""
     for name in FETCH_HOOKS:
         loop.__dict__.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------- OpenTelemetry
+#: The loggers of the OTLP/HTTP span exporter's modules (each logs through ``logging.getLogger(__name__)``, one of
+#: them a private module): a failed export or retry is logged on them, and a logger's filter only sees records
+#: created on that very logger. opentelemetry-exporter-otlp-proto-http 1.45.2.
+OTLP_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.common.http",
+)
 
 
 # ---------------------------------------------------------------------------------------------- CPython

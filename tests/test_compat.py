@@ -4,7 +4,9 @@ library, its version and the attribute, instead of silently degrading the monito
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import logging
 import sys
 import threading
 from importlib.metadata import version
@@ -150,6 +152,18 @@ def test_lightning_calls_the_fetch_hooks_of_its_training_epoch_loop_around_every
     )
     loop = trainer.fit_loop.epoch_loop
     assert not any(name in loop.__dict__ for name in compat.FETCH_HOOKS), "restore_fetch_hooks left an override"
+
+
+# ---------------------------------------------------------------------------------------------- OpenTelemetry
+@pytest.mark.parametrize("module", compat.OTLP_EXPORTER_LOGGERS)
+def test_each_otlp_exporter_module_logs_on_the_logger_named_after_it(module):
+    library = "opentelemetry-exporter-otlp-proto-http"
+    try:
+        loaded = importlib.import_module(module)
+    except ImportError as error:
+        raise AssertionError(changed(library, module, f"the module is gone ({error})")) from error
+    loggers = [value.name for value in vars(loaded).values() if isinstance(value, logging.Logger)]
+    assert loggers == [module], changed(library, module, f"it logs on {loggers}, not on a logger named after it")
 
 
 # ---------------------------------------------------------------------------------------------- CPython

@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
+from dgdn_lightning_monitor.compat import OTLP_EXPORTER_LOGGERS
 from dgdn_lightning_monitor.guards import MonitorErrors, WarnOnce, describe
 
 log = logging.getLogger("dgdn_lightning_monitor.tracing")
@@ -46,13 +47,6 @@ EXPORT_TIMEOUT_S = 1.0  # per OTLP request, unless OTEL_EXPORTER_OTLP_*TIMEOUT s
 SCHEDULE_DELAY_MS = 1000  # between two exports, unless OTEL_BSP_SCHEDULE_DELAY says otherwise
 FLUSH_TIMEOUT_S = 2.0  # the final flush, at the end of a run
 INSTRUMENTATION_NAME = "dgdn_lightning_monitor"
-# The OTLP exporter logs every failed request and retry: each different message is let through once. (A logger's
-# filter only sees records created on that very logger, so each module's logger is named.)
-_EXPORTER_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http._common",
-    "opentelemetry.exporter.otlp.common.http",
-)
 
 
 class ReportingExporter(SpanExporter):
@@ -158,7 +152,7 @@ class TracingSetup:
             errors = self.exporter.errors if self.exporter is not None else MonitorErrors(log)
             message = "Spans were not delivered within %.1f s at the end of the run; the rest are dropped."
             errors.report("tracing", message, FLUSH_TIMEOUT_S)
-        for name in _EXPORTER_LOGGERS:
+        for name in OTLP_EXPORTER_LOGGERS:  # each failed request and retry is logged; each message once
             logging.getLogger(name).removeFilter(self._filter)
         return finished
 
@@ -269,7 +263,7 @@ def configure_tracing(
     setup = TracingSetup(
         provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting, ids=ids
     )
-    for name in _EXPORTER_LOGGERS:
+    for name in OTLP_EXPORTER_LOGGERS:
         logging.getLogger(name).addFilter(setup._filter)
     log.info("Tracing: %s", setup.description)
     return setup
