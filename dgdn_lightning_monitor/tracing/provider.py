@@ -152,7 +152,7 @@ class TracingSetup:
             errors = self.exporter.errors if self.exporter is not None else MonitorErrors(log)
             message = "Spans were not delivered within %.1f s at the end of the run; the rest are dropped."
             errors.report("tracing", message, FLUSH_TIMEOUT_S)
-        for name in OTLP_EXPORTER_LOGGERS:  # each failed request and retry is logged; each message once
+        for name in OTLP_EXPORTER_LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
         return finished
 
@@ -263,7 +263,7 @@ def configure_tracing(
     setup = TracingSetup(
         provider.get_tracer(INSTRUMENTATION_NAME), f"spans to {destination}", provider, reporting, ids=ids
     )
-    for name in OTLP_EXPORTER_LOGGERS:
+    for name in OTLP_EXPORTER_LOGGERS:  # the exporter logs each failed request and retry: each message once
         logging.getLogger(name).addFilter(setup._filter)
     log.info("Tracing: %s", setup.description)
     return setup
