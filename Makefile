@@ -75,7 +75,7 @@ lint: $(VENV)/.installed-dev
 
 # The documentation site (Sphinx, MyST, furo) in docs/_build/html; a warning, broken link or reference fails it.
 docs: $(VENV)/.installed-docs
-	$(BIN)/sphinx-build -W --keep-going -n -b html docs docs/_build/html
+	$(BIN)/sphinx-build -E -W --keep-going -n -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs

@@ -3,7 +3,7 @@
 The Prometheus collectors take their HELP text from here, the documentation's metrics table
 (``docs/metrics.md``) is rendered from it (``python scripts/metrics_catalogue.py --write``), and the tests and
 the dashboard's checks read it. Names are given after the namespace (``dgdn`` by default); every series also
-carries the rank labels (:data:`~dgdn_lightning_monitor.labels.RANK_LABEL_NAMES`), which are not repeated here.
+carries the rank labels (``RANK_LABEL_NAMES`` of :mod:`dgdn_lightning_monitor.labels`), which are not repeated here.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from dgdn_lightning_monitor.model_info import LearningRates, ModelFigures, learn
 from dgdn_lightning_monitor.outcome import OUTCOMES, RUNNING
 from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES, PHASES, PROGRESS_UNITS, STAGES
 
-#: Every family of this collector, by name after the namespace, as (type, help): from the catalogue.
+#: Every family of this collector by name after the namespace, with its type and help (from the catalogue).
 METRICS: dict[str, tuple[str, str]] = {family.name: (family.type, family.help) for family in TRAINING_FAMILIES}
 _FAMILY_TYPES = {
     "gauge": GaugeMetricFamily,
