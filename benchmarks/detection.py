@@ -6,15 +6,16 @@
 * ``collective``: a 2-rank gloo DDP run in which one rank never enters a collective the other waits in (the model of
   ``tests/ddp_train.py``) -> the stack dumps of both ranks.
 * ``straggler``: rank 1 of a 2-rank synchronous DDP run made 1.3x (then, after a return to normal, 2x) slower ->
-  ``DGDNRankStraggler`` firing on a real Prometheus running the shipped rules, time-compressed.
+  ``DGDNRankStraggler`` firing on a real Prometheus running the shipped rules, time-compressed by
+  :data:`STRAGGLER_SCALE` with steps as much shorter than the shipped rule's 1 s (:data:`STRAGGLER_STEP_S`).
 * ``killed``: that run killed with SIGKILL -> ``DGDNRunDown`` firing for both ranks.
 * ``nan_loss``: a training loss that is NaN from one step on -> ``DGDNTrainingLossNotFinite`` firing.
 
 Prometheus runs the shipped ``dgdn-training`` job as ``make stack-native`` derives it (file discovery), scraping and
 evaluating every second, with the shipped rules divided in time by :data:`SCALE` (``prom_helpers.scaled_rules``:
 ``for:``, range windows, offsets). Each alert's latency is also given for the shipped rules: the measured time less
-the shortened ``for:`` plus the shipped one; for the straggler, whose condition waits for its 5-minute rate window
-to fill with slow steps, the time until the condition held is also multiplied back by :data:`SCALE`.
+the shortened ``for:`` plus the shipped one; for the straggler, whose condition waits for its 20-second window to
+fill with slow steps, the time until the condition held is also multiplied back by :data:`STRAGGLER_SCALE`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ HANG_AFTER_STEPS = 60
 STEP_S = 0.03
 #: The explicit watchdog threshold measured.
 EXPLICIT_AFTER_S = 10.0
-#: Slowdowns of the straggler case: the one asked about, and one past the rule's 1.5 ratio.
+#: Slowdowns of the straggler case: the one asked about, and a gross one.
 SLOWDOWNS = (1.3, 2.0)
+#: The straggler's time compression: the shipped 5 s scrape and evaluation interval is 1 s here, so its 20 s window
+#: holds as many scrapes as it would, and its steps sleep a fifth of a 1 s step (the rule's target step time).
+STRAGGLER_SCALE = 5
+STRAGGLER_STEP_S = 0.2
 #: Targets (see docs/benchmarks.md): a hung collective dumped on every rank within this; a straggler flagged within
 #: this many steps of its onset, plus the rule's ``for:``.
 COLLECTIVE_TARGET_S = 30.0
@@ -250,16 +255,17 @@ def nan_once(stack: _Stack) -> dict[str, Any]:
 class _Stack:
     """A real Prometheus: the shipped training job (file discovery) with the time-compressed shipped rules."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, scale: int = SCALE) -> None:
         import deploy_training as dt
         from prom_helpers import RULES_FILE, Prometheus, scaled_rules
 
         binary = shutil.which("prometheus")
         if binary is None:
             raise FileNotFoundError("prometheus is not installed")
-        self.targets = workdir / "targets"
-        self.targets.mkdir()
-        rules = scaled_rules(workdir, SCALE)
+        workdir = workdir / f"scale-{scale}"
+        self.scale, self.targets = scale, workdir / "targets"
+        self.targets.mkdir(parents=True)
+        rules = scaled_rules(workdir, scale)
         self.for_s = {name: _for_s(RULES_FILE, name) for name in ALERTS}
         self.short_for_s = {name: _for_s(rules, name) for name in ALERTS}
         config = dt.shipped_training_config(workdir / "prometheus.yml", f"127.0.0.1:{free_port()}", self.targets,
@@ -353,26 +359,41 @@ def _steps(out: Path, rank: int = 1) -> list[float]:
     return [t[0] for t in _marks(out / f"steps-rank{rank}.txt")]
 
 
-def ddp_once(stack: Optional[_Stack], after_s: Any, bound_s: float) -> dict[str, Any]:
-    """One 2-rank run. With ``stack``: steady steps, rank 1 slowed by each of :data:`SLOWDOWNS` in turn (back to
+def _started(child: subprocess.Popen[bytes], out: Path) -> str:
+    """The run id of the DDP run writing to ``out``, once it has made :data:`HANG_AFTER_STEPS` steps."""
+
+    def started() -> bool:
+        if child.poll() is not None:
+            raise RuntimeError(f"the DDP run exited with {child.returncode}: "
+                               f"{(out / 'child.log').read_text()[-3000:]}")  # fmt: skip
+        return (out / "run_id").exists() and len(_steps(out)) >= HANG_AFTER_STEPS
+
+    _wait(started, START_TIMEOUT_S, "the DDP run's first steps", 0.1)
+    return (out / "run_id").read_text().strip()
+
+
+def straggler_once(stack: _Stack) -> list[dict[str, Any]]:
+    """One 2-rank run of :data:`STRAGGLER_STEP_S` steps: rank 1 slowed by each of :data:`SLOWDOWNS` in turn (back to
     normal in between), each measured to ``DGDNRankStraggler`` on rank 1 (its condition and its firing, in seconds
-    and steps, and the highest own-work ratio Prometheus recorded). Then the hang: rank 0 enters an all_reduce rank 1
-    never enters (rank 1 waits in one of its own), measured from the first rank blocking to the first stack dump of
-    each rank. With ``stack`` the run is then killed with SIGKILL, measured to ``DGDNRunDown`` on each rank."""
+    and steps, and the highest own-work ratio Prometheus recorded)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        options = ["--trigger", str(out / "trigger"), "--step-s", str(STRAGGLER_STEP_S)]
+        with _ddp_child(out, *options, "--targets-dir", str(stack.targets)) as child:
+            return _straggle(stack, out, _started(child, out))
+
+
+def ddp_once(stack: Optional[_Stack], after_s: Any, bound_s: float) -> dict[str, Any]:
+    """One 2-rank run. The hang: rank 0 enters an all_reduce rank 1 never enters (rank 1 waits in one of its own),
+    measured from the first rank blocking to the first stack dump of each rank. With ``stack`` the run is then killed
+    with SIGKILL, measured to ``DGDNRunDown`` on each rank."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         trigger = out / "trigger"
         options = ["--after", str(after_s), "--trigger", str(trigger)]
         with _ddp_child(out, *options, *(["--targets-dir", str(stack.targets)] if stack else [])) as child:
-            def started() -> bool:
-                if child.poll() is not None:
-                    raise RuntimeError(f"the DDP run exited with {child.returncode}: "
-                                       f"{(out / 'child.log').read_text()[-3000:]}")  # fmt: skip
-                return (out / "run_id").exists() and len(_steps(out)) >= HANG_AFTER_STEPS
-
-            _wait(started, START_TIMEOUT_S, "the DDP run's first steps", 0.1)
-            run_id = (out / "run_id").read_text().strip()
-            result: dict[str, Any] = {"straggler": _straggle(stack, out, run_id) if stack else []}
+            run_id = _started(child, out)
+            result: dict[str, Any] = {}
             # Both ranks must skip the same step's collectives: hang at a step well ahead of the current one.
             trigger.write_text(f"hang {len(_steps(out)) + 25}\n")
             _wait(lambda: len(list(out.glob("hang-rank*.txt"))) == 2, 60, "both ranks in the hang")
@@ -395,9 +416,9 @@ def ddp_once(stack: Optional[_Stack], after_s: Any, bound_s: float) -> dict[str,
 
 def _straggle(stack: _Stack, out: Path, run_id: str) -> list[dict[str, Any]]:
     """The slowdowns of rank 1 (see :func:`ddp_once`)."""
-    window_s = 300 / SCALE
+    window_s = 20 / stack.scale
     for_s = stack.short_for_s["DGDNRankStraggler"]
-    ratio = "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m"
+    ratio = "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks_recent"
     selector = f'run_id="{run_id}"'
     trigger, onsets = out / "trigger", out / "onsets.txt"
     stack.wait_scraped(selector, 2)
@@ -443,6 +464,7 @@ def ddp_child(argv: list[str]) -> None:
     parser.add_argument("--after", default="600")
     parser.add_argument("--targets-dir")
     parser.add_argument("--trigger", required=True, type=Path)
+    parser.add_argument("--step-s", default=STEP_S, type=float)
     args = parser.parse_args(argv)
 
     import ddp_train
@@ -456,11 +478,11 @@ def ddp_child(argv: list[str]) -> None:
 
     quiet()
     set_threads()
-    out, trigger = args.out, args.trigger
+    out, trigger, step_s = args.out, args.trigger, args.step_s
     after: Any = args.after if args.after == "auto" else float(args.after)
 
     class Bench(ddp_train.TinyGCN):
-        """tests/ddp_train.py's GCN sleeping :data:`STEP_S` per step (times the slowdown factor on rank 1); at the
+        """tests/ddp_train.py's GCN sleeping ``--step-s`` per step (times the slowdown factor on rank 1); at the
         hang step it enters the collectives of ``tests/ddp_train.py``'s stall."""
 
         def setup(self, stage: str) -> None:
@@ -483,7 +505,7 @@ def ddp_child(argv: list[str]) -> None:
             if self.steps == self.hang_at:
                 (out / f"hang-rank{rank}.txt").write_text(f"{time.time()}\n")
                 ddp_train.skip_the_collective(self.side_group) if rank == 1 else ddp_train.enter_collective_alone()
-            time.sleep(STEP_S * (self.factor if rank == 1 else 1.0))
+            time.sleep(step_s * (self.factor if rank == 1 else 1.0))
             self.steps += 1
             return super().training_step(batch, batch_idx)
 
@@ -537,14 +559,14 @@ def _bound_s(setting: Any) -> float:
 
 
 def run(quick: bool = False, reps: Optional[int] = None, settings: Optional[tuple[Any, ...]] = None,
-        cases: tuple[str, ...] = ("hang", "ddp", "nan_loss")) -> dict[str, Any]:  # fmt: skip
+        cases: tuple[str, ...] = ("hang", "ddp", "straggler", "nan_loss")) -> dict[str, Any]:  # fmt: skip
     """Measure every case ``reps`` times (2 by default, 1 with ``quick``).
 
     Args:
         settings: the ``stall_dump_after_s`` values of the hang cases; by default :data:`EXPLICIT_AFTER_S`, the
-            callback's default and ``"auto"``. The first is the one of the DDP run that also measures the
-            straggler and the kill.
-        cases: which of ``hang`` (one rank), ``ddp`` (hung collective, straggler, killed run) and ``nan_loss``.
+            callback's default and ``"auto"``. The first is the one of the DDP run that also measures the kill.
+        cases: which of ``hang`` (one rank), ``ddp`` (hung collective, killed run), ``straggler`` and
+            ``nan_loss``.
     """
     reps = reps if reps is not None else (1 if quick else 2)
     default = default_after_s()
@@ -556,7 +578,7 @@ def run(quick: bool = False, reps: Optional[int] = None, settings: Optional[tupl
         "config": {
             "reps": reps, "step_s": STEP_S, "hang_after_steps": HANG_AFTER_STEPS, "scale": SCALE,
             "default_stall_dump_after_s": default, "scrape_and_evaluation_interval_s": 1.0,
-            "slowdowns": list(SLOWDOWNS),
+            "slowdowns": list(SLOWDOWNS), "straggler_scale": STRAGGLER_SCALE, "straggler_step_s": STRAGGLER_STEP_S,
         },
         "cases": {},
         "skipped": {},
@@ -583,25 +605,40 @@ def run(quick: bool = False, reps: Optional[int] = None, settings: Optional[tupl
             except FileNotFoundError as error:
                 if os.environ.get("DGDN_MONITOR_REQUIRE_TOOLS"):
                     raise
-                for case in ("straggler", "killed", "nan_loss"):
+                for case in ("killed", "nan_loss"):
                     result["skipped"][case] = str(error)
             if stack is not None:
                 result["config"]["shipped_for_s"] = stack.for_s
                 result["config"]["shortened_for_s"] = stack.short_for_s
         if "ddp" in cases:
             for i, setting in enumerate(measured):
-                with_stack = stack if i == 0 else None  # the straggler and the kill once, in the first setting's runs
+                with_stack = stack if i == 0 else None  # the kill once, in the first setting's runs
                 runs = [ddp_once(with_stack, setting, _bound_s(setting)) for _ in range(reps)]
                 result["cases"][f"collective:{setting}"] = _dump_case(
                     setting, [r["collective"] for r in runs], COLLECTIVE_TARGET_S,
                     per_rank_s=[r["collective"]["per_rank_s"] for r in runs],
                 )  # fmt: skip
                 if with_stack is not None:
-                    _ddp_alert_cases(result["cases"], with_stack, runs)
+                    killed = [r["killed"] for r in runs]
+                    result["cases"]["killed"] = _alert_case(with_stack, "DGDNRunDown", killed, False)
+                    result["cases"]["killed"]["per_rank_s"] = [r["per_rank_s"] for r in killed]
         if "nan_loss" in cases and stack is not None:
             runs = [nan_once(stack) for _ in range(reps)]
             result["cases"]["nan_loss"] = _alert_case(stack, "DGDNTrainingLossNotFinite", runs, False)
             result["cases"]["nan_loss"]["onset_step"] = [r["onset_step"] for r in runs]
+        if "straggler" in cases:
+            try:
+                straggler_stack = _Stack(workdir, STRAGGLER_SCALE)
+            except FileNotFoundError as error:
+                if os.environ.get("DGDN_MONITOR_REQUIRE_TOOLS"):
+                    raise
+                result["skipped"]["straggler"] = str(error)
+            else:
+                try:
+                    runs_of = [straggler_once(straggler_stack) for _ in range(reps)]
+                    _straggler_cases(result["cases"], straggler_stack, runs_of)
+                finally:
+                    straggler_stack.close()
     finally:
         if stack is not None:
             stack.close()
@@ -616,30 +653,28 @@ def _dump_case(setting: Any, runs: list[dict[str, Any]], target_s: float, **extr
             **extra}  # fmt: skip
 
 
-def _ddp_alert_cases(cases: dict[str, Any], stack: _Stack, runs: list[dict[str, Any]]) -> None:
+def _straggler_cases(cases: dict[str, Any], stack: _Stack, runs: list[list[dict[str, Any]]]) -> None:
     for i, factor in enumerate(SLOWDOWNS):
-        each = [r["straggler"][i] for r in runs]
+        each = [r[i] for r in runs]
         case = cases[f"straggler:{factor:g}x"] = _alert_case(stack, "DGDNRankStraggler", each, True)
         steps = case["steps_to_condition"]
         case.update(
             factor=factor, highest_ratio=[r["highest_ratio"] for r in each], target_steps=STRAGGLER_TARGET_STEPS,
             step_s=summarize([r["step_s"] for r in each])["median"],
-            met=None not in steps and max(steps) <= STRAGGLER_TARGET_STEPS,
+            met=None not in steps and max(steps) <= STRAGGLER_TARGET_STEPS, scale=stack.scale,
         )  # fmt: skip
-    cases["killed"] = _alert_case(stack, "DGDNRunDown", [r["killed"] for r in runs], False)
-    cases["killed"]["per_rank_s"] = [r["killed"]["per_rank_s"] for r in runs]
 
 
 def _alert_case(stack: _Stack, alert: str, runs: list[dict[str, Any]], window: bool) -> dict[str, Any]:
     """Measured seconds to firing, and what they mean with the shipped ``for:`` (and, with ``window``, the shipped
-    rate window: the time until the condition held, multiplied back by :data:`SCALE`)."""
+    window: the time until the condition held, multiplied back by the stack's time compression)."""
     short, shipped = stack.short_for_s[alert], stack.for_s[alert]
     estimates: list[Optional[float]] = []
     for r in runs:
         if r["seconds"] is None:
             estimates.append(None)
         elif window:
-            estimates.append(r["condition_s"] * SCALE + (r["seconds"] - r["condition_s"]) - short + shipped)
+            estimates.append(r["condition_s"] * stack.scale + (r["seconds"] - r["condition_s"]) - short + shipped)
         else:
             estimates.append(r["seconds"] - short + shipped)
     data: dict[str, Any] = {
@@ -701,15 +736,17 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     for name, data in cases.items():
         if name.startswith("straggler:"):
             for_s, shipped = data["shortened_for_s"], data["shipped_for_s"]
+            scale = data.get("scale", result["config"]["scale"])
             figure = (f"rank 1 of 2-rank DDP {data['factor']:g}× slower → DGDNRankStraggler firing "
-                      f"(rules ÷{result['config']['scale']}: 5 s window, for: {for_s:g} s)")  # fmt: skip
+                      f"(rules ÷{scale}: {20 / scale:g} s window, for: {for_s:g} s; "
+                      f"{data['step_s']:.2f} s steps)")  # fmt: skip
             ratios = "/".join(f"{r:.2f}" for r in data["highest_ratio"] if r is not None)
             if data["seconds"]["n"]:
                 value = (f"{_s(data['seconds'])}; condition after {_step_range(data['steps_to_condition'])} steps "
-                         f"({_s(data['condition_s'])}); own-work ratio {ratios}; with the shipped rules (5 m window, "
+                         f"({_s(data['condition_s'])}); own-work ratio {ratios}; with the shipped rules (20 s window, "
                          f"for: {shipped / 60:g} m) ≈ {_s(data['shipped_estimate_s'])}")  # fmt: skip
             else:
-                value = f"not flagged: own-work ratio reached {ratios}, under the rule's 1.5"
+                value = f"not flagged: own-work ratio reached {ratios}, under the rule's threshold"
             out.append({"benchmark": ROW, "figure": figure, "value": value,
                         "target": f"≤ {data['target_steps']} steps + for:", "met": data["met"]})  # fmt: skip
     titles = {"killed": "2-rank DDP run killed (SIGKILL) → DGDNRunDown firing for both ranks",
@@ -750,7 +787,9 @@ def details(result: dict[str, Any]) -> list[str]:
         result["what"] + f"; {c['reps']} repetitions per case. Training steps sleep {c['step_s'] * 1000:.0f} ms; the "
         f"hangs start after {c['hang_after_steps']} steps. Prometheus scrapes and evaluates every "
         f"{c['scrape_and_evaluation_interval_s']:g} s, the shipped rules divided in time by {c['scale']} (for:, "
-        f"windows); the default stall_dump_after_s is {c['default_stall_dump_after_s']}.",
+        f"windows)" + (f", the straggler's by {c['straggler_scale']} on steps of {c['straggler_step_s']:g} s"
+                       if "straggler_scale" in c else "") + f"; the default stall_dump_after_s is "
+        f"{c['default_stall_dump_after_s']}.",
         "",
         "| Case | seconds per repetition | steps to the condition / to firing |",
         "|---|---|---|",
@@ -775,4 +814,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "ddp-child":
         ddp_child(sys.argv[2:])
     else:
-        print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+        cli = argparse.ArgumentParser(prog="benchmarks.detection")
+        cli.add_argument("--quick", action="store_true", help="one repetition per case")
+        cli.add_argument("--cases", default="hang,ddp,straggler,nan_loss", help="comma-separated cases to measure")
+        options = cli.parse_args()
+        print(json.dumps(run(quick=options.quick, cases=tuple(options.cases.split(","))), indent=2))

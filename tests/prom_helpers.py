@@ -36,8 +36,10 @@ STACK_RULES_FILE = PROMETHEUS_DIR / "rules" / "dgdn-stack.yml"
 STACK_RULES_TEST_FILE = PROMETHEUS_DIR / "tests" / "dgdn-stack.test.yml"
 SCHEDULER_RULES_FILE = PROMETHEUS_DIR / "rules" / "dgdn-scheduler.yml"
 SCHEDULER_RULES_TEST_FILE = PROMETHEUS_DIR / "tests" / "dgdn-scheduler.test.yml"
+#: DGDNRankStraggler at the shipped 5 s scrape interval, written by scripts/straggler_rule_tests.py.
+STRAGGLER_RULES_TEST_FILE = PROMETHEUS_DIR / "tests" / "dgdn-straggler.test.yml"
 ALL_RULES_FILES = (RULES_FILE, STACK_RULES_FILE, SCHEDULER_RULES_FILE)
-ALL_RULES_TEST_FILES = (RULES_TEST_FILE, STACK_RULES_TEST_FILE, SCHEDULER_RULES_TEST_FILE)
+ALL_RULES_TEST_FILES = (RULES_TEST_FILE, STACK_RULES_TEST_FILE, SCHEDULER_RULES_TEST_FILE, STRAGGLER_RULES_TEST_FILE)
 TARGETS_EXAMPLE = PROMETHEUS_DIR / "targets" / "ranks.json.example"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 ALERTMANAGER_EXAMPLES = {
@@ -113,8 +115,10 @@ RECORDED_METRICS = {
     "dgdn_run_rank:training_loss_max:this_process",
     "dgdn_run_rank:training_loss_min:all_processes",
     "dgdn_run_rank:training_loss_max:all_processes",
-    "dgdn_rank:step_own_work_seconds:mean5m",
-    "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks5m",
+    "dgdn_rank:step_own_work_seconds:mean_recent",
+    "dgdn_rank:step_own_work_seconds:other_ranks_mean_recent",
+    "dgdn_rank:step_own_work_seconds:ratio_to_other_ranks_recent",
+    "dgdn_rank:step_own_work_seconds:other_ranks_spread_recent",
 }
 #: Metrics of kube-state-metrics that deploy/kubernetes/rules/ reads.
 KUBE_STATE_METRICS = {

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from prom_helpers import (
     SCHEDULER_RULES_TEST_FILE,
     STACK_METRICS,
     STACK_RULES_FILE,
+    STRAGGLER_RULES_TEST_FILE,
     TARGETS_EXAMPLE,
     metric_names,
     run_tool,
@@ -205,6 +207,7 @@ def test_rule_unit_tests_cover_the_scenarios():
     assert True in outcome("2 ranks in synchronous DDP", "DGDNRankStraggler")
     assert True in outcome("4 ranks on 2 nodes", "DGDNRankStraggler")
     assert outcome("even ranks", "DGDNRankStraggler") == {False}
+    assert True in outcome("a rank 1.3 times slower fires", "DGDNRankStraggler")
     assert outcome("one spike the allocator gives back", "DGDNGPUMemoryHigh") == {False}
     # The situations that used to page falsely: each stays quiet, and its counterpart still fires.
     assert outcome("the launcher then kills the other", "DGDNRunDown") == {False}
@@ -218,12 +221,30 @@ def test_rule_unit_tests_cover_the_scenarios():
         True,
         False,
     }
+    # At the shipped 5 s scrape interval: a 1.3x straggler waits for `for:`, then fires; healthy runs never do.
+    straggler = {case["name"]: case for case in load_yaml(STRAGGLER_RULES_TEST_FILE)["tests"]}
+    outcomes = {
+        name: [bool(check["exp_alerts"]) for check in case["alert_rule_test"]] for name, case in straggler.items()
+    }
+    slow = next(o for name, o in outcomes.items() if "1.3 times slower is flagged" in name)
+    assert slow[0] is False and slow[-1] is True
+    assert [name for name, o in outcomes.items() if not any(o)] == [
+        name for name in straggler if "healthy" in name or "neither is flagged" in name
+    ]
+    assert len(outcomes) == 3
     scheduler = {case["name"]: case for case in load_yaml(SCHEDULER_RULES_TEST_FILE)["tests"]}
     local = next(case for name, case in scheduler.items() if "outside any scheduler" in name)
     assert {check["alertname"] for check in local["alert_rule_test"] if not check["exp_alerts"]} >= {
         "DGDNRunTerminated",
         "DGDNRunDown",
     }
+
+
+def test_straggler_rule_tests_match_their_generator():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "straggler_rule_tests.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_alert_rules_are_complete_and_labelled():
@@ -260,7 +281,7 @@ def test_alert_rules_are_complete_and_labelled():
         if "record" in rule
     }
     assert set(records) == RECORDED_METRICS
-    assert 'phase=~"data_fetch|forward"' in records["dgdn_rank:step_own_work_seconds:mean5m"]
+    assert 'phase=~"data_fetch|forward"' in records["dgdn_rank:step_own_work_seconds:mean_recent"]
 
 
 def test_alert_rules_ignore_pushed_series():
