@@ -38,7 +38,7 @@ from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
 from dgdn_lightning_monitor.model_info import LearningRates, ModelFigures, learning_rates
 from dgdn_lightning_monitor.outcome import OUTCOMES, RUNNING
 from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES, PHASES, PROGRESS_UNITS, STAGES
-from dgdn_lightning_monitor.watchdog import WINDOW, ProgressIntervals
+from dgdn_lightning_monitor.watchdog import ProgressIntervals
 
 #: Every family of this collector, by name after the namespace, as (type, help): from the catalogue.
 METRICS: dict[str, tuple[str, str]] = {family.name: (family.type, family.help) for family in TRAINING_FAMILIES}
@@ -118,6 +118,7 @@ class TrainingMetrics:
         # The intervals that followed each unit's progress within a stage, which the stall watchdog learns from:
         # the unit of the last progress since the current stage began (None before its first) takes the next one.
         self.intervals = {unit: ProgressIntervals(unit) for unit in PROGRESS_UNITS}
+        self._train_intervals = self.intervals["train"]
         self.last_unit: Optional[ProgressIntervals] = None
         self._last_event_perf = 0.0
         # () -> {stage: seconds} of the stall watchdog's thresholds in force, or None when it is off; at scrape time.
@@ -192,6 +193,7 @@ class TrainingMetrics:
         """A run (``fit``, ``validate``, ``test``, ``predict``) set up: it starts idle, with no loss history."""
         self.run_start_perf = time.perf_counter()
         self.intervals = {unit: ProgressIntervals(unit) for unit in PROGRESS_UNITS}  # learned from this run only
+        self._train_intervals = self.intervals["train"]
         self.loss_range = self.best_validation_loss = self.evaluations_since_best = None
         self.nonfinite_streak = 0
         self.outcome, self.outcome_reason = RUNNING, ""
@@ -266,9 +268,8 @@ class TrainingMetrics:
         self.last_step_perf = end_perf
         previous = self.last_unit  # the interval since the stage's last progress is learned for that unit
         if previous is not None:
-            previous.ring[previous.count % WINDOW] = end_perf - self._last_event_perf
-            previous.count += 1
-        self.last_unit, self._last_event_perf = self.intervals["train"], end_perf
+            previous.ring.append(end_perf - self._last_event_perf)
+        self.last_unit, self._last_event_perf = self._train_intervals, end_perf
 
     def record_nonfinite(self, count: int) -> None:
         """``count`` more training losses were NaN or infinite."""

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import traceback
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -77,32 +78,34 @@ def check_after_s(value: Any) -> Union[float, Literal["auto"], None]:
 
 class ProgressIntervals:
     """The last :data:`WINDOW` intervals that followed a progress event of one unit (a training step, an evaluation
-    batch, a checkpoint save) within a stage, up to the next event: written by the training thread
-    (:class:`~dgdn_lightning_monitor.metrics.TrainingMetrics` stores ``ring[count % WINDOW]`` and counts, nothing
-    more per step), read by the watchdog thread, which copies the ring (one list copy, atomic under the GIL).
+    batch, a checkpoint save) within a stage, up to the next event: appended by the training thread
+    (:class:`~dgdn_lightning_monitor.metrics.TrainingMetrics` appends to ``ring``, nothing more per step), read by
+    the watchdog thread, which copies the ring (one copy in C, atomic under the GIL).
 
     Args:
         unit: the unit (one of :data:`~dgdn_lightning_monitor.vocabulary.PROGRESS_UNITS`).
     """
 
-    __slots__ = ("unit", "ring", "count")
+    __slots__ = ("unit", "ring")
 
     def __init__(self, unit: str) -> None:
         self.unit = unit
-        self.ring = [0.0] * WINDOW
-        self.count = 0  # intervals ever stored; the ring holds the last min(count, WINDOW)
+        self.ring: deque[float] = deque(maxlen=WINDOW)
+
+    @property
+    def count(self) -> int:
+        """Intervals held (at most :data:`WINDOW`)."""
+        return len(self.ring)
 
     def add(self, seconds: float) -> None:
-        """Store one interval (the training thread inlines this on its step path)."""
-        self.ring[self.count % WINDOW] = seconds
-        self.count += 1
+        """Store one interval (the training thread appends to ``ring`` itself on its step path)."""
+        self.ring.append(seconds)
 
     def p99(self) -> Optional[float]:
         """The 99th percentile (nearest rank) of the intervals held, or ``None`` before :data:`LEARN_AFTER`."""
-        count = self.count
-        if count < LEARN_AFTER:
+        held = sorted(self.ring)
+        if len(held) < LEARN_AFTER:
             return None
-        held = sorted(self.ring if count >= WINDOW else self.ring[:count])
         return held[math.ceil(0.99 * len(held)) - 1]
 
     def threshold(self) -> float:
@@ -241,7 +244,10 @@ class StallWatchdog:
         started = time.perf_counter()
         dumped_for: Optional[float] = None  # the progress time of the stall already dumped
         while True:
-            threshold = self.threshold()  # before the progress time: a step in between only shortens the idle time
+            try:  # before the progress time: a step in between only shortens the idle time
+                threshold = self.threshold()
+            except Exception:  # a run being set up or torn down: the default, and look again soon
+                threshold = CAP_S
             last = self.metrics.last_progress_perf
             since = started if last is None or last < started else last  # progress of an earlier run: not this one's
             idle = time.perf_counter() - since
@@ -269,7 +275,7 @@ class StallWatchdog:
             return f"stall_dump_after_s='auto': {CAP_S:g} s until {LEARN_AFTER} intervals of {unit.unit} are known"
         return (
             f"stall_dump_after_s='auto': {threshold:g} s for {unit.unit} from {K:g} x the 99th percentile of its last "
-            f"{min(unit.count, WINDOW)} intervals, between {FLOOR_S:g} s and {CAP_S:g} s"
+            f"{unit.count} intervals, between {FLOOR_S:g} s and {CAP_S:g} s"
         )
 
     def _dump(self, idle: float, threshold: float) -> None:

@@ -1,5 +1,8 @@
 """The stall watchdog in real Lightning runs: a step that blocks leaves a stack dump naming the blocking frame, once
-per stall; a run that keeps progressing, also through a long validation, leaves none."""
+per stall, at its threshold; a run that keeps progressing, also through a long validation, leaves none. With the
+default ``"auto"`` the threshold is learned from the run's own step intervals and scraped as
+``dgdn_stall_threshold_seconds``; a stage's first unit (a validation batch, an epoch's first step) gets the
+default."""
 
 from __future__ import annotations
 
