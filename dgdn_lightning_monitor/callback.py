@@ -105,7 +105,10 @@ class MonitoringCallback(Callback):
         web_config_file: a Prometheus web configuration file (TLS, client certificates, basic auth) for the
             endpoint, read here so that a bad file fails at construction; ``metrics_url`` then says ``https``.
         stall_dump_after_s: after this many seconds without progress in any stage, write every thread's stack
-            (and the flight recorder's trace) to ``dgdn-dumps/`` in ``trainer.log_dir``; ``None``: off.
+            (and the flight recorder's trace) to ``dgdn-dumps/`` in ``trainer.log_dir``; ``"auto"``: a threshold
+            per stage learned from the run's own intervals (3 x their 99th percentile, 10 s to 600 s; 600 s until
+            50 are known and for a stage's first unit), exported as ``<namespace>_stall_threshold_seconds``;
+            ``None``: off.
         memory_snapshot: on CUDA, record PyTorch's allocation history during the run and write it to
             ``dgdn-dumps/`` when a step runs out of memory (see :mod:`~dgdn_lightning_monitor.oom`).
         wait_for_final_scrape: at the exit of the process, keep the endpoint up until a scrape has read how the last
@@ -150,7 +153,7 @@ class MonitoringCallback(Callback):
         pushgateway_url: Optional[str] = None,
         job: str = DEFAULT_JOB,
         web_config_file: Optional[Union[str, os.PathLike]] = None,
-        stall_dump_after_s: Optional[float] = 600.0,
+        stall_dump_after_s: Union[float, Literal["auto"], None] = "auto",
         memory_snapshot: bool = False,
         wait_for_final_scrape: bool = True,
     ) -> None:

@@ -394,6 +394,21 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        "stall_threshold_seconds",
+        "gauge",
+        "seconds",
+        ("stage",),
+        help="Seconds without progress after which the stall watchdog writes a stack dump, by stage.",
+        meaning=(
+            "seconds without progress after which the stall watchdog writes a stack dump: with "
+            '`stall_dump_after_s="auto"` for the current stage the threshold in force now (600 s for its first '
+            "unit), for the others (and `checkpoint`: from a checkpoint save to the next progress) the one learned "
+            "from their intervals; `stall_dump_after_s` when fixed (see [A run that "
+            "hangs](troubleshooting.md#a-run-that-hangs)); absent when the watchdog is off"
+        ),
+        labels_note="`stage`: every stage of `stage`, and `checkpoint`",
+    ),
+    Family(
         "oom_total",
         "counter",
         "errors",

@@ -38,6 +38,7 @@ from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
 from dgdn_lightning_monitor.model_info import LearningRates, ModelFigures, learning_rates
 from dgdn_lightning_monitor.outcome import OUTCOMES, RUNNING
 from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES, PHASES, PROGRESS_UNITS, STAGES
+from dgdn_lightning_monitor.watchdog import ProgressIntervals
 
 #: Every family of this collector by name after the namespace, with its type and help (from the catalogue).
 METRICS: dict[str, tuple[str, str]] = {family.name: (family.type, family.help) for family in TRAINING_FAMILIES}
@@ -114,6 +115,14 @@ class TrainingMetrics:
         # counted by batch_seconds; every other unit (evaluation or sanity batch, checkpoint save) here.
         self.last_unit_perf: Optional[float] = None
         self.progress_counts: dict[str, int] = dict.fromkeys(PROGRESS_UNITS, 0)
+        # The intervals that followed each unit's progress within a stage, which the stall watchdog learns from:
+        # the unit of the last progress since the current stage began (None before its first) takes the next one.
+        self.intervals = {unit: ProgressIntervals(unit) for unit in PROGRESS_UNITS}
+        self._train_intervals = self.intervals["train"]
+        self.last_unit: Optional[ProgressIntervals] = None
+        self._last_event_perf = 0.0
+        # () -> {stage: seconds} of the stall watchdog's thresholds in force, or None when it is off; at scrape time.
+        self.stall_thresholds: Optional[Callable[[], Mapping[str, float]]] = None
         self.run_start_perf: Optional[float] = None
         self.stage: Optional[str] = None
         self.stage_since = 0.0
@@ -183,6 +192,8 @@ class TrainingMetrics:
     def start_run(self) -> None:
         """A run (``fit``, ``validate``, ``test``, ``predict``) set up: it starts idle, with no loss history."""
         self.run_start_perf = time.perf_counter()
+        self.intervals = {unit: ProgressIntervals(unit) for unit in PROGRESS_UNITS}  # learned from this run only
+        self._train_intervals = self.intervals["train"]
         self.loss_range = self.best_validation_loss = self.evaluations_since_best = None
         self.nonfinite_streak = 0
         self.outcome, self.outcome_reason = RUNNING, ""
@@ -200,6 +211,7 @@ class TrainingMetrics:
         """The run moved to ``stage`` (one of :data:`~dgdn_lightning_monitor.vocabulary.STAGES`); at stage changes
         only, never per step."""
         now = time.perf_counter() if now is None else now
+        self.last_unit = None  # a stage's first unit has its own allowance (loaders starting, compiling)
         with self._stage_lock:
             if self.stage is not None:
                 self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0.0) + now - self.stage_since
@@ -208,6 +220,13 @@ class TrainingMetrics:
     def epoch_ended(self, duration: float) -> None:
         """A training epoch ended after ``duration`` seconds."""
         self.epoch_duration = duration
+        # What follows (epoch-end hooks, checkpoint saves, the next epoch's loaders) is no step's interval: the next
+        # step gets a first unit's allowance.
+        self.last_unit = None
+
+    def set_stall_thresholds(self, thresholds: Callable[[], Mapping[str, float]]) -> None:
+        """``() -> {stage: seconds}``: the stall watchdog's thresholds in force; called at scrape time."""
+        self.stall_thresholds = thresholds
 
     def count_stall_dump(self) -> None:
         """The stall watchdog wrote a dump."""
@@ -247,6 +266,10 @@ class TrainingMetrics:
             self.sampled_edges = _add_per_hop(self.sampled_edges, hops[1])
         self._window.append((end_perf, self.samples_total))
         self.last_step_perf = end_perf
+        previous = self.last_unit  # the interval since the stage's last progress is learned for that unit
+        if previous is not None:
+            previous.ring.append(end_perf - self._last_event_perf)
+        self.last_unit, self._last_event_perf = self._train_intervals, end_perf
 
     def record_nonfinite(self, count: int) -> None:
         """``count`` more training losses were NaN or infinite."""
@@ -266,6 +289,10 @@ class TrainingMetrics:
         """One unit of progress in ``stage`` (an evaluation batch, ``checkpoint`` for a checkpoint save); training
         steps count through :meth:`observe_train_batch`."""
         self.last_unit_perf = end_perf
+        previous = self.last_unit
+        if previous is not None:
+            previous.add(end_perf - self._last_event_perf)
+        self.last_unit, self._last_event_perf = self.intervals.get(stage), end_perf
         counts = self.progress_counts
         if stage in counts:
             counts[stage] += 1
@@ -363,6 +390,7 @@ class TrainingMetrics:
         progress, rates = self._live()
         yield from self._logged_families(values)
         yield from self._batch_families(values)
+        yield from self._stall_families(values)  # before the progress time: a race only shortens the idle time
         yield from self._timestamp_families(values)
         yield from self._loss_history_families(values)
         yield from self._model_families(values, progress)
@@ -411,6 +439,17 @@ class TrainingMetrics:
             ("samples_per_second", self.samples_per_second),
             ("epoch_duration_seconds", self.epoch_duration),
         )
+
+    def _stall_families(self, values: list[str]) -> Iterator[Metric]:
+        try:
+            thresholds = self.stall_thresholds() if self.stall_thresholds is not None else None
+        except Exception:  # a watchdog being torn down must not break a scrape
+            thresholds = None
+        if thresholds:
+            metric = self._family("stall_threshold_seconds", ["stage"])
+            for stage, seconds in thresholds.items():
+                metric.add_metric(values + [stage], seconds)
+            yield metric
 
     def _timestamp_families(self, values: list[str]) -> Iterator[Metric]:
         def unix(perf: Optional[float]) -> Optional[float]:

@@ -195,7 +195,8 @@ def _scaled(duration: str, scale: float) -> str:
 def scaled_rules(workdir: Path, scale: float, source: Path = RULES_FILE) -> Path:
     """The shipped rules of ``source``, time-compressed: every duration (range windows, offsets, ``for:``, a group's
     evaluation interval) and every ``time() - x > N`` budget divided by ``scale``; the expressions are otherwise the
-    shipped ones. A group's interval stays at least 200 ms, several times per scrape of the live tests."""
+    shipped ones, and so is the stall threshold a run exports. A group's interval stays at least 200 ms, several times
+    per scrape of the live tests."""
     rules = yaml.safe_load(source.read_text())
     budgets = 0
     for group in rules["groups"]:
@@ -210,8 +211,14 @@ def scaled_rules(workdir: Path, scale: float, source: Path = RULES_FILE) -> Path
                 r"(time\(\) - [a-z_]+\{[^}]*\} > )(\d+)", lambda m: f"{m.group(1)}{int(m.group(2)) / scale:g}", expr
             )
             budgets += count
+            # The stall threshold the run exports (seconds) and the one without it (written x * 0 + N).
+            threshold = r"dgdn_stall_threshold_seconds\{[^}]*\}"
+            expr, count = re.subn(threshold, lambda m: f"({m.group(0)} / {scale:g})", expr)
+            budgets += count
+            expr, count = re.subn(r"(\* 0 \+ )(\d+)", lambda m: f"{m.group(1)}{int(m.group(2)) / scale:g}", expr)
+            budgets += count
             rule["expr"] = expr
-    assert source != RULES_FILE or budgets == 3, "the liveness budgets are no longer written time() - x > N"
+    assert source != RULES_FILE or budgets == 4, "the liveness budgets are no longer written as expected"
     path = workdir / source.name
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
     return path
