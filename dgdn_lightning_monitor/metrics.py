@@ -410,10 +410,11 @@ class TrainingMetrics:
         step path keeps anyway.
 
         A fit's ratio is its optimizer steps of ``estimated_stepping_batches``, its ETA the remaining batches at the
-        recent rate plus, once a validation pass was measured, the passes still to come (spaced as so far) at their
-        mean duration; when ``max_time`` ends it first, by that estimate, the ratio and ETA are the Timer's, plus the
-        validation pass Lightning runs when the Timer stops the fit. An evaluation run's ratio is its batches of
-        the stage's batches, its ETA the remaining ones at its mean rate so far."""
+        recent rate plus, once a validation pass was measured, the passes still to come (spaced as so far, the one
+        running less the time it ran) at their mean duration; when ``max_time`` ends it first, by that estimate,
+        the ratio and ETA are the Timer's, plus the validation pass Lightning runs when the Timer stops the fit. An
+        evaluation run's ratio is its batches of the stage's batches, its ETA the remaining ones at its mean rate so
+        far."""
         totals = self.run_totals
         if totals is None:
             return self._final_progress, None
@@ -447,8 +448,10 @@ class TrainingMetrics:
                     if validations.passes > 1
                     else validations.first_at
                 )
-                if spacing > 0:  # the passes still to come, spaced as so far
+                if spacing > 0:  # the passes still to come, spaced as so far, the one running less its time so far
                     eta += math.floor((done - validations.last_at + batches_left) / spacing + 1e-6) * mean_validation
+                    if self.stage == "validate":
+                        eta -= min(mean_validation, max(0.0, now - self.stage_since))
             candidates.append((eta, ratio))
         if totals.time_left is not None and totals.duration:
             left = max(0.0, totals.time_left - (now - totals.start))

@@ -39,8 +39,15 @@ class Probe(pl.Callback):
     """Counts optimizer steps and batches itself, and scrapes the monitor's endpoint after chosen training batches
     (put after the MonitoringCallback: its hooks ran by then)."""
 
-    def __init__(self, monitor: MonitoringCallback, at: set[int] = frozenset(), stop_after: Optional[int] = None):
-        self.monitor, self.at, self.stop_after = monitor, at, stop_after
+    def __init__(
+        self,
+        monitor: MonitoringCallback,
+        at: set[int] = frozenset(),
+        stop_after: Optional[int] = None,
+        validation_at: set[int] = frozenset(),
+    ):
+        self.monitor, self.at, self.stop_after, self.validation_at = monitor, at, stop_after, validation_at
+        self.validation_batches = 0
         self.batches = self.optimizer_steps = self.eval_batches = 0
         self.started = 0.0
         # (batches, optimizer steps, perf_counter before and after the scrape, the scrape)
@@ -58,6 +65,12 @@ class Probe(pl.Callback):
             self.scrape(self.batches, self.optimizer_steps)
         if self.stop_after is not None and self.batches >= self.stop_after:
             trainer.should_stop = True
+
+    def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        if not trainer.sanity_checking:
+            self.validation_batches += 1
+            if self.validation_batches in self.validation_at:
+                self.scrape(self.batches, self.optimizer_steps)
 
     def on_predict_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
         self.eval_batches += 1
@@ -149,16 +162,19 @@ def test_evaluation_run_counts_its_own_batches():
 
 
 def test_eta_of_a_steady_run_matches_the_time_it_really_took():
-    """After the first epoch (and its validation pass), the ETA is within 10% of the time the fit still took."""
+    """After the first epoch (and its validation pass), and at the end of the second pass, the ETA is within 10% of
+    the time the fit still took."""
     mon = monitor()
     epochs, batches = 3, 12
-    probe = Probe(mon, at={batches + 1})  # the second epoch's first batch: one epoch and one validation measured
+    # The second epoch's first batch (one epoch and one validation pass measured) and the second pass's last batch.
+    probe = Probe(mon, at={batches + 1}, validation_at={8})
     train = tensor_loader(rows=8 * batches, batch_size=8)
     trainer = quiet_trainer(max_epochs=epochs, num_sanity_val_steps=0, callbacks=[mon, probe])
     trainer.fit(PacedRegressor(step_s=0.12, val_s=0.08), train, tensor_loader(rows=32, batch_size=8, seed=1))
     ended = time.perf_counter()
 
-    ((_, _, _, moment, text),) = probe.seen
-    eta, remaining = value(text, "dgdn_eta_seconds", stage="train"), ended - moment
-    assert eta == pytest.approx(remaining, rel=0.10), f"ETA {eta:.3f} s, really {remaining:.3f} s"
-    print(f"ETA {eta:.3f} s against {remaining:.3f} s remaining ({(eta - remaining) / remaining:+.1%})")
+    assert [seen[0] for seen in probe.seen] == [batches + 1, 2 * batches]  # 4 validation batches a pass
+    for _, _, _, moment, text in probe.seen:
+        eta, remaining = value(text, "dgdn_eta_seconds", stage="train"), ended - moment
+        print(f"ETA {eta:.3f} s against {remaining:.3f} s remaining ({(eta - remaining) / remaining:+.1%})")
+        assert eta == pytest.approx(remaining, rel=0.10), f"ETA {eta:.3f} s, really {remaining:.3f} s"
