@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import prometheus_client
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Timer
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from typing_extensions import override
@@ -36,7 +37,7 @@ from dgdn_lightning_monitor.guards import (
     describe,
 )
 from dgdn_lightning_monitor.labels import RankLabels
-from dgdn_lightning_monitor.metrics import TrainingMetrics
+from dgdn_lightning_monitor.metrics import RunTotals, TrainingMetrics
 from dgdn_lightning_monitor.model_info import count_model, run_info
 from dgdn_lightning_monitor.oom import OOMForensics
 from dgdn_lightning_monitor.outcome import classify
@@ -214,8 +215,11 @@ class MonitoringCallback(Callback):
             ``steps``, ``samples`` and ``samples_per_second`` (recent); ``phase_seconds``, the mean host seconds
             of each phase per traced training step without each run's first (warm-up) one; ``stall_dumps``
             (paths), ``out_of_memory`` (the last record, or ``None``) and ``batch_capacity`` (estimated
-            ``(nodes, edges)`` of the largest batch that fits the device, or ``(None, None)``).
+            ``(nodes, edges)`` of the largest batch that fits the device, or ``(None, None)``); ``progress_ratio``
+            (the current or last run's fraction done, ``None`` when nothing bounds it) and ``eta_seconds`` (``None``
+            when unknown or after the run), as ``<namespace>_progress_ratio`` and ``<namespace>_eta_seconds``.
         """
+        progress, eta = self.metrics.progress_estimate()
         return {
             "steps": self._train_batches,
             "samples": self.metrics.samples_total,
@@ -224,6 +228,8 @@ class MonitoringCallback(Callback):
             "stall_dumps": list(self._watchdog.dumps),
             "out_of_memory": self._memory.last_oom,
             "batch_capacity": self.metrics.capacity(),
+            "progress_ratio": progress[1] if progress is not None else None,
+            "eta_seconds": eta,
         }
 
     # ------------------------------------------------------------------------------------------ pickling
@@ -327,6 +333,10 @@ class MonitoringCallback(Callback):
 
     # ------------------------------------------------------------------------------------------ training
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_totals(trainer, "train")
+
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         run = self._run
         if run is None:
@@ -426,6 +436,10 @@ class MonitoringCallback(Callback):
             self._run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES, check=True)
 
     # ------------------------------------------------------------------------------------------ evaluation
+    def _eval_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit":  # within a fit (sanity check, validation passes) the fit's progress goes on
+            self._start_totals(trainer, lightning_stage(trainer, "validate"))
+
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.metrics.enter_stage(lightning_stage(trainer, "validate"))
         if self._run is not None and not trainer.sanity_checking:
@@ -483,6 +497,7 @@ class MonitoringCallback(Callback):
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.end_epoch(span_stage(trainer))
 
+    on_validation_start = on_test_start = on_predict_start = override(_eval_start)
     on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = override(_eval_epoch_start)
     on_validation_batch_start = on_test_batch_start = on_predict_batch_start = override(_eval_batch_start)
     on_validation_batch_end = on_test_batch_end = on_predict_batch_end = override(_eval_batch_end)
@@ -517,6 +532,14 @@ class MonitoringCallback(Callback):
         except Exception as error:
             self._degrade(error, part)
 
+    def _start_totals(self, trainer: Trainer, stage: str) -> None:
+        """Read what bounds the run that starts (once: ``estimated_stepping_batches`` may size the loaders) and hand
+        it to the metrics, which compute progress and ETA from it at scrape time."""
+        try:
+            self.metrics.set_run_totals(_run_totals(trainer, stage))
+        except Exception as error:  # no progress figures for this run; training goes on
+            self._degrade(error)
+
     def _count_model(self, module: LightningModule) -> bool:
         """Export the model's figures; returns whether they are final (no lazy layer waits for its first batch)."""
         figures, final = count_model(module)
@@ -527,6 +550,31 @@ class MonitoringCallback(Callback):
         """A monitoring fault never stops training: counted under its ``part``, said once, training goes on."""
         message = _DEGRADED.get(part, _DEGRADED["metrics"])
         self.errors.report(part, message, describe(error), exc_info=error)
+
+
+#: The Trainer attribute holding each evaluation stage's batches per loader.
+_STAGE_BATCHES = {"validate": "num_val_batches", "test": "num_test_batches", "predict": "num_predict_batches"}
+
+
+def _run_totals(trainer: Trainer, stage: str) -> RunTotals:
+    """What bounds the run of ``stage`` that ``trainer`` starts (:class:`~dgdn_lightning_monitor.metrics.RunTotals`):
+    an infinite or non-positive total is no bound."""
+    now = time.perf_counter()
+    if stage != "train":
+        batches = sum(getattr(trainer, _STAGE_BATCHES[stage], None) or [])
+        return RunTotals(stage, now, batches=int(batches) if 0 < batches < float("inf") else None)
+    steps = trainer.estimated_stepping_batches
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)  # type: ignore[attr-defined]
+    time_left = timer.time_remaining() if timer is not None else None
+    duration = time_left + timer.time_elapsed() if timer is not None and time_left is not None else None
+    return RunTotals(
+        stage,
+        now,
+        steps=int(steps) if 0 < steps < float("inf") else None,
+        accumulate=max(1, int(trainer.accumulate_grad_batches)),
+        time_left=time_left,
+        duration=duration,
+    )
 
 
 #: What the first error of each part a batch hook degrades on says.

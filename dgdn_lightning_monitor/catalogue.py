@@ -341,6 +341,40 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        "progress_ratio",
+        "gauge",
+        "ratio",
+        ("stage",),
+        help=(
+            "Fraction of the run done of its known total (0-1); stage: train for a fit, validate, test or predict for "
+            "an evaluation run."
+        ),
+        meaning=(
+            "how far the current run is, one series, `stage` naming what it counts: a fit (`train`) its optimizer "
+            "steps of `trainer.estimated_stepping_batches` (the lower of `max_epochs` and `max_steps`, after "
+            "`limit_train_batches` and gradient accumulation), or the share of `max_time` used when that ends it "
+            "first; an evaluation run (`validate`, `test`, `predict`) its batches of the stage's batches. Absent when "
+            "nothing bounds the run (`max_epochs=-1` without `max_steps` or `max_time`, a loader without length); "
+            "after the run its last value stays"
+        ),
+        labels_note="`stage`: `train` (a fit), `validate`, `test` or `predict`",
+    ),
+    Family(
+        "eta_seconds",
+        "gauge",
+        "seconds",
+        ("stage",),
+        help="Estimated seconds until the run ends; stage as in progress_ratio.",
+        meaning=(
+            "estimated time left of the current run: a fit's remaining batches at the recent batch rate (the "
+            "throughput window, validation time taken out), plus, once a validation pass ran, the passes still to "
+            "come (spaced as so far) at their mean duration; the time `max_time` leaves (plus one validation pass) "
+            "when that ends the fit first. An evaluation run's remaining batches at its mean rate. Absent when "
+            "nothing bounds the run, before two training batches gave a rate, and after the run"
+        ),
+        labels_note="`stage`, as `progress_ratio`",
+    ),
+    Family(
         "last_progress_timestamp_seconds",
         "gauge",
         "seconds",

@@ -259,7 +259,25 @@ def run_training(cli: DGDNMonitorCLI, out: Any = None) -> dict[str, Any]:
         def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             url["metrics"] = monitor.metrics_url if monitor is not None else None
 
-    trainer.callbacks.append(_Remember())  # type: ignore[attr-defined]
+    class _Progress(pl.Callback):
+        """A line after each training epoch (and its validation): how far the run is and the time it still takes,
+        as the monitor exports them (``dgdn_progress_ratio``, ``dgdn_eta_seconds``)."""
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            figures = monitor.summary() if monitor is not None else {}
+            ratio, eta = figures.get("progress_ratio"), figures.get("eta_seconds")
+            if ratio is None:  # nothing bounds the run
+                return
+            of = f"/{epochs}" if epochs is not None and epochs > 0 else ""
+            left = f", about {_format_seconds(eta)} left" if eta is not None and ratio < 1 else ""
+            line = f"epoch {trainer.current_epoch + 1}{of} done: {ratio:.0%} of the run{left}"
+            bar = trainer.progress_bar_callback
+            if bar is not None and out is sys.stdout:
+                bar.print(line)  # above the progress bar, not through it
+            else:
+                print(line, file=out, flush=True)
+
+    trainer.callbacks.extend([_Remember(), _Progress()])  # type: ignore[attr-defined]
     try:
         with warnings.catch_warnings():
             # The event loader keeps neighbour history in this process, so it deliberately has no workers.

@@ -14,8 +14,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from operator import add
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -59,6 +60,40 @@ def _add_per_hop(totals: tuple[int, ...], counts: Optional[Sequence[int]]) -> tu
     elif len(counts) < len(totals):
         counts = (*counts, *(0,) * (len(totals) - len(counts)))
     return tuple(map(add, totals, counts))
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """What bounds a run, read once when it starts (``on_train_start`` of a fit, the evaluation stage's start
+    otherwise): the basis of ``<namespace>_progress_ratio`` and ``<namespace>_eta_seconds``.
+
+    Args:
+        stage: ``train`` for a fit, else the evaluation run's stage (``validate``, ``test``, ``predict``).
+        start: ``time.perf_counter()`` when the run started.
+        steps: a fit's optimizer steps in all (``trainer.estimated_stepping_batches``), ``None`` when unbounded.
+        accumulate: training batches per optimizer step.
+        time_left: seconds ``max_time`` (Lightning's ``Timer``) left the fit at ``start``, ``None`` without one.
+        duration: the ``Timer``'s whole duration (a resumed fit has used part of it).
+        batches: an evaluation run's batches in all, ``None`` when its loaders have no length.
+    """
+
+    stage: str
+    start: float
+    steps: Optional[int] = None
+    accumulate: int = 1
+    time_left: Optional[float] = None
+    duration: Optional[float] = None
+    batches: Optional[int] = None
+
+
+class _Validations(NamedTuple):
+    """The validation passes of the current fit, replaced whole at each pass's end (a scrape reads one tuple)."""
+
+    passes: int = 0
+    seconds: float = 0.0
+    first_at: int = 0  # training batches of the fit before the first pass, and before the last
+    last_at: int = 0
+    recent: tuple[tuple[float, float], ...] = ()  # (start, end) of the last passes, to take out of the step rate
 
 
 class TrainingMetrics:
@@ -151,6 +186,12 @@ class TrainingMetrics:
         self.learning_rates: LearningRates = []
         # perf_counter and time.time differ by a constant; computing it once converts step times to unix time.
         self._unix_offset = time.time() - time.perf_counter()
+        # Progress and ETA of the current run, computed at scrape time from its totals (read once at its start),
+        # the Trainer's step, the throughput window and the fit's validation passes (recorded at stage changes).
+        self.run_totals: Optional[RunTotals] = None
+        self._totals_base = 0  # training batches (a fit) or the stage's batches (evaluation) before the run
+        self._validations = _Validations()
+        self._final_progress: Optional[tuple[str, float]] = None  # (stage, ratio) kept when the run ended
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_trainer": None, "_stage_lock": None}  # the Trainer belongs to this process
@@ -194,6 +235,7 @@ class TrainingMetrics:
         self.run_start_perf = time.perf_counter()
         self.intervals = {unit: ProgressIntervals(unit) for unit in PROGRESS_UNITS}  # learned from this run only
         self._train_intervals = self.intervals["train"]
+        self.run_totals, self._final_progress = None, None
         self.loss_range = self.best_validation_loss = self.evaluations_since_best = None
         self.nonfinite_streak = 0
         self.outcome, self.outcome_reason = RUNNING, ""
@@ -203,6 +245,7 @@ class TrainingMetrics:
         """The run ended with ``outcome`` (:func:`~dgdn_lightning_monitor.outcome.classify`): keep its last live
         values, go idle, and say how it ended, the ``reason`` first so that no scrape sees one without the other."""
         self.freeze_live_values()
+        self._final_progress, self.run_totals = self.progress_estimate()[0], None
         self.enter_stage("idle")
         self.outcome_reason = reason
         self.outcome = outcome
@@ -215,7 +258,24 @@ class TrainingMetrics:
         with self._stage_lock:
             if self.stage is not None:
                 self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0.0) + now - self.stage_since
+            if self.stage == "validate" and stage == "train" and self.run_totals is not None:
+                self._validation_ended(self.stage_since, now)
             self.stage, self.stage_since = stage, now
+
+    def set_run_totals(self, totals: RunTotals) -> None:
+        """What bounds the run that starts now (see :class:`RunTotals`); its progress counts from here."""
+        if totals.stage == "train":
+            self._totals_base, self._validations = self.batch_seconds.count, _Validations()
+        else:
+            self._totals_base = self.progress_counts.get(totals.stage, 0)
+        self.run_totals = totals
+
+    def _validation_ended(self, start: float, end: float) -> None:
+        """A validation pass of the fit ran from ``start`` to ``end`` (at a stage change, never per step)."""
+        done, at = self._validations, self.batch_seconds.count - self._totals_base
+        recent = (*done.recent, (start, end))[-max(2, self._window.maxlen or 2) :]
+        first_at = done.first_at if done.passes else at
+        self._validations = _Validations(done.passes + 1, done.seconds + end - start, first_at, at, recent)
 
     def epoch_ended(self, duration: float) -> None:
         """A training epoch ended after ``duration`` seconds."""
@@ -360,6 +420,74 @@ class TrainingMetrics:
         (t0, n0), (t1, n1) = window[0], window[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
+    def _seconds_per_batch(self, since: float, pauses: tuple[tuple[float, float], ...]) -> Optional[float]:
+        """Recent seconds per training batch since ``since``, over the throughput window, without the time spent
+        in ``pauses`` (validation passes: their time is estimated on its own)."""
+        ends = [end for end, _ in tuple(self._window) if end >= since]
+        if len(ends) < 2:
+            return None
+        first, last = ends[0], ends[-1]
+        paused = sum(max(0.0, min(end, last) - max(start, first)) for start, end in pauses)
+        busy = last - first - paused
+        return busy / (len(ends) - 1) if busy > 0 else None
+
+    def progress_estimate(self, now: Optional[float] = None) -> tuple[Optional[tuple[str, float]], Optional[float]]:
+        """``((stage, progress ratio), ETA seconds)`` of the current run, each ``None`` when unknown: the ratio when
+        nothing bounds the run, the ETA also before its rate is known. Computed on demand, from the values the
+        step path keeps anyway.
+
+        A fit's ratio is its optimizer steps of ``estimated_stepping_batches``, its ETA the remaining batches at the
+        recent rate plus, once a validation pass was measured, the passes still to come (spaced as so far, the one
+        running less the time it ran) at their mean duration; when ``max_time`` ends it first, by that estimate,
+        the ratio and ETA are the Timer's, plus the validation pass Lightning runs when the Timer stops the fit. An
+        evaluation run's ratio is its batches of the stage's batches, its ETA the remaining ones at its mean rate so
+        far."""
+        totals = self.run_totals
+        if totals is None:
+            return self._final_progress, None
+        now = time.perf_counter() if now is None else now
+        if totals.stage != "train":
+            if totals.batches is None or totals.batches <= 0:
+                return None, None
+            done = self.progress_counts.get(totals.stage, 0) - self._totals_base
+            last = self.last_unit_perf
+            eta = None
+            if done > 0 and last is not None and last > totals.start:
+                eta = max(0, totals.batches - done) * (last - totals.start) / done
+            return (totals.stage, min(1.0, done / totals.batches)), eta
+        validations = self._validations
+        mean_validation = validations.seconds / validations.passes if validations.passes else None
+        ratio: Optional[float] = None
+        candidates: list[tuple[float, float]] = []  # (ETA, ratio) of each bound
+        if totals.steps is not None:
+            progress, _ = self._live()
+            step = progress[1] if progress is not None else 0
+            ratio = min(1.0, step / totals.steps)
+            per_batch = self._seconds_per_batch(totals.start, validations.recent)
+            if per_batch is None:
+                return ("train", ratio), None
+            batches_left = max(0, totals.steps - step) * totals.accumulate
+            eta = batches_left * per_batch
+            if mean_validation is not None:
+                done = self.batch_seconds.count - self._totals_base
+                spacing = (
+                    (validations.last_at - validations.first_at) / (validations.passes - 1)
+                    if validations.passes > 1
+                    else validations.first_at
+                )
+                if spacing > 0:  # the passes still to come, spaced as so far, the one running less its time so far
+                    eta += math.floor((done - validations.last_at + batches_left) / spacing + 1e-6) * mean_validation
+                    if self.stage == "validate":
+                        eta -= min(mean_validation, max(0.0, now - self.stage_since))
+            candidates.append((eta, ratio))
+        if totals.time_left is not None and totals.duration:
+            left = max(0.0, totals.time_left - (now - totals.start))
+            candidates.append((left + (mean_validation or 0.0), min(1.0, 1.0 - left / totals.duration)))
+        if not candidates:
+            return None, None
+        eta, ratio = min(candidates)
+        return ("train", ratio), eta
+
     def _live(self) -> tuple[Optional[tuple[int, int]], LearningRates]:
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is None:
@@ -397,6 +525,7 @@ class TrainingMetrics:
         yield from self._incident_families(values)
         yield from self._per_hop_families(values)
         yield from self._stage_families(values)
+        yield from self._progress_families(values)
         yield from self._outcome_families(values)
         yield from self._histogram_families(values)
         yield from self._learning_rate_families(values, rates)
@@ -523,6 +652,17 @@ class TrainingMetrics:
         for name in PROGRESS_UNITS:
             progress.add_metric(values + [name], float(counts.get(name, 0)))
         yield from (current, spent, progress)
+
+    def _progress_families(self, values: list[str]) -> Iterator[Metric]:
+        progress, eta = self.progress_estimate()
+        if progress is None:  # nothing bounds the run (or none ran)
+            return
+        stage, ratio = progress
+        for name, value in (("progress_ratio", ratio), ("eta_seconds", eta)):
+            if value is not None:
+                metric = self._family(name, ["stage"])
+                metric.add_metric(values + [stage], value)
+                yield metric
 
     def _outcome_families(self, values: list[str]) -> Iterator[Metric]:
         outcome = self.outcome

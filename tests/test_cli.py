@@ -52,6 +52,12 @@ def test_demo_trains_serves_metrics_and_summarises():
     assert result["epochs"] == 2 and result["metrics"]["val_ap"] > 0.6
     assert result["monitor"]["samples"] == 2 * TRAIN_EVENTS
     assert result["monitor"]["steps"] == 2 * 14
+    # A progress line after each epoch: the share of the run's 28 optimizer steps, and the time left until the last.
+    progress = [line for line in messages.splitlines() if line.startswith("epoch ")]
+    assert len(progress) == 2, messages
+    assert re.fullmatch(r"epoch 1/2 done: 50% of the run, about \d+\.\d+ m?s left", progress[0]), progress[0]
+    assert progress[1] == "epoch 2/2 done: 100% of the run"
+    assert result["monitor"]["progress_ratio"] == 1.0 and result["monitor"]["eta_seconds"] is None
 
     quiet = cli.format_summary(result, probe=lambda url: False)
     for needle in ("train_loss=", "val_loss=", "val_ap=", "val_auc=", "events/s", "data_fetch", "forward",

@@ -413,6 +413,32 @@ def training_row(d: Dashboard) -> None:
     d.row("Training")
     d.line(6, runs_table())
     d.line(
+        4,
+        stat(
+            "Progress",
+            "Fraction of each run done of its known total (`stage` train: optimizer steps of the fit's "
+            "estimated stepping batches, or the share of `max_time` used when that ends it first; an evaluation "
+            "run's batches). No value when nothing bounds the run (`max_epochs=-1` without `max_steps` or "
+            "`max_time`). Lowest over the run's ranks.",
+            "percentunit",
+            [(f"min by (stage) (dgdn_progress_ratio{{{SEL}}})", "{{stage}}")],
+            12,
+            text_mode="value_and_name",
+            graph=True,
+            decimals=1,
+        ),
+        stat(
+            "Time left (ETA)",
+            "Estimated time until each run ends: remaining batches at the recent batch rate plus the validation "
+            "passes still to come at their mean duration, or what `max_time` leaves when that ends the fit first. "
+            "No value when nothing bounds the run, or after it ended. Highest over the run's ranks.",
+            "s",
+            [(f"max by (stage) (dgdn_eta_seconds{{{SEL}}})", "{{stage}}")],
+            12,
+            text_mode="value_and_name",
+        ),
+    )
+    d.line(
         8,
         timeseries(
             "Loss",
