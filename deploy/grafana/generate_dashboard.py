@@ -41,7 +41,8 @@ PER_RANK_BATCH = (
 
 #: Each rank's mean data fetch + forward time per sampled step: its own work, which no rank waits in under
 #: synchronous DDP (the wait for a slow rank happens in the gradient all-reduce, during backward). The basis of
-#: the straggler panels, as of DGDNRankStraggler (recording rule dgdn_rank:step_own_work_seconds:mean5m).
+#: the straggler panels, as of DGDNRankStraggler (recording rule
+#: dgdn_rank:step_own_work_seconds:mean_recent).
 OWN_WORK = (
     f'sum by (job, rank) (rate(dgdn_step_phase_seconds_sum{{{SEL}, phase=~"data_fetch|forward"}}[$__rate_interval]))\n'
     f'/ sum by (job, rank) (rate(dgdn_step_phase_seconds_count{{{SEL}, phase="forward"}}[$__rate_interval]))'
@@ -528,7 +529,7 @@ def training_row(d: Dashboard) -> None:
         stat(
             "Since last step",
             "Time since the last finished training batch, for the rank that waited longest. "
-            "DGDNTrainingStalled fires above 10 minutes.",
+            "DGDNTrainingStalled fires above the run's dgdn_stall_threshold_seconds (15 minutes without it).",
             "s",
             [(f"max(time() - dgdn_last_step_timestamp_seconds{{{SEL}}})", "since last step")],
             4,
