@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+#: Longest a cell may run (nbclient fails the test past it): a hung cell, not a slow machine, is what it catches.
 TIME_LIMIT_S = 180
 
 
@@ -99,10 +99,7 @@ def test_notebook_runs(path, kernel_env, port_8000_taken):
         timeout=TIME_LIMIT_S,
         resources={"metadata": {"path": str(path.parent)}},
     )
-    started = time.monotonic()
     client.execute()
-    elapsed = time.monotonic() - started
-    assert elapsed < TIME_LIMIT_S, f"{path.name} took {elapsed:.0f} s"
 
     printed = "".join(out.get("text", "") for out in notebook.cells[0].outputs)
     assert os.path.realpath(printed.strip()) == os.path.realpath(sys.executable)
