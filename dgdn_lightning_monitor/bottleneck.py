@@ -122,7 +122,7 @@ class RunSettings:
             trainer: a Lightning ``Trainer``.
             stall_after_s: the callback's ``stall_dump_after_s``.
         """
-        loader = _first_loader(getattr(trainer, "train_dataloader", None))
+        loader = first_loader(getattr(trainer, "train_dataloader", None))
         sampler = getattr(loader, "node_sampler", None) or getattr(loader, "link_sampler", None)  # PyG loaders
         checkpoint = getattr(trainer, "checkpoint_callback", None)
         strategy = getattr(trainer, "strategy", None)
@@ -149,7 +149,7 @@ class RunSettings:
         )
 
 
-def _first_loader(loaders: Any) -> Any:
+def first_loader(loaders: Any) -> Any:
     """The first loader of what ``trainer.train_dataloader`` holds (one loader, or a dict or list of them)."""
     if isinstance(loaders, Mapping):
         loaders = next(iter(loaders.values()), None)

@@ -73,11 +73,14 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 #: Every category, in the order of :meth:`TimeLedger.totals`.
 CATEGORIES: tuple[str, ...] = (
@@ -390,3 +393,24 @@ def lost_seconds(checkpoint: Mapping[str, Any], last: Mapping[str, Any]) -> floa
         return sum(_seconds_arg(f"{name}['seconds'][{key!r}]", value) for key, value in seconds.items())
 
     return max(0.0, wall(last, "last") - wall(checkpoint, "checkpoint"))
+
+
+def write_side_file(path: Union[str, os.PathLike], state: Mapping[str, Any]) -> None:
+    """Write a :meth:`~TimeLedger.state_dict` to ``path`` (JSON, replaced whole: a reader never sees half of it),
+    the side file from which a resumed run learns how long its previous attempt ran after its last checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(dict(state)))
+    os.replace(partial, path)
+
+
+def read_side_file(path: Union[str, os.PathLike, None]) -> Optional[dict[str, Any]]:
+    """The state :func:`write_side_file` wrote to ``path``; ``None`` when there is none or it cannot be read."""
+    if not path:
+        return None
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
