@@ -9,16 +9,18 @@ import logging
 import time
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from exposition import scrape
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader as TorchLoader
 from torch_geometric.loader import DataLoader
 
 from dgdn_lightning_monitor import MonitoringCallback
 from dgdn_lightning_monitor.time_ledger import COMPUTE
-from dgdn_testing.models import GCNModule, fake_graphs
-from dgdn_testing.time_runs import TEST_WINDOW, watch_fit
+from dgdn_testing.models import GCNModule, fake_graphs, quiet_trainer
+from dgdn_testing.time_runs import TEST_WINDOW, read_time, watch_fit
 
 COLLATE_S = 0.05  # the slow collate's sleep per batch
 
@@ -115,3 +117,51 @@ def test_a_run_whose_steps_are_the_work_is_compute(tmp_path) -> None:
     assert verdicts and set(verdicts) == {"compute"}, watched.final
     assert watched.summary["bottleneck"] == "compute"
     assert watched.final["goodput"] > 0.5
+
+
+class SaveTimes(pl.Callback):
+    """When each checkpoint was saved (``perf_counter``)."""
+
+    def __init__(self) -> None:
+        self.saved: list[float] = []
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
+        self.saved.append(time.perf_counter())
+
+
+class SleepyBusy(Busy):
+    """Steps of at least STEP_S, so that the time after a checkpoint is long against the hooks' own."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        time.sleep(STEP_S)
+        return super().training_step(batch, batch_idx)
+
+
+STEP_S = 0.05
+
+
+def test_a_resumed_run_carries_the_ledger_on_and_counts_the_time_after_its_checkpoint_as_lost(tmp_path) -> None:
+    # The first attempt saves at step 10 and runs 6 steps more before it ends (as a killed run would have).
+    saves, first = SaveTimes(), monitor()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
+    options = dict(max_steps=16, default_root_dir=tmp_path, enable_checkpointing=True, limit_val_batches=0)
+    trainer, module, loader = quiet_trainer(callbacks=[first, saves, ckpt], **options), SleepyBusy(16), graphs(320)
+    began = time.perf_counter()
+    trainer.fit(module, loader)
+    ended = time.perf_counter()
+    assert len(saves.saved) == 1
+    path = tmp_path / "ckpt" / "epoch=0-step=10.ckpt"
+    # The second attempt resumes from that checkpoint.
+    second = monitor()
+    options = dict(max_steps=20, default_root_dir=tmp_path / "again", limit_val_batches=0)
+    trainer, module, loader = quiet_trainer(callbacks=[second], **options), SleepyBusy(16), graphs(320)
+    resumed = time.perf_counter()
+    trainer.fit(module, loader, ckpt_path=path)
+    wall = time.perf_counter() - resumed
+    seconds = read_time(scrape(str(second.metrics_url)))["seconds"]
+    lost, carried = ended - saves.saved[0], saves.saved[0] - began  # measured here, around the first attempt
+    assert seconds["lost_progress"] == pytest.approx(lost, rel=0.05, abs=0.05)
+    assert lost >= 6 * STEP_S
+    total = sum(seconds.values())  # the first attempt up to its checkpoint, what it lost, and this attempt
+    assert total == pytest.approx(carried + lost + wall, rel=0.01, abs=0.05)
+    assert second.summary()["time_seconds"]["lost_progress"] == seconds["lost_progress"]
