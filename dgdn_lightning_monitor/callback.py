@@ -331,7 +331,6 @@ class MonitoringCallback(Callback):
             return
         run.unwatch()
         self._write_ledger_file(run)
-        self.metrics.freeze_time()
         self._watchdog.stop()
         self._memory.stop()
         try:
@@ -346,6 +345,7 @@ class MonitoringCallback(Callback):
         run.server.run_ended()
         self._dist.finish(self.registry, self.metrics.labels, self.run_id, run.server)  # discovery file, Pushgateway
         self.tracer.finish(exception)
+        self.metrics.freeze_time()  # last: the run's time ends here
 
     def _stall_threshold(self) -> Optional[float]:
         """The time ledger's stall threshold: the watchdog's (``None``, off, or not a number of seconds: no

@@ -18,6 +18,8 @@ from dgdn_testing.scrapers import Scraper
 #: The tests' judge window: 20 training steps (the judge's own gate), 1 s, evaluations at least 0.2 s apart; the
 #: default (100 steps, 300 s, 5 s) suits a 15 s scrape interval, not a run of a few seconds.
 TEST_WINDOW = (20, 1.0, 0.2)
+#: A run expected to say ``compute`` stops after this many scrapes at this many steps or more (the judge's gate).
+COMPUTE_PAST_GATE = (20, 12)
 
 
 def read_time(text: str) -> dict[str, Any]:
@@ -81,7 +83,8 @@ def watch_fit(
     then_steps: int = 3,
 ) -> Watched:
     """Fit ``module`` with ``monitor`` (``port=0`` on loopback) under a Trainer of ``trainer_options`` while a thread
-    scrapes it; stop ``then_steps`` steps after the verdict said ``expect`` (``compute``: run to the end)."""
+    scrapes it; stop ``then_steps`` steps after the verdict said ``expect`` (``compute``: after
+    :data:`COMPUTE_PAST_GATE` scrapes, or at the Trainer's own end)."""
     from dgdn_testing.models import quiet_trainer
 
     holder: dict[str, Scraper] = {}
@@ -94,7 +97,11 @@ def watch_fit(
         inner: Optional[_StopWhenNamed] = None
 
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            if expect == "compute" or "scraper" not in holder:
+            if "scraper" not in holder:
+                return
+            if expect == "compute":  # long enough past the judge's gate for a wrong verdict to show
+                judged = [a for _, a in list(holder["scraper"].answers) if a["steps"] >= COMPUTE_PAST_GATE[0]]
+                trainer.should_stop = trainer.should_stop or len(judged) >= COMPUTE_PAST_GATE[1]
                 return
             if self.inner is None:
                 self.inner = _StopWhenNamed(holder["scraper"], expect, then_steps)
