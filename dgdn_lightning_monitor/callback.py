@@ -127,8 +127,8 @@ class MonitoringCallback(Callback):
 
     #: Longest time between two traced training steps, so that a 5-minute window holds 30 samples per rank at any rate.
     trace_floor_s: float = 10.0
-    #: The bottleneck judge's window: at least this many training steps and seconds, and the shortest time between
-    #: two counted evaluations (:class:`~dgdn_lightning_monitor.bottleneck.BottleneckJudge`).
+    #: The window of the bottleneck judge (:class:`~dgdn_lightning_monitor.bottleneck.BottleneckJudge`), at least
+    #: this many training steps and seconds, and the shortest time between two counted evaluations.
     bottleneck_window: tuple[int, float, float] = (100, 300.0, 5.0)
     #: Longest time between two writes of the time ledger's side file (next to the stall dumps).
     ledger_file_every_s: float = 30.0

@@ -33,7 +33,7 @@ sampled steps (:meth:`TimeLedger.phase_sample`): an exponentially weighted mean 
 sample weighing :data:`PHASE_SAMPLE_WEIGHT`, so the run's warm-up step fades out and a change of balance shows
 within a few samples. Compute is folded into the three phases with the shares in force when a new sample
 arrives, so a read never sees a phase's total go down (they are exported as counters). Until the first sample
-all compute counts as ``forward``: the phase table (:data:`~dgdn_lightning_monitor.metrics.PHASES`) runs forward
+all compute counts as ``forward``: the phase table (:data:`~dgdn_lightning_monitor.vocabulary.PHASES`) runs forward
 from the batch start to the first backward/optimizer mark or the batch end, so a step with no known marks is all
 forward; an even split would invent backward and optimizer time that a module without them never spends. The
 run's first step is traced, so this covers one step (a few on CUDA, until its device times are read).
@@ -261,7 +261,7 @@ class TimeLedger:
         return _NAMES[previous]
 
     def phase_sample(self, phases: Mapping[str, float]) -> None:
-        """A sampled step's phase seconds (host or device), as :data:`~dgdn_lightning_monitor.metrics.PHASES`
+        """A sampled step's phase seconds (host or device), as :data:`~dgdn_lightning_monitor.vocabulary.PHASES`
         names them; ``data_fetch`` and missing phases are ignored. Compute counted so far is split with the shares
         in force, then the new step's shares enter the running shares."""
         sample = [phases.get(name, 0.0) for name in COMPUTE]
