@@ -55,8 +55,10 @@ def watch_checkpoints(trainer: Any, ledger: TimeLedger) -> Optional[Callable[[],
     """Time every checkpoint save of ``trainer`` whole as ``checkpoint`` in ``ledger`` (progress at its end), by
     wrapping this Trainer's public ``save_checkpoint`` (``ModelCheckpoint`` calls it); returns how to stop, or
     ``None`` when it cannot be wrapped (then ``on_save_checkpoint`` enters ``checkpoint``)."""
-    own = vars(trainer).get("save_checkpoint")  # already wrapped on this instance (by the user): keep it
-    save = trainer.save_checkpoint
+    save = getattr(trainer, "save_checkpoint", None)
+    if save is None:  # a Trainer stand-in
+        return None
+    own = getattr(trainer, "__dict__", {}).get("save_checkpoint")  # wrapped on this instance (by the user): kept
 
     def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
         previous = ledger.enter("checkpoint", time.perf_counter())
