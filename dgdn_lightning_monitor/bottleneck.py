@@ -111,10 +111,10 @@ class RunSettings:
     save_top_k: Optional[int] = None
     async_checkpoint: Optional[bool] = None  #: whether checkpoints are written by ``AsyncCheckpointIO``
     log_every_n_steps: Optional[int] = None
-    stall_after_s: Optional[float] = None  #: the stall threshold (``stall_dump_after_s``)
+    stall_after_s: Union[float, str, None] = None  #: the stall threshold (``stall_dump_after_s``: also ``"auto"``)
 
     @classmethod
-    def from_trainer(cls, trainer: Any, stall_after_s: Optional[float] = None) -> RunSettings:
+    def from_trainer(cls, trainer: Any, stall_after_s: Union[float, str, None] = None) -> RunSettings:
         """Read the settings of ``trainer`` and its training loader (``trainer.train_dataloader``, set once ``fit``
         has set up its data: from ``on_train_start`` on; before that the loader's fields stay ``None``).
 
@@ -122,7 +122,7 @@ class RunSettings:
             trainer: a Lightning ``Trainer``.
             stall_after_s: the callback's ``stall_dump_after_s``.
         """
-        loader = _first_loader(getattr(trainer, "train_dataloader", None))
+        loader = first_loader(getattr(trainer, "train_dataloader", None))
         sampler = getattr(loader, "node_sampler", None) or getattr(loader, "link_sampler", None)  # PyG loaders
         checkpoint = getattr(trainer, "checkpoint_callback", None)
         strategy = getattr(trainer, "strategy", None)
@@ -149,7 +149,7 @@ class RunSettings:
         )
 
 
-def _first_loader(loaders: Any) -> Any:
+def first_loader(loaders: Any) -> Any:
     """The first loader of what ``trainer.train_dataloader`` holds (one loader, or a dict or list of them)."""
     if isinstance(loaders, Mapping):
         loaders = next(iter(loaders.values()), None)
@@ -464,9 +464,14 @@ def hint(cause: str, settings: RunSettings, shares: Mapping[str, float] = {}, fa
             f"(num_workers={s.num_workers}) and the size of its data shard"
         )
     if cause == "stall":
+        after = s.stall_after_s
+        if isinstance(after, (int, float)):
+            threshold = f"stall_dump_after_s={after} s"
+        else:
+            threshold = f"the threshold learned from the run (stall_dump_after_s={after!r})"
         return (
-            f"no progress for longer than stall_dump_after_s={s.stall_after_s} s ({share} of the time past it): the "
-            "stack dumps in dgdn-dumps/ show where each thread waits"
+            f"no progress for longer than {threshold} ({share} of the time past it): the stack dumps in dgdn-dumps/ "
+            "show where each thread waits"
         )
     raise ValueError(f"cause must be one of {', '.join(CAUSES)}, got {cause!r}")
 

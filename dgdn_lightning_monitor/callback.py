@@ -2,13 +2,15 @@
 Batch hooks -> ``GraphSizer`` and timestamps -> ``TrainingMetrics`` -> ``/metrics`` and a final push; sampled steps
 -> ``BatchRecord`` -> ``StepStatistics`` -> the phase histogram and ``TrainingTracer``'s spans; losses and logged
 values -> ``StepStatistics`` (asynchronous on a GPU) -> gauges; GPU figures -> ``GPUMonitor``'s thread; progress ->
-``StallWatchdog``; sampled steps' peak memory -> ``CapacitySampler``; an out-of-memory error -> ``OOMForensics``.
+``StallWatchdog``; sampled steps' peak memory -> ``CapacitySampler``; an out-of-memory error -> ``OOMForensics``;
+hook times -> ``TimeLedger`` -> ``BottleneckJudge`` at scrape time -> the time families, a hint in the log.
 Nothing on the step path synchronises the device or touches a Prometheus object.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -23,6 +25,7 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from typing_extensions import override
 
+from dgdn_lightning_monitor.bottleneck import BottleneckJudge, RunSettings, Verdict
 from dgdn_lightning_monitor.capacity import CapacitySampler
 from dgdn_lightning_monitor.distributed import DEFAULT_JOB, DistributedRun
 from dgdn_lightning_monitor.gpu import GPUMonitor
@@ -41,10 +44,11 @@ from dgdn_lightning_monitor.metrics import RunTotals, TrainingMetrics
 from dgdn_lightning_monitor.model_info import count_model, run_info
 from dgdn_lightning_monitor.oom import OOMForensics
 from dgdn_lightning_monitor.outcome import classify
-from dgdn_lightning_monitor.run_state import RunState
+from dgdn_lightning_monitor.run_state import RunState, watch_sampler
 from dgdn_lightning_monitor.scheduler import check_launch, scheduler_run_id, termination_reason
 from dgdn_lightning_monitor.server import MetricsServer, start_rank_server
 from dgdn_lightning_monitor.steps import StepStatistics
+from dgdn_lightning_monitor.time_ledger import lost_seconds, read_side_file, write_side_file
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 from dgdn_lightning_monitor.vocabulary import (
     LOGGED_GAUGES,
@@ -53,7 +57,7 @@ from dgdn_lightning_monitor.vocabulary import (
     lightning_stage,
     span_stage,
 )
-from dgdn_lightning_monitor.watchdog import StallWatchdog, dump_directory
+from dgdn_lightning_monitor.watchdog import FLOOR_S, StallWatchdog, dump_directory
 from dgdn_lightning_monitor.web_config import load_web_config
 
 log = logging.getLogger(__name__)
@@ -127,6 +131,11 @@ class MonitoringCallback(Callback):
 
     #: Longest time between two traced training steps, so that a 5-minute window holds 30 samples per rank at any rate.
     trace_floor_s: float = 10.0
+    #: The window of the bottleneck judge (:class:`~dgdn_lightning_monitor.bottleneck.BottleneckJudge`), at least
+    #: this many training steps and seconds, and the shortest time between two counted evaluations.
+    bottleneck_window: tuple[int, float, float] = (100, 300.0, 5.0)
+    #: Longest time between two writes of the time ledger's side file (next to the stall dumps).
+    ledger_file_every_s: float = 30.0
 
     def __init__(
         self,
@@ -198,6 +207,7 @@ class MonitoringCallback(Callback):
         self._warn = WarnOnce(log)
         self._train_batches = 0  # across runs: drives trace sampling
         self._run: Optional[RunState] = None
+        self._ledger_state: Optional[dict[str, Any]] = None  # a checkpoint's ledger, until the run carries it on
         self._server: Optional[MetricsServer] = None  # serves on after a run; the next run reuses it
 
     # ------------------------------------------------------------------------------------------ public API
@@ -217,9 +227,13 @@ class MonitoringCallback(Callback):
             (paths), ``out_of_memory`` (the last record, or ``None``) and ``batch_capacity`` (estimated
             ``(nodes, edges)`` of the largest batch that fits the device, or ``(None, None)``); ``progress_ratio``
             (the current or last run's fraction done, ``None`` when nothing bounds it) and ``eta_seconds`` (``None``
-            when unknown or after the run), as ``<namespace>_progress_ratio`` and ``<namespace>_eta_seconds``.
+            when unknown or after the run), as ``<namespace>_progress_ratio`` and ``<namespace>_eta_seconds``;
+            ``time_seconds`` (seconds per :data:`~dgdn_lightning_monitor.time_ledger.CATEGORIES`),
+            ``goodput_ratio``, ``bottleneck`` (the verdict's cause) and ``hint`` (what to change), each ``None``
+            before the first set-up.
         """
         progress, eta = self.metrics.progress_estimate()
+        time_report = self.metrics.time_report()
         return {
             "steps": self._train_batches,
             "samples": self.metrics.samples_total,
@@ -230,6 +244,10 @@ class MonitoringCallback(Callback):
             "batch_capacity": self.metrics.capacity(),
             "progress_ratio": progress[1] if progress is not None else None,
             "eta_seconds": eta,
+            "time_seconds": time_report.seconds if time_report else None,
+            "goodput_ratio": time_report.goodput_ratio if time_report else None,
+            "bottleneck": time_report.verdict.cause if time_report else None,
+            "hint": time_report.verdict.hint if time_report else None,
         }
 
     # ------------------------------------------------------------------------------------------ pickling
@@ -262,6 +280,7 @@ class MonitoringCallback(Callback):
     # ------------------------------------------------------------------------------------------ run lifecycle
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        start = time.perf_counter()  # the time ledger counts from here
         labels = RankLabels.from_trainer(trainer)
         check_launch(trainer.world_size, trainer.global_rank, self._warn)  # processes Lightning did not join
         self.metrics.set_labels(labels)
@@ -290,7 +309,13 @@ class MonitoringCallback(Callback):
         attributes = {"training.run_id": self.run_id, **{f"training.{k}": v for k, v in asdict(labels).items()}}
         self.tracer.start(attributes, share=self._dist.trace_key)
         stats = StepStatistics(self.metrics, self.keys, self._warn if labels.rank == 0 else None)  # rank 0 says it
-        run = self._run = RunState(trainer, server, stats, self.trace_floor_s)
+        stall_after_s, learned = self._stall_threshold()
+        judge = BottleneckJudge(RunSettings(stall_after_s=self._watchdog.after_s), *self.bottleneck_window)
+        run = self._run = RunState(trainer, server, stats, self.trace_floor_s, stall_after_s, judge, start, learned)
+        self._watchdog.on_stall = run.ledger.stalled  # a learned threshold's stalls begin where the watchdog says
+        run.ledger_file = dumps / f"time-ledger-rank{labels.rank}.json"
+        self.metrics.watch_time(run.ledger, judge, lambda: run.sampling_s, self._verdict_changed)
+        self._carry_ledger(run)
         run.model_figures_final = self._count_model(pl_module)
         root = trainer.strategy.root_device
         self.gpu.start([root.index or 0] if root.type == "cuda" else [], labels.as_dict())
@@ -315,8 +340,10 @@ class MonitoringCallback(Callback):
         run, self._run = self._run, None
         if run is None:
             return
-        run.unwatch_fetches()
+        run.unwatch()
+        self._write_ledger_file(run)
         self._watchdog.stop()
+        self._watchdog.on_stall = None
         self._memory.stop()
         try:
             run.stats.finish()
@@ -330,11 +357,78 @@ class MonitoringCallback(Callback):
         run.server.run_ended()
         self._dist.finish(self.registry, self.metrics.labels, self.run_id, run.server)  # discovery file, Pushgateway
         self.tracer.finish(exception)
+        self.metrics.freeze_time()  # last: the run's time ends here
+
+    def _stall_threshold(self) -> tuple[Optional[float], bool]:
+        """The time ledger's stall threshold and whether it is learned: the watchdog's fixed seconds; with
+        ``"auto"`` its floor, the stalls marked by the watchdog (:attr:`StallWatchdog.on_stall`); ``None`` when
+        off (no ``stall`` category)."""
+        threshold = self._watchdog.after_s
+        if threshold == "auto":
+            return FLOOR_S, True
+        return (None if threshold is None else float(threshold)), False
+
+    # ------------------------------------------------------------------------------------------ where the time goes
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The time ledger's totals, and where its side file is (a resumed run reads the time lost after this
+        checkpoint from it)."""
+        run = self._run
+        if run is None:
+            return {}
+        run.ledger_side_due = 0.0  # from the first checkpoint on, the side file says how long the run went on after
+        return {"time_ledger": {**run.ledger.state_dict(), "side_file": str(run.ledger_file)}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._ledger_state = state_dict.get("time_ledger")
+        if self._run is not None:
+            self._carry_ledger(self._run)
+
+    def _carry_ledger(self, run: RunState) -> None:
+        """Carry on from a checkpoint's ledger, and count the previous attempt's time after it as lost progress."""
+        state, self._ledger_state = self._ledger_state, None
+        if not state:
+            return
+        try:
+            run.ledger.load_state_dict(state)
+            last = read_side_file(state.get("side_file"))
+            if last is not None:
+                run.ledger.add_lost_progress(lost_seconds(state, last))
+        except ValueError as error:
+            self.errors.report(
+                "metrics", "Could not carry the time ledger on from the checkpoint (%s)", describe(error)
+            )
+
+    def _write_ledger_file(self, run: RunState, now: Optional[float] = None) -> None:
+        """The ledger's state into its side file (not per step: epoch ends, traced steps now and then, the end),
+        once a checkpoint holds the ledger (without one there is nothing to resume from)."""
+        if run.ledger_side_due == math.inf:
+            return
+        now = time.perf_counter() if now is None else now
+        run.ledger_side_due = now + self.ledger_file_every_s
+        try:
+            write_side_file(run.ledger_file, run.ledger.state_dict(now))
+        except Exception as error:  # a full disk
+            self.errors.report("metrics", "Could not write the time ledger's side file (%s)", describe(error))
+
+    def _verdict_changed(self, verdict: Verdict) -> None:
+        """Say the bottleneck verdict once per change (from the thread that evaluated it)."""
+        say = log.info if verdict.cause == "compute" else log.warning
+        say("Rank %d is limited by %s: %s", self.metrics.labels.rank, verdict.cause, verdict.hint)
 
     # ------------------------------------------------------------------------------------------ training
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_totals(trainer, "train")
+        run = self._run
+        if run is None:
+            return
+        try:  # the training loader is known from here on
+            run.judge.settings = RunSettings.from_trainer(trainer, self._watchdog.after_s)
+            run.unwatch_sampler = watch_sampler(trainer.train_dataloader, run)
+        except Exception as error:
+            self._degrade(error)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -390,6 +484,7 @@ class MonitoringCallback(Callback):
         end, run = time.perf_counter(), self._run
         if run is None:
             return
+        run.ledger.step_ended(end)
         run.batch = None  # the next batch must not meet this one in memory because of monitoring
         # Each part degrades on its own: a batch that cannot be sized still counts its step, progress and time.
         try:
@@ -401,6 +496,8 @@ class MonitoringCallback(Callback):
         record, run.record = run.record, None
         if record is not None:
             self._end_traced_step(run, record, size)
+            if end > run.ledger_side_due:  # traced steps come every trace_floor_s at least
+                self._write_ledger_file(run, end)
         try:
             trace_id = self.tracer.trace_id("train") if record is not None else None
             self.metrics.observe_train_batch(end - run.batch_start, end, size, trace_id, hops)
@@ -426,6 +523,7 @@ class MonitoringCallback(Callback):
         run.stats.read_logged(trainer.callback_metrics, TRAIN_GAUGES)
         run.stats.fold_nonfinite()
         run.train_epochs += 1
+        self._write_ledger_file(run)
         if not run.model_figures_final:
             run.model_figures_final = self._count_model(pl_module)  # lazy layers have their sizes now
         self.tracer.end_epoch("train")
@@ -442,6 +540,9 @@ class MonitoringCallback(Callback):
 
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.metrics.enter_stage(lightning_stage(trainer, "validate"))
+        if self._run is not None:  # any evaluation counts as validation, back to where it interrupted at its end
+            category = "sanity_check" if trainer.sanity_checking else "validation"
+            self._run.ledger_resume = self._run.ledger.enter(category, time.perf_counter())
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.start_epoch(span_stage(trainer), trainer.current_epoch)
 
@@ -468,6 +569,7 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.batch = None
+        run.ledger.progress(end)
         if trainer.sanity_checking:
             self.metrics.mark_progress("sanity_check", end)  # liveness only
             return
@@ -494,6 +596,8 @@ class MonitoringCallback(Callback):
 
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.metrics.enter_stage("train" if trainer.state.fn == "fit" else "idle")
+        if self._run is not None:
+            self._run.ledger.enter(self._run.ledger_resume, time.perf_counter())
         if self._run is not None and not trainer.sanity_checking:
             self.tracer.end_epoch(span_stage(trainer))
 
@@ -510,7 +614,10 @@ class MonitoringCallback(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self.metrics.mark_progress("checkpoint", time.perf_counter())
+        now = time.perf_counter()
+        self.metrics.mark_progress("checkpoint", now)
+        if self._run is not None and self._run.unwatch_checkpoints is None:  # save_checkpoint could not be wrapped
+            self._run.ledger.enter("checkpoint", now)  # until the next hook that moves the ledger
 
     # ------------------------------------------------------------------------------------------ helpers
     def _record(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> BatchRecord:

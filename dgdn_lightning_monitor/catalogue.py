@@ -417,6 +417,40 @@ FAMILIES: tuple[Family, ...] = (
         meaning="wall time spent in each stage (throughput per second of training)",
     ),
     Family(
+        "time_seconds_total",
+        "counter",
+        "seconds",
+        ("category",),
+        help="Wall time of this rank since set-up, by category (exactly one at any moment).",
+        meaning=(
+            "where each second of the run went: `setup`, `sanity_check`, `data_wait`, `forward`, `backward`, "
+            "`optimizer_step` (each step's compute, split by the sampled steps' phases), `validation`, `checkpoint`, "
+            "`between_steps`, `stall` (past the stall threshold without progress), `lost_progress` (a previous "
+            "attempt's time after its last checkpoint); they sum to the wall time"
+        ),
+    ),
+    Family(
+        "goodput_ratio",
+        "gauge",
+        "ratio",
+        (),
+        help="Share of the wall time spent in the training steps' compute (forward, backward, optimizer step).",
+        meaning="the steps' compute over the wall time since set-up (carried over resumed attempts)",
+    ),
+    Family(
+        "bottleneck",
+        "gauge",
+        "",
+        ("cause",),
+        help="1 for the cause that limits this rank's training now, 0 for the others.",
+        meaning=(
+            "the verdict over the recent window ([the rule](where-the-time-goes.md#the-verdict)): `compute` "
+            "(healthy), `input`, `sampling`, `validation`, `checkpoint`, `between_steps`, `stall`; 20 % share to name "
+            "a cause, hysteresis against flicker; `host_to_device` and `straggler` stay 0 (the copy is not timed "
+            "apart; stragglers are judged across ranks by DGDNRankStraggler)"
+        ),
+    ),
+    Family(
         "stall_dumps_total",
         "counter",
         "dumps",

@@ -367,6 +367,10 @@ def format_summary(result: dict[str, Any], probe: Any = _answers) -> str:
             lines.append(f"  {name:<15} {_format_seconds(value):>10}  {100.0 * value / step_total:5.1f}%")
     else:
         lines.append("per training step: no step was traced (fewer steps than --monitor.trace_every_n_steps)")
+    if monitor.get("bottleneck"):
+        goodput = monitor.get("goodput_ratio") or 0.0
+        lines.append(f"where the time goes: {goodput:.0%} in the steps' compute; limited by {monitor['bottleneck']}:")
+        lines.append(f"  {monitor.get('hint')}")
 
     lines.append("")
     if result.get("metrics_url"):  # the endpoint closed with the run: its port, not a link that no longer answers

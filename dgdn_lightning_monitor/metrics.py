@@ -26,6 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from dgdn_lightning_monitor.bottleneck import CAUSES, BottleneckJudge, Verdict
 from dgdn_lightning_monitor.catalogue import TRAINING_FAMILIES
 from dgdn_lightning_monitor.graph_size import GraphSize, HopCounts
 from dgdn_lightning_monitor.guards import MonitorErrors
@@ -38,6 +39,7 @@ from dgdn_lightning_monitor.histogram import (
 from dgdn_lightning_monitor.labels import RANK_LABEL_NAMES, RankLabels
 from dgdn_lightning_monitor.model_info import LearningRates, ModelFigures, learning_rates
 from dgdn_lightning_monitor.outcome import OUTCOMES, RUNNING
+from dgdn_lightning_monitor.time_ledger import CATEGORIES, COMPUTE, TimeLedger
 from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES, PHASES, PROGRESS_UNITS, STAGES
 from dgdn_lightning_monitor.watchdog import ProgressIntervals
 
@@ -94,6 +96,14 @@ class _Validations(NamedTuple):
     first_at: int = 0  # training batches of the fit before the first pass, and before the last
     last_at: int = 0
     recent: tuple[tuple[float, float], ...] = ()  # (start, end) of the last passes, to take out of the step rate
+
+
+class TimeReport(NamedTuple):
+    """Where the time went (:meth:`TrainingMetrics.time_report`)."""
+
+    seconds: dict[str, float]  #: per category of :data:`~dgdn_lightning_monitor.time_ledger.CATEGORIES`
+    goodput_ratio: float  #: the run's steps' compute over its wall time
+    verdict: Verdict  #: the bottleneck judge's verdict
 
 
 class TrainingMetrics:
@@ -192,12 +202,17 @@ class TrainingMetrics:
         self._totals_base = 0  # training batches (a fit) or the stage's batches (evaluation) before the run
         self._validations = _Validations()
         self._final_progress: Optional[tuple[str, float]] = None  # (stage, ratio) kept when the run ended
+        # Where the time goes (watch_time): the run's ledger and judge, the earlier runs' totals, the last report.
+        self._time_source: Optional[tuple[TimeLedger, BottleneckJudge, Callable[[], Optional[float]], Any]] = None
+        self._time_base: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
+        self._time_last: Optional[TimeReport] = None
+        self._time_lock = threading.Lock()  # the judge's evaluations (scrapes, summary) one at a time
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_trainer": None, "_stage_lock": None}  # the Trainer belongs to this process
+        return {**self.__dict__, "_trainer": None, "_stage_lock": None, "_time_source": None, "_time_lock": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _stage_lock=threading.Lock())
+        self.__dict__.update(state, _stage_lock=threading.Lock(), _time_lock=threading.Lock())
 
     # ----------------------------------------------------------------- the run (set-up, epoch and run ends)
     def set_labels(self, labels: RankLabels) -> None:
@@ -405,6 +420,49 @@ class TrainingMetrics:
             if name in self.phase_seconds and name != "data_fetch":
                 self.phase_seconds[name].observe(value / 1e3)
 
+    # ----------------------------------------------------------------- where the time goes
+    def watch_time(
+        self,
+        ledger: TimeLedger,
+        judge: BottleneckJudge,
+        sampling_s: Callable[[], Optional[float]],
+        on_change: Callable[[Verdict], None],
+    ) -> None:
+        """Export ``ledger`` (a run set up) and ``judge``'s verdict, evaluated at scrape time (never on the step
+        path) with the sampler's seconds from ``sampling_s()``; ``on_change(verdict)`` when the verdict changes."""
+        with self._time_lock:
+            self._time_source = (ledger, judge, sampling_s, on_change)
+
+    def freeze_time(self) -> None:
+        """The run ended: its last figures stay exported, and its totals are where the next run's count on from."""
+        report = self.time_report()
+        with self._time_lock:
+            if self._time_source is not None and report is not None:
+                self._time_base, self._time_last = dict(report.seconds), report
+            self._time_source = None
+
+    def time_report(self, now: Optional[float] = None) -> Optional[TimeReport]:
+        """Seconds per category (earlier runs of this collector included), the run's goodput ratio and the
+        judge's verdict after an evaluation at ``now``; the last run's figures once it ended, ``None`` before."""
+        now = time.perf_counter() if now is None else now
+        with self._time_lock:
+            source = self._time_source
+            if source is None:
+                return self._time_last
+            ledger, judge, sampling_s, on_change = source
+            totals = ledger.totals(now)
+            cause = judge.verdict.cause
+            verdict = judge.evaluate(
+                now, self.batch_seconds.count, totals, sampling_s=sampling_s(), sampled_edges=self.sampled_edges
+            )
+            wall = sum(totals.values())
+            goodput = sum(totals[name] for name in COMPUTE) / wall if wall > 0 else 0.0
+            base = self._time_base
+            report = TimeReport({name: base[name] + totals[name] for name in CATEGORIES}, goodput, verdict)
+        if verdict.cause != cause:
+            on_change(verdict)
+        return report
+
     # ----------------------------------------------------------------- derived figures
     def phase_means(self) -> dict[str, float]:
         """Mean host seconds of each phase per traced step, leaving out each run's warm-up step."""
@@ -526,6 +584,7 @@ class TrainingMetrics:
         yield from self._per_hop_families(values)
         yield from self._stage_families(values)
         yield from self._progress_families(values)
+        yield from self._time_families(values)
         yield from self._outcome_families(values)
         yield from self._histogram_families(values)
         yield from self._learning_rate_families(values, rates)
@@ -663,6 +722,24 @@ class TrainingMetrics:
                 metric = self._family(name, ["stage"])
                 metric.add_metric(values + [stage], value)
                 yield metric
+
+    def _time_families(self, values: list[str]) -> Iterator[Metric]:
+        try:
+            report = self.time_report()
+        except Exception as error:  # a ledger whose writer died mid-write: the scrape goes on without it
+            self.errors.report("metrics", "Could not read the time ledger (%s)", repr(error))
+            return
+        if report is None:
+            return
+        spent = self._family("time_seconds_total", ["category"])
+        for name in CATEGORIES:
+            spent.add_metric(values + [name], report.seconds[name])
+        goodput = self._family("goodput_ratio")
+        goodput.add_metric(values, report.goodput_ratio)
+        verdict = self._family("bottleneck", ["cause"])
+        for cause in CAUSES:
+            verdict.add_metric(values + [cause], 1.0 if cause == report.verdict.cause else 0.0)
+        yield from (spent, goodput, verdict)
 
     def _outcome_families(self, values: list[str]) -> Iterator[Metric]:
         outcome = self.outcome

@@ -19,6 +19,7 @@ import torch
 
 from dgdn_lightning_monitor.guards import WarnOnce
 from dgdn_lightning_monitor.metrics import TrainingMetrics
+from dgdn_lightning_monitor.time_ledger import TimeLedger
 from dgdn_lightning_monitor.tracing import BatchRecord
 from dgdn_lightning_monitor.vocabulary import LOGGED_GAUGES, TRAIN_GAUGES
 
@@ -62,6 +63,7 @@ class StepStatistics:
         self.counted_logged_loss: Any = None  # the logged loss last counted (identity: a new tensor per self.log)
         self.warmed_up = False  # the first traced step of a run carries one-time costs: kept out of the means
         self.checked = WarnOnce(log)  # gauge groups looked for in this run: the first check of each counts
+        self.ledger: Optional[TimeLedger] = None  # the run's time ledger: traced steps' phases split its compute
 
     # ------------------------------------------------------------------------------------------ device reads
     def submit(self, value: Any, apply: Apply) -> None:
@@ -159,6 +161,8 @@ class StepStatistics:
         self.warmed_up = True
         if record.events is not None:
             self.when_ready(record, self._add_device_phases)
+        elif self.ledger is not None:
+            self.ledger.phase_sample(host)
 
     def when_ready(self, record: BatchRecord, deliver: Callable[[BatchRecord], None]) -> None:
         """Hand a traced record to ``deliver`` (e.g. the tracer) once its CUDA events completed: at once on the CPU,
@@ -169,7 +173,10 @@ class StepStatistics:
             self.pending.append((record.device_ready, functools.partial(deliver, record)))
 
     def _add_device_phases(self, record: BatchRecord) -> None:
-        self.metrics.observe_device_phases(record.device_milliseconds())
+        milliseconds = record.device_milliseconds()
+        self.metrics.observe_device_phases(milliseconds)
+        if self.ledger is not None:
+            self.ledger.phase_sample({name: value / 1e3 for name, value in milliseconds.items()})
 
     # ------------------------------------------------------------------------------------------ logged values
     def read_logged(self, logged: Mapping[str, Any], gauges: Sequence[str], check: bool = False) -> None:

@@ -22,7 +22,9 @@ Categories (:data:`CATEGORIES`):
     sanity-check batch's end, a checkpoint save) that exceeds the stall threshold, whatever category it would
     have gone to: a gap of 700 s between two steps' ends with a 600 s threshold leaves its first 600 s where they
     were spent (``data_wait``, when the loader hung) and counts its last 100 s as ``stall``. A read during a stall
-    shows the excess so far.
+    shows the excess so far. With a threshold learned from the run (``stall_dump_after_s="auto"``) the ledger is
+    told where each stall begins (:meth:`TimeLedger.stalled`, by the watchdog at its deadline): ``stall`` is then
+    exactly the time past the threshold the watchdog judged by.
 ``lost_progress``
     for a resumed or requeued run, the previous attempt's time after its last checkpoint
     (:meth:`TimeLedger.add_lost_progress`, :func:`lost_seconds`).
@@ -33,7 +35,7 @@ sampled steps (:meth:`TimeLedger.phase_sample`): an exponentially weighted mean 
 sample weighing :data:`PHASE_SAMPLE_WEIGHT`, so the run's warm-up step fades out and a change of balance shows
 within a few samples. Compute is folded into the three phases with the shares in force when a new sample
 arrives, so a read never sees a phase's total go down (they are exported as counters). Until the first sample
-all compute counts as ``forward``: the phase table (:data:`~dgdn_lightning_monitor.metrics.PHASES`) runs forward
+all compute counts as ``forward``: the phase table (:data:`~dgdn_lightning_monitor.vocabulary.PHASES`) runs forward
 from the batch start to the first backward/optimizer mark or the batch end, so a step with no known marks is all
 forward; an even split would invent backward and optimizer time that a module without them never spends. The
 run's first step is traced, so this covers one step (a few on CUDA, until its device times are read).
@@ -73,11 +75,14 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 #: Every category, in the order of :meth:`TimeLedger.totals`.
 CATEGORIES: tuple[str, ...] = (
@@ -130,8 +135,11 @@ class TimeLedger:
     transition counts as that transition's time). Transitions are a few attribute updates, for the step path.
 
     Args:
-        stall_after_s: the stall threshold (the watchdog's ``stall_dump_after_s``); ``None``: no ``stall``.
+        stall_after_s: the stall threshold (the watchdog's ``stall_dump_after_s``); ``None``: no ``stall``. With
+            ``learned``, the least a learned threshold can be.
         now: when the ledger starts (the callback's ``setup``); the run is in ``setup`` from then on.
+        learned: the threshold is learned elsewhere: a gap turns into ``stall`` only from where :meth:`stalled`
+            says, never before ``stall_after_s``.
 
     Example::
 
@@ -142,7 +150,9 @@ class TimeLedger:
         ledger.goodput_ratio(time.perf_counter())
     """
 
-    def __init__(self, stall_after_s: Optional[float] = None, now: Optional[float] = None) -> None:
+    def __init__(
+        self, stall_after_s: Optional[float] = None, now: Optional[float] = None, *, learned: bool = False
+    ) -> None:
         if stall_after_s is not None and (_seconds_arg("stall_after_s", stall_after_s) <= 0):
             raise ValueError(f"stall_after_s must be seconds > 0 or None, got {stall_after_s!r}")
         start = time.perf_counter() if now is None else float(now)
@@ -154,6 +164,9 @@ class TimeLedger:
         self._category = _SETUP
         self._since = start  # start of the open interval
         self._stall_from = start + self._stall_after  # the open gap turns into stall from here
+        # learned: _stall_from is only the earliest it can; the stall begins at the latest mark past the gap's start.
+        self._learned = learned
+        self._stall_mark = -math.inf
         self._shares = (1.0, 0.0, 0.0)  # forward, backward, optimizer_step shares of compute (see the module doc)
         self._sampled = False
         self._carried: dict[str, float] = {}  # what load_state_dict added
@@ -210,13 +223,27 @@ class TimeLedger:
         self._stall_from = now + self._stall_after
         self._version = version + 1
 
+    def stalled(self, at: float) -> None:
+        """With a learned threshold: the current gap turned into a stall at ``at`` (``perf_counter`` seconds). From
+        the thread that judged it (one attribute write); never earlier than the latest read, so that no read has
+        counted the time since elsewhere."""
+        self._stall_mark = max(at, self._floor)
+
+    def _stall_begins(self, stall_from: float) -> float:
+        """Where the open gap turns into stall: ``stall_from``, or with a learned threshold the mark when it is past
+        the gap's start (infinity without one)."""
+        if not self._learned:
+            return stall_from
+        mark = self._stall_mark
+        return max(mark, stall_from) if mark >= stall_from - self._stall_after else math.inf
+
     def _close_late(self, now: float) -> float:
         """Close the open interval at ``now`` when that is past the stall threshold (the excess into ``stall``), or
         at the interval's start or a read's floor when ``now`` is before them; returns the time closed at. Inside a
         write."""
         since = self._since
         now = max(now, since, self._floor)
-        seconds, stall_from = self._seconds, self._stall_from
+        seconds, stall_from = self._seconds, self._stall_begins(self._stall_from)
         if now <= stall_from:
             seconds[self._category] += now - since
             return now
@@ -258,7 +285,7 @@ class TimeLedger:
         return _NAMES[previous]
 
     def phase_sample(self, phases: Mapping[str, float]) -> None:
-        """A sampled step's phase seconds (host or device), as :data:`~dgdn_lightning_monitor.metrics.PHASES`
+        """A sampled step's phase seconds (host or device), as :data:`~dgdn_lightning_monitor.vocabulary.PHASES`
         names them; ``data_fetch`` and missing phases are ignored. Compute counted so far is split with the shares
         in force, then the new step's shares enter the running shares."""
         sample = [phases.get(name, 0.0) for name in COMPUTE]
@@ -351,6 +378,8 @@ class TimeLedger:
         if now is None:
             now = time.perf_counter()
         seconds, category, since, stall_from, shares = self._snapshot(now)
+        if now > stall_from:
+            stall_from = self._stall_begins(stall_from)
         if now > since:
             if now > stall_from:
                 if stall_from > since:
@@ -390,3 +419,24 @@ def lost_seconds(checkpoint: Mapping[str, Any], last: Mapping[str, Any]) -> floa
         return sum(_seconds_arg(f"{name}['seconds'][{key!r}]", value) for key, value in seconds.items())
 
     return max(0.0, wall(last, "last") - wall(checkpoint, "checkpoint"))
+
+
+def write_side_file(path: Union[str, os.PathLike], state: Mapping[str, Any]) -> None:
+    """Write a :meth:`~TimeLedger.state_dict` to ``path`` (JSON, replaced whole: a reader never sees half of it),
+    the side file from which a resumed run learns how long its previous attempt ran after its last checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(dict(state)))
+    os.replace(partial, path)
+
+
+def read_side_file(path: Union[str, os.PathLike, None]) -> Optional[dict[str, Any]]:
+    """The state :func:`write_side_file` wrote to ``path``; ``None`` when there is none or it cannot be read."""
+    if not path:
+        return None
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None

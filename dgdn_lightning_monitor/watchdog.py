@@ -32,6 +32,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -192,13 +193,15 @@ class StallWatchdog:
         self.poll_s = 0.0  # how late a dump may come after its deadline: the thread sleeps until the deadline
         # A learned threshold changes with the run (and drops once learned): read it again at least this often.
         self.refresh_s = 1.0 if after_s == "auto" else math.inf
+        #: Called from the watch thread with the ``perf_counter`` time a stall began (its deadline), before its dump.
+        self.on_stall: Optional[Callable[[float], None]] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         if after_s is not None and metrics is not None:
             metrics.set_stall_thresholds(self.thresholds)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_thread": None, "_stop": None}  # a copy in another process starts idle
+        return {**self.__dict__, "_thread": None, "_stop": None, "on_stall": None}  # another process starts idle
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -256,6 +259,9 @@ class StallWatchdog:
             else:
                 if dumped_for != since:
                     dumped_for = since
+                    on_stall = self.on_stall
+                    if on_stall is not None:
+                        on_stall(since + threshold)
                     try:
                         self._dump(idle, threshold)
                     except Exception as error:  # a full disk must not end the watch

@@ -40,7 +40,7 @@ nitpicky = True
 # No intersphinx: other projects' inventories are not reachable offline, so their names stay unlinked (narrowly).
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|lightning|prometheus_client|opentelemetry|jsonargparse)(\..+)?"),
-    (r"py:.*", r"(collections|os|pathlib|logging|ssl|types)(\..+)?"),  # the standard library
+    (r"py:.*", r"(collections|datetime|os|pathlib|logging|ssl|types)(\..+)?"),  # the standard library
     # Bare names: annotations imported only for type checkers, and cli.py's LightningCLI.
     (r"py:class", r"CollectorRegistry|(trace\.)?TracerProvider|SpanExporter|LightningCLI|Path|ModuleType"),
     (r"py:class", r"dgdn_lightning_monitor\.dgdn\..+|TemporalGraph"),  # the example model, not in the reference

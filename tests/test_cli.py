@@ -64,6 +64,8 @@ def test_demo_trains_serves_metrics_and_summarises():
                    "backward", "optimizer_step", "make stack", "make stack-native", "make notebooks",
                    "tracing: was off, no spans sent (--monitor.tracing false)"):  # fmt: skip
         assert needle in quiet, needle
+    verdict = result["monitor"]["bottleneck"]  # the run's verdict and its hint close the report
+    assert f"limited by {verdict}:" in quiet and result["monitor"]["hint"] in quiet
     assert "http://" not in quiet  # nothing answers: no URL is offered, and the closed endpoint is not a link
     port = result["metrics_url"].rsplit(":", 1)[1].split("/")[0]
     assert f"served on port {port}" in quiet

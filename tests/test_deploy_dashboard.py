@@ -28,7 +28,7 @@ from prom_helpers import (
 )
 
 MODERN_PANELS = {"timeseries", "stat", "gauge", "table"}
-ROWS = ["Training", "Graph", "Model", "GPU", "System"]
+ROWS = ["Where the time goes", "Training", "Graph", "Model", "GPU", "System"]
 #: Values for the Grafana variables when a query is handed to promtool or Prometheus.
 LINT_VARIABLES = {
     "job": ".*",
@@ -161,6 +161,7 @@ def test_rows_and_their_panels(dashboard):
         "dgdn_global_step",
         "dgdn_learning_rate",
     } <= training
+    assert names("Where the time goes") >= {"dgdn_time_seconds_total", "dgdn_goodput_ratio", "dgdn_bottleneck"}
     assert {name for name in names("Graph")} >= {"dgdn_graph_nodes", "dgdn_graph_edges"}
     assert {"dgdn_model_parameters", "dgdn_model_trainable_parameters", "dgdn_model_memory_usage_bytes"} <= names(
         "Model"

@@ -14,8 +14,19 @@ README = ROOT / "README.md"
 INCLUDE = re.compile(r"^```\{include\} (?P<path>\S+)\n(?P<options>(?::[a-z-]+:.*\n)*)```", re.MULTILINE)
 TOCTREE = re.compile(r"^```\{toctree\}\n(?P<body>.*?)^```", re.MULTILINE | re.DOTALL)
 MARKER = re.compile(r"^<!-- docs:(?P<name>[a-z-]+):(?P<edge>start|end) -->$", re.MULTILINE)
-#: The guide as a reader meets it: set up, configure, what is exported, traces, many ranks, the stack, trouble, cost.
-GUIDE = ["getting-started", "options", "metrics", "tracing", "scaling", "stack", "troubleshooting", "benchmarks"]
+#: The guide as a reader meets it: set up, configure, what is exported, traces, many ranks, the stack, trouble, where
+#: the time goes, cost.
+GUIDE = [
+    "getting-started",
+    "options",
+    "metrics",
+    "tracing",
+    "scaling",
+    "stack",
+    "troubleshooting",
+    "where-the-time-goes",
+    "benchmarks",
+]
 
 
 def includes() -> list[tuple[Path, Path, dict[str, str]]]:

@@ -244,3 +244,38 @@ def test_reads_racing_the_training_thread_stay_consistent():
         writer.join()
         sys.setswitchinterval(interval)
     assert reads > 100 and previous["data_wait"] > 0 and previous["stall"] >= 0
+
+
+def test_a_learned_threshold_counts_stall_from_the_mark_of_the_current_gap_only():
+    """With a learned threshold the ledger cannot know the deadline: the watchdog marks it (``stalled``). A gap
+    past the floor without a mark stays where it was spent; a mark of an earlier gap is not this gap's."""
+    ledger = TimeLedger(10.0, now=0.0, learned=True)
+    ledger.fetch_started(1.0)
+    ledger.fetch_ended(2.0)
+    ledger.step_ended(30.0)  # a 28 s step, past the 10 s floor, never marked: compute
+    assert ledger.totals(30.0)["stall"] == 0.0
+    ledger.stalled(25.0)  # a late mark of the gap that already ended
+    ledger.fetch_started(31.0)
+    ledger.fetch_ended(32.0)
+    ledger.stalled(52.0)  # this gap's deadline (its progress at 30 s, a learned 22 s)
+    assert ledger.totals(50.0)["stall"] == 0.0  # before the mark
+    assert ledger.totals(60.0)["stall"] == pytest.approx(8.0)
+    ledger.step_ended(70.0)
+    totals = ledger.totals(70.0)
+    assert totals["stall"] == pytest.approx(18.0)
+    assert sum(totals.values()) == pytest.approx(70.0)
+    ledger.fetch_started(71.0)
+    ledger.fetch_ended(72.0)
+    ledger.step_ended(90.0)  # the next gap: the old mark does not apply
+    assert ledger.totals(90.0)["stall"] == pytest.approx(18.0)
+
+
+def test_a_mark_never_moves_time_a_read_already_counted():
+    """A mark before the latest read is taken at that read: counters never go back."""
+    ledger = TimeLedger(10.0, now=0.0, learned=True)
+    ledger.step_ended(1.0)
+    first = ledger.totals(20.0)
+    ledger.stalled(15.0)
+    second = ledger.totals(25.0)
+    assert all(second[name] >= first[name] for name in first)
+    assert second["stall"] == pytest.approx(5.0)

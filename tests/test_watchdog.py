@@ -303,6 +303,7 @@ def test_auto_dumps_a_hang_after_learning_within_its_threshold(tmp_path):
         deadline = time.monotonic() + 120
         while not dumps(tmp_path) and time.monotonic() < deadline:  # waits for the dump
             time.sleep(0.02)
+        time.sleep(1.5)  # and hangs on a while: time the ledger counts as stall
 
     steps = StepEnds()
 
@@ -324,6 +325,10 @@ def test_auto_dumps_a_hang_after_learning_within_its_threshold(tmp_path):
     written = dump.stat().st_mtime - (time.time() - time.perf_counter()) - last_end
     assert written <= target + 1.0
     assert "in hang" in text and callback.metrics.stall_dumps == 1
+    # The time ledger's stall is the gap past the same learned threshold: from the deadline to the hung step's end.
+    stall = callback.summary()["time_seconds"]["stall"]
+    assert stall == pytest.approx(steps.ends[hang_at][1] - last_end - target, abs=0.25)
+    assert stall > 1.4
 
 
 def test_auto_gives_a_long_validation_batch_and_an_epochs_first_step_their_own_allowance(tmp_path):

@@ -142,6 +142,7 @@ def timeseries(
     log_scale: bool = False,
     draw: str = "line",
     thresholds=None,
+    stack: bool = False,
 ) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "unit": unit,
@@ -160,6 +161,8 @@ def timeseries(
             "thresholdsStyle": {"mode": "off" if thresholds is None else "line"},
         },
     }
+    if stack:
+        defaults["custom"]["stacking"] = {"mode": "normal", "group": "A"}
     if defaults["custom"]["axisSoftMin"] is None:
         del defaults["custom"]["axisSoftMin"]
     if min_ is not None:
@@ -406,6 +409,54 @@ def runs_table() -> dict[str, Any]:
             },
         ],
     }
+
+
+def time_row(d: Dashboard) -> None:
+    """Where each rank's wall time goes (the time ledger), its goodput and the bottleneck verdict."""
+    d.row("Where the time goes")
+    d.line(
+        8,
+        timeseries(
+            "Where the time goes",
+            "Share of each rank's wall time per category (dgdn_time_seconds_total: seconds per second, stacked to "
+            "100 %): set-up, sanity check, data wait, forward, backward, optimizer step, validation, checkpoint, "
+            "between steps (loggers, other callbacks), stall (past the stall threshold without progress), lost "
+            "progress (a resumed run's previous attempt after its last checkpoint).",
+            "percentunit",
+            [
+                (
+                    f"sum by (rank, category) (rate(dgdn_time_seconds_total{{{SEL}}}[$__rate_interval]))",
+                    "{{category}} · rank {{rank}}",
+                )
+            ],
+            12,
+            draw="bars",
+            stack=True,
+            min_=0,
+        ),
+        stat(
+            "Goodput",
+            "Share of each rank's wall time since set-up spent in the training steps' compute (forward, backward, "
+            "optimizer step): dgdn_goodput_ratio.",
+            "percentunit",
+            [(f"dgdn_goodput_ratio{{{SEL}}}", "rank {{rank}}")],
+            4,
+            thresholds=[(None, "red"), (0.5, "orange"), (0.8, "green")],
+            graph=True,
+        ),
+        stat(
+            "Bottleneck",
+            "What limits each rank now (dgdn_bottleneck, judged over the recent window): compute (healthy), input "
+            "(raise num_workers, persistent_workers=True), sampling (lower the fan-out num_neighbors at the dominant "
+            "hop), host_to_device (pin_memory=True), validation (val_check_interval, limit_val_batches), checkpoint "
+            "(save less often or AsyncCheckpointIO), between_steps (log_every_n_steps), stall (see the stack "
+            "dumps). The training log and summary() carry the full hint with the current values.",
+            "none",
+            [(f"dgdn_bottleneck{{{SEL}}} == 1", "rank {{rank}}: {{cause}}")],
+            8,
+            text_mode="name",
+        ),
+    )
 
 
 def training_row(d: Dashboard) -> None:
@@ -1156,7 +1207,7 @@ def annotations() -> list[dict[str, Any]]:
 def build() -> dict[str, Any]:
     d = Dashboard()
     # Panel ids and grid positions follow the order the rows are laid out in.
-    for row in (training_row, graph_row, model_row, gpu_row, system_row):
+    for row in (time_row, training_row, graph_row, model_row, gpu_row, system_row):
         row(d)
     group_by_run(d.panels)
 
