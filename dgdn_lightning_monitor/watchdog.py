@@ -60,7 +60,7 @@ FLOOR_S = 10.0
 K = 3.0
 #: Intervals kept per progress unit; their 99th percentile sets the unit's threshold.
 WINDOW = 200
-#: Intervals of a unit needed before its threshold is learned (the fixed default until then): fifty give a 99th
+#: Intervals of a unit needed before its threshold is learned (the fixed default until then); fifty give a 99th
 #: percentile that is their largest, a conservative estimate that sharpens as the window fills.
 LEARN_AFTER = 50
 #: The stages of ``<namespace>_stall_threshold_seconds``: every stage of ``<namespace>_stage``, and checkpoint saves.
