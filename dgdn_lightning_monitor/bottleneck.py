@@ -12,13 +12,20 @@ The rule, evaluated by :meth:`BottleneckJudge.evaluate` (at scrape time, or on a
    - ``input``: ``data_wait``, the loop waiting for its next batch; it is ``sampling`` instead when the sampler's
      own time is given and takes at least :data:`SAMPLING_PART` of the data wait (where PyG's sampler cannot be
      timed apart, a slow sampler shows as ``input``);
-   - ``host_to_device``: the copy of batches to the device, when given (it is part of the step's compute, and is
-     taken out of ``compute``);
+   - ``host_to_device``: moving the batch to the device, from the end of its fetch to the training step's first
+     hook (Lightning's batch-transfer hooks and the copy; :attr:`~dgdn_lightning_monitor.time_ledger.TimeLedger.transfer_s`).
+     It is part of the step's compute, and is taken out of ``compute``;
    - ``validation``, ``checkpoint``, ``between_steps``, ``stall``: those categories;
-   - ``straggler`` (DDP): how much longer this rank's pre-collective work (``data_wait`` + ``forward`` per step)
-     takes than its peers' median, as a share of this rank's step time: the time the other ranks wait for it in the
-     gradient all-reduce. It needs the peers' figures (their :attr:`BottleneckJudge.pre_collective_s`); without
-     them the judge cannot say ``straggler``;
+   - ``straggler`` (DDP), the time the ranks wait for each other in the gradient all-reduce, from every rank's
+     *own work* per training step (:data:`OWN_WORK`: ``data_wait`` + ``forward`` + ``between_steps``, what a rank
+     does outside the all-reduce; :attr:`BottleneckJudge.own_work`, shared by
+     :mod:`~dgdn_lightning_monitor.peers`). The larger of two figures, as a share of this rank's step time: how much
+     longer this rank's forward, and all its own work, take than its peers' medians (the lesser of the two: this
+     rank is the straggler, a slower device or larger batches; a slower input or logger shows as its own ``input``
+     or ``between_steps``), and how much longer the slowest peer's own work takes than this rank's (this rank waits
+     for that peer). Without the peers' figures (one process, or before every rank has a window) it is 0. A rank
+     that waits at the start of its forward (DDP broadcasting buffers, ``broadcast_buffers=True`` with BatchNorm
+     statistics) counts that wait as its own work: it sees no peer slower than itself;
    - ``compute``: the steps' compute (``forward`` + ``backward`` + ``optimizer_step``), the healthy verdict.
 3. **Candidate**: the non-compute cause with the largest share if that is at least :data:`BOTTLENECK_SHARE` (20 %,
    as TraceML), else ``compute``. Causes at :data:`WARNING_SHARE` (10 %) or more are listed as warnings.
@@ -76,6 +83,9 @@ HOLD_EVALUATIONS = 3
 MIN_STEPS = 20
 #: The data wait is ``sampling`` when the sampler's time is at least this part of it.
 SAMPLING_PART = 0.5
+#: A rank's own work in a training step: what it does outside the gradient all-reduce, where DDP's ranks wait for
+#: each other (the wait itself shows in ``backward``).
+OWN_WORK: tuple[str, ...] = ("data_wait", "forward", "between_steps")
 
 _OUTSIDE = ("setup", "sanity_check", "lost_progress")  # one-time costs, left out of the window's wall time
 _IN_WINDOW = tuple(name for name in CATEGORIES if name not in _OUTSIDE)
@@ -264,9 +274,9 @@ class BottleneckJudge:
         self._pending: Optional[str] = None  # a candidate other than the verdict, and for how many evaluations
         self._streak = 0
         self.verdict = Verdict("compute", hint("compute", settings, {}, {}))
-        #: this rank's pre-collective seconds per step (``data_wait`` + ``forward``) over its window: the figure its
-        #: peers pass as ``peer_pre_collective_s``; ``None`` before a window with steps exists.
-        self.pre_collective_s: Optional[float] = None
+        #: this rank's seconds per training step of each :data:`OWN_WORK` category over its latest window: what its
+        #: peers pass as ``peers``; ``None`` before a window with steps exists.
+        self.own_work: Optional[dict[str, float]] = None
 
     def evaluate(
         self,
@@ -277,19 +287,18 @@ class BottleneckJudge:
         sampling_s: Optional[float] = None,
         transfer_s: Optional[float] = None,
         sampled_edges: Optional[Sequence[int]] = None,
-        peer_pre_collective_s: Optional[Sequence[float]] = None,
+        peers: Optional[Mapping[int, Mapping[str, float]]] = None,
     ) -> Verdict:
-        """The verdict after a new evaluation; every figure but ``peer_pre_collective_s`` is cumulative since the
-        run's start.
+        """The verdict after a new evaluation; every figure but ``peers`` is cumulative since the run's start.
 
         Args:
             now: ``time.perf_counter()`` of the evaluation.
             steps: training steps so far.
             seconds: :meth:`~dgdn_lightning_monitor.time_ledger.TimeLedger.totals` at ``now``.
             sampling_s: seconds a neighbour sampler took for the batches so far, where it can be timed apart.
-            transfer_s: seconds spent copying batches to the device (CUDA).
+            transfer_s: seconds spent moving batches to the device (the ledger's ``transfer_s``).
             sampled_edges: edges the sampler drew per hop so far (hop 1 first, as ``sampled_edges_total``).
-            peer_pre_collective_s: the other ranks' :attr:`pre_collective_s`.
+            peers: the other ranks' :attr:`own_work`, by rank.
         """
         points = self._points
         if points and now - points[-1].time < self.min_interval_s:
@@ -305,13 +314,13 @@ class BottleneckJudge:
             points.popleft()
         if previous is None:
             return self.verdict
-        shares, facts = self._shares(points[0], point, peer_pre_collective_s)
+        shares, facts = self._shares(points[0], point, peers)
         stalled = point.seconds.get("stall", 0.0) > previous.seconds.get("stall", 0.0)
         self._decide(shares, facts, stalled)
         return self.verdict
 
     def _shares(
-        self, old: _Point, new: _Point, peers: Optional[Sequence[float]]
+        self, old: _Point, new: _Point, peers: Optional[Mapping[int, Mapping[str, float]]]
     ) -> tuple[dict[str, float], dict[str, Any]]:
         delta = {name: new.seconds.get(name, 0.0) - old.seconds.get(name, 0.0) for name in _IN_WINDOW}
         wall = sum(delta.values())
@@ -337,11 +346,9 @@ class BottleneckJudge:
         for name in ("validation", "checkpoint", "between_steps", "stall"):
             shares[name] = delta[name] / wall
         if steps > 0:
-            own = (data_wait + delta["forward"]) / steps
-            self.pre_collective_s = facts["own"] = own
+            own = self.own_work = {name: delta[name] / steps for name in OWN_WORK}
             if peers:
-                peer = facts["peer"] = statistics.median(peers)
-                shares["straggler"] = max(own - peer, 0.0) / (wall / steps)
+                shares["straggler"] = _straggler(own, peers, wall / steps, facts)
         return shares, facts
 
     def _decide(self, shares: dict[str, float], facts: dict[str, Any], stalled: bool) -> None:
@@ -376,6 +383,26 @@ class BottleneckJudge:
         )
 
 
+def _straggler(
+    own: Mapping[str, float], peers: Mapping[int, Mapping[str, float]], step_s: float, facts: dict[str, Any]
+) -> float:
+    """The ``straggler`` share (see the module's rule) from this rank's and its peers' own work per step; what it
+    found goes to ``facts`` (``own``/``peer`` seconds, and ``slow_rank`` when a peer is the straggler)."""
+    totals = {rank: sum(figures.get(name, 0.0) for name in OWN_WORK) for rank, figures in peers.items()}
+    mine = sum(own.values())
+    forward = statistics.median(figures.get("forward", 0.0) for figures in peers.values())
+    # Slower in forward *and* in all its own work: a rank that waited at the forward's start (DDP broadcasting
+    # buffers) has a longer forward but no more work than the peer it waited for.
+    slow = max(min(own["forward"] - forward, mine - statistics.median(totals.values())), 0.0)
+    rank = max(totals, key=totals.__getitem__)
+    waits = max(totals[rank] - mine, 0.0)
+    if slow >= waits:
+        facts.update(own=own["forward"], peer=forward)
+    else:
+        facts.update(own=mine, peer=totals[rank], slow_rank=rank)
+    return max(slow, waits) / step_s
+
+
 def _percent(share: Optional[float]) -> str:
     return f"{share:.0%}" if share is not None else "an unknown part"
 
@@ -389,7 +416,8 @@ def hint(cause: str, settings: RunSettings, shares: Mapping[str, float] = {}, fa
         shares: each cause's share of the window's wall time.
         facts: what the judge found besides: ``sampling_part`` (the sampler's part of the data wait), ``hop`` and
             ``hop_part`` (the hop drawing most sampled edges, from 1, and its part), ``own`` and ``peer`` (this
-            rank's and its peers' median pre-collective seconds per step).
+            rank's forward and its peers' median forward seconds per step; with ``slow_rank``, that peer's own work
+            and this rank's).
     """
     s, share = settings, _percent(shares.get(cause))
     if cause == "compute":
@@ -421,13 +449,20 @@ def hint(cause: str, settings: RunSettings, shares: Mapping[str, float] = {}, fa
             f"neighbour sampling; {where}lower the fan-out num_neighbors={_show(fan_out)}{per_hop}{workers}"
         )
     if cause == "host_to_device":
+        if s.device in ("", "cpu"):  # nothing to copy: the time is the module's own batch-transfer hooks
+            return (
+                f"moving batches to the device takes {share} of the time on the {s.device or 'device'}, where nothing "
+                "is copied: the module's batch-transfer hooks (on_before_batch_transfer, transfer_batch_to_device, "
+                "on_after_batch_transfer) do that work; move it into the loader (num_workers="
+                f"{s.num_workers}) or the step"
+            )
         if s.pin_memory:
             return (
-                f"copying batches to the {s.device or 'device'} takes {share} of the time with pin_memory=True: "
+                f"copying batches to the {s.device} takes {share} of the time with pin_memory=True: "
                 "the batches themselves are large; keep static node features on the device and send indices"
             )
         return (
-            f"copying batches to the {s.device or 'device'} takes {share} of the time: pin_memory={s.pin_memory}; "
+            f"copying batches to the {s.device} takes {share} of the time: pin_memory={s.pin_memory}; "
             "set pin_memory=True so the copy runs from page-locked memory"
         )
     if cause == "validation":
@@ -458,10 +493,17 @@ def hint(cause: str, settings: RunSettings, shares: Mapping[str, float] = {}, fa
         )
     if cause == "straggler":
         own, peer = (f"{facts[key]:.3g} s" if key in facts else "?" for key in ("own", "peer"))
+        if "slow_rank" in facts:
+            rank = facts["slow_rank"]
+            return (
+                f"rank {rank}'s own work (data wait, forward, time between steps) takes {peer} per step against this "
+                f"rank's {own}: this rank waits {share} of the time for it in the gradient all-reduce; rank {rank}'s "
+                f"own verdict says why (its input: num_workers={s.num_workers} on this rank)"
+            )
         return (
-            f"this rank's data wait and forward take {own} per step against its peers' median {peer}: "
-            f"the other ranks wait {share} of the time for it in the gradient all-reduce; check its input "
-            f"(num_workers={s.num_workers}) and the size of its data shard"
+            f"this rank's forward takes {own} per step against its peers' median {peer}: the other ranks wait "
+            f"{share} of the time for it in the gradient all-reduce; look for a slower device here (its clocks, "
+            f"another process on it) or larger batches on this rank (batch_size={s.batch_size})"
         )
     if cause == "stall":
         after = s.stall_after_s

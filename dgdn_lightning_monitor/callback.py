@@ -48,6 +48,7 @@ from dgdn_lightning_monitor.run_state import RunState, watch_sampler
 from dgdn_lightning_monitor.scheduler import check_launch, scheduler_run_id, termination_reason
 from dgdn_lightning_monitor.server import MetricsServer, start_rank_server
 from dgdn_lightning_monitor.steps import StepStatistics
+from dgdn_lightning_monitor.peers import PeerExchange
 from dgdn_lightning_monitor.time_ledger import lost_seconds, read_side_file, write_side_file
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 from dgdn_lightning_monitor.vocabulary import (
@@ -136,6 +137,9 @@ class MonitoringCallback(Callback):
     bottleneck_window: tuple[int, float, float] = (100, 300.0, 5.0)
     #: Longest time between two writes of the time ledger's side file (next to the stall dumps).
     ledger_file_every_s: float = 30.0
+    #: Seconds between two rounds of sharing the straggler figures with the other ranks (DDP,
+    #: :class:`~dgdn_lightning_monitor.peers.PeerExchange`); each round also evaluates the bottleneck verdict.
+    peer_exchange_every_s: float = 5.0
 
     def __init__(
         self,
@@ -208,6 +212,7 @@ class MonitoringCallback(Callback):
         self._train_batches = 0  # across runs: drives trace sampling
         self._run: Optional[RunState] = None
         self._ledger_state: Optional[dict[str, Any]] = None  # a checkpoint's ledger, until the run carries it on
+        self._setups = 0  # runs set up so far
         self._server: Optional[MetricsServer] = None  # serves on after a run; the next run reuses it
 
     # ------------------------------------------------------------------------------------------ public API
@@ -314,7 +319,18 @@ class MonitoringCallback(Callback):
         run = self._run = RunState(trainer, server, stats, self.trace_floor_s, stall_after_s, judge, start, learned)
         self._watchdog.on_stall = run.ledger.stalled  # a learned threshold's stalls begin where the watchdog says
         run.ledger_file = dumps / f"time-ledger-rank{labels.rank}.json"
-        self.metrics.watch_time(run.ledger, judge, lambda: run.sampling_s, self._verdict_changed)
+        self._setups += 1  # the same count on every rank: the peers' keys of this run and stage
+        namespace = f"{self.run_id}/{stage}-{self._setups}"
+        run.peers = PeerExchange(
+            labels.rank,
+            trainer.world_size,
+            namespace,
+            self.metrics.time_report,
+            lambda: judge.own_work,
+            self.errors,
+            self.peer_exchange_every_s,
+        )
+        self.metrics.watch_time(run.ledger, judge, lambda: run.sampling_s, self._verdict_changed, run.peers.figures)
         self._carry_ledger(run)
         run.model_figures_final = self._count_model(pl_module)
         root = trainer.strategy.root_device
@@ -323,6 +339,8 @@ class MonitoringCallback(Callback):
         self._capacity.start(root)
         self._memory.start(root, dumps, labels.rank)
         self._watchdog.start(dumps, labels.rank)
+        if stage == "fit":  # stragglers are judged on training steps
+            run.peers.start()
         log.info("Serving training metrics at %s", self.metrics_url)
 
     @override
@@ -341,6 +359,7 @@ class MonitoringCallback(Callback):
         if run is None:
             return
         run.unwatch()
+        run.peers.stop()
         self._write_ledger_file(run)
         self._watchdog.stop()
         self._watchdog.on_stall = None
@@ -444,9 +463,10 @@ class MonitoringCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        run = self._run
+        start, run = time.perf_counter(), self._run
         if run is None:
             return
+        run.ledger.batch_started(start)  # the time since the fetch moved the batch to the device
         run.batch, run.batch_idx = batch, batch_idx  # sized only if its step runs out of memory
         if run.trace_next:  # decided at the previous batch's end, which also timed this one's fetch
             run.trace_next = False

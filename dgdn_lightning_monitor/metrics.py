@@ -203,7 +203,7 @@ class TrainingMetrics:
         self._validations = _Validations()
         self._final_progress: Optional[tuple[str, float]] = None  # (stage, ratio) kept when the run ended
         # Where the time goes (watch_time): the run's ledger and judge, the earlier runs' totals, the last report.
-        self._time_source: Optional[tuple[TimeLedger, BottleneckJudge, Callable[[], Optional[float]], Any]] = None
+        self._time_source: Optional[tuple[TimeLedger, BottleneckJudge, Callable[[], Optional[float]], Any, Any]] = None
         self._time_base: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
         self._time_last: Optional[TimeReport] = None
         self._time_lock = threading.Lock()  # the judge's evaluations (scrapes, summary) one at a time
@@ -427,11 +427,13 @@ class TrainingMetrics:
         judge: BottleneckJudge,
         sampling_s: Callable[[], Optional[float]],
         on_change: Callable[[Verdict], None],
+        peers: Callable[[], Optional[Mapping[int, Mapping[str, float]]]] = lambda: None,
     ) -> None:
         """Export ``ledger`` (a run set up) and ``judge``'s verdict, evaluated at scrape time (never on the step
-        path) with the sampler's seconds from ``sampling_s()``; ``on_change(verdict)`` when the verdict changes."""
+        path) with the sampler's seconds from ``sampling_s()`` and the other ranks' own work from ``peers()``;
+        ``on_change(verdict)`` when the verdict changes."""
         with self._time_lock:
-            self._time_source = (ledger, judge, sampling_s, on_change)
+            self._time_source = (ledger, judge, sampling_s, on_change, peers)
 
     def freeze_time(self) -> None:
         """The run ended: its last figures stay exported, and its totals are where the next run's count on from."""
@@ -449,11 +451,17 @@ class TrainingMetrics:
             source = self._time_source
             if source is None:
                 return self._time_last
-            ledger, judge, sampling_s, on_change = source
+            ledger, judge, sampling_s, on_change, peers = source
             totals = ledger.totals(now)
             cause = judge.verdict.cause
             verdict = judge.evaluate(
-                now, self.batch_seconds.count, totals, sampling_s=sampling_s(), sampled_edges=self.sampled_edges
+                now,
+                self.batch_seconds.count,
+                totals,
+                sampling_s=sampling_s(),
+                transfer_s=ledger.transfer_s,
+                sampled_edges=self.sampled_edges,
+                peers=peers(),
             )
             wall = sum(totals.values())
             goodput = sum(totals[name] for name in COMPUTE) / wall if wall > 0 else 0.0

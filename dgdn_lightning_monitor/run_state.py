@@ -153,6 +153,7 @@ class RunState:
         )
         self.judge = judge if judge is not None else BottleneckJudge()
         self.sampling_s: Optional[float] = None  # a PyG sampler's seconds, where it runs on the training thread
+        self.peers: Any = None  # the run's PeerExchange (set up by the callback)
         self.read_every = max(1, int(getattr(trainer, "log_every_n_steps", 0) or 50))
         self.train_epochs = self.fetch_start_ns = self.fetch_end_ns = 0
         self.epoch_start = self.eval_start = self.batch_start = 0.0

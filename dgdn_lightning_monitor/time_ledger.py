@@ -9,7 +9,9 @@ Categories (:data:`CATEGORIES`):
 ``data_wait``
     the training loop waiting for its next batch (the fetch: DataLoader, sampler, collate).
 ``forward``, ``backward``, ``optimizer_step``
-    the step's compute, from the end of its fetch to the end of its batch (host-to-device copy included).
+    the step's compute, from the end of its fetch to the end of its batch. Its first part, moving the batch to
+    the device (from the fetch's end to the batch's first hook, :meth:`TimeLedger.batch_started`), is also kept
+    apart as :attr:`TimeLedger.transfer_s`.
 ``validation``
     validation during ``fit``.
 ``checkpoint``
@@ -55,7 +57,8 @@ Prometheus as a reset), and the totals of a read sum to its time minus the start
 The writer pays two integer stores and one comparison per transition; readers take a lock among themselves only.
 
 From the callback's hooks: ``setup`` builds the ledger; the fetch hooks call :meth:`~TimeLedger.fetch_started`
-and :meth:`~TimeLedger.fetch_ended`, ``on_train_batch_end`` :meth:`~TimeLedger.step_ended`; the sanity check and
+and :meth:`~TimeLedger.fetch_ended`, ``on_train_batch_start`` :meth:`~TimeLedger.batch_started`,
+``on_train_batch_end`` :meth:`~TimeLedger.step_ended`; the sanity check and
 validation :meth:`~TimeLedger.enter` their category and back, each of their batches being
 :meth:`~TimeLedger.progress`; a sampled step's phases go to :meth:`~TimeLedger.phase_sample`. A checkpoint save
 is timed whole by wrapping the Trainer's public ``save_checkpoint`` (which ``ModelCheckpoint`` calls; it builds the
@@ -173,6 +176,9 @@ class TimeLedger:
         self._floor = -math.inf  # the latest read's time: no transition is stamped before it (module docstring)
         self._reading = threading.Lock()  # among readers only
         self._last_read: Optional[_Snapshot] = None  # the last consistent copy (see _snapshot)
+        #: seconds of the steps' compute spent moving batches to the device (see :meth:`batch_started`); one float,
+        #: written by the training thread only, so a read from another thread needs no lock.
+        self.transfer_s = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reading": None}
@@ -222,6 +228,13 @@ class TimeLedger:
         self._since = now
         self._stall_from = now + self._stall_after
         self._version = version + 1
+
+    def batch_started(self, now: float) -> None:
+        """The batch is on the device (``on_train_batch_start``): the time since its fetch ended went to moving it
+        there (Lightning's batch-transfer hooks and the copy) and counts to :attr:`transfer_s`. Nothing when no
+        fetch ended since the last step (a ``training_step`` that fetches its own batches)."""
+        if self._category == _STEP and now > self._since:
+            self.transfer_s += now - self._since
 
     def stalled(self, at: float) -> None:
         """With a learned threshold: the current gap turned into a stall at ``at`` (``perf_counter`` seconds). From

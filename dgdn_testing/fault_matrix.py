@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,10 +48,15 @@ SITUATIONS: dict[str, str] = {
     "slow_logger": "between_steps",
     "long_validation": "validation",
     "slow_checkpoint": "checkpoint",
+    "slow_transfer": "host_to_device",
     "stall": "stall",
 }
+#: situation -> the cause every rank's verdict must name, for the GCN in 2-rank gloo DDP (one process per rank)
+DDP_SITUATIONS: dict[str, str] = {"ddp_clean": "compute", "ddp_slower_rank": "straggler"}
 #: what each fault costs: comparable to a clean step (~20-40 ms of compute on one CPU thread)
-COLLATE_S, LOG_S, VALIDATION_S, CHECKPOINT_S = 0.05, 0.05, 0.06, 0.12
+COLLATE_S, LOG_S, VALIDATION_S, CHECKPOINT_S, TRANSFER_S, STRAGGLE_S = 0.05, 0.05, 0.06, 0.12, 0.05, 0.05
+#: the slower rank of a DDP run, and its steps (every rank stops at the same step)
+SLOW_RANK, DDP_STEPS = 1, 80
 STALL_AFTER_S, STALL_S, STALL_AT = 0.5, 1.5, 6
 MAX_STEPS = 90  # a run that has not named its cause by then fails
 NAMED_WITHIN_S, NAMED_WITHIN_STEPS = 30.0, 20  # the verdict's promise: 20 steps in its window, or 30 s
@@ -193,6 +202,30 @@ class StallOnce(pl.Callback):
             time.sleep(STALL_S)
 
 
+def _slower_rank(module: pl.LightningModule) -> None:
+    """On SLOW_RANK every training step takes STRAGGLE_S longer inside the model's forward (a slower device, larger
+    batches): after DDP's own work at the forward's start (broadcasting buffers), before the backward's all-reduce."""
+    step = module.training_step
+
+    def slower(*args: Any, **kwargs: Any) -> Any:
+        if module.global_rank == SLOW_RANK:
+            time.sleep(STRAGGLE_S)
+        return step(*args, **kwargs)
+
+    module.training_step = slower  # type: ignore[method-assign]
+
+
+def _slow_transfer(module: pl.LightningModule) -> None:
+    """Moving each batch to the device takes TRANSFER_S longer (a large batch copied from pageable memory)."""
+    transfer = module.transfer_batch_to_device
+
+    def slow(batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        time.sleep(TRANSFER_S)
+        return transfer(batch, device, dataloader_idx)
+
+    module.transfer_batch_to_device = slow  # type: ignore[method-assign]
+
+
 def _slow_collate(loader: Any) -> None:
     """Each batch's collate (PyG's batching, a neighbour loader's sampling, DGDN's event batch) sleeps COLLATE_S
     longer, on the training thread (0 workers)."""
@@ -243,11 +276,67 @@ def run_case(model: str, situation: str, seed: int, root: Path) -> dict[str, Any
         elif situation == "slow_checkpoint":
             options.update(enable_checkpointing=True, plugins=[SlowCheckpointIO()])
             callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=2))
+        elif situation == "slow_transfer":
+            _slow_transfer(module)
         elif situation == "stall":
             callbacks.append(StallOnce())
         options["callbacks"] = callbacks
         watched = watch_fit(monitor, options, module, train, val, expect=expect, then_steps=2)
     return _row(model, situation, seed, expect, watched)
+
+
+def ddp_cases(seeds: int = 2) -> list[tuple[str, int]]:
+    """Every (DDP situation, seed)."""
+    return [(situation, seed) for situation in DDP_SITUATIONS for seed in range(seeds)]
+
+
+def run_ddp_case(situation: str, seed: int, root: Path, timeout_s: float = 240.0) -> list[dict[str, Any]]:
+    """Train the GCN in 2-rank gloo DDP under ``situation`` (a process per rank: this module run as a script, whose
+    second rank Lightning launches); one row per rank."""
+    root.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "dgdn_testing.fault_matrix", "--ddp-rank", situation, "--seed", str(seed)]
+    command += ["--out", str(root)]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    with open(root / "run.log", "wb") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+    rows = [
+        json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2) if (root / f"rank{rank}.json").exists()
+    ]
+    if done.returncode != 0 or len(rows) != 2:
+        raise RuntimeError(f"the DDP run failed ({done.returncode}): {(root / 'run.log').read_text()[-3000:]}")
+    return rows
+
+
+def _ddp_rank(situation: str, seed: int, out: Path) -> None:
+    """One rank of :func:`run_ddp_case` (both run this: Lightning starts the second with the same command)."""
+    expect = DDP_SITUATIONS[situation]
+    with _one_thread():
+        torch.manual_seed(seed)
+        graphs = list(
+            FakeDataset(num_graphs=DDP_STEPS * 8 * 2, avg_num_nodes=16, avg_degree=3, num_channels=8, num_classes=2)
+        )
+        monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False, gpu_devices=None, trace_every_n_steps=5)
+        monitor.bottleneck_window = TEST_WINDOW
+        monitor.peer_exchange_every_s = TEST_WINDOW[2]
+        options: dict[str, Any] = dict(
+            max_epochs=-1,
+            max_steps=DDP_STEPS,
+            default_root_dir=out,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            strategy="ddp",
+            devices=2,
+        )
+        module = GCN()
+        if situation == "ddp_slower_rank":
+            _slower_rank(module)
+        watched = watch_fit(
+            monitor, options, module, DataLoader(graphs, batch_size=8), expect=expect, stop_when_named=False
+        )
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+    row = _row(f"gcn, DDP rank {rank}", situation, seed, expect, watched)
+    (out / f"rank{rank}.json").write_text(json.dumps(row))
 
 
 def _row(model: str, situation: str, seed: int, expect: str, watched: Watched) -> dict[str, Any]:
@@ -307,7 +396,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=TABLE)
     parser.add_argument("--print", action="store_true", help="print the table of the last run and exit")
+    parser.add_argument("--ddp-rank", choices=sorted(DDP_SITUATIONS), help=argparse.SUPPRESS)  # run_ddp_case's ranks
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ddp_rank:
+        _ddp_rank(args.ddp_rank, args.seed, args.out)
+        return
     if args.print:
         print(args.out.read_text(), end="")
         return
@@ -315,6 +409,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for index, (model, situation, seed) in enumerate(cases(args.seeds)):
             rows.append(run_case(model, situation, seed, Path(tmp) / str(index)))
+        for index, (situation, seed) in enumerate(ddp_cases(args.seeds)):
+            rows.extend(run_ddp_case(situation, seed, Path(tmp) / f"ddp{index}"))
     text = table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

@@ -81,13 +81,21 @@ def watch_fit(
     expect: str = "compute",
     scrape_every_s: float = 0.1,
     then_steps: int = 3,
+    stop_when_named: bool = True,
 ) -> Watched:
     """Fit ``module`` with ``monitor`` (``port=0`` on loopback) under a Trainer of ``trainer_options`` while a thread
     scrapes it; stop ``then_steps`` steps after the verdict said ``expect`` (``compute``: after
-    :data:`COMPUTE_PAST_GATE` scrapes, or at the Trainer's own end)."""
+    :data:`COMPUTE_PAST_GATE` scrapes, or at the Trainer's own end). Without ``stop_when_named`` (DDP: every rank
+    must stop at the same step) it runs to the Trainer's own end, and its wall time counts from the monitor's
+    set-up (the processes' launch and rendezvous come before it)."""
     from dgdn_testing.models import quiet_trainer
 
     holder: dict[str, Scraper] = {}
+    setup_at: list[float] = []
+
+    class SetUp(pl.Callback):  # before the monitor's own setup: the time its ledger starts from, measured here
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            setup_at.append(time.perf_counter())
 
     class StartScraping(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -107,7 +115,8 @@ def watch_fit(
                 self.inner = _StopWhenNamed(holder["scraper"], expect, then_steps)
             self.inner.on_train_batch_end(trainer, *args)
 
-    callbacks = [monitor, StartScraping(), Stop(), *trainer_options.pop("callbacks", [])]
+    stop = [Stop()] if stop_when_named else []
+    callbacks = [SetUp(), monitor, StartScraping(), *stop, *trainer_options.pop("callbacks", [])]
     trainer = quiet_trainer(callbacks=callbacks, **trainer_options)
     began = time.perf_counter()
     try:
@@ -120,6 +129,8 @@ def watch_fit(
     with urllib.request.urlopen(str(monitor.metrics_url), timeout=10) as response:
         final = read_time(response.read().decode())
     answers = scraper.answers if scraper is not None else []
+    if not stop_when_named:
+        began = setup_at[0]
     unix_began = time.time() - (time.perf_counter() - began)
     named = next(((at - unix_began, a["steps"]) for at, a in answers if a["cause"] == expect), None)
     assert set(final["seconds"]) == set(CATEGORIES), final

@@ -79,7 +79,7 @@ class Run:
     transfer: float = 0.0
     sampling: float = 0.0
     edges: list[int] = field(default_factory=list)
-    peers: Optional[list[float]] = None
+    peers: Optional[dict[int, dict[str, float]]] = None
 
     def __post_init__(self) -> None:
         self.judge.evaluate(self.now, 0, self.ledger.totals(self.now))
@@ -112,7 +112,7 @@ class Run:
             transfer_s=self.transfer,
             sampling_s=self.sampling or None,
             sampled_edges=self.edges or None,
-            peer_pre_collective_s=self.peers,
+            peers=self.peers,
         )
 
 
@@ -143,7 +143,7 @@ NAMED = {
     "validation": "val_check_interval=0.25",
     "checkpoint": "every_n_train_steps=50",
     "between_steps": "log_every_n_steps=1",
-    "straggler": "num_workers=3",
+    "straggler": "batch_size=512",  # this rank is the straggler (a peer is: see the test)
     "stall": "stall_dump_after_s=10.0",
 }
 
@@ -174,20 +174,28 @@ def test_a_dominant_cause_is_named_at_the_20th_step(cause, margin, seed):
     share = min(BOTTLENECK_SHARE + margin, 0.8)
     steps = [inject(noisy(rng, 0.02), cause, share) for _ in range(30)]
     run = Run(judge())
+    waits = cause == "straggler" and rng.random() < 0.5  # this rank waits for a slower peer, else it is the slow one
     if cause == "straggler":
-        # The peers' pre-collective work per step is this rank's over the first 20 steps, less `share` of its step
-        # time: the time they wait for it in each all-reduce.
+        # The peers' own work per step is this rank's over the first 20 steps; their forward shorter by `share` of
+        # its step time (they wait for it in each all-reduce), or rank 2's longer by as much (this rank waits).
         first = steps[:MIN_STEPS]
-        own = sum(s.data_wait + s.compute for s in first) / MIN_STEPS
+        own = {
+            "data_wait": sum(s.data_wait for s in first) / MIN_STEPS,
+            "forward": sum(s.compute for s in first) / MIN_STEPS,  # no phase samples: all compute is forward
+            "between_steps": sum(s.between_steps for s in first) / MIN_STEPS,
+        }
         wall = sum(s.data_wait + s.compute + s.between_steps + s.validation + s.checkpoint for s in first) / MIN_STEPS
-        run.peers = [own - share * wall] * 3
+        if waits:
+            run.peers = {0: own, 2: {**own, "forward": own["forward"] + share * wall}, 3: own}
+        else:
+            run.peers = {r: {**own, "forward": own["forward"] - share * wall} for r in (0, 2, 3)}
     verdicts = [run.step(step) for step in steps]
     assert [v.cause for v in verdicts[: MIN_STEPS - 1]] == ["compute"] * (MIN_STEPS - 1)
     named = verdicts[MIN_STEPS - 1]
     assert named.cause == cause, named
     assert named.window_steps == MIN_STEPS
     assert named.shares[cause] >= BOTTLENECK_SHARE
-    assert NAMED[cause] in named.hint
+    assert (NAMED[cause] if not waits else "rank 2's own work") in named.hint
     assert all(v.cause == cause for v in verdicts[MIN_STEPS:])
 
 
@@ -197,8 +205,12 @@ def test_clean_runs_are_always_compute(noise, seed):
     """Compute dominant, every other category a drawn part below the warning share: compute at every step."""
     rng = random.Random(seed)
     run = Run(judge(window_steps=50, window_s=0.0))
-    run.peers = [0.1] * 3  # peers as slow as this rank: no straggler
-    verdicts = [run.step(noisy(rng, noise)) for _ in range(150)]
+    factors = {rank: rng.uniform(0.95, 1.05) for rank in (0, 2, 3)}  # peers as fast as this rank within 5 %
+    verdicts = []
+    for _ in range(150):
+        own = run.judge.own_work
+        run.peers = {r: {k: v * f for k, v in own.items()} for r, f in factors.items()} if own else None
+        verdicts.append(run.step(noisy(rng, noise)))
     assert {v.cause for v in verdicts} == {"compute"}
     assert verdicts[-1].shares["compute"] >= 1 - 5 * noise / (1 + 4 * noise) - 1e-9
     assert NAMED["compute"] in verdicts[-1].hint
@@ -294,7 +306,8 @@ def test_without_peers_there_is_no_straggler():
     run = Run(judge())
     verdicts = [run.step(Step(compute=0.1)) for _ in range(30)]
     assert verdicts[-1].shares["straggler"] == 0.0
-    assert run.judge.pre_collective_s == pytest.approx(0.1)  # what its peers would compare against
+    # what its peers compare against
+    assert run.judge.own_work == pytest.approx({"data_wait": 0.0, "forward": 0.1, "between_steps": 0.0})
 
 
 def test_evaluations_closer_than_the_interval_count_once():
@@ -326,7 +339,10 @@ def test_each_hint_names_the_setting_and_its_value(cause):
 def test_hints_follow_the_settings():
     assert "num_workers=0" in hint("input", RunSettings(num_workers=0))
     assert "or sample in worker processes (num_workers=0)" in hint("sampling", RunSettings(num_workers=0))
-    assert "pin_memory=True" in hint("host_to_device", RunSettings(pin_memory=True))
+    assert "pin_memory=True" in hint("host_to_device", RunSettings(pin_memory=True, device="cuda"))
+    assert "transfer_batch_to_device" in hint("host_to_device", RunSettings(pin_memory=False, device="cpu"))
+    waits = hint("straggler", RunSettings(num_workers=2), {"straggler": 0.3}, {"own": 0.1, "peer": 0.2, "slow_rank": 5})
+    assert "rank 5's own work" in waits and "waits 30% of the time" in waits and "num_workers=2" in waits
     assert "async_checkpoint=False" in hint("checkpoint", RunSettings(async_checkpoint=False, save_top_k=1))
     assert "pass plugins" not in hint("checkpoint", RunSettings(async_checkpoint=True))
     assert "no ModelCheckpoint" in hint("checkpoint", RunSettings())
