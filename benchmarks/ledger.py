@@ -1,6 +1,6 @@
-"""What the time ledger adds to a training step: its three per-step calls (``fetch_started``, ``fetch_ended``,
-``step_ended``) in a tight loop of synthetic steps, against the same loop without them and with three calls of
-an empty method (the floor of any per-call API, to scale the figures to another machine); also with a thread
+"""What the time ledger adds to a training step: its four per-step calls (``fetch_started``, ``fetch_ended``,
+``batch_started``, ``step_ended``) in a tight loop of synthetic steps, against the same loop without them and with
+four calls of an empty method (the floor of any per-call API, to scale the figures to another machine); also with a thread
 reading the totals every 10 ms (a scrape far more frequent than any real one), which the writer only meets as
 contention for the GIL. Run: ``python -m benchmarks.ledger`` (a few seconds). Figures are the median over 7
 loops of the mean ns per step.
@@ -24,29 +24,31 @@ def _loop(ledger: Any, steps: int) -> float:
     # The callback's timestamps, taken anyway; ahead of the clock, so that a reader's time (its floor for later
     # transitions) never reaches them and every transition takes the common path.
     base = time.perf_counter() + 1e6
-    times = [base + i * 1e-3 for i in range(3 * steps)]
+    times = [base + i * 1e-3 for i in range(4 * steps)]
     clock = time.perf_counter_ns
     if ledger is None:
         start = clock()
-        for i in range(0, 3 * steps, 3):
-            times[i], times[i + 1], times[i + 2]
+        for i in range(0, 4 * steps, 4):
+            times[i], times[i + 1], times[i + 2], times[i + 3]
         return (clock() - start) / steps
-    fetch_started, fetch_ended, step_ended = ledger.fetch_started, ledger.fetch_ended, ledger.step_ended
+    fetch_started, fetch_ended = ledger.fetch_started, ledger.fetch_ended
+    batch_started, step_ended = ledger.batch_started, ledger.step_ended
     start = clock()
-    for i in range(0, 3 * steps, 3):
+    for i in range(0, 4 * steps, 4):
         fetch_started(times[i])
         fetch_ended(times[i + 1])
-        step_ended(times[i + 2])
+        batch_started(times[i + 2])
+        step_ended(times[i + 3])
     return (clock() - start) / steps
 
 
 class _Nothing:
-    """The floor of any method-call API: three calls that do nothing."""
+    """The floor of any method-call API: four calls that do nothing."""
 
     def fetch_started(self, now: float) -> None:
         pass
 
-    fetch_ended = step_ended = fetch_started
+    fetch_ended = batch_started = step_ended = fetch_started
 
 
 def _with_reader(steps: int) -> float:

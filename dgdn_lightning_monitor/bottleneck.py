@@ -13,8 +13,9 @@ The rule, evaluated by :meth:`BottleneckJudge.evaluate` (at scrape time, or on a
      own time is given and takes at least :data:`SAMPLING_PART` of the data wait (where PyG's sampler cannot be
      timed apart, a slow sampler shows as ``input``);
    - ``host_to_device``: moving the batch to the device, from the end of its fetch to the training step's first
-     hook (Lightning's batch-transfer hooks and the copy; :attr:`~dgdn_lightning_monitor.time_ledger.TimeLedger.transfer_s`).
-     It is part of the step's compute, and is taken out of ``compute``;
+     hook (Lightning's batch-transfer hooks and the copy: the ledger's
+     :attr:`~dgdn_lightning_monitor.time_ledger.TimeLedger.transfer_s`). It is part of the step's compute, and is
+     taken out of ``compute``;
    - ``validation``, ``checkpoint``, ``between_steps``, ``stall``: those categories;
    - ``straggler`` (DDP), the time the ranks wait for each other in the gradient all-reduce, from every rank's
      *own work* per training step (:data:`OWN_WORK`: ``data_wait`` + ``forward`` + ``between_steps``, what a rank
@@ -83,8 +84,8 @@ HOLD_EVALUATIONS = 3
 MIN_STEPS = 20
 #: The data wait is ``sampling`` when the sampler's time is at least this part of it.
 SAMPLING_PART = 0.5
-#: A rank's own work in a training step: what it does outside the gradient all-reduce, where DDP's ranks wait for
-#: each other (the wait itself shows in ``backward``).
+#: The categories of a rank's own work in a training step, what it does outside the gradient all-reduce where
+#: DDP's ranks wait for each other (the wait itself shows in ``backward``).
 OWN_WORK: tuple[str, ...] = ("data_wait", "forward", "between_steps")
 
 _OUTSIDE = ("setup", "sanity_check", "lost_progress")  # one-time costs, left out of the window's wall time

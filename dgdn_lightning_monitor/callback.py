@@ -44,11 +44,11 @@ from dgdn_lightning_monitor.metrics import RunTotals, TrainingMetrics
 from dgdn_lightning_monitor.model_info import count_model, run_info
 from dgdn_lightning_monitor.oom import OOMForensics
 from dgdn_lightning_monitor.outcome import classify
+from dgdn_lightning_monitor.peers import PeerExchange
 from dgdn_lightning_monitor.run_state import RunState, watch_sampler
 from dgdn_lightning_monitor.scheduler import check_launch, scheduler_run_id, termination_reason
 from dgdn_lightning_monitor.server import MetricsServer, start_rank_server
 from dgdn_lightning_monitor.steps import StepStatistics
-from dgdn_lightning_monitor.peers import PeerExchange
 from dgdn_lightning_monitor.time_ledger import lost_seconds, read_side_file, write_side_file
 from dgdn_lightning_monitor.tracing import BatchRecord, TrainingTracer
 from dgdn_lightning_monitor.vocabulary import (

@@ -445,9 +445,9 @@ FAMILIES: tuple[Family, ...] = (
         help="1 for the cause that limits this rank's training now, 0 for the others.",
         meaning=(
             "the verdict over the recent window ([the rule](where-the-time-goes.md#the-verdict)): `compute` "
-            "(healthy), `input`, `sampling`, `validation`, `checkpoint`, `between_steps`, `stall`; 20 % share to name "
-            "a cause, hysteresis against flicker; `host_to_device` and `straggler` stay 0 (the copy is not timed "
-            "apart; stragglers are judged across ranks by DGDNRankStraggler)"
+            "(healthy), `input`, `sampling`, `host_to_device`, `validation`, `checkpoint`, `between_steps`, "
+            "`straggler` (DDP: this rank is slower than its peers, or waits for the slowest), `stall`; 20 % share to "
+            "name a cause, hysteresis against flicker"
         ),
     ),
     Family(

@@ -13,8 +13,9 @@ device):
 The store is the TCP store at ``MASTER_ADDR``:``MASTER_PORT``, the rendezvous that every Lightning cluster
 environment and ``torchrun`` set up, reached through a client connection of this thread's own: a slow or lost store
 delays this thread alone, and no operation of the process group waits behind it. Keys live under the run's id and
-stage. A failed round is retried at the next one; three in a row are counted and warned once, and the straggler
-verdict waits until the figures come back. Without ``MASTER_ADDR`` (another rendezvous) there is no exchange.
+stage. A failed round is retried at the next one; three in a row are counted and warned once, later tries come a
+minute apart, and the straggler verdict waits until the figures come back. Without ``MASTER_ADDR`` (another
+rendezvous) there is no exchange.
 
 Example::
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Rounds that fail in a row before the exchange says so (a peer that just ended its run fails one or two).
 FAILURES_TO_WARN = 3
+#: Seconds between tries once that many failed (each failed connection also logs an error of torch's own).
+BACK_OFF_S = 60.0
 
 
 def store_address(environ: Mapping[str, str] = os.environ) -> Optional[tuple[str, int]]:
@@ -121,7 +124,7 @@ class PeerExchange:
     def _run(self) -> None:
         store: Any = None
         failures = 0
-        while not self._stop.wait(self.every_s):
+        while not self._stop.wait(self.every_s if failures < FAILURES_TO_WARN else BACK_OFF_S):
             try:
                 if store is None:
                     assert self._address is not None

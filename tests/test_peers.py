@@ -1,0 +1,124 @@
+"""PeerExchange against a real torch.distributed TCPStore (the rendezvous store of a run): every rank sees the others'
+own work once all have shared it, runs and stages do not mix, a lost store is warned once and counted, and a rank
+alone or without ``MASTER_ADDR`` starts nothing. The 2-rank gloo DDP runs of the fault matrix
+(``tests/test_bottleneck_matrix.py``) exercise it through Lightning's own rendezvous."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+import pytest
+import torch.distributed as dist
+
+from dgdn_lightning_monitor.guards import MonitorErrors
+from dgdn_lightning_monitor.peers import FAILURES_TO_WARN, PeerExchange, store_address
+
+EVERY_S = 0.05
+
+
+@pytest.fixture
+def store() -> Iterator[Any]:
+    """The rendezvous store as rank 0 of a run hosts it."""
+    yield dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+def wait_for(condition: Callable[[], bool], what: str, within_s: float = 20.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {within_s} s"
+        time.sleep(0.01)
+
+
+def work(forward: float) -> dict[str, float]:
+    return {"data_wait": 0.001, "forward": forward, "between_steps": 0.002}
+
+
+def exchanges(store: Any, own: list[Optional[dict[str, float]]], namespace: str = "run/fit-1") -> list[PeerExchange]:
+    address = ("127.0.0.1", store.port)
+    ranks = []
+    for rank in range(len(own)):
+        exchange = PeerExchange(
+            rank, len(own), namespace, lambda: None, lambda r=rank: own[r], every_s=EVERY_S, address=address
+        )
+        assert exchange.start()
+        ranks.append(exchange)
+    return ranks
+
+
+def test_every_rank_sees_the_others_once_all_its_peers_have_shared(store) -> None:
+    own: list[Optional[dict[str, float]]] = [work(0.01), work(0.02), None]  # rank 2 has no window yet
+    ranks = exchanges(store, own)
+    try:
+        time.sleep(10 * EVERY_S)
+        assert [r.figures() for r in ranks[:2]] == [{}, {}]  # not until every peer has shared
+        assert ranks[2].figures() == {0: work(0.01), 1: work(0.02)}  # its own peers all have
+        own[2] = work(0.05)
+        wait_for(lambda: all(len(r.figures()) == 2 for r in ranks), "figures of every peer")
+        assert ranks[0].figures() == {1: work(0.02), 2: work(0.05)}
+        assert ranks[2].figures() == {0: work(0.01), 1: work(0.02)}
+        own[1] = work(0.03)  # the next window
+        wait_for(lambda: ranks[0].figures()[1] == work(0.03), "the newer figures")
+    finally:
+        for r in ranks:
+            r.stop()
+    assert ranks[0].figures() == {}  # forgotten once stopped
+
+
+def test_each_round_evaluates_first_and_runs_do_not_mix(store) -> None:
+    rounds = []
+    address = ("127.0.0.1", store.port)
+    first = PeerExchange(
+        0, 2, "run-a/fit-1", lambda: rounds.append(1), lambda: work(0.01), every_s=EVERY_S, address=address
+    )
+    other = PeerExchange(1, 2, "run-b/fit-1", lambda: None, lambda: work(0.09), every_s=EVERY_S, address=address)
+    first.start(), other.start()
+    try:
+        wait_for(lambda: len(rounds) >= 5, "rounds")
+        assert first.figures() == {} and other.figures() == {}  # rank 1 of run-a never shared: nothing
+    finally:
+        first.stop(), other.stop()
+
+
+def test_a_lost_store_is_warned_once_and_counted(caplog) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    errors = MonitorErrors(logging.getLogger("dgdn_lightning_monitor.peers"))
+    exchange = PeerExchange(0, 2, "run/fit-1", lambda: None, lambda: work(0.01), errors, EVERY_S, ("127.0.0.1", port))
+    with caplog.at_level(logging.WARNING, logger="dgdn_lightning_monitor"):
+        began = time.monotonic()
+        assert exchange.start()
+        assert time.monotonic() - began < 0.5  # start never waits for the store
+        wait_for(lambda: errors.counts["exchange"] >= 1, "a counted failure", within_s=60.0)
+        time.sleep(FAILURES_TO_WARN * EVERY_S * 4)
+        exchange.stop()
+    said = [r for r in caplog.records if "straggler figures" in r.getMessage()]
+    assert len(said) == 1 and errors.counts["exchange"] == 1, (said, errors.counts)
+    assert exchange.figures() == {}
+
+
+def test_alone_or_without_a_store_nothing_starts(monkeypatch) -> None:
+    assert not PeerExchange(0, 1, "run/fit-1", lambda: None, lambda: None, address=("127.0.0.1", 1)).start()
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert not PeerExchange(0, 2, "run/fit-1", lambda: None, lambda: None).start()
+
+
+def test_the_store_address_is_the_rendezvous_one() -> None:
+    assert store_address({"MASTER_ADDR": "node-7", "MASTER_PORT": "29500"}) == ("node-7", 29500)
+    assert store_address({"MASTER_ADDR": "node-7"}) is None
+    assert store_address({"MASTER_PORT": "29500"}) is None
+    assert store_address({"MASTER_ADDR": "node-7", "MASTER_PORT": "x"}) is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "name"),
+    [({"rank": 2, "world_size": 2}, "rank"), ({"world_size": 0}, "world_size"), ({"every_s": 0.0}, "every_s")],
+)
+def test_bad_arguments_are_named(arguments, name) -> None:
+    kwargs: dict[str, Any] = {"rank": 0, "world_size": 2, "every_s": 1.0, **arguments}
+    with pytest.raises(ValueError, match=name):
+        PeerExchange(kwargs["rank"], kwargs["world_size"], "run", lambda: None, lambda: None, every_s=kwargs["every_s"])
