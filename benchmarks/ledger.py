@@ -1,9 +1,9 @@
 """What the time ledger adds to a training step: its four per-step calls (``fetch_started``, ``fetch_ended``,
 ``batch_started``, ``step_ended``) in a tight loop of synthetic steps, against the same loop without them and with
-four calls of an empty method (the floor of any per-call API, to scale the figures to another machine); also with a thread
-reading the totals every 10 ms (a scrape far more frequent than any real one), which the writer only meets as
-contention for the GIL. Run: ``python -m benchmarks.ledger`` (a few seconds). Figures are the median over 7
-loops of the mean ns per step.
+four calls of an empty method (the floor of any per-call API, to scale the figures to another machine); also with
+a thread reading the totals every 10 ms (a scrape far more frequent than any real one), which the writer only
+meets as contention for the GIL. Run: ``python -m benchmarks.ledger`` (a few seconds). Figures are the median over
+7 loops of the mean ns per step.
 """
 
 from __future__ import annotations
