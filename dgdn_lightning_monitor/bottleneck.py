@@ -1,7 +1,7 @@
 """Why a rank's training is slow and what to change: a verdict from the :mod:`~dgdn_lightning_monitor.time_ledger`
 totals over a sliding window, with hysteresis, and one concrete hint naming the setting to change.
 
-The rule, evaluated by :meth:`BottleneckJudge.evaluate` (at scrape time, or on a timer):
+The rule, evaluated by :meth:`BottleneckJudge.evaluate` (at scrape time, and on the callback's own clock):
 
 1. **Window**: from the newest evaluation back to the latest earlier one that lies at least ``window_steps``
    training steps *and* ``window_s`` seconds before it (the longer of the two; before that much history, everything

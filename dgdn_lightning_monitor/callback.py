@@ -3,7 +3,8 @@ Batch hooks -> ``GraphSizer`` and timestamps -> ``TrainingMetrics`` -> ``/metric
 -> ``BatchRecord`` -> ``StepStatistics`` -> the phase histogram and ``TrainingTracer``'s spans; losses and logged
 values -> ``StepStatistics`` (asynchronous on a GPU) -> gauges; GPU figures -> ``GPUMonitor``'s thread; progress ->
 ``StallWatchdog``; sampled steps' peak memory -> ``CapacitySampler``; an out-of-memory error -> ``OOMForensics``;
-hook times -> ``TimeLedger`` -> ``BottleneckJudge`` at scrape time -> the time families, a hint in the log.
+hook times -> ``TimeLedger`` -> ``BottleneckJudge`` at scrape time and every ``verdict_every_s`` (with the peers'
+figures under DDP, ``PeerExchange``) -> the time families, a hint in the log.
 Nothing on the step path synchronises the device or touches a Prometheus object.
 """
 
@@ -137,9 +138,10 @@ class MonitoringCallback(Callback):
     bottleneck_window: tuple[int, float, float] = (100, 300.0, 5.0)
     #: Longest time between two writes of the time ledger's side file (next to the stall dumps).
     ledger_file_every_s: float = 30.0
-    #: Seconds between two rounds of sharing the straggler figures with the other ranks (DDP,
-    #: :class:`~dgdn_lightning_monitor.peers.PeerExchange`); each round also evaluates the bottleneck verdict.
-    peer_exchange_every_s: float = 5.0
+    #: Seconds between two evaluations of the bottleneck verdict by the callback's own clock during ``fit``, each
+    #: sharing the straggler figures with the other ranks under DDP
+    #: (:class:`~dgdn_lightning_monitor.peers.PeerExchange`).
+    verdict_every_s: float = 5.0
 
     def __init__(
         self,
@@ -328,7 +330,7 @@ class MonitoringCallback(Callback):
             self.metrics.time_report,
             lambda: judge.own_work,
             self.errors,
-            self.peer_exchange_every_s,
+            self.verdict_every_s,
         )
         self.metrics.watch_time(run.ledger, judge, lambda: run.sampling_s, self._verdict_changed, run.peers.figures)
         self._carry_ledger(run)
@@ -339,7 +341,7 @@ class MonitoringCallback(Callback):
         self._capacity.start(root)
         self._memory.start(root, dumps, labels.rank)
         self._watchdog.start(dumps, labels.rank)
-        if stage == "fit":  # stragglers are judged on training steps
+        if stage == "fit":  # the verdict is about training steps
             run.peers.start()
         log.info("Serving training metrics at %s", self.metrics_url)
 

@@ -1,21 +1,22 @@
-"""What a rank needs from the other ranks of its run to say whether one of them is a straggler: their own work per
-training step (:data:`~dgdn_lightning_monitor.bottleneck.OWN_WORK`), shared through the key-value store that
-``torch.distributed`` set its process group up with.
+"""The bottleneck verdict's own clock, and what a rank needs from the other ranks of its run to say whether one of
+them is a straggler: their own work per training step (:data:`~dgdn_lightning_monitor.bottleneck.OWN_WORK`),
+shared through the key-value store that ``torch.distributed`` set its process group up with.
 
-Every ``every_s`` seconds a daemon thread of each rank (never a training step, never a collective, never the
-device):
+Every ``every_s`` seconds during ``fit`` a daemon thread of each rank (never a training step, never a collective,
+never the device):
 
 1. asks for a new verdict (``evaluate``, the judge's evaluation as a scrape does it; evaluations closer than the
-   judge's interval count once), so that the figures are fresh on a rank that nobody scrapes;
-2. writes the rank's own work (``own_work()``) under its rank;
-3. reads every other rank's in one request, once every rank has written its own.
+   judge's interval count once), so that a change is said in the log within seconds even where nothing scrapes,
+   and the figures below are fresh;
+2. under DDP, writes the rank's own work (``own_work()``) under its rank,
+3. and reads every other rank's in one request, once every rank has written its own.
 
 The store is the TCP store at ``MASTER_ADDR``:``MASTER_PORT``, the rendezvous that every Lightning cluster
 environment and ``torchrun`` set up, reached through a client connection of this thread's own: a slow or lost store
 delays this thread alone, and no operation of the process group waits behind it. Keys live under the run's id and
 stage. A failed round is retried at the next one; three in a row are counted and warned once, later tries come a
-minute apart, and the straggler verdict waits until the figures come back. Without ``MASTER_ADDR`` (another
-rendezvous) there is no exchange.
+minute apart, and the straggler verdict waits until the figures come back. A rank alone, or without ``MASTER_ADDR``
+(another rendezvous), only evaluates.
 
 Example::
 
@@ -62,13 +63,14 @@ def connect(address: tuple[str, int], timeout_s: float) -> Any:
 
 
 class PeerExchange:
-    """Share this rank's own work per training step with the other ranks of its run, and keep theirs.
+    """Evaluate the verdict on a clock; under DDP, share this rank's own work per training step with the other ranks
+    of its run, and keep theirs.
 
     Args:
         rank: this process's global rank.
         world_size: the number of ranks.
         namespace: what the run's keys live under (its id and stage: ranks of one run agree on it, other runs do not).
-        evaluate: called first in every round (the judge's evaluation).
+        evaluate: called first in every round (the judge's evaluation; an error is counted under ``metrics``).
         own_work: this rank's figures now (seconds per step by category), ``None`` before it has any.
         errors: where a failing exchange is counted (part ``exchange``).
         every_s: seconds between rounds.
@@ -108,13 +110,16 @@ class PeerExchange:
         """The other ranks' latest figures, by rank (empty until every rank has shared its own)."""
         return self._figures
 
-    def start(self) -> bool:
-        """Start the rounds; ``False`` (and nothing started) alone or without a store to reach."""
-        if not self._peers or self._address is None:
-            return False
-        self._thread = threading.Thread(target=self._run, name="dgdn-monitor-peers", daemon=True)
-        self._thread.start()
-        return True
+    @property
+    def sharing(self) -> bool:
+        """Whether the rounds share figures: there are peers, and a store to reach them through."""
+        return bool(self._peers) and self._address is not None
+
+    def start(self) -> None:
+        """Start the rounds (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dgdn-monitor-rounds", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         """End the rounds (without waiting for a store operation under way); the figures are forgotten."""
@@ -125,6 +130,12 @@ class PeerExchange:
         store: Any = None
         failures = 0
         while not self._stop.wait(self.every_s if failures < FAILURES_TO_WARN else BACK_OFF_S):
+            try:
+                self._evaluate()
+            except Exception as error:  # a monitoring failure: said once, and the rounds go on
+                self._errors.report("metrics", "Could not evaluate the bottleneck verdict (%s)", describe(error))
+            if not self.sharing:
+                continue
             try:
                 if store is None:
                     assert self._address is not None
@@ -139,7 +150,6 @@ class PeerExchange:
                     )
 
     def _round(self, store: Any) -> None:
-        self._evaluate()
         own = self._own_work()
         prefix = f"dgdn-monitor/{self.namespace}/own-work/"
         if own is not None:

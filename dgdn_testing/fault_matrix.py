@@ -318,7 +318,7 @@ def _ddp_rank(situation: str, seed: int, out: Path) -> None:
         )
         monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False, gpu_devices=None, trace_every_n_steps=5)
         monitor.bottleneck_window = TEST_WINDOW
-        monitor.peer_exchange_every_s = TEST_WINDOW[2]
+        monitor.verdict_every_s = TEST_WINDOW[2]
         options: dict[str, Any] = dict(
             max_epochs=-1,
             max_steps=DDP_STEPS,

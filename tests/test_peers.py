@@ -1,7 +1,8 @@
 """PeerExchange against a real torch.distributed TCPStore (the rendezvous store of a run): every rank sees the others'
 own work once all have shared it, runs and stages do not mix, a lost store is warned once and counted, and a rank
 alone or without ``MASTER_ADDR`` starts nothing. The 2-rank gloo DDP runs of the fault matrix
-(``tests/test_bottleneck_matrix.py``) exercise it through Lightning's own rendezvous."""
+(``tests/test_bottleneck_matrix.py``) exercise it through Lightning's own rendezvous. Alone, the rounds evaluate the
+verdict all the same."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def exchanges(store: Any, own: list[Optional[dict[str, float]]], namespace: str 
         exchange = PeerExchange(
             rank, len(own), namespace, lambda: None, lambda r=rank: own[r], every_s=EVERY_S, address=address
         )
-        assert exchange.start()
+        exchange.start()
         ranks.append(exchange)
     return ranks
 
@@ -91,7 +92,7 @@ def test_a_lost_store_is_warned_once_and_counted(caplog) -> None:
     exchange = PeerExchange(0, 2, "run/fit-1", lambda: None, lambda: work(0.01), errors, EVERY_S, ("127.0.0.1", port))
     with caplog.at_level(logging.WARNING, logger="dgdn_lightning_monitor"):
         began = time.monotonic()
-        assert exchange.start()
+        exchange.start()
         assert time.monotonic() - began < 0.5  # start never waits for the store
         wait_for(lambda: errors.counts["exchange"] >= 1, "a counted failure", within_s=60.0)
         time.sleep(FAILURES_TO_WARN * EVERY_S * 4)
@@ -101,10 +102,36 @@ def test_a_lost_store_is_warned_once_and_counted(caplog) -> None:
     assert exchange.figures() == {}
 
 
-def test_alone_or_without_a_store_nothing_starts(monkeypatch) -> None:
-    assert not PeerExchange(0, 1, "run/fit-1", lambda: None, lambda: None, address=("127.0.0.1", 1)).start()
+def test_alone_or_without_a_store_the_rounds_only_evaluate(monkeypatch) -> None:
+    """The verdict's clock runs for one process too: a run that nothing scrapes still hears its verdict."""
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    assert not PeerExchange(0, 2, "run/fit-1", lambda: None, lambda: None).start()
+    rounds: list[int] = []
+    alone = PeerExchange(0, 1, "run/fit-1", lambda: rounds.append(0), lambda: work(0.01), every_s=EVERY_S)
+    unreachable = PeerExchange(0, 2, "run/fit-1", lambda: rounds.append(1), lambda: work(0.01), every_s=EVERY_S)
+    assert not alone.sharing and not unreachable.sharing
+    alone.start(), unreachable.start()
+    try:
+        wait_for(lambda: rounds.count(0) >= 3 and rounds.count(1) >= 3, "evaluations")
+    finally:
+        alone.stop(), unreachable.stop()
+    assert alone.figures() == unreachable.figures() == {}
+
+
+def test_an_evaluation_that_fails_is_counted_and_the_rounds_go_on(caplog) -> None:
+    calls: list[int] = []
+
+    def failing() -> None:
+        calls.append(1)
+        raise RuntimeError("no ledger")
+
+    errors = MonitorErrors(logging.getLogger("dgdn_lightning_monitor.peers"))
+    rounds = PeerExchange(0, 1, "run/fit-1", failing, lambda: None, errors, EVERY_S)
+    with caplog.at_level(logging.WARNING, logger="dgdn_lightning_monitor"):
+        rounds.start()
+        wait_for(lambda: len(calls) >= 3, "three rounds")
+        rounds.stop()
+    assert errors.counts["metrics"] >= 3
+    assert len([r for r in caplog.records if "no ledger" in r.getMessage()]) == 1
 
 
 def test_the_store_address_is_the_rendezvous_one() -> None:

@@ -165,3 +165,53 @@ def test_a_resumed_run_carries_the_ledger_on_and_counts_the_time_after_its_check
     total = sum(seconds.values())  # the first attempt up to its checkpoint, what it lost, and this attempt
     assert total == pytest.approx(carried + lost + wall, rel=0.01, abs=0.05)
     assert second.summary()["time_seconds"]["lost_progress"] == seconds["lost_progress"]
+
+
+class Said(logging.Handler):
+    """The callback's log lines, with when each was said (``perf_counter``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((time.perf_counter(), record.getMessage()))
+
+
+def test_a_zero_worker_neighbor_loader_on_a_large_fan_out_is_said_in_the_log_within_a_minute(tmp_path) -> None:
+    """The user's situation, nothing scraping and every setting at its default (the judge's window, the verdict's 5 s
+    clock): GraphSAGE on a NeighborLoader with 0 workers whose second hop draws 120 neighbours of every node. The
+    log says `sampling` (where the sampler is timed apart, the part of `input` it dominates) with the hop and its
+    fan-out, and the worker processes, within a minute of the first step."""
+    from torch_geometric.datasets import FakeDataset
+    from torch_geometric.loader import NeighborLoader
+
+    from dgdn_testing.fault_matrix import SAGE
+    from dgdn_testing.sampling import use_pure_torch_sampler
+
+    said, logger = Said(), logging.getLogger("dgdn_lightning_monitor")
+    logger.addHandler(said)
+    first_step: list[float] = []
+
+    class StopWhenSaid(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            first_step.append(first_step[0] if first_step else time.perf_counter())
+            trainer.should_stop = any("is limited by" in line for _, line in said.lines)
+
+    torch.manual_seed(0)
+    data = FakeDataset(num_graphs=1, avg_num_nodes=300, avg_degree=120, num_channels=16, num_classes=4, task="node")[0]
+    loader = NeighborLoader(data, num_neighbors=[8, 120], batch_size=16, shuffle=True)
+    options = dict(max_epochs=-1, max_time={"seconds": 90}, default_root_dir=tmp_path, limit_val_batches=0)
+    callback = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False, gpu_devices=None)  # the defaults
+    try:
+        with use_pure_torch_sampler():
+            quiet_trainer(callbacks=[callback, StopWhenSaid()], **options).fit(SAGE(), loader)
+    finally:
+        logger.removeHandler(said)
+    verdicts = [(at - first_step[0], line) for at, line in said.lines if "is limited by" in line]
+    assert verdicts, said.lines
+    at, line = verdicts[0]
+    print(f"said {at:.1f} s after the first step: {line}")
+    assert line.startswith("Rank 0 is limited by sampling"), line
+    assert "hop 2" in line and "num_neighbors=[8, 120] (hop 2: 120)" in line and "num_workers=0" in line, line
+    assert at <= 60, verdicts
