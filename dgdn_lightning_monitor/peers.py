@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 FAILURES_TO_WARN = 3
 #: Seconds between tries once that many failed (each failed connection also logs an error of torch's own).
 BACK_OFF_S = 60.0
+#: The longest the end of a run waits for a round under way.
+STOP_WAIT_S = 1.0
 
 
 def store_address(environ: Mapping[str, str] = os.environ) -> Optional[tuple[str, int]]:
@@ -122,9 +124,12 @@ class PeerExchange:
             self._thread.start()
 
     def stop(self) -> None:
-        """End the rounds (without waiting for a store operation under way); the figures are forgotten."""
+        """End the rounds, waiting at most :data:`STOP_WAIT_S` for one under way (a store operation can take up to
+        its timeout: the thread then ends after it, on its own); the figures are forgotten."""
         self._stop.set()
         self._figures = {}
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(STOP_WAIT_S)
 
     def _run(self) -> None:
         store: Any = None
