@@ -51,7 +51,7 @@ SITUATIONS: dict[str, str] = {
     "slow_transfer": "host_to_device",
     "stall": "stall",
 }
-#: situation -> the cause every rank's verdict must name, for the GCN in 2-rank gloo DDP (one process per rank)
+#: situation -> the cause every rank's verdict must name, for each model in 2-rank gloo DDP (one process per rank)
 DDP_SITUATIONS: dict[str, str] = {"ddp_clean": "compute", "ddp_slower_rank": "straggler"}
 #: what each fault costs: comparable to a clean step (~20-40 ms of compute on one CPU thread)
 COLLATE_S, LOG_S, VALIDATION_S, CHECKPOINT_S, TRANSFER_S, STRAGGLE_S = 0.05, 0.05, 0.06, 0.12, 0.05, 0.05
@@ -285,16 +285,17 @@ def run_case(model: str, situation: str, seed: int, root: Path) -> dict[str, Any
     return _row(model, situation, seed, expect, watched)
 
 
-def ddp_cases(seeds: int = 2) -> list[tuple[str, int]]:
-    """Every (DDP situation, seed)."""
-    return [(situation, seed) for situation in DDP_SITUATIONS for seed in range(seeds)]
+def ddp_cases(seeds: int = 2) -> list[tuple[str, str, int]]:
+    """Every (model, DDP situation, seed)."""
+    return [(model, situation, seed) for model in MODELS for situation in DDP_SITUATIONS for seed in range(seeds)]
 
 
-def run_ddp_case(situation: str, seed: int, root: Path, timeout_s: float = 240.0) -> list[dict[str, Any]]:
-    """Train the GCN in 2-rank gloo DDP under ``situation`` (a process per rank: this module run as a script, whose
+def run_ddp_case(model: str, situation: str, seed: int, root: Path, timeout_s: float = 240.0) -> list[dict[str, Any]]:
+    """Train ``model`` in 2-rank gloo DDP under ``situation`` (a process per rank: this module run as a script, whose
     second rank Lightning launches); one row per rank."""
     root.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "dgdn_testing.fault_matrix", "--ddp-rank", situation, "--seed", str(seed)]
+    command = [sys.executable, "-m", "dgdn_testing.fault_matrix", "--ddp-rank", situation, "--model", model]
+    command += ["--seed", str(seed)]
     command += ["--out", str(root)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
@@ -308,14 +309,12 @@ def run_ddp_case(situation: str, seed: int, root: Path, timeout_s: float = 240.0
     return rows
 
 
-def _ddp_rank(situation: str, seed: int, out: Path) -> None:
-    """One rank of :func:`run_ddp_case` (both run this: Lightning starts the second with the same command)."""
+def _ddp_rank(model: str, situation: str, seed: int, out: Path) -> None:
+    """One rank of :func:`run_ddp_case` (both run this: Lightning starts the second with the same command). Every
+    rank trains on the same batches (no distributed sampler: a neighbour or event loader cannot take one)."""
     expect = DDP_SITUATIONS[situation]
-    with _one_thread():
-        torch.manual_seed(seed)
-        graphs = list(
-            FakeDataset(num_graphs=DDP_STEPS * 8 * 2, avg_num_nodes=16, avg_degree=3, num_channels=8, num_classes=2)
-        )
+    with _one_thread(), use_pure_torch_sampler():
+        module, train, _ = _BUILD[model](seed, "clean")
         monitor = MonitoringCallback(port=0, addr="127.0.0.1", tracing=False, gpu_devices=None, trace_every_n_steps=5)
         monitor.bottleneck_window = TEST_WINDOW
         monitor.verdict_every_s = TEST_WINDOW[2]
@@ -327,15 +326,13 @@ def _ddp_rank(situation: str, seed: int, out: Path) -> None:
             limit_val_batches=0,
             strategy="ddp",
             devices=2,
+            use_distributed_sampler=False,
         )
-        module = GCN()
         if situation == "ddp_slower_rank":
             _slower_rank(module)
-        watched = watch_fit(
-            monitor, options, module, DataLoader(graphs, batch_size=8), expect=expect, stop_when_named=False
-        )
+        watched = watch_fit(monitor, options, module, train, expect=expect, stop_when_named=False)
         rank = int(os.environ.get("LOCAL_RANK", "0"))
-    row = _row(f"gcn, DDP rank {rank}", situation, seed, expect, watched)
+    row = _row(f"{model}, DDP rank {rank}", situation, seed, expect, watched)
     (out / f"rank{rank}.json").write_text(json.dumps(row))
 
 
@@ -397,10 +394,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=TABLE)
     parser.add_argument("--print", action="store_true", help="print the table of the last run and exit")
     parser.add_argument("--ddp-rank", choices=sorted(DDP_SITUATIONS), help=argparse.SUPPRESS)  # run_ddp_case's ranks
+    parser.add_argument("--model", choices=MODELS, default="gcn", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ddp_rank:
-        _ddp_rank(args.ddp_rank, args.seed, args.out)
+        _ddp_rank(args.model, args.ddp_rank, args.seed, args.out)
         return
     if args.print:
         print(args.out.read_text(), end="")
@@ -409,8 +407,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for index, (model, situation, seed) in enumerate(cases(args.seeds)):
             rows.append(run_case(model, situation, seed, Path(tmp) / str(index)))
-        for index, (situation, seed) in enumerate(ddp_cases(args.seeds)):
-            rows.extend(run_ddp_case(situation, seed, Path(tmp) / f"ddp{index}"))
+        for index, (model, situation, seed) in enumerate(ddp_cases(args.seeds)):
+            rows.extend(run_ddp_case(model, situation, seed, Path(tmp) / f"ddp{index}"))
     text = table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
