@@ -114,7 +114,7 @@ class PeerExchange:
 
     @property
     def sharing(self) -> bool:
-        """Whether the rounds share figures: there are peers, and a store to reach them through."""
+        """Whether the rounds share figures (there are peers, and a store to reach them through)."""
         return bool(self._peers) and self._address is not None
 
     def start(self) -> None:
