@@ -31,15 +31,8 @@ class GraphClassifier(pl.LightningModule):
             threshold.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 8,
-        hidden: int = 16,
-        lr: float = 0.01,
-        nan_after: Optional[int] = None,
-        step_sleep_s: float = 0.0,
-        loss_offset: float = 0.0,
-    ) -> None:
+    def __init__(self, in_channels: int = 8, hidden: int = 16, lr: float = 0.01, nan_after: Optional[int] = None,
+                 step_sleep_s: float = 0.0, loss_offset: float = 0.0) -> None:
         super().__init__()
         self.conv1 = GCNConv(in_channels, hidden)
         self.conv2 = GCNConv(hidden, hidden)
@@ -126,10 +119,8 @@ class TensorRegressor(pl.LightningModule):
 
 def tensor_loader(rows: int = 40, batch_size: int = 8, features: int = 4, seed: int = 0) -> TensorLoader:
     g = torch.Generator().manual_seed(seed)
-    return TensorLoader(
-        TensorDataset(torch.randn(rows, features, generator=g), torch.randn(rows, 1, generator=g)),
-        batch_size=batch_size,
-    )
+    return TensorLoader(TensorDataset(torch.randn(rows, features, generator=g), torch.randn(rows, 1, generator=g)),
+                        batch_size=batch_size)
 
 
 def tiny_loader(steps: int, batch_size: int = 32, features: int = 8, seed: int = 0) -> TensorLoader:
@@ -170,21 +161,14 @@ class GCNModule(pl.LightningModule):
 def gcn_loader(num_graphs: int = 1024, batch_size: int = 32, seed: int = 0) -> Any:
     """Batches of ``FakeDataset`` graphs (about 40 nodes and 200 edges each, 32 features, 4 classes)."""
     torch.manual_seed(seed)
-    dataset = FakeDataset(
-        num_graphs=num_graphs, avg_num_nodes=40, avg_degree=5, num_channels=32, num_classes=4, task="graph"
-    )
+    dataset = FakeDataset(num_graphs=num_graphs, avg_num_nodes=40, avg_degree=5, num_channels=32,
+                          num_classes=4, task="graph")
     graphs = [dataset[i] for i in range(len(dataset))]  # materialise once: every epoch yields the same batches
     return DataLoader(graphs, batch_size=batch_size, shuffle=False)
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    options = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   accelerator="cpu", devices=1)
     options.update(kwargs)
     return pl.Trainer(**options)

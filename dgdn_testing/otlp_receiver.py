@@ -107,20 +107,13 @@ class OTLPReceiver:
             resource = {a.key: _attribute_value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    self.spans.append(
-                        ReceivedSpan(
-                            name=span.name,
-                            trace_id=span.trace_id.hex(),
-                            span_id=span.span_id.hex(),
-                            parent_span_id=span.parent_span_id.hex(),
-                            start_ns=span.start_time_unix_nano,
-                            end_ns=span.end_time_unix_nano,
-                            attributes={a.key: _attribute_value(a.value) for a in span.attributes},
-                            resource=resource,
-                            status_code=span.status.code,
-                            events=[e.name for e in span.events],
-                        )
-                    )
+                    self.spans.append(ReceivedSpan(
+                        name=span.name, trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
+                        parent_span_id=span.parent_span_id.hex(), start_ns=span.start_time_unix_nano,
+                        end_ns=span.end_time_unix_nano,
+                        attributes={a.key: _attribute_value(a.value) for a in span.attributes},
+                        resource=resource, status_code=span.status.code, events=[e.name for e in span.events],
+                    ))
 
     def __enter__(self) -> OTLPReceiver:
         self._thread.start()
