@@ -321,8 +321,10 @@ class MonitoringCallback(Callback):
         run = self._run = RunState(trainer, server, stats, self.trace_floor_s, stall_after_s, judge, start, learned)
         self._watchdog.on_stall = run.ledger.stalled  # a learned threshold's stalls begin where the watchdog says
         run.ledger_file = dumps / f"time-ledger-rank{labels.rank}.json"
-        self._setups += 1  # the same count on every rank: the peers' keys of this run and stage
-        namespace = f"{self.run_id}/{stage}-{self._setups}"
+        # The peers' keys of this run and stage (the same count on every rank), and of this attempt: torchrun's
+        # agent keeps its store, with the keys of the attempts before, across restarts of the workers.
+        self._setups += 1
+        namespace = f"{self.run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{stage}-{self._setups}"
         run.peers = PeerExchange(
             labels.rank,
             trainer.world_size,
