@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Optional
@@ -133,13 +134,13 @@ class PeerExchange:
 
     def _run(self) -> None:
         store: Any = None
-        failures = 0
-        while not self._stop.wait(self.every_s if failures < FAILURES_TO_WARN else BACK_OFF_S):
+        failures, next_try = 0, 0.0
+        while not self._stop.wait(self.every_s):
             try:
                 self._evaluate()
             except Exception as error:  # a monitoring failure: said once, and the rounds go on
                 self._errors.report("metrics", "Could not evaluate the bottleneck verdict (%s)", describe(error))
-            if not self.sharing:
+            if not self.sharing or time.monotonic() < next_try:
                 continue
             try:
                 if store is None:
@@ -149,6 +150,8 @@ class PeerExchange:
                 failures = 0
             except Exception as error:  # the store gone (its rank ended), a timeout: try again at the next round
                 store, failures = None, failures + 1
+                if failures >= FAILURES_TO_WARN:
+                    next_try = time.monotonic() + BACK_OFF_S
                 if failures == FAILURES_TO_WARN and not self._stop.is_set():
                     self._errors.report(
                         "exchange", "Could not share the straggler figures with the other ranks (%s)", describe(error)
