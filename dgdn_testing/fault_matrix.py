@@ -34,6 +34,7 @@ from torch_geometric.loader import DataLoader, NeighborLoader
 from torch_geometric.nn import GCNConv, SAGEConv, global_mean_pool
 
 from dgdn_lightning_monitor import MonitoringCallback
+from dgdn_lightning_monitor.dgdn import DGDNLinkPredictor, SyntheticTemporalGraph, TemporalGraphDataModule
 from dgdn_testing.sampling import use_pure_torch_sampler
 from dgdn_testing.time_runs import TEST_WINDOW, Watched, watch_fit
 
@@ -153,13 +154,24 @@ def _graphsage(seed: int, situation: str) -> tuple[pl.LightningModule, Any, Any]
     return SAGE(), train, val
 
 
-def _dgdn(seed: int, situation: str) -> tuple[pl.LightningModule, Any, Any]:
-    from dgdn_lightning_monitor.dgdn import DGDNLinkPredictor, SyntheticTemporalGraph, TemporalGraphDataModule
+class DGDN(DGDNLinkPredictor):
+    """The DGDN example model with the same dense block as the others: on a CPU its event loader's collate alone
+    takes about 12 % of a clean step, close enough to the 20 % bar that a loaded machine could tip it over in the
+    tests' one-second window."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dense = _Dense()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + self.dense()
+
+
+def _dgdn(seed: int, situation: str) -> tuple[pl.LightningModule, Any, Any]:
     torch.manual_seed(seed)
     graph = SyntheticTemporalGraph(num_nodes=200, num_events=MAX_STEPS * 30 * 2, seed=seed)
     module = TemporalGraphDataModule(graph, batch_size=30, num_neighbors=10, val_ratio=0.1, test_ratio=0.1)
-    model = DGDNLinkPredictor.from_graph(graph, hidden_dim=32, time_dim=16, num_layers=1, diffusion_steps=2)
+    model = DGDN.from_graph(graph, hidden_dim=32, time_dim=16, num_layers=1, diffusion_steps=2)
     return model, module.train_dataloader(), module.val_dataloader()
 
 
