@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -47,8 +48,11 @@ log = logging.getLogger(__name__)
 FAILURES_TO_WARN = 3
 #: Seconds between tries once that many failed (each failed connection also logs an error of torch's own).
 BACK_OFF_S = 60.0
-#: The longest the end of a run waits for a round under way.
-STOP_WAIT_S = 1.0
+#: Seconds a store operation may take before its round gives up (a live store answers in milliseconds).
+STORE_TIMEOUT_S = 2.0
+#: The longest the end of a run (or of the process) waits for a round under way: a process that exits while the
+#: thread is inside a store operation is aborted by torch's client.
+STOP_WAIT_S = STORE_TIMEOUT_S + 1.0
 
 
 def store_address(environ: Mapping[str, str] = os.environ) -> Optional[tuple[str, int]]:
@@ -119,16 +123,18 @@ class PeerExchange:
         return bool(self._peers) and self._address is not None
 
     def start(self) -> None:
-        """Start the rounds (once)."""
+        """Start the rounds (once); they end with :meth:`stop`, or at the latest when the process exits."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="dgdn-monitor-rounds", daemon=True)
             self._thread.start()
+            atexit.register(self.stop)
 
     def stop(self) -> None:
-        """End the rounds, waiting at most :data:`STOP_WAIT_S` for one under way (a store operation can take up to
-        its timeout: the thread then ends after it, on its own); the figures are forgotten."""
+        """End the rounds, waiting at most :data:`STOP_WAIT_S` for one under way (its store operations time out
+        sooner); the figures are forgotten. Also called when the process exits."""
         self._stop.set()
         self._figures = {}
+        atexit.unregister(self.stop)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(STOP_WAIT_S)
 
@@ -145,7 +151,7 @@ class PeerExchange:
             try:
                 if store is None:
                     assert self._address is not None
-                    store = connect(self._address, timeout_s=2 * self.every_s)
+                    store = connect(self._address, STORE_TIMEOUT_S)
                 self._round(store)
                 failures = 0
             except Exception as error:  # the store gone (its rank ended), a timeout: try again at the next round

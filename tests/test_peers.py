@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
@@ -143,6 +145,26 @@ def test_an_evaluation_that_fails_is_counted_and_the_rounds_go_on(caplog) -> Non
         rounds.stop()
     assert errors.counts["metrics"] >= 3
     assert len([r for r in caplog.records if "no ledger" in r.getMessage()]) == 1
+
+
+EXIT_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from dgdn_lightning_monitor.peers import PeerExchange
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # rank 0 hosts the rendezvous store
+work = lambda: {"data_wait": 0.0, "forward": 0.1, "between_steps": 0.0}
+for rank in range(2):
+    PeerExchange(rank, 2, "run", lambda: None, work, every_s=0.01, address=("127.0.0.1", store.port)).start()
+time.sleep(0.3)  # and exit without stopping them, rounds under way
+"""
+
+
+def test_a_process_that_exits_with_its_rounds_under_way_exits_cleanly() -> None:
+    """A thread inside a store operation when the interpreter finalises makes torch abort the process (about half
+    of such exits did before the rounds ended at exit): the user's job must not end with SIGABRT."""
+    for _ in range(4):
+        done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
 
 
 def test_the_store_address_is_the_rendezvous_one() -> None:
