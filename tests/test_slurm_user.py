@@ -363,7 +363,9 @@ def test_the_slurm_guide_as_a_user_without_root(user, slurm_cluster):
         what="DGDNWatchdog in the Alertmanager (rules evaluated every 15 s)",
     )
     assert not query(prometheus, "prometheus_notifications_errors_total > 0")
-    assert not query(prometheus, f'ALERTS{{run_id="{run}"}}')
+    # Firing, as the comment says: on a 2-core machine shared with the stack, a rank can run 10 % behind the other
+    # for a few 20 s windows and put DGDNRankStraggler in pending, which its `for: 1m` is there to filter.
+    assert not query(prometheus, f'ALERTS{{run_id="{run}", alertstate="firing"}}')
 
     # Kept alive: on its signal before the time limit, the job queues its successor.
     user.run(f"scancel --signal=USR1 --batch {monitoring}")
