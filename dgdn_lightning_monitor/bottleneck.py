@@ -493,7 +493,12 @@ def hint(cause: str, settings: RunSettings, shares: Mapping[str, float] = {}, fa
             f"log_every_n_steps={s.log_every_n_steps}; log less often, and profile the other callbacks' batch hooks"
         )
     if cause == "straggler":
-        own, peer = (f"{facts[key]:.3g} s" if key in facts else "?" for key in ("own", "peer"))
+        if "own" not in facts:  # a standing verdict evaluated without the peers' figures (the run's end)
+            return (
+                "the ranks were waiting for each other in the gradient all-reduce when their figures were last "
+                f"shared; each rank's own verdict says which one is slower (batch_size={s.batch_size})"
+            )
+        own, peer = f"{facts['own']:.3g} s", f"{facts['peer']:.3g} s"
         if "slow_rank" in facts:
             rank = facts["slow_rank"]
             return (

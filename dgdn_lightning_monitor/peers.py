@@ -131,9 +131,8 @@ class PeerExchange:
 
     def stop(self) -> None:
         """End the rounds, waiting at most :data:`STOP_WAIT_S` for one under way (its store operations time out
-        sooner); the figures are forgotten. Also called when the process exits."""
+        sooner); the last figures stay, for the run's last evaluation. Also called when the process exits."""
         self._stop.set()
-        self._figures = {}
         atexit.unregister(self.stop)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(STOP_WAIT_S)
@@ -175,5 +174,4 @@ class PeerExchange:
         for peer, value in zip(self._peers, store.multi_get(keys)):
             shared = json.loads(value)
             figures[int(peer)] = {name: float(shared.get(name, 0.0)) for name in OWN_WORK}
-        if not self._stop.is_set():
-            self._figures = figures
+        self._figures = figures

@@ -343,6 +343,7 @@ def test_hints_follow_the_settings():
     assert "transfer_batch_to_device" in hint("host_to_device", RunSettings(pin_memory=False, device="cpu"))
     waits = hint("straggler", RunSettings(num_workers=2), {"straggler": 0.3}, {"own": 0.1, "peer": 0.2, "slow_rank": 5})
     assert "rank 5's own work" in waits and "waits 30% of the time" in waits and "num_workers=2" in waits
+    assert "which one is slower" in hint("straggler", RunSettings(), {"straggler": 0.0}, {})  # no peers' figures
     assert "async_checkpoint=False" in hint("checkpoint", RunSettings(async_checkpoint=False, save_top_k=1))
     assert "pass plugins" not in hint("checkpoint", RunSettings(async_checkpoint=True))
     assert "no ModelCheckpoint" in hint("checkpoint", RunSettings())
