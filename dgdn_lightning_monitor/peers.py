@@ -50,8 +50,8 @@ FAILURES_TO_WARN = 3
 BACK_OFF_S = 60.0
 #: Seconds a store operation may take before its round gives up (a live store answers in milliseconds).
 STORE_TIMEOUT_S = 2.0
-#: The longest the end of a run (or of the process) waits for a round under way: a process that exits while the
-#: thread is inside a store operation is aborted by torch's client.
+#: The longest the end of a run (or of the process) waits for a round under way, since a process that exits while
+#: the thread is inside a store operation is aborted by torch's client.
 STOP_WAIT_S = STORE_TIMEOUT_S + 1.0
 
 
