@@ -11,11 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import pytest
 import torch.distributed as dist
+from prom_helpers import wait_until
 
 from dgdn_lightning_monitor.guards import MonitorErrors
 from dgdn_lightning_monitor.peers import PeerExchange, store_address
@@ -27,13 +28,6 @@ EVERY_S = 0.05
 def store() -> Iterator[Any]:
     """The rendezvous store as rank 0 of a run hosts it."""
     yield dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-
-
-def wait_for(condition: Callable[[], bool], what: str, within_s: float = 20.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {within_s} s"
-        time.sleep(0.01)
 
 
 def work(forward: float) -> dict[str, float]:
@@ -60,11 +54,11 @@ def test_every_rank_sees_the_others_once_all_its_peers_have_shared(store) -> Non
         assert [r.figures() for r in ranks[:2]] == [{}, {}]  # not until every peer has shared
         assert ranks[2].figures() == {0: work(0.01), 1: work(0.02)}  # its own peers all have
         own[2] = work(0.05)
-        wait_for(lambda: all(len(r.figures()) == 2 for r in ranks), "figures of every peer")
+        wait_until(lambda: all(len(r.figures()) == 2 for r in ranks), 20.0, 0.01, "figures of every peer")
         assert ranks[0].figures() == {1: work(0.02), 2: work(0.05)}
         assert ranks[2].figures() == {0: work(0.01), 1: work(0.02)}
         own[1] = work(0.03)  # the next window
-        wait_for(lambda: ranks[0].figures()[1] == work(0.03), "the newer figures")
+        wait_until(lambda: ranks[0].figures()[1] == work(0.03), 20.0, 0.01, "the newer figures")
     finally:
         for r in ranks:
             r.stop()
@@ -80,7 +74,7 @@ def test_each_round_evaluates_first_and_runs_do_not_mix(store) -> None:
     other = PeerExchange(1, 2, "run-b/fit-1", lambda: None, lambda: work(0.09), every_s=EVERY_S, address=address)
     first.start(), other.start()
     try:
-        wait_for(lambda: len(rounds) >= 5, "rounds")
+        wait_until(lambda: len(rounds) >= 5, 20.0, 0.01, "rounds")
         assert first.figures() == {} and other.figures() == {}  # rank 1 of run-a never shared: nothing
     finally:
         first.stop(), other.stop()
@@ -106,9 +100,10 @@ def test_a_lost_store_is_warned_once_and_counted_and_the_verdict_goes_on(caplog)
         began = time.monotonic()
         exchange.start()
         assert time.monotonic() - began < 0.5  # start never waits for the store
-        wait_for(lambda: errors.counts["exchange"] >= 1, "a counted failure", within_s=60.0)
+        wait_until(lambda: errors.counts["exchange"] >= 1, 60.0, 0.01, "a counted failure")
         warned = len(rounds)
-        wait_for(lambda: len(rounds) >= warned + 10, "evaluations after the store was given up")  # every EVERY_S
+        # The verdict is still evaluated every EVERY_S once the store was given up.
+        wait_until(lambda: len(rounds) >= warned + 10, 20.0, 0.01, "evaluations after the store was given up")
         exchange.stop()
     said = [r for r in caplog.records if "straggler figures" in r.getMessage()]
     assert len(said) == 1 and errors.counts["exchange"] == 1, (said, errors.counts)
@@ -124,7 +119,7 @@ def test_alone_or_without_a_store_the_rounds_only_evaluate(monkeypatch) -> None:
     assert not alone.sharing and not unreachable.sharing
     alone.start(), unreachable.start()
     try:
-        wait_for(lambda: rounds.count(0) >= 3 and rounds.count(1) >= 3, "evaluations")
+        wait_until(lambda: rounds.count(0) >= 3 and rounds.count(1) >= 3, 20.0, 0.01, "evaluations")
     finally:
         alone.stop(), unreachable.stop()
     assert alone.figures() == unreachable.figures() == {}
@@ -141,7 +136,7 @@ def test_an_evaluation_that_fails_is_counted_and_the_rounds_go_on(caplog) -> Non
     rounds = PeerExchange(0, 1, "run/fit-1", failing, lambda: None, errors, EVERY_S)
     with caplog.at_level(logging.WARNING, logger="dgdn_lightning_monitor"):
         rounds.start()
-        wait_for(lambda: len(calls) >= 3, "three rounds")
+        wait_until(lambda: len(calls) >= 3, 20.0, 0.01, "three rounds")
         rounds.stop()
     assert errors.counts["metrics"] >= 3
     assert len([r for r in caplog.records if "no ledger" in r.getMessage()]) == 1
